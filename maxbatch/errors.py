@@ -1,0 +1,50 @@
+"""The exception types maxbatch raises; every one is a :class:`MaxbatchError`."""
+
+from __future__ import annotations
+
+
+class MaxbatchError(Exception):
+    """Base class of every error maxbatch raises on purpose."""
+
+
+class ConfigError(MaxbatchError, ValueError):
+    """An option has a value maxbatch cannot use (the message names the value and the choices)."""
+
+
+class DeviceError(MaxbatchError):
+    """The requested device does not exist or cannot be used."""
+
+
+class DoesNotFitError(MaxbatchError):
+    """Even the smallest batch size does not fit in the usable memory.
+
+    Attributes:
+        batch_size: the smallest size tried.
+        needed_bytes: bytes the step needed (a lower bound when it ran out of memory).
+        available_bytes: usable bytes (capacity minus headroom).
+    """
+
+    def __init__(self, message: str, *, batch_size: int, needed_bytes: int, available_bytes: int):
+        super().__init__(message)
+        self.batch_size = batch_size
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+
+class WorkloadError(MaxbatchError):
+    """The model, sample, loss or optimizer failed for a reason that is not lack of memory.
+
+    The original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, batch_size: int | None = None):
+        super().__init__(message)
+        self.batch_size = batch_size
+
+
+class ModelFileError(MaxbatchError):
+    """A ``model.py`` file is missing, broken or does not follow the conventions."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path

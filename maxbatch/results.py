@@ -1,0 +1,131 @@
+"""Plain, frozen result records: no torch objects, each with ``to_dict()``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One run of the step at one batch size.
+
+    Attributes:
+        batch_size: the batch size run.
+        fits: True when every step ran and the peak stayed within the usable memory.
+        peak_bytes: peak bytes during the trial (for an OOM: the bytes live when it was raised).
+        seconds: wall time of the trial.
+        oom: True when the trial ended with an out-of-memory error.
+        reserved_bytes: CUDA only: peak bytes reserved by the caching allocator.
+        alloc_retries: CUDA only: allocator retries (cache flushes) during the trial.
+    """
+
+    batch_size: int
+    fits: bool
+    peak_bytes: int
+    seconds: float
+    oom: bool = False
+    reserved_bytes: int | None = None
+    alloc_retries: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the trial as a JSON-ready dict."""
+        return _asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryModel:
+    """The fitted memory model ``peak(b) = fixed_bytes + bytes_per_sample * b``."""
+
+    fixed_bytes: float
+    bytes_per_sample: float
+
+    def peak(self, batch_size: int) -> float:
+        """Predicted peak bytes at ``batch_size``."""
+        return self.fixed_bytes + self.bytes_per_sample * batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the model as a JSON-ready dict."""
+        return _asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """The verified ceiling and every trial that led to it.
+
+    Attributes:
+        ceiling: largest batch size that was run and fit.
+        trials: every trial, in order.
+        capacity_bytes: the device capacity the probe used.
+        headroom_bytes: the margin subtracted from the capacity.
+        usable_bytes: ``capacity_bytes - headroom_bytes``.
+        memory_model: the fitted model, or None when fewer than two sizes fit.
+        complete: False when the probe stopped early (time budget) before verifying ``ceiling + step``.
+        stop_reason: why the search ended, in words.
+    """
+
+    ceiling: int
+    trials: tuple[Trial, ...]
+    capacity_bytes: int
+    headroom_bytes: int
+    usable_bytes: int
+    memory_model: MemoryModel | None
+    complete: bool
+    stop_reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        return _asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizeResult:
+    """What :func:`maxbatch.find_batch_size` returns.
+
+    Attributes:
+        batch_size: the recommended batch size (the pick).
+        ceiling: the largest batch size that fits.
+        device: the device probed, e.g. ``"cuda:0"`` or ``"cpu"``.
+        device_name: a readable device name.
+        mode: ``"train"`` or ``"inference"``.
+        precision: autocast precision or None.
+        optimizer: the optimizer class used in the step, or None.
+        trials: every probe trial.
+        capacity_bytes: device capacity used by the probe.
+        headroom_bytes: margin subtracted from it.
+        usable_bytes: capacity minus headroom.
+        virtual: True when capacity was a ``memory=`` cap enforced by counting live bytes.
+        memory_model: the fitted memory model, or None.
+        complete: False when the probe stopped early.
+        stop_reason: why the probe search ended.
+        pick_reason: why ``batch_size`` was picked.
+        notes: things the user should know (defaults taken, budget hit).
+        seconds: total wall time.
+    """
+
+    batch_size: int
+    ceiling: int
+    device: str
+    device_name: str
+    mode: str
+    precision: str | None
+    optimizer: str | None
+    trials: tuple[Trial, ...]
+    capacity_bytes: int
+    headroom_bytes: int
+    usable_bytes: int
+    virtual: bool
+    memory_model: MemoryModel | None
+    complete: bool
+    stop_reason: str
+    pick_reason: str
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        return _asdict(self)
