@@ -64,7 +64,8 @@ class ProbeResult:
         headroom_bytes: the margin subtracted from the capacity.
         usable_bytes: ``capacity_bytes - headroom_bytes``.
         memory_model: the fitted model, or None when fewer than two sizes fit.
-        complete: False when the probe stopped early (time budget) before verifying ``ceiling + step``.
+        complete: False when the probe stopped early (time budget) before verifying the size above
+            ``ceiling``.
         stop_reason: why the search ended, in words.
     """
 

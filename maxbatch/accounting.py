@@ -1,0 +1,121 @@
+"""Counting live tensor-storage bytes: the virtual device.
+
+A :class:`MemoryCounter` is a ``TorchDispatchMode``. Every storage that an operator creates
+inside it is counted until the storage is freed (a weakref finalizer on the storage), so
+``live_bytes`` is the exact sum of live storages, views and aliases counted once. Past
+``cap_bytes`` it raises a real ``torch.OutOfMemoryError`` whose message starts like the CPU
+allocator's own, so that any code that recognises a CPU out-of-memory error (maxbatch's and its
+peers') recognises it too.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from maxbatch.units import format_bytes
+
+#: The CUDA caching allocator rounds every block up to a multiple of 512 bytes.
+CUDA_ROUNDING = 512
+
+OOM_PREFIX = "DefaultCPUAllocator: can't allocate memory"
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
+    """Counts live storage bytes created under it and enforces an optional cap.
+
+    Args:
+        cap_bytes: raise ``torch.OutOfMemoryError`` when live bytes would pass this; None: no cap.
+        round_to: count each storage rounded up to a multiple of this many bytes.
+        label: names the device in the out-of-memory message.
+        device: count only storages on this device (None: every storage).
+    """
+
+    def __init__(
+        self,
+        cap_bytes: int | None = None,
+        *,
+        round_to: int = 1,
+        label: str = "virtual",
+        device: torch.device | None = None,
+    ):
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.device = device
+        self.cap_bytes = cap_bytes
+        self.round_to = max(1, round_to)
+        self.label = label
+        self._sizes: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        #: live bytes that the last refused allocation would have made (0: none refused yet)
+        self.refused_bytes = 0
+
+    def _rounded(self, nbytes: int) -> int:
+        return -(-nbytes // self.round_to) * self.round_to
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            size = self._sizes.pop(key, None)
+            if size is not None:
+                self.live_bytes -= size
+
+    def _track_storage(self, storage: torch.UntypedStorage) -> int:
+        """Start counting ``storage``; return the bytes added (0 if already counted)."""
+        if self.device is not None and not _same_device(storage.device, self.device):
+            return 0
+        key = storage._cdata
+        with self._lock:
+            if key in self._sizes:
+                return 0
+            size = self._rounded(storage.nbytes())
+            self._sizes[key] = size
+            self.live_bytes += size
+        weakref.finalize(storage, self._forget, key)
+        return size
+
+    def track(self, tensors: Iterable[Any]) -> None:
+        """Count tensors that already exist (parameters, optimizer state) as live bytes."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._track_storage(t.untyped_storage())
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def reset_peak(self) -> None:
+        """Set the peak to the bytes live now."""
+        self.peak_bytes = self.live_bytes
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        added = 0
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                added += self._track_storage(leaf.untyped_storage())
+        if self.cap_bytes is not None and self.live_bytes > self.cap_bytes:
+            attempted = self.refused_bytes = self.live_bytes
+            # The new storages are freed when ``out`` goes away with this frame.
+            del out
+            raise torch.OutOfMemoryError(
+                f"{OOM_PREFIX}: you tried to allocate {added} bytes. maxbatch {self.label} device: "
+                f"{format_bytes(attempted)} would be live, capacity {format_bytes(self.cap_bytes)} "
+                f"({self.cap_bytes} bytes)."
+            )
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+        return out

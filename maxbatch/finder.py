@@ -1,0 +1,241 @@
+"""``find_batch_size``: validate once, build the workload, probe the ceiling, pick a size."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from maxbatch.batching import make_batch_fn
+from maxbatch.device import describe, device_label, resolve_device
+from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.oom import release_memory
+from maxbatch.probe import search
+from maxbatch.results import BatchSizeResult, Trial
+from maxbatch.trial import Meter, run_trial
+from maxbatch.units import format_bytes, parse_bytes
+from maxbatch.workload import (
+    ForwardFn,
+    LossFn,
+    Mode,
+    Precision,
+    TrainStepFn,
+    Workload,
+    make_optimizer,
+    parse_enum,
+)
+
+log = logging.getLogger(__name__)
+
+#: Default headroom on a real device: this share of the capacity, at least ``MIN_HEADROOM`` bytes.
+#: It covers what counting live tensors cannot see: allocator fragmentation and rounding, the
+#: CUDA context, cuBLAS/cuDNN workspaces, and other processes growing meanwhile.
+HEADROOM_FRACTION = 0.05
+MIN_HEADROOM = 256 * 1024**2
+
+OptimizerArg = torch.optim.Optimizer | str | Callable[..., torch.optim.Optimizer] | None
+
+
+def _positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def _model_device(model: torch.nn.Module) -> torch.device | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return None
+
+
+def default_headroom(capacity_bytes: int, *, virtual: bool) -> int:
+    """The headroom used when none is given: 0 under a ``memory=`` cap, else 5 % (>= 256 MiB)."""
+    if virtual:
+        return 0
+    return min(capacity_bytes // 2, max(MIN_HEADROOM, int(HEADROOM_FRACTION * capacity_bytes)))
+
+
+def find_batch_size(
+    model: torch.nn.Module,
+    sample: Any,
+    *,
+    optimizer: OptimizerArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    train_step: TrainStepFn | None = None,
+    device: str | torch.device | None = None,
+    memory: str | int | None = None,
+    headroom: str | int | None = None,
+    mode: str | Mode = "train",
+    precision: str | Precision | None = None,
+    min_batch_size: int | None = None,
+    max_batch_size: int | None = None,
+    multiple_of: int = 1,
+    time_budget: float | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> BatchSizeResult:
+    """Find the largest batch size whose real step fits, and the batch size to use.
+
+    Args:
+        model: the model, on the device to probe.
+        sample: one batch from your loader (batch dimension first; tensors in tuples, lists, dicts,
+            dataclasses, nested), or a callable ``make_batch(batch_size)`` returning a batch.
+        optimizer: an optimizer over the model's parameters (its state is restored afterwards), a
+            factory ``optimizer(parameters)``, or ``"adamw"``, ``"adam"``, ``"sgd"``, ``"none"``.
+            Default in train mode: AdamW over the trainable parameters.
+        loss_fn: ``loss_fn(output, batch)`` returning a scalar; default: ``output.loss`` if any,
+            else the sum of the means of the floating outputs.
+        forward_fn: ``forward_fn(model, batch)``; default ``model(batch)``, ``model(*batch)`` for a
+            tuple or list, ``model(**batch)`` for a dict.
+        train_step: your whole step ``train_step(model, batch, optimizer)``, run instead of ours.
+        device: ``"cpu"``, ``"cuda[:N]"``, ``"mps"``; default: where the model's parameters are.
+        memory: cap the bytes live tensors may use (e.g. ``"24GiB"``): the virtual device.
+        headroom: bytes kept free below the capacity; default 0 under ``memory``, else 5 % of the
+            capacity (at least 256 MiB).
+        mode: ``"train"`` (forward, backward, optimizer step) or ``"inference"``.
+        precision: ``"bf16"`` or ``"fp16"`` for autocast; ``None``/``"fp32"``: as the model is.
+        min_batch_size: the smallest size to try (default 1).
+        max_batch_size: the largest size to try (default: no limit).
+        multiple_of: only try multiples of this (e.g. 8).
+        time_budget: seconds; stop with the best verified size when spent.
+        on_trial: called with each :class:`~maxbatch.results.Trial` as it finishes.
+
+    Returns:
+        A :class:`~maxbatch.results.BatchSizeResult`.
+
+    Raises:
+        ConfigError: an option is invalid.
+        DeviceError: the device is not available.
+        DoesNotFitError: the smallest batch size does not fit.
+        WorkloadError: the step failed for a reason other than memory.
+    """
+    started = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    run_mode: Mode = parse_enum(Mode, mode, "mode")
+    prec: Precision = parse_enum(Precision, precision or "fp32", "precision")
+    step = _positive_int(multiple_of, "multiple_of", allow_none=False) or 1
+    min_b = _positive_int(min_batch_size, "min_batch_size")
+    max_b = _positive_int(max_batch_size, "max_batch_size")
+    if min_b is not None and max_b is not None and min_b > max_b:
+        raise ConfigError(f"min_batch_size={min_b} is larger than max_batch_size={max_b}")
+    if time_budget is not None and not time_budget > 0:
+        raise ConfigError(f"time_budget={time_budget!r} must be a positive number of seconds")
+    cap = None if memory is None else parse_bytes(memory, name="memory")
+    if cap == 0:
+        raise ConfigError("memory=0 leaves no room for anything; give a size such as 300MiB")
+    fixed_headroom = None if headroom is None else parse_bytes(headroom, name="headroom")
+
+    make_batch, sample_size = make_batch_fn(sample)
+    here = _model_device(model)
+    dev = resolve_device(device) if device is not None else (here or resolve_device("cpu"))
+    if here is not None and device_label(here) != device_label(dev):
+        raise ConfigError(
+            f"the model is on {device_label(here)} but device={device!r}; move it first "
+            f"(model.to({device_label(dev)!r}))"
+        )
+
+    notes: list[str] = []
+    opt: torch.optim.Optimizer | None = None
+    if run_mode is Mode.TRAIN:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            opt = optimizer
+        else:
+            opt = make_optimizer(optimizer, model)
+            if optimizer is None:
+                notes.append("no optimizer given: the step used AdamW, whose state is real memory")
+    opt_name = None if opt is None else type(opt).__name__
+
+    workload = Workload(
+        model,
+        make_batch,
+        dev,
+        mode=run_mode,
+        precision=prec,
+        optimizer=opt,
+        forward_fn=forward_fn,
+        loss_fn=loss_fn,
+        train_step=train_step,
+    )
+    info = describe(dev)
+    virtual = cap is not None
+    meter = Meter(dev, counting=virtual or dev.type != "cuda")
+    workload.save()
+    try:
+        workload.prepare()
+        base = meter.live_bytes(workload)
+        if cap is not None:
+            capacity = cap
+        elif dev.type == "cuda":
+            capacity = info.capacity_bytes
+        else:
+            capacity = info.capacity_bytes + base
+            notes.append(
+                f"capacity is the host's available memory plus the model: {format_bytes(capacity)}"
+            )
+        room = (
+            fixed_headroom
+            if fixed_headroom is not None
+            else default_headroom(capacity, virtual=virtual)
+        )
+        usable = capacity - room
+        if usable <= base:
+            raise ConfigError(
+                f"the usable memory ({format_bytes(usable)} = capacity {format_bytes(capacity)} - "
+                f"headroom {format_bytes(room)}) is not more than the model and optimizer state "
+                f"already hold ({format_bytes(base)}); raise memory or lower headroom"
+            )
+        meter.set_usable(usable)
+        lower = min_b or 1
+        start = sample_size if sample_size is not None else max(lower, 2)
+        start = max(start, lower)
+        try:
+            outcome = search(
+                lambda b: run_trial(workload, meter, b),
+                start=start,
+                usable_bytes=usable,
+                base_bytes=base,
+                min_batch_size=lower,
+                max_batch_size=max_b,
+                multiple_of=step,
+                time_budget=time_budget,
+                on_trial=on_trial,
+            )
+        except WorkloadError as e:
+            if e.batch_size is not None and e.batch_size < start:
+                raise WorkloadError(
+                    f"{e} (the step worked at {start}; if the model rejects small batches, "
+                    f"e.g. batch norm in training, set min_batch_size)",
+                    batch_size=e.batch_size,
+                ) from e.__cause__
+            raise
+    finally:
+        workload.reset(final=True)
+        release_memory(dev)
+    if not outcome.complete:
+        notes.append(outcome.stop_reason)
+    return BatchSizeResult(
+        batch_size=outcome.ceiling,
+        ceiling=outcome.ceiling,
+        device=device_label(dev),
+        device_name=info.name,
+        mode=run_mode.value,
+        precision=None if prec is Precision.FP32 else prec.value,
+        optimizer=opt_name,
+        trials=outcome.trials,
+        capacity_bytes=capacity,
+        headroom_bytes=room,
+        usable_bytes=usable,
+        virtual=virtual,
+        memory_model=outcome.memory_model,
+        complete=outcome.complete,
+        stop_reason=outcome.stop_reason,
+        pick_reason="the ceiling (the throughput profiler is not run yet)",
+        notes=tuple(notes),
+        seconds=time.perf_counter() - started,
+    )

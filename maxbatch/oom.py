@@ -1,0 +1,105 @@
+"""Tell a real out-of-memory error from every other failure, and give memory back after one.
+
+:func:`is_oom` is the single predicate maxbatch uses to decide whether a failed trial means
+"this batch does not fit" (try a smaller one) or "the workload is broken" (re-raise). A false
+positive would hide a user's bug behind a smaller batch size, so the message table holds only
+fragments that real allocators emit, never a bare "out of memory" or "memory".
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+__all__ = ["OOM_MESSAGES", "is_oom", "release_memory"]
+
+# torch.OutOfMemoryError exists from torch 2.5 on and is the same class as
+# torch.cuda.OutOfMemoryError, which older supported versions (>= 2.3) already have.
+_OOM_TYPE: type[RuntimeError] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+OOM_MESSAGES: tuple[str, ...] = (
+    # CUDA caching allocator, c10/cuda/CUDACachingAllocator.cpp (raised as OutOfMemoryError
+    # since torch 1.13; older versions and wrappers that re-raise keep only the text).
+    "CUDA out of memory.",
+    # ROCm: the same allocator hipified into c10/hip/HIPCachingAllocator.cpp.
+    "HIP out of memory.",
+    # Intel GPUs: c10/xpu/XPUCachingAllocator.cpp.
+    "XPU out of memory.",
+    # Apple GPUs: aten/src/ATen/mps/MPSAllocator.mm (a plain RuntimeError in older versions).
+    "MPS backend out of memory",
+    # cudaErrorMemoryAllocation seen by C10_CUDA_CHECK (c10/cuda/CUDAException.cpp):
+    # "CUDA error: " + cudaGetErrorString(err), e.g. from cudaMalloc outside the allocator.
+    "CUDA error: out of memory",
+    # The same check hipified for ROCm (hipGetErrorString(hipErrorOutOfMemory)).
+    "HIP error: out of memory",
+    # CUDA driver API calls, AT_CUDA_DRIVER_CHECK in aten/src/ATen/cuda/Exceptions.h
+    # ("CUDA driver error: " + cuGetErrorString(CUDA_ERROR_OUT_OF_MEMORY)).
+    "CUDA driver error: out of memory",
+    # cuBLAS workspace or handle allocation, TORCH_CUDABLAS_CHECK in
+    # aten/src/ATen/cuda/Exceptions.h with _cublasGetErrorEnum (aten/src/ATen/cuda/CUDABlas.cpp).
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    # cuDNN <= 8 status name, AT_CUDNN_CHECK in aten/src/ATen/cuda/Exceptions.h
+    # ("cuDNN error: " + cudnnGetErrorString(status)).
+    "CUDNN_STATUS_ALLOC_FAILED",
+    # cuDNN 9 split ALLOC_FAILED into these two (cudnn_graph.h, cudnnStatus_t 4003 and 4004).
+    "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    # CPU allocator on Linux and macOS (posix_memalign failed), c10/core/impl/alloc_cpu.cpp.
+    "DefaultCPUAllocator: can't allocate memory",
+    # CPU allocator on Windows and Android (_aligned_malloc / memalign failed), same file.
+    "DefaultCPUAllocator: not enough memory",
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Return True only when ``exc`` says that an allocation failed for lack of memory.
+
+    The type decides first: ``torch.OutOfMemoryError`` (the same class as
+    ``torch.cuda.OutOfMemoryError``) and Python's own ``MemoryError`` (a host allocation that
+    failed). Then, for ``RuntimeError`` and its subclasses only, the message decides: it must
+    contain one of the fragments in :data:`OOM_MESSAGES`, compared case-sensitively. Anything
+    else, including errors that merely mention memory (such as an illegal memory access), is
+    not an out-of-memory error.
+
+    Args:
+        exc: the exception raised by a trial.
+
+    Returns:
+        Whether the exception is an out-of-memory error.
+    """
+    if isinstance(exc, (_OOM_TYPE, MemoryError)):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    message = str(exc)
+    return any(fragment in message for fragment in OOM_MESSAGES)
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Collect garbage and hand cached device memory back after a failed trial.
+
+    Call it outside the ``except`` block that caught the error, once the exception object is
+    gone: its traceback keeps the failed batch's tensors alive until then.
+
+    Args:
+        device: the device the trial ran on. ``None`` cleans every accelerator that this
+            process has already started; a CPU device only collects garbage.
+    """
+    gc.collect()
+    kind = None if device is None else torch.device(device).type
+    # torch.cuda.is_initialized() keeps a CPU-only run, or a run on another device, from
+    # creating a CUDA context just to empty a cache that cannot hold anything.
+    # (It has no annotations in some torch versions.)
+    cuda_started = kind is None and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    if kind == "cuda" or cuda_started:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    if kind == "mps" or (kind is None and torch.backends.mps.is_available()):
+        torch.mps.synchronize()
+        torch.mps.empty_cache()
+    # torch.xpu is missing from the oldest supported torch versions.
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and (kind == "xpu" or (kind is None and xpu.is_initialized())):
+        xpu.synchronize(device)
+        xpu.empty_cache()

@@ -1,0 +1,271 @@
+"""The ceiling search: few trials, an exact and verified answer.
+
+The search only sees a function ``run(b) -> Trial``, so it can be driven by a deterministic step in
+unit tests and by real models on a device.
+
+Strategy:
+
+1. Run the start size (the user's own sample size). If it does not fit, halve until a size fits.
+2. With one success at ``b0`` peaking at ``p0``, and ``base`` bytes live before any trial, every
+   byte above ``base`` is at most per-sample, so ``b0 + (usable - p0) / ((p0 - base) / b0)`` is a
+   safe lower bound on the ceiling: jump there.
+3. With two successes, fit ``peak(b) = fixed + per_sample * b`` through the two largest, predict
+   the ceiling, run the prediction, then its neighbour to verify.
+4. Where the model misses, bisect inside the bracket that is left; without a usable model, double.
+
+The answer ``ceiling`` always was run and fit, and ``ceiling + multiple_of`` was run and did not
+(unless ``ceiling`` is the maximum allowed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from maxbatch.errors import ConfigError, DoesNotFitError
+from maxbatch.results import MemoryModel, Trial
+from maxbatch.units import format_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOutcome:
+    """What the search found (see :class:`maxbatch.results.ProbeResult` for the fields)."""
+
+    ceiling: int
+    trials: tuple[Trial, ...]
+    memory_model: MemoryModel | None
+    complete: bool
+    stop_reason: str
+
+
+def fit_memory_model(trials: list[Trial] | tuple[Trial, ...]) -> MemoryModel | None:
+    """Fit ``peak = fixed + per_sample * b`` from successful trials.
+
+    Uses the two largest fitting sizes: memory is affine in ``b`` above a small crossover (below it
+    a constant peak such as the optimizer step's dominates), so the points nearest the ceiling
+    describe it best. Returns None with fewer than two distinct fitting sizes or a slope that is
+    not positive.
+    """
+    points = sorted({t.batch_size: t.peak_bytes for t in trials if t.fits}.items())
+    if len(points) < 2:
+        return None
+    (b0, p0), (b1, p1) = points[-2], points[-1]
+    slope = (p1 - p0) / (b1 - b0)
+    if slope <= 0:
+        return None
+    return MemoryModel(fixed_bytes=p1 - slope * b1, bytes_per_sample=slope)
+
+
+def _predict(model: MemoryModel, usable: int) -> int:
+    return math.floor((usable - model.fixed_bytes) / model.bytes_per_sample)
+
+
+class _Search:
+    def __init__(
+        self,
+        run: Callable[[int], Trial],
+        *,
+        usable_bytes: int,
+        base_bytes: int,
+        lower: int,
+        upper: int | None,
+        step: int,
+        time_budget: float | None,
+        clock: Callable[[], float],
+        on_trial: Callable[[Trial], None] | None,
+    ):
+        self.run_fn, self.usable, self.base = run, usable_bytes, base_bytes
+        self.lower, self.upper, self.m = lower, upper, step
+        self.budget, self.clock, self.on_trial = time_budget, clock, on_trial
+        self.trials: list[Trial] = []
+        self.done: dict[int, bool] = {}
+        self.lo: int | None = None
+        self.hi: int | None = None
+        self.guess: int | None = None  # the last size the memory model predicted as the ceiling
+        self.misses = 0  # model guesses that did not fit
+        self.guess_basis: tuple[int, ...] = ()  # the sizes the last guess was fitted from
+        self.bad_bases: set[tuple[int, ...]] = set()  # fits whose guesses did not fit
+        self.t0 = clock()
+
+    def snap_down(self, b: float) -> int:
+        return max(self.lower, int(b // self.m) * self.m)
+
+    def run(self, b: int) -> Trial:
+        trial = self.run_fn(b)
+        self.trials.append(trial)
+        self.done[b] = trial.fits
+        if trial.fits:
+            self.lo = b if self.lo is None else max(self.lo, b)
+        else:
+            self.hi = b if self.hi is None else min(self.hi, b)
+        if self.on_trial is not None:
+            self.on_trial(trial)
+        log.info(
+            "batch %d: %s, peak %s, %.3fs",
+            b,
+            "fits" if trial.fits else "does not fit",
+            format_bytes(trial.peak_bytes),
+            trial.seconds,
+        )
+        return trial
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.clock() - self.t0 > self.budget
+
+    def inside(self, b: int) -> bool:
+        assert self.lo is not None
+        return b > self.lo and (self.hi is None or b < self.hi) and b not in self.done
+
+    def next_size(self) -> int:
+        lo, hi, m = self.lo, self.hi, self.m
+        assert lo is not None
+        guess, self.guess = self.guess, None
+        if guess is not None and not self.done[guess]:
+            self.misses += 1
+            self.bad_bases.add(self.guess_basis)
+        # Verify a model guess from the side it landed on: its neighbour above if it fit; below if
+        # it failed by little (a counting meter tells by how much; a failed CUDA trial cannot).
+        if guess is not None and self.done[guess] and self.inside(guess + m):
+            return guess + m
+        if guess is not None and self.misses == 1 and self.inside(guess - m):
+            failed = self.trials[-1]
+            model = fit_memory_model(self.trials)
+            near = (
+                model is None or failed.peak_bytes <= self.usable + 2 * m * model.bytes_per_sample
+            )
+            if near:
+                return guess - m
+        # A fit is not trusted again once a guess from it failed; new points make a new fit.
+        basis = tuple(sorted(t.batch_size for t in self.trials if t.fits)[-2:])
+        model = fit_memory_model(self.trials) if basis not in self.bad_bases else None
+        if model is not None:
+            target = self.snap_down(_predict(model, self.usable))
+            if self.upper is not None:
+                target = min(target, self.upper)
+            if self.inside(target):
+                self.guess, self.guess_basis = target, basis
+                return target
+            if target <= lo and self.inside(lo + m) and guess is None:
+                return lo + m  # the model says lo is the ceiling: check its neighbour
+        # A size sure to fit (if memory is affine and convex in b) refines the model from below.
+        safe = self.safe_jump()
+        if hi is None:
+            target = 2 * lo if self.upper is None else min(2 * lo, self.upper)
+            return max(target, safe, lo + m)
+        mid = self.snap_down((lo + hi) / 2)
+        if self.inside(safe) and safe - lo >= (hi - lo) / 4:
+            return safe
+        return mid if self.inside(mid) else lo + m
+
+    def safe_jump(self) -> int:
+        """A size that fits if every byte above ``base`` of the largest success is per-sample."""
+        assert self.lo is not None
+        best = max((t for t in self.trials if t.fits), key=lambda t: t.batch_size)
+        per_sample = max(1.0, (best.peak_bytes - self.base) / best.batch_size)
+        target = self.snap_down(best.batch_size + (self.usable - best.peak_bytes) / per_sample)
+        return target if self.upper is None else min(target, self.upper)
+
+    def finished(self) -> bool:
+        assert self.lo is not None
+        if self.upper is not None and self.lo >= self.upper:
+            return True
+        return self.hi is not None and self.hi - self.lo <= self.m
+
+
+def search(
+    run: Callable[[int], Trial],
+    *,
+    start: int,
+    usable_bytes: int,
+    base_bytes: int = 0,
+    min_batch_size: int = 1,
+    max_batch_size: int | None = None,
+    multiple_of: int = 1,
+    time_budget: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> SearchOutcome:
+    """Find the largest batch size on the grid whose trial fits.
+
+    Args:
+        run: runs one trial at a batch size.
+        start: the first size to try (snapped into the grid).
+        usable_bytes: the bytes a trial may peak at.
+        base_bytes: bytes live before any trial (model and state), for the first jump.
+        min_batch_size: the smallest size to try.
+        max_batch_size: the largest size to try, or None.
+        multiple_of: only sizes that are multiples of this are tried.
+        time_budget: seconds after which the search stops with the best verified size.
+        clock: time source (seconds).
+        on_trial: called after every trial.
+
+    Raises:
+        DoesNotFitError: the smallest size does not fit.
+    """
+    m = multiple_of
+    lower = max(m, -(-min_batch_size // m) * m)
+    if max_batch_size is not None:
+        upper: int | None = (max_batch_size // m) * m
+        if upper is not None and upper < lower:
+            raise ConfigError(
+                f"no batch size between min_batch_size={min_batch_size} and "
+                f"max_batch_size={max_batch_size} is a multiple of {m}"
+            )
+    else:
+        upper = None
+    s = _Search(
+        run,
+        usable_bytes=usable_bytes,
+        base_bytes=base_bytes,
+        lower=lower,
+        upper=upper,
+        step=m,
+        time_budget=time_budget,
+        clock=clock,
+        on_trial=on_trial,
+    )
+    b = s.snap_down(start)
+    if upper is not None:
+        b = min(b, upper)
+    while not s.run(b).fits:
+        if b == lower:
+            t = s.trials[-1]
+            raise DoesNotFitError(
+                f"batch size {b} does not fit: the step needs at least "
+                f"{format_bytes(t.peak_bytes)} "
+                f"but {format_bytes(usable_bytes)} are usable; free memory, lower the headroom, "
+                "use a smaller model, shorter inputs or lower precision",
+                batch_size=b,
+                needed_bytes=t.peak_bytes,
+                available_bytes=usable_bytes,
+            )
+        if s.over_budget():
+            raise DoesNotFitError(
+                f"time budget spent before any batch size fitted (smallest tried: {b})",
+                batch_size=b,
+                needed_bytes=s.trials[-1].peak_bytes,
+                available_bytes=usable_bytes,
+            )
+        b = s.snap_down(b / 2)
+    complete, reason = True, ""
+    while not s.finished():
+        if s.over_budget():
+            complete = False
+            reason = (
+                f"time budget of {s.budget:g}s spent: {s.lo} is verified to fit, "
+                f"larger sizes up to {s.hi} were not settled"
+            )
+            break
+        s.run(s.next_size())
+    assert s.lo is not None
+    if complete:
+        if s.upper is not None and s.lo >= s.upper:
+            reason = f"reached the maximum batch size {s.upper}"
+        else:
+            reason = f"{s.lo} fits and {s.hi} does not"
+    return SearchOutcome(s.lo, tuple(s.trials), fit_memory_model(s.trials), complete, reason)

@@ -1,0 +1,122 @@
+"""Running one trial: the step at batch size ``b``, measured, with full recovery after an OOM."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
+from maxbatch.device import CudaPeak, synchronize
+from maxbatch.errors import MaxbatchError, WorkloadError
+from maxbatch.oom import is_oom, release_memory
+from maxbatch.results import Trial
+from maxbatch.workload import Workload
+
+#: Steps per trial: the first creates lazily allocated state (optimizer moments, workspaces), the
+#: second is the steady state whose peak counts.
+REPEATS = 2
+
+
+class Meter:
+    """Measures the peak bytes of a trial and decides whether it fits in ``usable_bytes``.
+
+    The counting meter (virtual device, CPU, MPS) enforces the cap itself with a
+    :class:`~maxbatch.accounting.MemoryCounter`; on CUDA without a cap the caching allocator's own
+    peak counters are read and the device raises its own out-of-memory errors.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        *,
+        counting: bool,
+        round_to: int | None = None,
+        label: str = "virtual",
+    ):
+        self.device = device
+        self.usable_bytes: int | None = None
+        self.counter: MemoryCounter | None = None
+        self.cuda: CudaPeak | None = None
+        if counting:
+            rounding = (
+                round_to
+                if round_to is not None
+                else (CUDA_ROUNDING if device.type == "cuda" else 1)
+            )
+            self.counter = MemoryCounter(None, round_to=rounding, label=label, device=device)
+        else:
+            self.cuda = CudaPeak(device)
+
+    def set_usable(self, usable_bytes: int) -> None:
+        """Set the bytes a trial may peak at; the counting meter raises an OOM past them."""
+        self.usable_bytes = usable_bytes
+        if self.counter is not None:
+            self.counter.cap_bytes = usable_bytes
+
+    def live_bytes(self, workload: Workload) -> int:
+        """Bytes live on the device now (counting: the model's state plus anything counted)."""
+        if self.counter is not None:
+            self.counter.track(workload.state_tensors())
+            return self.counter.live_bytes
+        assert self.cuda is not None
+        return self.cuda.allocated_bytes()
+
+
+def run_trial(
+    workload: Workload,
+    meter: Meter,
+    batch_size: int,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Trial:
+    """Run ``REPEATS`` steps at ``batch_size`` and return what happened.
+
+    An out-of-memory error ends the trial as not fitting; the model and optimizer are reset and the
+    memory of the failed trial is released before returning. Any other error is raised as a
+    :class:`WorkloadError` chained to the original (a ``KeyboardInterrupt`` passes through).
+    """
+    counter, cuda = meter.counter, meter.cuda
+    oom = False
+    reserved = retries = None
+    start = clock()
+    if counter is not None:
+        counter.track(workload.state_tensors())
+        counter.refused_bytes = 0
+        counter.reset_peak()
+        context = counter
+    else:
+        assert cuda is not None
+        cuda.start()
+        context = None
+    try:
+        if context is not None:
+            with context:
+                workload.run(batch_size, REPEATS)
+        else:
+            workload.run(batch_size, REPEATS)
+        synchronize(meter.device)
+    except MaxbatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
+        if not is_oom(exc):
+            raise WorkloadError(
+                f"the step failed at batch size {batch_size} for a reason other than memory: "
+                f"{type(exc).__name__}: {exc}",
+                batch_size=batch_size,
+            ) from exc
+        oom = True
+    # Recovery happens here, outside the except block: no exception (and so no traceback holding
+    # the failed batch's tensors) is alive any more.
+    seconds = clock() - start
+    if counter is not None:
+        peak = max(counter.peak_bytes, counter.refused_bytes)
+    else:
+        assert cuda is not None
+        peak, reserved, retries = cuda.read()
+    workload.reset()
+    release_memory(meter.device)
+    usable = meter.usable_bytes
+    fits = not oom and (usable is None or peak <= usable)
+    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries)

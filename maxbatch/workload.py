@@ -1,0 +1,324 @@
+"""One step at batch size ``b``, and the snapshot/restore of everything a step changes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import enum
+import random
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from maxbatch.errors import ConfigError, WorkloadError
+
+
+class Mode(str, enum.Enum):
+    """What a step does: a training step or a forward pass in inference mode."""
+
+    TRAIN = "train"
+    INFERENCE = "inference"
+
+
+class Precision(str, enum.Enum):
+    """Autocast precision applied around the forward pass and loss."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+def parse_enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
+    """Turn a string into a member of ``kind`` or raise a ConfigError naming the choices."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(str(value).lower())
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in kind)
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {choices}") from None
+
+
+ForwardFn = Callable[[torch.nn.Module, Any], Any]
+LossFn = Callable[[Any, Any], torch.Tensor]
+TrainStepFn = Callable[[torch.nn.Module, Any, "torch.optim.Optimizer | None"], Any]
+
+
+def default_forward(model: torch.nn.Module, batch: Any) -> Any:
+    """Call ``model(**batch)`` for a dict, ``model(*batch)`` for a sequence, else ``model(x)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def default_loss(output: Any, batch: Any) -> torch.Tensor:
+    """The output's ``loss`` if it has one, else the sum of the means of its floating outputs."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    leaves = [
+        t
+        for t in tree_flatten(output)[0]
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+    ]
+    if not leaves:
+        raise WorkloadError(
+            "the model's output has no floating-point tensor that requires grad, so there is "
+            "nothing to backpropagate; pass loss_fn (or define loss() in the model file)"
+        )
+    total = leaves[0].mean()
+    for t in leaves[1:]:
+        total = total + t.mean()
+    return total
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a nested batch to ``device``."""
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+
+@dataclasses.dataclass
+class _Snapshot:
+    params: list[tuple[torch.nn.Parameter, torch.Tensor]]
+    grads: list[tuple[torch.nn.Parameter, torch.Tensor | None]]
+    buffers: list[tuple[torch.Tensor, torch.Tensor]]
+    training: list[tuple[torch.nn.Module, bool]]
+    opt_state: dict[Any, dict[str, Any]]
+    opt_groups: list[dict[str, Any]]
+    rng: dict[str, Any]
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Workload:
+    """The user's model, batch maker, loss and optimizer, run as one step on one device.
+
+    Args:
+        model: the model, already on ``device``.
+        make_batch: returns a batch of size ``b`` (moved to ``device`` by the workload).
+        device: where the step runs.
+        mode: training step or inference.
+        precision: autocast precision (FP32: none).
+        optimizer: the optimizer stepped in train mode, or None for no optimizer step.
+        forward_fn: ``forward(model, batch)``; default :func:`default_forward`.
+        loss_fn: ``loss(output, batch)``; default :func:`default_loss`.
+        train_step: the user's whole step ``train_step(model, batch, optimizer)``, replacing ours.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        make_batch: Callable[[int], Any],
+        device: torch.device,
+        *,
+        mode: Mode = Mode.TRAIN,
+        precision: Precision = Precision.FP32,
+        optimizer: torch.optim.Optimizer | None = None,
+        forward_fn: ForwardFn | None = None,
+        loss_fn: LossFn | None = None,
+        train_step: TrainStepFn | None = None,
+    ):
+        self.model = model
+        self.make_batch = make_batch
+        self.device = device
+        self.mode = mode
+        self.precision = precision
+        self.optimizer = optimizer
+        self.forward_fn = forward_fn or default_forward
+        self.loss_fn = loss_fn or default_loss
+        self.train_step = train_step
+        self._snapshot: _Snapshot | None = None
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision is Precision.FP32:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision is Precision.BF16 else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def step(self, batch: Any) -> None:
+        """Run one step on a batch already on the device."""
+        if self.mode is Mode.INFERENCE:
+            with torch.inference_mode(), self._autocast():
+                self.forward_fn(self.model, batch)
+            return
+        if self.train_step is not None:
+            self.train_step(self.model, batch, self.optimizer)
+            return
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.model.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.forward_fn(self.model, batch)
+            loss = self.loss_fn(output, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise WorkloadError(
+                f"the loss must be a scalar tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            )
+        loss.backward()  # type: ignore[no-untyped-call]
+        if self.optimizer is not None:
+            self.optimizer.step()
+        # ``output`` and ``loss`` stay referenced until here, as in a user's training loop.
+        del output, loss
+
+    def run(self, batch_size: int, repeats: int) -> None:
+        """Build a batch of ``batch_size`` on the device and run ``repeats`` steps on it."""
+        batch = to_device(self.make_batch(batch_size), self.device)
+        for _ in range(repeats):
+            self.step(batch)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the model and optimizer hold between steps."""
+        for p in self.model.parameters():
+            yield p
+            if p.grad is not None:
+                yield p.grad
+        yield from self.model.buffers()
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        yield v
+
+    def save(self) -> None:
+        """Copy everything a step changes to host memory (no copy is made on the device)."""
+        params = [(p, _host_copy(p)) for p in self.model.parameters()]
+        grads = [
+            (p, None if p.grad is None else _host_copy(p.grad)) for p in self.model.parameters()
+        ]
+        buffers = [(b, _host_copy(b)) for b in self.model.buffers()]
+        training = [(m, m.training) for m in self.model.modules()]
+        opt_state: dict[Any, dict[str, Any]] = {}
+        groups: list[dict[str, Any]] = []
+        if self.optimizer is not None:
+            for key, state in self.optimizer.state.items():
+                opt_state[key] = {
+                    k: (v.device, _host_copy(v))
+                    if isinstance(v, torch.Tensor)
+                    else copy.deepcopy(v)
+                    for k, v in state.items()
+                }
+            groups = [
+                {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                for g in self.optimizer.param_groups
+            ]
+        self._snapshot = _Snapshot(
+            params, grads, buffers, training, opt_state, groups, _rng_state()
+        )
+
+    def reset(self, *, final: bool = False) -> None:
+        """Put parameters, buffers and optimizer state back as saved.
+
+        Between trials gradients are dropped (every step starts with ``zero_grad``); with
+        ``final=True`` gradients, training flags and RNG states are restored too.
+        """
+        snap = self._snapshot
+        if snap is None:
+            raise RuntimeError("Workload.reset() called before save()")
+        with torch.no_grad():
+            for p, saved in snap.params:
+                p.copy_(saved)
+            for b, saved in snap.buffers:
+                b.copy_(saved)
+            for p, saved_grad in snap.grads:
+                p.grad = None
+                if final and saved_grad is not None:
+                    p.grad = saved_grad.to(p.device)
+        if self.optimizer is not None:
+            self._restore_optimizer(snap)
+        if final:
+            for module, flag in snap.training:
+                module.training = flag
+        _set_rng_state(snap.rng)
+
+    def _restore_optimizer(self, snap: _Snapshot) -> None:
+        assert self.optimizer is not None
+        state = self.optimizer.state
+        for key in [k for k in state if k not in snap.opt_state]:
+            del state[key]
+        with torch.no_grad():
+            for key, saved in snap.opt_state.items():
+                current = state[key]
+                for k in [k for k in current if k not in saved]:
+                    del current[k]
+                for k, v in saved.items():
+                    if not isinstance(v, tuple):
+                        current[k] = copy.deepcopy(v)
+                        continue
+                    dev, host = v
+                    cur = current.get(k)
+                    if (
+                        isinstance(cur, torch.Tensor)
+                        and cur.shape == host.shape
+                        and (cur.dtype == host.dtype and cur.device == dev)
+                    ):
+                        cur.copy_(host)
+                    else:
+                        current[k] = host.to(dev, copy=True)
+        for group, saved_group in zip(self.optimizer.param_groups, snap.opt_groups, strict=True):
+            group.update(copy.deepcopy(saved_group))
+
+    def prepare(self) -> None:
+        """Set the model's mode for the step (``train()`` or ``eval()``)."""
+        self.model.train(self.mode is Mode.TRAIN)
+
+
+def make_optimizer(
+    name_or_factory: str | Callable[..., torch.optim.Optimizer] | None,
+    model: torch.nn.Module,
+) -> torch.optim.Optimizer | None:
+    """Build the step's optimizer: ``adamw``, ``adam``, ``sgd``, ``none``, or from a factory."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if callable(name_or_factory):
+        opt = name_or_factory(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigError(
+                f"the optimizer factory returned {type(opt).__name__}, not a torch.optim.Optimizer"
+            )
+        return opt
+    name = "adamw" if name_or_factory is None else str(name_or_factory).lower()
+    if name == "none":
+        return None
+    if not params:
+        raise ConfigError("the model has no trainable parameters; use optimizer='none'")
+    if name == "adamw":
+        return torch.optim.AdamW(params)
+    if name == "adam":
+        return torch.optim.Adam(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    raise ConfigError(
+        f"optimizer={name_or_factory!r} is not valid; choose adamw, adam, sgd or none"
+    )
