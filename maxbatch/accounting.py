@@ -91,6 +91,25 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
                 self._track_storage(t.untyped_storage())
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
+    def _track_outputs(self, out: Any, inputs: Any) -> int:
+        """Count the new storages among an operator's outputs; return the bytes added.
+
+        An output that shares its storage with an input (a view, an in-place result) allocated
+        nothing, also when the input was made before counting began (the user's sample).
+        """
+        given = {
+            t.untyped_storage()._cdata
+            for t in tree_flatten(inputs)[0]
+            if isinstance(t, torch.Tensor)
+        }
+        added = 0
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor):
+                storage = leaf.untyped_storage()
+                if storage._cdata not in given:
+                    added += self._track_storage(storage)
+        return added
+
     def reset_peak(self) -> None:
         """Set the peak to the bytes live now."""
         self.peak_bytes = self.live_bytes
@@ -103,13 +122,10 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        added = 0
-        for leaf in tree_flatten(out)[0]:
-            if isinstance(leaf, torch.Tensor):
-                added += self._track_storage(leaf.untyped_storage())
+        added = self._track_outputs(out, (args, kwargs))
         if self.cap_bytes is not None and self.live_bytes > self.cap_bytes:
             attempted = self.refused_bytes = self.live_bytes
-            # The new storages are freed when ``out`` goes away with this frame.
+            # Drop the new storages now: a traceback kept by the caller keeps this frame alive.
             del out
             raise torch.OutOfMemoryError(
                 f"{OOM_PREFIX}: you tried to allocate {added} bytes. maxbatch {self.label} device: "
