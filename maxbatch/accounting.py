@@ -55,6 +55,7 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         self.round_to = max(1, round_to)
         self.label = label
         self._sizes: dict[int, int] = {}
+        self._finalizers: dict[int, weakref.finalize[Any, Any]] = {}
         self._lock = threading.Lock()
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -67,6 +68,7 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
     def _forget(self, key: int) -> None:
         with self._lock:
             size = self._sizes.pop(key, None)
+            self._finalizers.pop(key, None)
             if size is not None:
                 self.live_bytes -= size
 
@@ -81,7 +83,7 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
             size = self._rounded(storage.nbytes())
             self._sizes[key] = size
             self.live_bytes += size
-        weakref.finalize(storage, self._forget, key)
+        self._finalizers[key] = weakref.finalize(storage, self._forget, key)
         return size
 
     def track(self, tensors: Iterable[Any]) -> None:
@@ -109,6 +111,20 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
                 if storage._cdata not in given:
                     added += self._track_storage(storage)
         return added
+
+    def close(self) -> None:
+        """Stop counting and detach every finalizer.
+
+        Storages that outlive the probe (the model's parameters) then no longer keep this
+        counter alive.
+        """
+        with self._lock:
+            finalizers = list(self._finalizers.values())
+            self._finalizers.clear()
+            self._sizes.clear()
+            self.live_bytes = 0
+        for fin in finalizers:
+            fin.detach()
 
     def reset_peak(self) -> None:
         """Set the peak to the bytes live now."""

@@ -216,6 +216,7 @@ def find_batch_size(
             raise
     finally:
         workload.reset(final=True)
+        meter.close()
         release_memory(dev, full=True)
     if not outcome.complete:
         notes.append(outcome.stop_reason)

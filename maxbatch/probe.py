@@ -6,9 +6,10 @@ unit tests and by real models on a device.
 Strategy:
 
 1. Run the start size (the user's own sample size). If it does not fit, halve until a size fits.
-2. With one success at ``b0`` peaking at ``p0``, and ``base`` bytes live before any trial, every
-   byte above ``base`` is at most per-sample, so ``b0 + (usable - p0) / ((p0 - base) / b0)`` is a
-   safe lower bound on the ceiling: jump there.
+2. With one success at ``b0`` peaking at ``p0``, and ``base`` bytes live through every step (the
+   parameters, buffers and optimizer state, measured after the trial), every byte above ``base``
+   is at most per-sample, so ``b0 + (usable - p0) / ((p0 - base) / b0)`` is a safe lower bound on
+   the ceiling: jump there.
 3. With two successes, fit ``peak(b) = fixed + per_sample * b`` through the two largest, predict
    the ceiling, run the prediction, then its neighbour to verify.
 4. Where the model misses, bisect inside the bracket that is left; without a usable model, double.
@@ -166,7 +167,8 @@ class _Search:
         """A size that fits if every byte above ``base`` of the largest success is per-sample."""
         assert self.lo is not None
         best = max((t for t in self.trials if t.fits), key=lambda t: t.batch_size)
-        per_sample = max(1.0, (best.peak_bytes - self.base) / best.batch_size)
+        fixed = max(self.base, max(t.state_bytes or 0 for t in self.trials))
+        per_sample = max(1.0, (best.peak_bytes - fixed) / best.batch_size)
         target = self.snap_down(best.batch_size + (self.usable - best.peak_bytes) / per_sample)
         return target if self.upper is None else min(target, self.upper)
 

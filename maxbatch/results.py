@@ -22,6 +22,8 @@ class Trial:
         oom: True when the trial ended with an out-of-memory error.
         reserved_bytes: CUDA only: peak bytes reserved by the caching allocator.
         alloc_retries: CUDA only: allocator retries (cache flushes) during the trial.
+        state_bytes: bytes of parameters, buffers and optimizer state on the device after the
+            steps (live through every step, so a lower bound on the fixed part of the peak).
     """
 
     batch_size: int
@@ -31,6 +33,7 @@ class Trial:
     oom: bool = False
     reserved_bytes: int | None = None
     alloc_retries: int | None = None
+    state_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the trial as a JSON-ready dict."""

@@ -55,6 +55,11 @@ class Meter:
         if self.counter is not None:
             self.counter.cap_bytes = usable_bytes
 
+    def close(self) -> None:
+        """Release the counter's hold on the model's storages."""
+        if self.counter is not None:
+            self.counter.close()
+
     def live_bytes(self, workload: Workload) -> int:
         """Bytes live on the device now (counting: the model's state plus anything counted)."""
         if self.counter is not None:
@@ -110,6 +115,7 @@ def run_trial(
     # Recovery happens here, outside the except block: no exception (and so no traceback holding
     # the failed batch's tensors) is alive any more.
     seconds = clock() - start
+    state = workload.state_bytes()
     if counter is not None:
         peak = max(counter.peak_bytes, counter.refused_bytes)
     else:
@@ -119,4 +125,4 @@ def run_trial(
     release_memory(meter.device)
     usable = meter.usable_bytes
     fits = not oom and (usable is None or peak <= usable)
-    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries)
+    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries, state)

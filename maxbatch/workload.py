@@ -199,11 +199,11 @@ class Workload:
 
     # -- state ----------------------------------------------------------------------------------
 
-    def state_tensors(self) -> Iterator[torch.Tensor]:
+    def state_tensors(self, *, grads: bool = True) -> Iterator[torch.Tensor]:
         """Every tensor the model and optimizer hold between steps."""
         for p in self.model.parameters():
             yield p
-            if p.grad is not None:
+            if grads and p.grad is not None:
                 yield p.grad
         yield from self.model.buffers()
         if self.optimizer is not None:
@@ -211,6 +211,15 @@ class Workload:
                 for v in state.values():
                     if isinstance(v, torch.Tensor):
                         yield v
+
+    def state_bytes(self) -> int:
+        """Bytes of parameters, buffers and optimizer state on the device (gradients excluded)."""
+        seen: dict[int, int] = {}
+        for t in self.state_tensors(grads=False):
+            if t.device == self.device or (t.device.type == self.device.type == "cpu"):
+                storage = t.untyped_storage()
+                seen[storage._cdata] = storage.nbytes()
+        return sum(seen.values())
 
     def save(self) -> None:
         """Copy everything a step changes to host memory (no copy is made on the device)."""

@@ -82,3 +82,14 @@ def test_hundred_oom_trials_leak_nothing() -> None:
         assert trial.oom and not trial.fits
         assert meter.live_bytes(work) == base
     work.reset(final=True)
+
+
+def test_probe_leaves_no_counter_alive() -> None:
+    from maxbatch import find_batch_size
+
+    model, sample = mlp()
+    before = {id(o) for o in gc.get_objects() if type(o) is MemoryCounter}
+    find_batch_size(model, sample, memory=200_000)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o) is MemoryCounter and id(o) not in before]
+    assert alive == []
