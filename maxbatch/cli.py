@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,15 +18,21 @@ from maxbatch.device import list_devices, resolve_device
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
-    DoesNotFitError,
     MaxbatchError,
     ModelFileError,
     WorkloadError,
 )
 from maxbatch.finder import find_batch_size
 from maxbatch.modelfile import load_model_file
-from maxbatch.report import devices_table, result_json, result_table, trial_line
-from maxbatch.results import Trial
+from maxbatch.report import (
+    devices_table,
+    point_line,
+    result_json,
+    result_markdown,
+    result_table,
+    trial_line,
+)
+from maxbatch.results import Throughput, Trial
 
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2
@@ -78,6 +85,26 @@ def main() -> None:
     help="[default: the file's optimizer(), else adamw]",
 )
 @click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
+@click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
+@click.option(
+    "--pick",
+    type=click.Choice(["within", "fastest"]),
+    default="within",
+    show_default=True,
+    help="within: smallest size within --tolerance of the best throughput; fastest: the best",
+)
+@click.option("--tolerance", type=float, default=0.03, show_default=True)
+@click.option("--dataset-size", type=int, default=None, help="samples per epoch (advice)")
+@click.option("--global-batch", type=int, default=None, help="wanted batch per optimizer step")
+@click.option("--base-batch", type=int, default=None, help="batch size BASE_LR was tuned at")
+@click.option("--base-lr", type=float, default=None, help="a tuned learning rate to scale")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="write report.json, report.md and PNG plots into this folder",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("-v", "--verbose", count=True, help="log each trial (-vv: debug)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
@@ -93,6 +120,14 @@ def probe(
     precision: str | None,
     optimizer: str | None,
     time_budget: float | None,
+    no_profile: bool,
+    pick: str,
+    tolerance: float,
+    dataset_size: int | None,
+    global_batch: int | None,
+    base_batch: int | None,
+    base_lr: float | None,
+    report_dir: str | None,
     as_json: bool,
     verbose: int,
     debug: bool,
@@ -105,10 +140,19 @@ def probe(
     spec.model.to(dev)
     count = 0
 
+    tty = sys.stderr.isatty()
+
     def progress(trial: Trial) -> None:
         nonlocal count
         count += 1
         click.echo(trial_line(count, trial), err=True)
+
+    def timed(point: Throughput) -> None:
+        # On a terminal the timing line rewrites itself; in a log, one line per size.
+        if tty:
+            click.echo("\r\033[K" + point_line(point), err=True, nl=False)
+        else:
+            click.echo(point_line(point), err=True)
 
     opt: Any = optimizer if optimizer is not None else spec.optimizer
     result = _run(
@@ -130,12 +174,61 @@ def probe(
             multiple_of=multiple_of,
             time_budget=time_budget,
             on_trial=progress,
+            profile=not no_profile,
+            pick=pick,
+            tolerance=tolerance,
+            on_point=timed,
+            dataset_size=dataset_size,
+            global_batch=global_batch,
+            base_batch=base_batch,
+            base_lr=base_lr,
         ),
     )
+    if tty and result.throughput:
+        click.echo("", err=True)
+    data = {**result.to_dict(), "model_file": model_file}
+    if report_dir is not None:
+        _run(debug, lambda: _write_report(data, Path(report_dir), model_file))
     if as_json:
-        click.echo(result_json(result, model_file=model_file))
+        click.echo(result_json(data))
     else:
-        click.echo(result_table(result, title=f"maxbatch probe {model_file}"))
+        click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
+
+
+def _write_report(data: dict[str, Any], out: Path, model_file: str) -> None:
+    from maxbatch.plots import write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")
+    images = write_plots(data, out)
+    markdown = result_markdown(data, title=f"maxbatch: {model_file}", images=bool(images))
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+    written = ", ".join(p.name for p in [out / "report.json", out / "report.md", *images])
+    click.echo(f"report written to {out}: {written}", err=True)
+
+
+@main.command()
+@click.argument("report_file", type=click.Path(dir_okay=False))
+@click.option("--markdown", is_flag=True, help="render as Markdown instead of text")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def report(report_file: str, markdown: bool, debug: bool) -> None:
+    """Render a saved report.json again."""
+    data = _run(debug, lambda: _load_report(report_file))
+    title = f"maxbatch: {data.get('model_file', report_file)}"
+    click.echo(result_markdown(data, title=title) if markdown else result_table(data, title=title))
+
+
+def _load_report(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from e
+    needed = {"ceiling", "batch_size", "trials", "device", "pick_reason"}
+    if not isinstance(data, dict) or not needed <= data.keys():
+        raise ConfigError(f"{path}: not a maxbatch report (needs the keys {sorted(needed)})")
+    return data
 
 
 @main.command()
@@ -147,6 +240,3 @@ def devices(as_json: bool) -> None:
         click.echo(json.dumps([d.to_dict() for d in found], indent=2))
     else:
         click.echo(devices_table(found))
-
-
-_ = (DoesNotFitError,)  # exit code 1, like every MaxbatchError that is not a usage error

@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 
+from maxbatch.advise import advise
 from maxbatch.batching import make_batch_fn
 from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.oom import release_memory
 from maxbatch.probe import search
-from maxbatch.results import BatchSizeResult, Trial
+from maxbatch.profiler import TOLERANCE, check_pick, profile_workload
+from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.trial import Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
 from maxbatch.workload import (
@@ -78,6 +80,14 @@ def find_batch_size(
     multiple_of: int = 1,
     time_budget: float | None = None,
     on_trial: Callable[[Trial], None] | None = None,
+    profile: bool = True,
+    pick: str = "within",
+    tolerance: float = TOLERANCE,
+    on_point: Callable[[Throughput], None] | None = None,
+    dataset_size: int | None = None,
+    global_batch: int | None = None,
+    base_batch: int | None = None,
+    base_lr: float | None = None,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -102,8 +112,20 @@ def find_batch_size(
         min_batch_size: the smallest size to try (default 1).
         max_batch_size: the largest size to try (default: no limit).
         multiple_of: only try multiples of this (e.g. 8).
-        time_budget: seconds; stop with the best verified size when spent.
+        time_budget: seconds for the probe and the profiler together; when spent, the probe
+            stops with the best verified size and the profiler with the sizes timed so far.
         on_trial: called with each :class:`~maxbatch.results.Trial` as it finishes.
+        profile: time the step below the ceiling and pick the batch size by throughput; False:
+            the pick is the ceiling.
+        pick: ``"within"`` (default): the smallest size within ``tolerance`` of the best
+            throughput measured; ``"fastest"``: the best outright.
+        tolerance: share of the best throughput the ``"within"`` pick may give up (default 3 %).
+        on_point: called with each :class:`~maxbatch.results.Throughput` as it is measured.
+        dataset_size: samples per epoch, for the iterations per epoch at the pick.
+        global_batch: the batch per optimizer step you want; the advice gives the micro-batch
+            and gradient-accumulation steps that reach it.
+        base_batch: the batch size ``base_lr`` was tuned at.
+        base_lr: a tuned learning rate, scaled to the pick (linear and square-root rules).
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -130,6 +152,14 @@ def find_batch_size(
     if cap == 0:
         raise ConfigError("memory=0 leaves no room for anything; give a size such as 300MiB")
     fixed_headroom = None if headroom is None else parse_bytes(headroom, name="headroom")
+    pick_rule = check_pick(pick, tolerance)
+    for name, value in (("dataset_size", dataset_size), ("global_batch", global_batch)):
+        _positive_int(value, name)
+    _positive_int(base_batch, "base_batch")
+    if base_lr is not None and (isinstance(base_lr, bool) or not float(base_lr) > 0):
+        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
+    if (base_batch is None) != (base_lr is None):
+        raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
 
     make_batch, sample_size = make_batch_fn(sample)
     here = _model_device(model)
@@ -214,14 +244,47 @@ def find_batch_size(
                     batch_size=e.batch_size,
                 ) from e.__cause__
             raise
+        chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
+        points: tuple[Throughput, ...] = ()
+        if profile:
+            left = None if time_budget is None else time_budget - (time.perf_counter() - started)
+            if left is not None and left <= 0:
+                reason = "the ceiling: the time budget was spent before any size could be timed"
+            else:
+                # Timed without the counter: its per-operator bookkeeping would skew the timings,
+                # and the sizes timed are at or below the verified ceiling.
+                prof = profile_workload(
+                    workload,
+                    outcome.ceiling,
+                    min_batch_size=lower,
+                    multiple_of=step,
+                    rule=pick_rule,
+                    tolerance=tolerance,
+                    budget=left,
+                    on_point=on_point,
+                )
+                chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
+                if not prof.complete:
+                    notes.append(f"profiler: {prof.stop_reason}")
     finally:
         workload.reset(final=True)
         meter.close()
         release_memory(dev, full=True)
     if not outcome.complete:
         notes.append(outcome.stop_reason)
+    advice = None
+    if dataset_size is not None or global_batch is not None or base_batch is not None:
+        advice = advise(
+            chosen,
+            outcome.ceiling,
+            dataset_size=dataset_size,
+            global_batch=global_batch,
+            base_batch=base_batch,
+            base_lr=base_lr,
+        ).to_dict()
+    peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
     return BatchSizeResult(
-        batch_size=outcome.ceiling,
+        batch_size=chosen,
         ceiling=outcome.ceiling,
         device=device_label(dev),
         device_name=info.name,
@@ -236,7 +299,10 @@ def find_batch_size(
         memory_model=outcome.memory_model,
         complete=outcome.complete,
         stop_reason=outcome.stop_reason,
-        pick_reason="the ceiling (the throughput profiler is not run yet)",
+        pick_reason=reason,
         notes=tuple(notes),
         seconds=time.perf_counter() - started,
+        throughput=tuple(points),
+        memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
+        advice=advice,
     )

@@ -1,13 +1,20 @@
-"""Rendering results for people (a terminal table) and machines (JSON); pure functions."""
+"""Rendering results: terminal text, Markdown and JSON, all pure functions of a result dict.
+
+They take the plain dict of ``BatchSizeResult.to_dict()`` (or a saved ``report.json``), so a saved
+result renders exactly as a fresh one.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from maxbatch.device import DeviceInfo
-from maxbatch.results import BatchSizeResult, Trial
+from maxbatch.results import Throughput, Trial
 from maxbatch.units import format_bytes
+
+Result = Mapping[str, Any]
 
 
 def trial_line(index: int, trial: Trial) -> str:
@@ -19,44 +26,123 @@ def trial_line(index: int, trial: Trial) -> str:
     )
 
 
-def result_json(result: BatchSizeResult, **extra: Any) -> str:
-    """The result as indented JSON (``to_dict()`` plus any extra keys)."""
-    data = result.to_dict()
-    data.update(extra)
-    return json.dumps(data, indent=2)
-
-
-def result_table(result: BatchSizeResult, *, title: str = "") -> str:
-    """The trials as a short table, then the answer."""
-    lines = [title] if title else []
-    cap = format_bytes(result.capacity_bytes)
-    kind = "virtual device" if result.virtual else "device"
-    lines.append(
-        f"{kind} {result.device} ({result.device_name}): capacity {cap}, headroom "
-        f"{format_bytes(result.headroom_bytes)}, usable {format_bytes(result.usable_bytes)}"
+def point_line(point: Throughput) -> str:
+    """One progress line for a timed batch size."""
+    noisy = ", noisy" if point.noisy else ""
+    return (
+        f"timed batch {point.batch_size}: {point.samples_per_second:,.1f} samples/s "
+        f"(median step {point.median_seconds * 1000:.1f} ms{noisy})"
     )
-    step = result.mode + (f", {result.precision}" if result.precision else "")
-    if result.optimizer:
-        step += f", {result.optimizer}"
-    lines.append(f"step: {step}")
-    lines.append("")
-    lines.append(f"{'batch':>10}  {'fits':<5} {'peak':>12}  {'seconds':>8}")
-    for t in result.trials:
+
+
+def result_json(result: Result, **extra: Any) -> str:
+    """The result as indented JSON, with any extra keys."""
+    return json.dumps({**result, **extra}, indent=2)
+
+
+def _header(r: Result) -> list[str]:
+    kind = "virtual device" if r["virtual"] else "device"
+    step = r["mode"] + (f", {r['precision']}" if r.get("precision") else "")
+    if r.get("optimizer"):
+        step += f", {r['optimizer']}"
+    return [
+        f"{kind} {r['device']} ({r['device_name']}): capacity {format_bytes(r['capacity_bytes'])}, "
+        f"headroom {format_bytes(r['headroom_bytes'])}, usable {format_bytes(r['usable_bytes'])}",
+        f"step: {step}",
+    ]
+
+
+def _rows(r: Result) -> tuple[list[list[str]], list[list[str]]]:
+    trials = [
+        [
+            str(t["batch_size"]),
+            "yes" if t["fits"] else "no",
+            format_bytes(t["peak_bytes"]),
+            f"{t['seconds']:.2f}",
+        ]
+        for t in r["trials"]
+    ]
+    points = [
+        [
+            str(p["batch_size"]),
+            f"{p['samples_per_second']:,.1f}",
+            f"{p['median_seconds'] * 1000:.2f}",
+            f"{p['iqr_seconds'] * 1000:.2f}" + (" (noisy)" if p["noisy"] else ""),
+        ]
+        for p in sorted(r.get("throughput") or [], key=lambda p: p["batch_size"])
+    ]
+    return trials, points
+
+
+def _summary(r: Result) -> list[str]:
+    lines = []
+    mm = r.get("memory_model")
+    if mm:
         lines.append(
-            f"{t.batch_size:>10}  {'yes' if t.fits else 'no':<5} "
-            f"{format_bytes(t.peak_bytes):>12}  {t.seconds:>8.2f}"
+            f"memory model: {format_bytes(mm['fixed_bytes'])} + "
+            f"{format_bytes(mm['bytes_per_sample'])} per sample"
         )
-    lines.append("")
-    if result.memory_model is not None:
-        mm = result.memory_model
-        lines.append(
-            f"memory model: {format_bytes(mm.fixed_bytes)} + {format_bytes(mm.bytes_per_sample)} "
-            "per sample"
-        )
-    lines.append(f"ceiling: {result.ceiling} ({result.stop_reason})")
-    lines.append(f"batch size: {result.batch_size} ({result.pick_reason})")
-    lines.extend(f"note: {n}" for n in result.notes)
-    lines.append(f"{len(result.trials)} trials in {result.seconds:.1f}s")
+    lines.append(f"ceiling: {r['ceiling']} ({r['stop_reason']})")
+    lines.append(f"batch size: {r['batch_size']} ({r['pick_reason']})")
+    advice = r.get("advice") or {}
+    lines.extend(f"advice: {n}" for n in advice.get("notes", ()))
+    lines.extend(f"note: {n}" for n in r.get("notes", ()))
+    return lines
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
+    return [
+        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *rows]
+    ]
+
+
+TRIAL_HEAD = ["batch", "fits", "peak", "seconds"]
+POINT_HEAD = ["batch", "samples/s", "median ms", "IQR ms"]
+
+
+def result_table(result: Result, *, title: str = "") -> str:
+    """The trials and timings as short tables, then the answer."""
+    trials, points = _rows(result)
+    lines = ([title] if title else []) + _header(result) + [""] + _table(TRIAL_HEAD, trials)
+    if points:
+        lines += [""] + _table(POINT_HEAD, points)
+    lines += [""] + _summary(result)
+    lines.append(
+        f"{len(result['trials'])} trials, {len(points)} sizes timed, {result['seconds']:.1f}s"
+    )
+    return "\n".join(lines)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(head) + " |",
+        "|" + "---:|" * len(head),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def result_markdown(result: Result, *, title: str = "maxbatch report", images: bool = False) -> str:
+    """The result as a Markdown report.
+
+    With ``images``, it links ``memory.png`` and ``throughput.png`` written beside it.
+    """
+    trials, points = _rows(result)
+    lines = [
+        f"# {title}",
+        "",
+        f"**Batch size: {result['batch_size']}** (ceiling {result['ceiling']})",
+        "",
+    ]
+    lines += [f"- {x}" for x in _header(result)] + [""]
+    lines += ["## Probe trials", ""] + _md_table(TRIAL_HEAD, trials) + [""]
+    if images:
+        lines += ["![peak memory against batch size](memory.png)", ""]
+    if points:
+        lines += ["## Throughput", ""] + _md_table(POINT_HEAD, points) + [""]
+        if images:
+            lines += ["![throughput against batch size](throughput.png)", ""]
+    lines += ["## Answer", ""] + [f"- {x}" for x in _summary(result)] + [""]
     return "\n".join(lines)
 
 

@@ -57,6 +57,43 @@ class MemoryModel:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryPoint:
+    """The measured peak bytes of a batch size that fit."""
+
+    batch_size: int
+    peak_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the point as a JSON-ready dict."""
+        return _asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """The measured speed of the step at one batch size.
+
+    Attributes:
+        batch_size: the batch size timed.
+        samples_per_second: ``batch_size / median_seconds``.
+        median_seconds: median seconds of one step over the replicates.
+        iqr_seconds: interquartile range of those seconds.
+        replicates: how many steps were timed.
+        noisy: True when ``iqr_seconds / median_seconds`` is above the noise threshold.
+    """
+
+    batch_size: int
+    samples_per_second: float
+    median_seconds: float
+    iqr_seconds: float
+    replicates: int
+    noisy: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the point as a JSON-ready dict."""
+        return _asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ProbeResult:
     """The verified ceiling and every trial that led to it.
 
@@ -109,6 +146,10 @@ class BatchSizeResult:
         pick_reason: why ``batch_size`` was picked.
         notes: things the user should know (defaults taken, budget hit).
         seconds: total wall time.
+        throughput: the timed sizes (empty when the profiler did not run).
+        memory: peak bytes of each size that fit in the probe, by batch size.
+        advice: what follows from the pick (accumulation plan, learning rates, epoch length),
+            as plain data, or None when no input for it was given.
     """
 
     batch_size: int
@@ -129,6 +170,9 @@ class BatchSizeResult:
     pick_reason: str
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    throughput: tuple[Throughput, ...] = ()
+    memory: tuple[MemoryPoint, ...] = ()
+    advice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""

@@ -147,3 +147,51 @@ def test_library_import_does_not_import_click() -> None:
     code = "import sys, maxbatch; print('click' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_report_files_and_rerender(tmp_path: Path) -> None:
+    out = tmp_path / "rep"
+    res = invoke(
+        "probe",
+        str(EXAMPLES / "mlp.py"),
+        "--memory",
+        "64MiB",
+        "--report",
+        str(out),
+        "--json",
+        "--dataset-size",
+        "10000",
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert {"throughput", "memory", "memory_model", "pick_reason"} <= data.keys()
+    assert data["throughput"] and data["batch_size"] <= data["ceiling"]
+    assert data["advice"]["iterations_per_epoch"] == -(-10000 // data["batch_size"])
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["ceiling"] == data["ceiling"] and saved["batch_size"] == data["batch_size"]
+    for png in ("memory.png", "throughput.png"):
+        blob = (out / png).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
+    md = (out / "report.md").read_text()
+    assert f"**Batch size: {data['batch_size']}**" in md and "(throughput.png)" in md
+    again = invoke("report", str(out / "report.json"))
+    assert again.exit_code == 0
+    assert f"batch size: {data['batch_size']} (" in again.stdout
+    assert "samples/s" in again.stdout
+    again_md = invoke("report", str(out / "report.json"), "--markdown")
+    assert again_md.stdout.startswith("# maxbatch: ")
+
+
+def test_report_of_a_bad_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "r.json"
+    bad.write_text('{"hello": 1}')
+    res = invoke("report", str(bad))
+    assert res.exit_code == 2 and "not a maxbatch report" in res.stderr
+    res = invoke("report", str(tmp_path / "missing.json"))
+    assert res.exit_code == 2 and "cannot read it" in res.stderr
+
+
+def test_no_profile_picks_the_ceiling() -> None:
+    res = invoke("probe", str(EXAMPLES / "mlp.py"), "--memory", "64MiB", "--no-profile", "--json")
+    data = json.loads(res.stdout)
+    assert data["batch_size"] == data["ceiling"] and data["throughput"] == []

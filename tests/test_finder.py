@@ -71,9 +71,10 @@ CAPS = {
 @pytest.mark.parametrize(("name", "cap"), [(n, c) for n, caps in CAPS.items() for c in caps])
 def test_ceiling_equals_brute_force(name: str, cap: int) -> None:
     model, sample = MODELS[name]()
-    result = find_batch_size(model, sample, memory=cap)
+    result = find_batch_size(model, sample, memory=cap, profile=False)
     assert result.ceiling == brute_force(name, cap)
     assert result.batch_size == result.ceiling
+    assert result.throughput == ()
     tried = {t.batch_size: t.fits for t in result.trials}
     assert tried[result.ceiling] and tried[result.ceiling + 1] is False
     assert result.virtual and result.capacity_bytes == cap and result.headroom_bytes == 0
@@ -90,7 +91,9 @@ def test_ceiling_equals_brute_force(name: str, cap: int) -> None:
 )
 def test_multiple_of_and_max_batch_size(name: str, cap: int, m: int, upper: int | None) -> None:
     model, sample = MODELS[name]()
-    result = find_batch_size(model, sample, memory=cap, multiple_of=m, max_batch_size=upper)
+    result = find_batch_size(
+        model, sample, memory=cap, multiple_of=m, max_batch_size=upper, profile=False
+    )
     assert result.ceiling == brute_force(name, cap, m=m, upper=upper)
     assert result.ceiling % m == 0
     assert all(t.batch_size % m == 0 for t in result.trials)
@@ -288,3 +291,36 @@ def test_bad_options_are_rejected_before_any_trial(kwargs: dict, match: str) -> 
     with pytest.raises((ConfigError, DeviceError), match=match):
         find_batch_size(model, sample, on_trial=calls.append, **options)
     assert calls == []
+
+
+def test_profiler_picks_at_or_below_the_ceiling_and_reports_curves() -> None:
+    model, sample, opt = _trained_cnn()
+    before = _state(model, opt)
+    result = find_batch_size(
+        model,
+        sample,
+        optimizer=opt,
+        memory=3_500_000,
+        dataset_size=1000,
+        global_batch=256,
+        base_batch=32,
+        base_lr=0.1,
+    )
+    _assert_same(before, _state(model, opt))  # timing steps leave no trace either
+    assert 1 <= result.batch_size <= result.ceiling
+    timed = {p.batch_size for p in result.throughput}
+    assert result.batch_size in timed and max(timed) <= result.ceiling
+    assert all(p.samples_per_second > 0 and p.replicates >= 3 for p in result.throughput)
+    assert result.pick_reason
+    assert [m.batch_size for m in result.memory] == sorted(
+        {t.batch_size for t in result.trials if t.fits}
+    )
+    data = result.to_dict()
+    assert {"throughput", "memory", "memory_model", "pick_reason", "advice"} <= data.keys()
+    assert data["memory_model"]["bytes_per_sample"] > 0
+    plan = data["advice"]["accumulation"]
+    assert (
+        plan["micro_batch"] * plan["accumulation_steps"] == 256
+        and plan["micro_batch"] <= result.ceiling
+    )
+    assert data["advice"]["learning_rates"]["linear"] > 0.1

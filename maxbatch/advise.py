@@ -1,0 +1,218 @@
+"""What follows from a batch size: gradient accumulation, learning-rate scaling, epoch length.
+
+Pure arithmetic: nothing here touches a model or a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from maxbatch.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumulationPlan:
+    """Micro-batches that add up to a global batch.
+
+    Attributes:
+        global_batch: the global batch asked for.
+        micro_batch: samples per forward/backward (at most the ceiling).
+        accumulation_steps: micro-batches per optimizer step.
+        effective_batch: ``micro_batch * accumulation_steps``.
+        exact: True when ``effective_batch == global_batch``.
+        note: the plan in words, with the difference when it is not exact.
+    """
+
+    global_batch: int
+    micro_batch: int
+    accumulation_steps: int
+    effective_batch: int
+    exact: bool
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the plan as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRates:
+    """A learning rate tuned at ``base_batch``, scaled to ``batch``.
+
+    Attributes:
+        base_lr: the tuned learning rate.
+        base_batch: the batch size it was tuned at.
+        batch: the batch size to scale to.
+        linear: ``base_lr * batch / base_batch``: the linear scaling rule for SGD (Goyal et al.,
+            2017, "Accurate, Large Minibatch SGD"), usually with a warm-up.
+        square_root: ``base_lr * sqrt(batch / base_batch)``: the square-root rule for Adam-family
+            optimizers (Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive
+            Gradient Algorithms").
+    """
+
+    base_lr: float
+    base_batch: int
+    batch: int
+    linear: float
+    square_root: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the values as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Advice:
+    """What follows from the picked batch size.
+
+    Attributes:
+        batch_size: the batch size per step (the pick).
+        ceiling: the largest batch size that fits.
+        effective_batch: samples per optimizer step (the accumulation plan's, else
+            ``batch_size``).
+        iterations_per_epoch: optimizer steps per epoch, when the dataset size is known.
+        accumulation: the plan for a global batch, when one was asked for.
+        learning_rates: the scaled learning rates, when a base was given.
+        notes: the advice in words.
+    """
+
+    batch_size: int
+    ceiling: int
+    effective_batch: int
+    iterations_per_epoch: int | None = None
+    accumulation: AccumulationPlan | None = None
+    learning_rates: LearningRates | None = None
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the advice as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def iterations_per_epoch(dataset_size: int, batch_size: int, *, drop_last: bool = False) -> int:
+    """Steps in one pass over ``dataset_size`` samples (a last partial batch counts unless dropped).
+
+    Raises:
+        ConfigError: a size is not a positive integer.
+    """
+    n, b = _positive(dataset_size, "dataset_size"), _positive(batch_size, "batch_size")
+    return n // b if drop_last else -(-n // b)
+
+
+def accumulation_plan(global_batch: int, ceiling: int, pick: int | None = None) -> AccumulationPlan:
+    """Split ``global_batch`` into equal micro-batches of at most ``ceiling`` samples.
+
+    The plan takes the fewest accumulation steps that split ``global_batch`` exactly. When every
+    exact split needs more than twice the fewest steps that could hold it (a prime global batch,
+    say), it takes those fewest steps with the micro-batch that comes nearest, and states the
+    difference and the exact alternative.
+
+    Args:
+        global_batch: samples per optimizer step wanted.
+        ceiling: the largest micro-batch that fits.
+        pick: the batch size picked for throughput; the note says when the micro-batch is
+            smaller (and so likely slower per sample).
+
+    Raises:
+        ConfigError: a size is not a positive integer, or ``pick`` is above ``ceiling``.
+    """
+    g, c = _positive(global_batch, "global_batch"), _positive(ceiling, "ceiling")
+    if pick is not None and _positive(pick, "pick") > c:
+        raise ConfigError(f"pick={pick} is larger than the ceiling {c}")
+    fewest = -(-g // c)
+    # The smallest divisor of g that is at least ``fewest``, from the divisor pairs (d, g // d).
+    divisors = {d for i in range(1, math.isqrt(g) + 1) if g % i == 0 for d in (i, g // i)}
+    exact_steps = min(d for d in divisors if d >= fewest)
+    if exact_steps <= 2 * fewest:
+        steps, micro = exact_steps, g // exact_steps
+        note = (
+            f"{g} fits in one step; no accumulation is needed"
+            if steps == 1
+            else f"{steps} accumulation steps of {micro} samples make exactly {g}"
+        )
+    else:
+        steps, micro = fewest, round(g / fewest)
+        note = (
+            f"{steps} accumulation steps of {micro} samples make {steps * micro} "
+            f"({steps * micro - g:+d} against {g}); exactly {g} takes {exact_steps} steps of "
+            f"{g // exact_steps}"
+        )
+    if pick is not None and micro < pick:
+        note += f"; the micro-batch is below the picked {pick}, so expect lower throughput"
+    return AccumulationPlan(g, micro, steps, micro * steps, micro * steps == g, note)
+
+
+def scale_lr(base_lr: float, base_batch: int, new_batch: int) -> LearningRates:
+    """Scale a learning rate tuned at ``base_batch`` to ``new_batch``: linear and square root.
+
+    Raises:
+        ConfigError: ``base_lr`` is not a positive number or a batch is not a positive integer.
+    """
+    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)):
+        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
+    if not (math.isfinite(base_lr) and base_lr > 0):
+        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
+    ratio = _positive(new_batch, "new_batch") / _positive(base_batch, "base_batch")
+    return LearningRates(
+        float(base_lr), base_batch, new_batch, base_lr * ratio, base_lr * math.sqrt(ratio)
+    )
+
+
+def advise(
+    batch_size: int,
+    ceiling: int,
+    *,
+    dataset_size: int | None = None,
+    global_batch: int | None = None,
+    base_batch: int | None = None,
+    base_lr: float | None = None,
+) -> Advice:
+    """Everything that follows from ``batch_size``: accumulation, learning rates, epoch length.
+
+    Args:
+        batch_size: the picked batch size.
+        ceiling: the largest batch size that fits.
+        dataset_size: samples in the training set, for the steps per epoch.
+        global_batch: the batch per optimizer step wanted (e.g. a paper's), reached by gradient
+            accumulation when it is above the ceiling.
+        base_batch: the batch size ``base_lr`` was tuned at.
+        base_lr: a tuned learning rate, scaled to the effective batch.
+
+    Raises:
+        ConfigError: a value is invalid, or only one of ``base_batch`` and ``base_lr`` is given.
+    """
+    b, c = _positive(batch_size, "batch_size"), _positive(ceiling, "ceiling")
+    if b > c:
+        raise ConfigError(f"batch_size={b} is larger than the ceiling {c}")
+    if (base_batch is None) != (base_lr is None):
+        missing = "base_lr" if base_lr is None else "base_batch"
+        raise ConfigError(f"scaling a learning rate needs base_batch and base_lr; give {missing}")
+    notes: list[str] = []
+    plan = None if global_batch is None else accumulation_plan(global_batch, c, b)
+    effective = b if plan is None else plan.effective_batch
+    if plan is not None:
+        notes.append(plan.note)
+    iterations = None
+    if dataset_size is not None:
+        iterations = iterations_per_epoch(dataset_size, effective)
+        partial = dataset_size % effective
+        notes.append(
+            f"an epoch of {dataset_size} samples is {iterations} optimizer steps of {effective}"
+            + (f" (the last one {partial} samples)" if partial else "")
+        )
+    rates = None
+    if base_batch is not None and base_lr is not None:
+        rates = scale_lr(base_lr, base_batch, effective)
+        notes.append(
+            f"learning rate for batch {effective} (tuned {base_lr:g} at {base_batch}): "
+            f"{rates.linear:.3g} linear (SGD), {rates.square_root:.3g} square root (Adam family)"
+        )
+    return Advice(b, c, effective, iterations, plan, rates, tuple(notes))

@@ -1,0 +1,391 @@
+"""The throughput profiler: candidates, the search with a fake curve and clock, the pick, and the
+real step timed on the CPU."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.profiler import (
+    PickRule,
+    Throughput,
+    candidates,
+    check_pick,
+    measurement,
+    pick,
+    profile,
+    profile_workload,
+    time_workload,
+)
+from maxbatch.workload import Workload
+
+
+def rising(b: int) -> float:
+    """Samples/s of a step with a fixed cost: it rises all the way to the ceiling."""
+    return 1000 * b / (b + 200)
+
+
+def flat(b: int) -> float:
+    """Saturates early: above ~256 every size is within 3 % of the best."""
+    return 1000 * b / (b + 10)
+
+
+def peaked(b: int) -> float:
+    """Rises, peaks near 128-256, then falls (cache or allocator pressure)."""
+    return 1000 * b / (b + 50) * math.exp(-b / 800)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeStep:
+    """Five replicates of ``b / curve(b)`` seconds; the clock moves by 7 steps (2 warm-up)."""
+
+    def __init__(
+        self, curve: Callable[[int], float], clock: FakeClock, oom_from: int | None = None
+    ):
+        self.curve, self.clock, self.oom_from = curve, clock, oom_from
+        self.calls: list[int] = []
+
+    def __call__(self, b: int) -> list[float]:
+        self.calls.append(b)
+        seconds = b / self.curve(b)
+        self.clock.now += 7 * seconds
+        if self.oom_from is not None and b >= self.oom_from:
+            return []
+        return [seconds * 0.99, seconds, seconds, seconds, seconds * 1.01]
+
+
+def run(curve: Callable[[int], float], ceiling: int, low: int, **kw: object) -> tuple:
+    clock = FakeClock()
+    step = FakeStep(curve, clock, kw.pop("oom_from", None))  # type: ignore[arg-type]
+    result = profile(step, candidates(ceiling, min_batch_size=low), clock=clock, **kw)  # type: ignore[arg-type]
+    return result, step.calls, clock.now
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "low", "multiple", "expected"),
+    [
+        (1, 1, 1, [1]),
+        (100, 1, 1, [1, 2, 4, 8, 16, 32, 64, 80, 88, 96, 100]),
+        (100, 20, 1, [20, 32, 64, 80, 88, 96, 100]),
+        (99, 1, 3, [3, 6, 12, 24, 48, 96, 99]),
+        (384, 16, 1, [16, 32, 64, 128, 256, *range(288, 385, 8)]),
+        (384, 1, 8, [8, 16, 32, 64, 128, 256, *range(288, 385, 8)]),
+        # Near a larger ceiling the multiples of 8 are thinned to multiples of 64 (at most 16).
+        (2619, 32, 1, [32, 64, 128, 256, 512, 1024, *range(1984, 2619, 64), 2619]),
+        (30, 1, 4, [4, 8, 16, 24, 28]),
+    ],
+)
+def test_candidates(ceiling: int, low: int, multiple: int, expected: list[int]) -> None:
+    sizes = candidates(ceiling, min_batch_size=low, multiple_of=multiple)
+    assert sizes == expected
+    assert sizes == sorted(set(sizes))
+    assert all(low <= b <= ceiling and b % multiple == 0 for b in sizes)
+
+
+@pytest.mark.parametrize("ceiling", [7, 64, 359, 1000, 4097, 100_000, 1_000_003])
+def test_candidates_stay_few_and_include_the_ceiling(ceiling: int) -> None:
+    sizes = candidates(ceiling)
+    assert sizes[-1] == ceiling and sizes[0] == 1
+    near = [b for b in sizes if b >= 0.75 * ceiling and b & (b - 1)]  # not powers of two
+    assert len(near) <= 17
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"ceiling": 0}, "ceiling=0 must be a positive integer"),
+        ({"ceiling": 10, "multiple_of": 0}, "multiple_of=0"),
+        ({"ceiling": 10, "min_batch_size": True}, "min_batch_size=True"),
+        ({"ceiling": 10, "min_batch_size": 11}, r"no multiple of 1 lies in \[11, 10\]"),
+        ({"ceiling": 39, "min_batch_size": 37, "multiple_of": 8}, "no multiple of 8"),
+    ],
+)
+def test_candidates_reject_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        candidates(**kwargs)
+
+
+# -- the search --------------------------------------------------------------------------------
+
+SEARCHES = [
+    # curve, ceiling, smallest, rule, sizes timed in order, pick
+    (rising, 2619, 32, "within", [32, 128, 512, 2619, 1024], 2619),
+    (rising, 2619, 32, "fastest", [32, 128, 512, 2619, 1024], 2619),
+    (rising, 384, 16, "within", [16, 64, 384, 128], 384),
+    (flat, 2619, 32, "within", [32, 128, 512, 2619, 256], 512),
+    (flat, 2619, 32, "fastest", [32, 128, 512, 2619, 1024], 2619),
+    (flat, 384, 16, "within", [16, 64, 384, 128, 256], 256),
+    (peaked, 2619, 32, "within", [32, 128, 512, 64], 128),
+    (peaked, 2619, 32, "fastest", [32, 128, 512, 256], 128),
+    (peaked, 384, 16, "fastest", [16, 64, 384, 128, 256], 128),
+]
+
+
+@pytest.mark.parametrize(("curve", "ceiling", "low", "rule", "timed", "chosen"), SEARCHES)
+def test_search_times_few_sizes_and_picks_well(
+    curve: Callable[[int], float],
+    ceiling: int,
+    low: int,
+    rule: str,
+    timed: list[int],
+    chosen: int,
+) -> None:
+    result, calls, spent = run(curve, ceiling, low, rule=rule)
+    assert calls == timed
+    assert result.batch_size == chosen
+    assert [p.batch_size for p in result.points] == sorted(timed)
+    assert result.complete and result.out_of_memory == ()
+    # The benchmark's targets, on these curves: a pick within 3 % of the best candidate (exactly
+    # the best for "fastest"), for a fifth of the time that timing every candidate takes.
+    sizes = candidates(ceiling, min_batch_size=low)
+    best = max(curve(b) for b in sizes)
+    assert curve(chosen) >= (0.97 if rule == "within" else 1.0) * best
+    sweep = sum(7 * b / curve(b) for b in sizes)
+    assert spent <= 0.25 * sweep
+
+
+def test_search_respects_the_time_budget() -> None:
+    result, calls, spent = run(rising, 2619, 32, budget=15.0)
+    # 32 and 128 take 3.9 s; 512 is predicted (in proportion to 128) at 9.2 s and takes 5.0 s;
+    # 2619 is predicted at 25.5 s, more than the 6.1 s left.
+    assert calls == [32, 128, 512]
+    assert spent <= 15.0
+    assert result.batch_size == 512
+    assert not result.complete
+    assert "time budget (15 s) has no room left for batch size 2619" in result.stop_reason
+
+
+def test_nothing_timed_within_a_zero_budget_picks_the_ceiling() -> None:
+    result, calls, _ = run(rising, 384, 16, budget=0.0)
+    assert calls == []
+    assert result.points == () and result.batch_size == 384
+    assert result.pick_reason.startswith("the ceiling: no size could be timed")
+
+
+def test_sizes_that_run_out_of_memory_end_the_climb_and_bound_the_rest() -> None:
+    result, calls, _ = run(rising, 2619, 32, oom_from=2000, rule="fastest")
+    assert calls[:4] == [32, 128, 512, 2619]
+    assert all(b < 2000 for b in calls[4:])
+    assert result.out_of_memory == (2619,)
+    assert "batch size 2619 ran out of memory while being timed" in result.stop_reason
+    assert result.batch_size < 2000
+
+
+def test_on_point_sees_each_size_as_it_is_timed() -> None:
+    seen: list[int] = []
+    result, calls, _ = run(peaked, 384, 16, on_point=lambda p: seen.append(p.batch_size))
+    assert seen == calls
+    assert len(result.candidates) == 18
+
+
+def test_a_noisy_size_is_timed_once_more_with_its_replicates_pooled() -> None:
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def step(b: int) -> list[float]:
+        calls.append(b)
+        clock.now += 1.0
+        steady = b / flat(b)
+        if b == 64 and calls.count(64) == 1:  # a neighbour's job got in the way twice
+            return [steady, steady, 3 * steady, steady, 4 * steady]
+        return [steady] * 5
+
+    result = profile(step, [16, 64], clock=clock)
+    assert calls == [16, 64, 64]
+    (point,) = [p for p in result.points if p.batch_size == 64]
+    assert point.replicates == 10
+    assert point.median_seconds == pytest.approx(64 / flat(64))
+    assert not point.noisy
+
+
+def test_search_rejects_bad_options_before_timing() -> None:
+    with pytest.raises(ConfigError, match="pick='best' is not valid; choose one of"):
+        profile(lambda b: pytest.fail("timed"), [1, 2], rule="best")
+    with pytest.raises(ConfigError, match="no candidate"):
+        profile(lambda b: [1.0], [])
+
+
+# -- measurement and the pick ------------------------------------------------------------------
+
+
+def test_measurement_takes_median_and_iqr() -> None:
+    point = measurement(64, [0.5, 0.1, 0.2, 0.3, 0.4])
+    assert point.median_seconds == pytest.approx(0.3)
+    assert point.iqr_seconds == pytest.approx(0.2)
+    assert point.samples_per_second == pytest.approx(64 / 0.3)
+    assert point.replicates == 5 and point.noisy
+    steady = measurement(64, [0.30, 0.30, 0.31, 0.30, 0.29])
+    assert not steady.noisy
+    assert steady.to_dict()["batch_size"] == 64
+
+
+def points(*rates: tuple[int, float], noisy: int | None = None) -> list[Throughput]:
+    return [
+        Throughput(b, r, b / r, 0.2 * b / r if b == noisy else 0.0, 5, b == noisy) for b, r in rates
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rates", "rule", "tolerance", "chosen", "reason"),
+    [
+        (
+            [(64, 900.0), (128, 980.0), (256, 1000.0)],
+            "within",
+            0.03,
+            128,
+            "the smallest size within 3% of the fastest: 98.0% of the 1,000.0 samples/s of "
+            "batch size 256",
+        ),
+        (
+            [(64, 900.0), (128, 960.0), (256, 1000.0)],
+            "within",
+            0.03,
+            256,
+            "the fastest of the 3 sizes timed (1,000.0 samples/s); no smaller size was within 3%",
+        ),
+        ([(64, 900.0), (128, 980.0), (256, 1000.0)], "fastest", 0.03, 256, "the fastest of"),
+        ([(64, 900.0), (128, 980.0), (256, 1000.0)], "within", 0.1, 64, "within 10% of the"),
+        ([(64, 900.0), (128, 980.0), (256, 1000.0)], "within", 0.025, 128, "within 2.5% of"),
+        ([(64, 1000.0), (128, 1000.0)], "fastest", 0.0, 64, "the fastest"),
+        ([(64, 500.0), (128, 1000.0), (256, 990.0)], PickRule.WITHIN, 0.03, 128, "fastest"),
+    ],
+)
+def test_pick(
+    rates: list[tuple[int, float]], rule: str, tolerance: float, chosen: int, reason: str
+) -> None:
+    batch_size, why = pick(points(*rates), rule=rule, tolerance=tolerance)
+    assert batch_size == chosen
+    assert reason in why
+
+
+def test_pick_says_when_its_timing_is_noisy() -> None:
+    _, why = pick(points((64, 900.0), (128, 1000.0), noisy=128))
+    assert why.endswith("; its timing is noisy (IQR 20% of the median)")
+
+
+@pytest.mark.parametrize(
+    ("rule", "tolerance", "match"),
+    [
+        ("best", 0.03, "pick='best' is not valid; choose one of: within, fastest"),
+        ("within", 1.0, "tolerance=1.0 must be a number in"),
+        ("within", -0.1, "tolerance=-0.1"),
+        ("within", "3%", "tolerance='3%'"),
+    ],
+)
+def test_bad_pick_options(rule: str, tolerance: float, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        check_pick(rule, tolerance)
+    with pytest.raises(ConfigError, match=match):
+        pick(points((1, 1.0)), rule=rule, tolerance=tolerance)
+
+
+def test_pick_needs_points() -> None:
+    with pytest.raises(ValueError, match="nothing to pick from"):
+        pick([])
+
+
+def test_check_pick_accepts_any_case() -> None:
+    assert check_pick("Fastest", 0.0) is PickRule.FASTEST
+    assert check_pick(PickRule.WITHIN, 0.5) is PickRule.WITHIN
+
+
+# -- the real step on the CPU ------------------------------------------------------------------
+
+
+def mlp_workload(seed: int = 0) -> Workload:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Linear(64, 4)
+    )
+    optimizer = torch.optim.AdamW(model.parameters())
+    # One real step first, so the optimizer holds moments that must survive the profiler.
+    model(torch.randn(8, 32)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return Workload(model, lambda b: torch.randn(b, 32), torch.device("cpu"), optimizer=optimizer)
+
+
+def state(workload: Workload) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in workload.state_tensors()]
+
+
+def test_profile_of_a_real_step_is_sensible_and_leaves_state_bit_identical() -> None:
+    workload = mlp_workload()
+    workload.save()
+    before = state(workload)
+    rng = torch.get_rng_state()
+    result = profile_workload(workload, 96, min_batch_size=2, warmup=1, replicates=3)
+    after = state(workload)
+    assert len(after) == len(before)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in workload.model.parameters())
+    assert result.points and result.batch_size in result.candidates
+    assert result.candidates == tuple(candidates(96, min_batch_size=2))
+    for p in result.points:
+        # A noisy size is timed a second time, its replicates pooled.
+        assert p.replicates in (3, 6) and p.median_seconds > 0 and p.iqr_seconds >= 0
+        assert p.samples_per_second == pytest.approx(p.batch_size / p.median_seconds)
+    assert result.seconds > 0 and result.pick_reason
+
+
+def test_time_workload_synchronises_around_every_clock_read(monkeypatch) -> None:
+    import maxbatch.profiler as profiler
+
+    events: list[str] = []
+    monkeypatch.setattr(profiler, "synchronize", lambda device: events.append("sync"))
+    workload = mlp_workload()
+    workload.save()
+
+    def clock() -> float:
+        events.append("clock")
+        return float(len(events))
+
+    seconds = time_workload(workload, 8, warmup=2, replicates=4, clock=clock)
+    assert len(seconds) == 4
+    assert events == ["sync", "clock", "sync", "clock"] * 4
+
+
+def test_time_workload_reports_oom_as_empty_and_resets(monkeypatch) -> None:
+    workload = mlp_workload()
+    workload.save()
+    weight = workload.model[0].weight.detach().clone()
+    real_step = workload.step
+
+    def step(batch: torch.Tensor) -> None:
+        real_step(batch)  # moves the weights, which the reset must undo
+        if batch.shape[0] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(workload, "step", step)
+    assert time_workload(workload, 32, warmup=1, replicates=2) == []
+    assert torch.equal(workload.model[0].weight, weight)
+    assert len(time_workload(workload, 16, warmup=1, replicates=2)) == 2
+
+
+def test_time_workload_wraps_other_errors(monkeypatch) -> None:
+    workload = mlp_workload()
+    workload.save()
+
+    def step(batch: torch.Tensor) -> None:
+        raise ValueError("shapes do not match")
+
+    monkeypatch.setattr(workload, "step", step)
+    with pytest.raises(WorkloadError, match="while timing batch size 8: ValueError") as info:
+        time_workload(workload, 8)
+    assert info.value.batch_size == 8
+    assert isinstance(info.value.__cause__, ValueError)
