@@ -8,6 +8,7 @@ from maxbatch.errors import (
     ModelFileError,
     WorkloadError,
 )
+from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
 
@@ -16,12 +17,15 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "DoesNotFitError",
+    "Estimate",
+    "EstimateError",
     "MaxbatchError",
     "MemoryModel",
     "ModelFileError",
     "ProbeResult",
     "Trial",
     "WorkloadError",
+    "estimate_batch_size",
     "find_batch_size",
 ]
 

@@ -22,10 +22,13 @@ from maxbatch.errors import (
     ModelFileError,
     WorkloadError,
 )
+from maxbatch.estimate import estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.modelfile import load_model_file
 from maxbatch.report import (
     devices_table,
+    estimate_json,
+    estimate_table,
     point_line,
     result_json,
     result_markdown,
@@ -229,6 +232,85 @@ def _load_report(path: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not needed <= data.keys():
         raise ConfigError(f"{path}: not a maxbatch report (needs the keys {sorted(needed)})")
     return data
+
+
+@main.command()
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--memory", default=None, help="capacities: 24GiB, or several: 16GiB,24GiB,80GiB")
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="cpu: count as the virtual device; cuda: 512 B rounding, a CUDA context reserve",
+)
+@click.option("--headroom", default=None, help="bytes kept free [default: 0 for cpu, 5%% for cuda]")
+@click.option("--min-batch", type=int, default=None, help="smallest batch size to try")
+@click.option("--max-batch", type=int, default=None, help="largest batch size to try")
+@click.option("--multiple-of", type=int, default=1, show_default=True, help="batch granularity")
+@click.option("--batch-size", "batch_sizes", type=int, multiple=True, help="also its peak (repeat)")
+@click.option("--inference", is_flag=True, help="estimate a forward pass under inference_mode")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["adamw", "adam", "sgd", "none"]),
+    default=None,
+    help="[default: the file's optimizer(), else adamw]",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the estimate as JSON")
+@click.option("-v", "--verbose", count=True, help="log each fake trial (-vv: debug)")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def estimate(
+    model_file: str,
+    memory: str | None,
+    target: str,
+    headroom: str | None,
+    min_batch: int | None,
+    max_batch: int | None,
+    multiple_of: int,
+    batch_sizes: tuple[int, ...],
+    inference: bool,
+    precision: str | None,
+    optimizer: str | None,
+    as_json: bool,
+    verbose: int,
+    debug: bool,
+) -> None:
+    """Estimate peak memory and ceilings without running the step (fake tensors).
+
+    For devices you do not have: nothing is computed and no memory is used, whatever the batch
+    size. A model whose build_model() builds it under torch.device("meta") is never allocated.
+    """
+    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
+    spec = _run(debug, lambda: load_model_file(model_file))
+    opt: Any = optimizer if optimizer is not None else spec.optimizer
+    result = _run(
+        debug,
+        lambda: estimate_batch_size(
+            spec.model,
+            spec.make_batch if spec.make_batch is not None else spec.sample,
+            memory=memory,
+            headroom=headroom,
+            target=target,
+            optimizer=opt,
+            loss_fn=spec.loss,
+            forward_fn=spec.forward,
+            train_step=spec.train_step,
+            mode="inference" if inference else "train",
+            precision=precision,
+            min_batch_size=min_batch,
+            max_batch_size=max_batch,
+            multiple_of=multiple_of,
+            batch_sizes=batch_sizes,
+        ),
+    )
+    if as_json:
+        click.echo(estimate_json(result, model_file=model_file))
+    else:
+        click.echo(estimate_table(result, title=f"maxbatch estimate {model_file}"))
+    if result.capacities and all(row.ceiling is None for row in result.capacities):
+        sys.exit(EXIT_NO_ANSWER)
 
 
 @main.command()

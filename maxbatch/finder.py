@@ -13,6 +13,7 @@ from maxbatch.advise import advise
 from maxbatch.batching import make_batch_fn
 from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.estimate import first_guess
 from maxbatch.oom import release_memory
 from maxbatch.probe import search
 from maxbatch.profiler import TOLERANCE, check_pick, profile_workload
@@ -88,6 +89,7 @@ def find_batch_size(
     global_batch: int | None = None,
     base_batch: int | None = None,
     base_lr: float | None = None,
+    estimate_first: bool = True,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -126,6 +128,9 @@ def find_batch_size(
             and gradient-accumulation steps that reach it.
         base_batch: the batch size ``base_lr`` was tuned at.
         base_lr: a tuned learning rate, scaled to the pick (linear and square-root rules).
+        estimate_first: start from the ceiling that the step predicts on fake tensors
+            (:mod:`maxbatch.estimate`), so that a right prediction needs two verifying trials;
+            skipped where the step cannot run on fake tensors.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -224,6 +229,17 @@ def find_batch_size(
         lower = min_b or 1
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
+        guess = None
+        if estimate_first:
+            guess = first_guess(
+                workload,
+                sample,
+                usable,
+                start=start,
+                min_batch_size=lower,
+                max_batch_size=max_b,
+                multiple_of=step,
+            )
         try:
             outcome = search(
                 lambda b: run_trial(workload, meter, b),
@@ -235,6 +251,7 @@ def find_batch_size(
                 multiple_of=step,
                 time_budget=time_budget,
                 on_trial=on_trial,
+                first_guess=guess,
             )
         except WorkloadError as e:
             if e.batch_size is not None and e.batch_size < start:

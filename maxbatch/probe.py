@@ -191,6 +191,7 @@ def search(
     time_budget: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     on_trial: Callable[[Trial], None] | None = None,
+    first_guess: int | None = None,
 ) -> SearchOutcome:
     """Find the largest batch size on the grid whose trial fits.
 
@@ -205,6 +206,9 @@ def search(
         time_budget: seconds after which the search stops with the best verified size.
         clock: time source (seconds).
         on_trial: called after every trial.
+        first_guess: a predicted ceiling (the fake-tensor estimate's) above ``start``: it is run
+            first, then its neighbour (above if it fit, below if not), so that a right guess
+            takes two trials; a wrong one falls back to the search from ``start``.
 
     Raises:
         DoesNotFitError: the smallest size does not fit.
@@ -234,7 +238,15 @@ def search(
     b = s.snap_down(start)
     if upper is not None:
         b = min(b, upper)
-    while not s.run(b).fits:
+    settled = False
+    if first_guess is not None:
+        g = s.snap_down(first_guess) if upper is None else min(s.snap_down(first_guess), upper)
+        if g > b:
+            if s.run(g).fits:
+                s.guess, settled = g, True  # next_size() verifies it from above
+            elif g - m > b and s.run(g - m).fits:
+                settled = True  # a near miss: its neighbour below fits
+    while not settled and not s.run(b).fits:
         if b == lower:
             t = s.trials[-1]
             raise DoesNotFitError(
@@ -265,6 +277,10 @@ def search(
             break
         s.run(s.next_size())
     assert s.lo is not None
+    if settled and fit_memory_model(s.trials) is None and b < s.lo and not s.over_budget():
+        # A right first guess leaves one fitting size: measure the start size too, so that the
+        # result's memory model is fitted from measurements, not taken from the estimate.
+        s.run(b)
     if complete:
         if s.upper is not None and s.lo >= s.upper:
             reason = f"reached the maximum batch size {s.upper}"

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from maxbatch.device import DeviceInfo
+from maxbatch.estimate import Estimate
 from maxbatch.results import Throughput, Trial
 from maxbatch.units import format_bytes
 
@@ -155,4 +156,63 @@ def devices_table(devices: list[DeviceInfo]) -> str:
             f"{d.device:<8} {format_bytes(d.total_bytes):>12} {format_bytes(d.free_bytes):>12} "
             f"{others:>12}  {d.name}"
         )
+    return "\n".join(lines)
+
+
+def estimate_json(estimate: Estimate, **extra: Any) -> str:
+    """The estimate as indented JSON (``to_dict()``, with ``ceiling`` for one capacity)."""
+    data = estimate.to_dict()
+    data.update(extra)
+    return json.dumps(data, indent=2)
+
+
+def estimate_table(estimate: Estimate, *, title: str = "") -> str:
+    """The predicted ceilings, the memory model and the breakdown, marked as an estimate."""
+    lines = [title] if title else []
+    lines.append(
+        f"ESTIMATE for target {estimate.target}, not a measurement: the step ran on fake tensors"
+    )
+    step = estimate.mode + (f", {estimate.precision}" if estimate.precision else "")
+    if estimate.optimizer:
+        step += f", {estimate.optimizer}"
+    lines.append(f"step: {step}")
+    if estimate.capacities:
+        lines.append("")
+        heads = ("capacity", "reserved", "headroom", "usable", "ceiling", "peak at ceiling")
+        lines.append("  ".join(f"{h:>15}" for h in heads))
+        for row in estimate.capacities:
+            cells = [
+                format_bytes(row.capacity_bytes),
+                format_bytes(row.reserved_bytes),
+                format_bytes(row.headroom_bytes),
+                format_bytes(row.usable_bytes),
+                "none fits" if row.ceiling is None else str(row.ceiling),
+                "-" if row.peak_bytes is None else format_bytes(row.peak_bytes),
+            ]
+            lines.append("  ".join(f"{c:>15}" for c in cells))
+        lines.extend(
+            f"{format_bytes(row.capacity_bytes)}: {row.reason}"
+            for row in estimate.capacities
+            if row.ceiling is None
+        )
+    mm, b = estimate.memory_model, estimate.breakdown
+    lines.append("")
+    lines.append(
+        f"memory model: {format_bytes(mm.fixed_bytes)} + {format_bytes(mm.bytes_per_sample)} "
+        "per sample"
+    )
+    parts = (
+        ("parameters", format_bytes(b.parameters_bytes)),
+        ("gradients", format_bytes(b.gradients_bytes)),
+        ("optimizer state", format_bytes(b.optimizer_bytes)),
+        ("buffers", format_bytes(b.buffers_bytes)),
+        ("inputs", f"{format_bytes(b.inputs_bytes_per_sample)} per sample"),
+        ("activations", f"{format_bytes(b.activations_bytes_per_sample)} per sample"),
+    )
+    lines.extend(f"  {name:<16} {value}" for name, value in parts)
+    asked = [(size, peak) for size, peak in estimate.peaks]
+    if asked:
+        lines.append("peaks: " + ", ".join(f"{s}: {format_bytes(p)}" for s, p in asked))
+    lines.extend(f"note: {n}" for n in estimate.notes)
+    lines.append(f"{estimate.fake_steps} fake trials in {estimate.seconds:.1f}s")
     return "\n".join(lines)

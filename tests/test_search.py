@@ -145,3 +145,50 @@ def test_fit_memory_model_uses_two_largest() -> None:
     assert fit_memory_model(trials[:1]) is None
     flat = [Trial(b, True, 5000, 0.0) for b in (1, 2)]
     assert fit_memory_model(flat) is None
+
+
+@pytest.mark.parametrize(
+    ("guess_offset", "trials"),
+    [
+        # each adds one trial at the start size, so the memory model has two measured points
+        (0, 3),  # right: the guess fits, the size above does not
+        (1, 3),  # one too high: it fails, the size below fits
+        (-1, 3),  # one too low: the size above fits too, then the next one fails
+    ],
+)
+def test_a_first_guess_near_the_ceiling_takes_three_trials(guess_offset, trials) -> None:
+    fixed, per, cap = 1e8, 12345, 3e9
+    expected = truth(fixed, per, cap)
+    out = search(
+        curve(fixed, per, cap),
+        start=32,
+        usable_bytes=int(cap),
+        first_guess=expected + guess_offset,
+    )
+    assert out.ceiling == expected
+    assert len(out.trials) == trials
+    tried = {t.batch_size: t.fits for t in out.trials}
+    assert tried[expected] is True and tried[expected + 1] is False
+    assert out.memory_model is not None and out.memory_model.bytes_per_sample == pytest.approx(per)
+
+
+@pytest.mark.parametrize("guess", [10, 5_000, 10**9])
+def test_a_wrong_first_guess_still_ends_exact(guess) -> None:
+    fixed, per, cap = 1e8, 12345, 3e9
+    out = search(curve(fixed, per, cap), start=32, usable_bytes=int(cap), first_guess=guess)
+    assert out.ceiling == truth(fixed, per, cap)
+
+
+def test_a_first_guess_respects_the_grid_and_the_maximum() -> None:
+    fixed, per, cap = 2e6, 1000, 1e9
+    out = search(
+        curve(fixed, per, cap),
+        start=8,
+        usable_bytes=int(cap),
+        multiple_of=64,
+        max_batch_size=5000,
+        first_guess=truth(fixed, per, cap),
+    )
+    assert out.ceiling == (5000 // 64) * 64
+    assert all(t.batch_size % 64 == 0 and t.batch_size <= 5000 for t in out.trials)
+    assert [t.batch_size for t in out.trials] == [4992, 64]  # the maximum, then the start size
