@@ -1,0 +1,70 @@
+"""The advice arithmetic: accumulation plans, learning-rate scaling, iterations per epoch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from maxbatch.advise import accumulation_plan, advise, iterations_per_epoch, scale_lr
+from maxbatch.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "ceiling", "micro", "steps", "exact"),
+    [
+        (256, 300, 256, 1, True),  # fits at once
+        (1024, 300, 256, 4, True),  # fewest exact steps
+        (1000, 300, 250, 4, True),
+        (96, 40, 32, 3, True),
+        (1009, 300, 252, 4, False),  # a prime: nearest with 4 steps, difference stated
+    ],
+)
+def test_accumulation_plan(global_batch, ceiling, micro, steps, exact) -> None:
+    plan = accumulation_plan(global_batch, ceiling)
+    assert (plan.micro_batch, plan.accumulation_steps, plan.exact) == (micro, steps, exact)
+    assert plan.micro_batch <= ceiling
+    assert plan.effective_batch == micro * steps
+    if not exact:
+        assert f"{micro * steps - global_batch:+d}" in plan.note
+        assert "exactly 1009 takes 1009 steps of 1" in plan.note
+
+
+def test_scale_lr_linear_and_square_root() -> None:
+    rates = scale_lr(0.1, 256, 1024)
+    assert rates.linear == pytest.approx(0.4)
+    assert rates.square_root == pytest.approx(0.2)
+    assert scale_lr(1e-3, 64, 16).square_root == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(("n", "b", "steps"), [(50000, 128, 391), (1024, 256, 4), (1, 8, 1)])
+def test_iterations_per_epoch(n, b, steps) -> None:
+    assert iterations_per_epoch(n, b) == steps == math.ceil(n / b)
+
+
+def test_advise_combines_everything() -> None:
+    advice = advise(96, 128, dataset_size=10_000, global_batch=512, base_batch=256, base_lr=3e-4)
+    assert advice.accumulation is not None and advice.effective_batch == 512
+    assert advice.iterations_per_epoch == 20
+    assert advice.learning_rates is not None
+    assert advice.learning_rates.linear == pytest.approx(6e-4)
+    assert len(advice.notes) == 3
+    assert advice.to_dict()["accumulation"]["accumulation_steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"base_batch": 32}, "give base_lr"),
+        ({"global_batch": 0}, "global_batch"),
+        ({"dataset_size": -5}, "dataset_size"),
+    ],
+)
+def test_advise_rejects_bad_input(kwargs, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        advise(8, 16, **kwargs)
+
+
+def test_pick_above_ceiling_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="larger than the ceiling"):
+        advise(32, 16)
