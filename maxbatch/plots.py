@@ -8,11 +8,13 @@ and global state are left alone.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maxbatch.errors import ConfigError
+from maxbatch.units import format_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -82,7 +84,7 @@ def _memory(ax: Axes, result: Mapping[str, Any]) -> None:
     right = max(sizes) * 1.08
     if model:
         fixed, per = model["fixed_bytes"], model["bytes_per_sample"]
-        label = f"memory model: {fixed / MIB:,.1f} MiB + {per / MIB:,.3g} MiB × batch"
+        label = f"memory model: {format_bytes(fixed)} + {format_bytes(per)} × batch"
         line = [fixed / scale, (fixed + per * right) / scale]
         ax.plot([0, right], line, "--", c=MODEL, lw=1, label=label)
     if usable:
@@ -98,7 +100,10 @@ def _memory(ax: Axes, result: Mapping[str, Any]) -> None:
             ms=4,
             label="other measured peaks",
         )
-    for fits, marker, colour, label in ((True, "o", FITS, "fits"), (False, "X", FAILS, "fails")):
+    # Trial numbers show the search's path; a fit's sits below its point, a failure's above, so
+    # the verifying pair (ceiling, ceiling + 1) stays readable.
+    styles = ((True, "o", FITS, "fits", -12), (False, "X", FAILS, "fails", 5))
+    for fits, marker, colour, label, dy in styles:
         group = [(i, t) for i, t in enumerate(trials, 1) if bool(t["fits"]) is fits]
         if not group:
             continue
@@ -106,7 +111,7 @@ def _memory(ax: Axes, result: Mapping[str, Any]) -> None:
         ys = [t["peak_bytes"] / scale for _, t in group]
         ax.plot(xs, ys, marker, c=colour, ms=8, ls="none", label=f"trial: {label}", zorder=3)
         for (i, _), x, y in zip(group, xs, ys, strict=True):
-            ax.annotate(str(i), (x, y), xytext=(5, -11), textcoords="offset points", fontsize=8)
+            ax.annotate(str(i), (x, y), xytext=(6, dy), textcoords="offset points", fontsize=8)
     if ceiling:
         ax.axvline(ceiling, c=FITS, lw=1, ls=":", label=f"ceiling {ceiling}")
     ax.set_xlim(0, right)
@@ -148,8 +153,9 @@ def _throughput(fig: Figure, ax: Axes, result: Mapping[str, Any]) -> None:
     ax.set_ylim(0, max(y + h for y, h in zip(ys, high, strict=True)) * 1.1)
     ax.set_xlabel("batch size")
     ax.set_ylabel("samples / second")
-    ax.set_title(_title(result, "Throughput of the real step"), fontsize=11)
+    fig.suptitle(_title(result, "Throughput of the real step"), fontsize=11)
     if result.get("pick_reason"):
-        fig.text(0.01, 0.005, f"pick: {result['pick_reason']}", fontsize=7, wrap=True)
+        reason = textwrap.fill(f"pick {chosen}: {result['pick_reason']}", 110)
+        ax.set_title(reason, fontsize=8, loc="left")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")

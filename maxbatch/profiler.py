@@ -5,11 +5,12 @@ synchronised before every clock read, several replicates, their median and inter
 flag on noisy sizes. The search (:func:`profile`) does not time every candidate. It sees only
 ``time_step(b)`` (the seconds of each replicate) and a clock, so tests drive it with fakes:
 
-1. Coarse: climb candidates about 4x apart, ending at the ceiling, smallest first; stop at the
-   first rung that does not beat the best so far by more than ``flat_gain``.
-2. Fine, serving the pick rule: bisect, on a log scale, between timed neighbours: for ``"fastest"``
-   next to the best size while each probe gains more than ``flat_gain``; for ``"within"`` below
-   the smallest size within ``tolerance`` of the best.
+1. Coarse: rungs about 4x apart, ending at the ceiling, climbed from the first one above 1/64 of
+   it until a rung does not beat the best so far by more than ``flat_gain``; then the rungs below
+   while the smallest timed one is (nearly) the best, or for ``"within"`` within ``tolerance``.
+2. Fine: bisect, on a log scale, between the best size and its faster timed neighbour while each
+   probe gains more than ``flat_gain``; then, for ``"within"``, below the smallest size within
+   ``tolerance`` of the best.
 3. A fine probe runs only while the time spent stays under ``share`` of the predicted cost of
    timing every candidate; any probe only if its predicted cost fits in the rest of ``budget``.
 """
@@ -40,8 +41,9 @@ NOISY = 0.1  #: IQR / median above this flags a size as noisy (torch.utils.bench
 TOLERANCE = 0.03  #: the "within" pick: the smallest size within 3 % of the best throughput
 FLAT_GAIN = 0.01  #: a step that gains no more than 1 % counts as flat
 SHARE = 0.2  #: fine probes stop at this share of the predicted cost of timing every candidate
+START = 64  #: the coarse climb starts at the first rung above 1/START of the largest size
 ALIGN = 8  #: sizes near the ceiling are multiples of this (tensor-core friendly)
-NEAR = 0.25  #: "near the ceiling": within this fraction below it
+NEAR = 0.5  #: "near the ceiling": the top half, where powers of two leave a 2x gap
 MAX_NEAR = 16  #: at most this many sizes near the ceiling (coarser multiples when needed)
 
 TimeStep = Callable[[int], Sequence[float]]
@@ -115,11 +117,11 @@ def check_pick(rule: PickRule | str, tolerance: float) -> PickRule:
 def candidates(ceiling: int, *, min_batch_size: int = 1, multiple_of: int = 1) -> list[int]:
     """The sizes worth timing: a doubling ladder, multiples of 8 near the ceiling, the ceiling.
 
-    The ladder is ``multiple_of * 2**k`` (the powers of two for ``multiple_of=1``). Near the
-    ceiling (at most 25 % below it) come the multiples of ``lcm(8, multiple_of)``, thinned to
-    coarser multiples where there would be more than 16. Every size is a multiple of
-    ``multiple_of`` from ``min_batch_size`` to ``ceiling``; the smallest such size and the
-    largest (the ceiling when it is a multiple) are always included.
+    The ladder is ``multiple_of * 2**k`` (the powers of two for ``multiple_of=1``). In the top
+    half below the ceiling, where the ladder leaves a 2x gap, come the multiples of
+    ``lcm(8, multiple_of)``, thinned to coarser multiples where there would be more than 16.
+    Every size is a multiple of ``multiple_of`` from ``min_batch_size`` to ``ceiling``; the
+    smallest such size and the largest (the ceiling when it is a multiple) are always included.
 
     Raises:
         ConfigError: an argument is not a positive integer, or no such size exists.
@@ -265,50 +267,65 @@ class _Search:
             self.on_point(point)
         return True
 
-    def climb(self, flat_gain: float) -> str:
-        """Time the coarse ladder (about 4x apart, ending at the largest size), smallest first."""
+    def climb(self, rule: PickRule, tolerance: float, flat_gain: float) -> str:
+        """Time the coarse rungs (~4x apart, ending at the largest size; see the module doc)."""
         rungs = [self.sizes[-1]]
         while lower := [b for b in self.sizes if b <= rungs[-1] / 4]:
             rungs.append(lower[-1])
-        for b in reversed(rungs):
-            if (why := self.blocked(b, fine=False)) is not None:
-                return why
+        rungs.reverse()
+        first = next(i for i, b in enumerate(rungs) if b * START >= rungs[-1])
+        why = "the coarse climb reached the largest size"
+        for b in rungs[first:]:
+            if (blocked := self.blocked(b, fine=False)) is not None:
+                return blocked
             before = self.best() if self.points else None
             if not self.measure(b):
-                return f"batch size {b} ran out of memory while being timed"
+                why = f"batch size {b} ran out of memory while being timed"
+                break
             if before is not None and self.rate(b) <= self.rate(before) * (1 + flat_gain):
-                return f"the coarse climb flattened at batch size {b}"
-        return "throughput rose all the way up the coarse climb"
+                why = f"the coarse climb flattened at batch size {b}"
+                break
+        keep = (1 - tolerance) if rule is PickRule.WITHIN else (1 - flat_gain)
+        for b in reversed(rungs[:first]):
+            low = min(self.points, default=None)
+            if low is None or self.rate(low) < keep * self.rate(self.best()):
+                break
+            if (blocked := self.blocked(b, fine=False)) is not None:
+                return blocked
+            self.measure(b)
+            why += f"; descended to {b}"
+        return why
 
     def refine(self, rule: PickRule, tolerance: float, flat_gain: float) -> str:
-        """Bisect between timed neighbours next to the best (fastest) or the tolerance edge."""
+        """Bisect next to the best while it gains; then, for "within", below the tolerance edge."""
+        peak = True
         while self.points:
             best, timed, untimed = self.best(), sorted(self.points), self.untimed()
             edge = best
-            if rule is PickRule.WITHIN:
+            if not peak:
                 edge = min(b for b in timed if self.rate(b) >= (1 - tolerance) * self.rate(best))
             lo = max((b for b in timed if b < edge), default=None)
             hi = min((b for b in timed if b > edge), default=None)
             below = [b for b in untimed if b < edge and (lo is None or b > lo)]
             above = [b for b in untimed if b > edge and (hi is None or b < hi)]
-            # "fastest" looks on the side of the faster neighbour; "within" only below the edge.
-            up = rule is PickRule.FASTEST and bool(above)
+            up = peak and bool(above)
             up = up and (
                 not below or (hi is not None and (lo is None or self.rate(hi) >= self.rate(lo)))
             )
             gap = above if up else below
             if not gap:
+                if peak and rule is PickRule.WITHIN:
+                    peak = False
+                    continue
                 return f"no untimed size is left next to batch size {edge}"
             ends = (edge, hi or gap[-1]) if up else (lo or gap[0], edge)
             b = _middle(gap, *ends)
             if (why := self.blocked(b, fine=True)) is not None:
                 return why
-            if (
-                self.measure(b)
-                and rule is PickRule.FASTEST
-                and self.rate(b) <= self.rate(best) * (1 + flat_gain)
-            ):
-                return f"batch size {b} gained no more than {flat_gain:.0%} on {best}"
+            if self.measure(b) and peak and self.rate(b) <= self.rate(best) * (1 + flat_gain):
+                if rule is PickRule.FASTEST:
+                    return f"batch size {b} gained no more than {flat_gain:.0%} on {best}"
+                peak = False
         return ""
 
 
@@ -348,7 +365,7 @@ def profile(
     if not ordered:
         raise ConfigError("there are no candidate batch sizes to time")
     search = _Search(time_step, ordered, budget, clock, share, noisy, on_point)
-    stop = search.climb(flat_gain)
+    stop = search.climb(chosen, tolerance, flat_gain)
     if not search.budget_hit and (refined := search.refine(chosen, tolerance, flat_gain)):
         stop += f"; {refined}"
     points = tuple(search.points[b] for b in sorted(search.points))
