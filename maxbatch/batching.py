@@ -17,7 +17,7 @@ import torch
 
 from maxbatch.errors import ConfigError, WorkloadError
 
-__all__ = ["batch_size_of", "make_batch_fn", "resize_batch"]
+__all__ = ["batch_size_of", "make_batch_fn", "map_tensors", "resize_batch"]
 
 
 def _is_dataclass_instance(obj: Any) -> bool:
@@ -52,24 +52,33 @@ def _batched_tensors(obj: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _batched_tensors(item, f"{path}[{key!r}]")
 
 
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Rebuild ``obj`` with ``fn`` applied to every batched tensor, keeping container types."""
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Rebuild ``obj`` with ``fn`` applied to every batched tensor, keeping container types.
+
+    Args:
+        obj: a tensor or a nested structure of them, as for :func:`batch_size_of`.
+        fn: applied to every tensor with at least one dimension; 0-dim tensors and non-tensor
+            leaves are kept as they are.
+
+    Returns:
+        A structure of the same shape and types as ``obj``.
+    """
     if isinstance(obj, torch.Tensor):
         return fn(obj) if obj.dim() > 0 else obj
     if _is_dataclass_instance(obj):
-        changes = {name: _map_tensors(getattr(obj, name), fn) for name in _init_fields(obj)}
+        changes = {name: map_tensors(getattr(obj, name), fn) for name in _init_fields(obj)}
         return dataclasses.replace(obj, **changes)
     if _is_namedtuple(obj):
-        return type(obj)(*(_map_tensors(item, fn) for item in obj))
+        return type(obj)(*(map_tensors(item, fn) for item in obj))
     if isinstance(obj, (tuple, list)):
-        items = [_map_tensors(item, fn) for item in obj]
+        items = [map_tensors(item, fn) for item in obj]
         return type(obj)(items)
     if isinstance(obj, dict):
         # A shallow copy keeps the dict's type, key order and extra state (such as a
         # defaultdict's factory) without copying any tensor.
         out = copy.copy(obj)
         for key, item in obj.items():
-            out[key] = _map_tensors(item, fn)
+            out[key] = map_tensors(item, fn)
         return out
     return obj
 
@@ -131,7 +140,7 @@ def resize_batch(sample: Any, batch_size: int) -> Any:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     n = batch_size_of(sample)
     if batch_size == n:
-        return _map_tensors(sample, lambda tensor: tensor.detach().clone())
+        return map_tensors(sample, lambda tensor: tensor.detach().clone())
     indices: dict[torch.device, torch.Tensor] = {}
 
     def resize(tensor: torch.Tensor) -> torch.Tensor:
@@ -143,7 +152,7 @@ def resize_batch(sample: Any, batch_size: int) -> Any:
         with torch.no_grad():
             return tensor.index_select(0, index)
 
-    return _map_tensors(sample, resize)
+    return map_tensors(sample, resize)
 
 
 def make_batch_fn(sample_or_callable: Any) -> tuple[Callable[[int], Any], int | None]:

@@ -15,6 +15,19 @@ import torch
 
 from maxbatch.errors import DeviceError
 
+#: Default headroom on a real device: this share of the capacity, at least ``MIN_HEADROOM`` bytes.
+#: It covers what counting live tensors cannot see: allocator fragmentation and rounding, the
+#: CUDA context, cuBLAS/cuDNN workspaces, and other processes growing meanwhile.
+HEADROOM_FRACTION = 0.05
+MIN_HEADROOM = 256 * 1024**2
+
+
+def default_headroom(capacity_bytes: int, *, virtual: bool) -> int:
+    """The headroom used when none is given: 0 under a ``memory=`` cap, else 5 % (>= 256 MiB)."""
+    if virtual:
+        return 0
+    return min(capacity_bytes // 2, max(MIN_HEADROOM, int(HEADROOM_FRACTION * capacity_bytes)))
+
 
 @dataclasses.dataclass(frozen=True)
 class DeviceInfo:

@@ -42,6 +42,14 @@ class WorkloadError(MaxbatchError):
         self.batch_size = batch_size
 
 
+class EstimateError(WorkloadError):
+    """The step cannot run on fake tensors; ``operation`` names the operator that needed data."""
+
+    def __init__(self, message: str, *, operation: str | None = None):
+        super().__init__(message)
+        self.operation = operation
+
+
 class ModelFileError(MaxbatchError):
     """A ``model.py`` file is missing, broken or does not follow the conventions."""
 

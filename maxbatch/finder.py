@@ -11,6 +11,9 @@ import torch
 
 from maxbatch.advise import advise
 from maxbatch.batching import make_batch_fn
+from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exported
+from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
+from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.estimate import first_guess
@@ -24,22 +27,14 @@ from maxbatch.workload import (
     ForwardFn,
     LossFn,
     Mode,
+    OptimizerArg,
     Precision,
     TrainStepFn,
-    Workload,
-    make_optimizer,
+    build_workload,
     parse_enum,
 )
 
 log = logging.getLogger(__name__)
-
-#: Default headroom on a real device: this share of the capacity, at least ``MIN_HEADROOM`` bytes.
-#: It covers what counting live tensors cannot see: allocator fragmentation and rounding, the
-#: CUDA context, cuBLAS/cuDNN workspaces, and other processes growing meanwhile.
-HEADROOM_FRACTION = 0.05
-MIN_HEADROOM = 256 * 1024**2
-
-OptimizerArg = torch.optim.Optimizer | str | Callable[..., torch.optim.Optimizer] | None
 
 
 def _positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
@@ -54,13 +49,6 @@ def _model_device(model: torch.nn.Module) -> torch.device | None:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return None
-
-
-def default_headroom(capacity_bytes: int, *, virtual: bool) -> int:
-    """The headroom used when none is given: 0 under a ``memory=`` cap, else 5 % (>= 256 MiB)."""
-    if virtual:
-        return 0
-    return min(capacity_bytes // 2, max(MIN_HEADROOM, int(HEADROOM_FRACTION * capacity_bytes)))
 
 
 def find_batch_size(
@@ -175,28 +163,22 @@ def find_batch_size(
             f"(model.to({device_label(dev)!r}))"
         )
 
-    notes: list[str] = []
-    opt: torch.optim.Optimizer | None = None
-    if run_mode is Mode.TRAIN:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            opt = optimizer
-        else:
-            opt = make_optimizer(optimizer, model)
-            if optimizer is None:
-                notes.append("no optimizer given: the step used AdamW, whose state is real memory")
-    opt_name = None if opt is None else type(opt).__name__
-
-    workload = Workload(
+    workload = build_workload(
         model,
         make_batch,
         dev,
+        optimizer=optimizer,
         mode=run_mode,
         precision=prec,
-        optimizer=opt,
         forward_fn=forward_fn,
         loss_fn=loss_fn,
         train_step=train_step,
     )
+    notes: list[str] = []
+    opt = workload.optimizer
+    if optimizer is None and opt is not None:
+        notes.append("no optimizer given: the step used AdamW, whose state is real memory")
+    opt_name = None if opt is None else type(opt).__name__
     info = describe(dev)
     virtual = cap is not None
     meter = Meter(dev, counting=virtual or dev.type != "cuda")

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from maxbatch.device import DeviceInfo
-from maxbatch.estimate import Estimate
-from maxbatch.results import Throughput, Trial
+from maxbatch.results import Estimate, Throughput, Trial
 from maxbatch.units import format_bytes
 
 Result = Mapping[str, Any]

@@ -46,6 +46,7 @@ def parse_enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
 ForwardFn = Callable[[torch.nn.Module, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
 TrainStepFn = Callable[[torch.nn.Module, Any, "torch.optim.Optimizer | None"], Any]
+OptimizerArg = torch.optim.Optimizer | str | Callable[..., torch.optim.Optimizer] | None
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:
@@ -330,4 +331,42 @@ def make_optimizer(
         return torch.optim.SGD(params, lr=0.01, momentum=0.9)
     raise ConfigError(
         f"optimizer={name_or_factory!r} is not valid; choose adamw, adam, sgd or none"
+    )
+
+
+def build_workload(
+    model: torch.nn.Module,
+    make_batch: Callable[[int], Any],
+    device: torch.device,
+    *,
+    optimizer: OptimizerArg,
+    mode: Mode,
+    precision: Precision,
+    forward_fn: ForwardFn | None,
+    loss_fn: LossFn | None,
+    train_step: TrainStepFn | None,
+    adopt: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
+) -> Workload:
+    """The workload of the probe and of the estimate, with the step's optimizer chosen once.
+
+    In inference mode there is no optimizer. In training, an optimizer instance is used as it is
+    (or passed through ``adopt``: the estimate rebuilds it over fake parameters), and anything
+    else goes to :func:`make_optimizer` over ``model`` (None: AdamW).
+    """
+    opt: torch.optim.Optimizer | None = None
+    if mode is Mode.TRAIN:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            opt = optimizer if adopt is None else adopt(optimizer)
+        else:
+            opt = make_optimizer(optimizer, model)
+    return Workload(
+        model,
+        make_batch,
+        device,
+        mode=mode,
+        precision=precision,
+        optimizer=opt,
+        forward_fn=forward_fn,
+        loss_fn=loss_fn,
+        train_step=train_step,
     )
