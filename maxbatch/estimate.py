@@ -291,7 +291,7 @@ def first_guess(
         with fake_step(
             workload.model,
             sample,
-            optimizer=workload.optimizer,
+            optimizer="none" if workload.optimizer is None else workload.optimizer,
             forward_fn=workload.forward_fn,
             loss_fn=workload.loss_fn,
             train_step=workload.train_step,

@@ -184,6 +184,19 @@ def test_first_guess_is_the_probes_ceiling() -> None:
     assert guess == find_batch_size(model, sample, memory="64MiB", **hooks(spec)).ceiling
 
 
+def test_first_guess_without_an_optimizer_steps_without_one() -> None:
+    # optimizer="none" leaves the workload without an optimizer: the fake step must not add AdamW.
+    model, sample = mlp()
+    found = find_batch_size(
+        model, sample, optimizer="none", memory="2MiB", profile=False, estimate_first=True
+    )
+    est = estimate_batch_size(model, sample, optimizer="none", memory="2MiB")
+    assert found.optimizer is None and est.optimizer is None
+    assert est.ceiling == found.ceiling
+    assert found.trials[0].batch_size == found.ceiling  # the first guess was the ceiling
+    assert len(found.trials) == 3
+
+
 # -- what a user reads -------------------------------------------------------------------------
 
 
