@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,6 +25,8 @@ from maxbatch.units import format_bytes
 CUDA_ROUNDING = 512
 
 OOM_PREFIX = "DefaultCPUAllocator: can't allocate memory"
+
+_aten = torch.ops.aten
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -40,6 +42,30 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         label: names the device in the out-of-memory message.
         device: count only storages on this device (None: every storage).
     """
+
+    #: Operators that never allocate, run without the counting bookkeeping (they are among the
+    #: most frequent). ``prim.device`` (a fake tensor's ``.device``) returns no tensor; every other
+    #: one returns a view of its input. ``lift_fresh`` lifts the data ``torch.tensor(...)`` built
+    #: outside dispatch, which is never counted: on real tensors it returns its input, and under
+    #: fake tensors the new meta storage it makes must not count either.
+    NO_ALLOCATION: ClassVar[frozenset[Any]] = frozenset(
+        {
+            torch.ops.prim.device.default,
+            _aten.lift_fresh.default,
+            _aten.detach.default,
+            _aten.alias.default,
+            _aten.view.default,
+            _aten.t.default,
+            _aten.transpose.int,
+            _aten.permute.default,
+            _aten.expand.default,
+            _aten.unsqueeze.default,
+            _aten.squeeze.dim,
+            _aten.select.int,
+            _aten.slice.Tensor,
+            _aten.as_strided.default,
+        }
+    )
 
     def __init__(
         self,
@@ -138,6 +164,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))
+        if func in self.NO_ALLOCATION:
+            return out
         added = self._track_outputs(out, (args, kwargs))
         if self.cap_bytes is not None and self.live_bytes > self.cap_bytes:
             attempted = self.refused_bytes = self.live_bytes

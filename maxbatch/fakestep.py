@@ -23,11 +23,12 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
 from maxbatch.batching import make_batch_fn, map_tensors
-from maxbatch.errors import DoesNotFitError, EstimateError
+from maxbatch.errors import DoesNotFitError, EstimateError, WorkloadError
 from maxbatch.fakecopy import CPU, fake_like, fake_model, fake_optimizer, like_cuda
 from maxbatch.probe import search
 from maxbatch.results import Trial
@@ -44,8 +45,6 @@ from maxbatch.workload import (
     build_workload,
 )
 
-_LIFT = torch.ops.aten.lift_fresh.default
-_DEVICE = torch.ops.prim.device.default
 _BATCH_NORM = torch.ops.aten.native_batch_norm.default
 _REDUCED = (torch.bfloat16, torch.float16)
 _NOT_FAKEABLE = (
@@ -76,11 +75,13 @@ def _why(error: Exception) -> str:
     return "has no fake (meta) implementation in this torch version"
 
 
-class _FakeCounter(MemoryCounter):  # type: ignore[no-untyped-call]
-    """The virtual device's counter over fake tensors, whose storages are on the meta device."""
+class _CpuBatchNorm(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
+    """Batch norm whose saved statistics have the CPU kernel's dtype.
 
-    def __init__(self, round_to: int):
-        super().__init__(None, round_to=round_to, label="estimated")
+    The meta kernel saves them in the input's dtype; the CPU kernel saves them in float32 when a
+    bfloat16 or float16 input meets float32 parameters (autocast), as the probe counts them. Above
+    the fake mode and below the counter, so the counter sees the CPU kernel's outputs.
+    """
 
     def __torch_dispatch__(
         self,
@@ -89,40 +90,24 @@ class _FakeCounter(MemoryCounter):  # type: ignore[no-untyped-call]
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if func is _DEVICE:
-            return func(*args, **(kwargs or {}))  # a fake tensor's `.device`: no storage, and hot
-        if func is _LIFT:
-            # torch.tensor(...) builds its data outside dispatch, where the real counter never
-            # sees it; lifting it into a fake tensor makes a new storage that must not count.
-            return func(*args, **(kwargs or {}))
-        run = _cpu_batch_norm(func) if func is _BATCH_NORM else func
-        try:
-            return super().__torch_dispatch__(run, types, args, kwargs)
-        except _NOT_FAKEABLE as e:
-            op = str(getattr(e, "func", func))
-            raise EstimateError(
-                f"the step cannot run on fake tensors: {op} {_why(e)}; estimates need a step "
-                "whose shapes do not depend on tensor values. Use `maxbatch probe` (or "
-                "find_batch_size) to measure on a real device instead",
-                operation=op,
-            ) from e
-
-
-def _cpu_batch_norm(func: Any) -> Any:
-    """Batch norm whose saved statistics have the CPU kernel's dtype.
-
-    The meta kernel saves them in the input's dtype; the CPU kernel saves them in float32 when a
-    bfloat16 or float16 input meets float32 parameters (autocast), as the probe counts them.
-    """
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        out = func(*args, **kwargs)
+        out = func(*args, **(kwargs or {}))
+        if func is not _BATCH_NORM or args[0].dtype not in _REDUCED:
+            return out
         params = [t for t in args[1:5] if isinstance(t, torch.Tensor)]
-        if args[0].dtype in _REDUCED and any(t.dtype == torch.float32 for t in params):
+        if any(t.dtype == torch.float32 for t in params):
             return (out[0], out[1].float(), out[2].float())
         return out
 
-    return run
+
+def _estimate_error(cause: Exception) -> EstimateError:
+    """Name the operation that fake tensors cannot run, and why."""
+    op = str(getattr(cause, "func", "an operation"))
+    return EstimateError(
+        f"the step cannot run on fake tensors: {op} {_why(cause)}; estimates need a step "
+        "whose shapes do not depend on tensor values. Use `maxbatch probe` (or "
+        "find_batch_size) to measure on a real device instead",
+        operation=op,
+    )
 
 
 def storage_bytes(tensors: Iterable[Any], round_to: int) -> int:
@@ -144,7 +129,8 @@ class FakeStep:
         self.sample_size = sample_size
         self.round_to = CUDA_ROUNDING if target is Target.CUDA else 1
         self.meter = Meter(CPU, counting=True, label="estimated")
-        self.meter.counter = _FakeCounter(self.round_to)
+        # Fake tensors' storages are on the meta device: count every storage, not only the CPU's.
+        self.meter.counter = MemoryCounter(None, round_to=self.round_to, label="estimated")
         self.base = 0
         self.exact: dict[int, Trial] = {}  # trials that ran to the end: their peak is exact
         self.refused: dict[tuple[int, int], Trial] = {}  # out of memory at that usable size
@@ -246,7 +232,9 @@ def fake_step(
     _, sample_size = make_batch_fn(sample)  # validates the sample; its batches are never built
     # Fallback kernels would run ops without a meta kernel on real zeros: real memory.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
-    with fake_mode:
+    # The counter, entered for each trial, sits above the batch-norm fix, which sits above the
+    # fake mode: it counts the storages the CPU's kernels would make.
+    with fake_mode, _CpuBatchNorm():  # type: ignore[no-untyped-call]
         model_copy, memo = fake_model(model)
         if sample_size is None:
             make_batch = sample  # make_batch(b) runs under the fake mode: its tensors are fake
@@ -272,6 +260,12 @@ def fake_step(
             workload.prepare()
             step.base = step.meter.live_bytes(workload)
             yield step
+        except (WorkloadError, *_NOT_FAKEABLE) as e:
+            # The fake mode's own error, or the trial's WorkloadError chained to it.
+            cause = e.__cause__ if isinstance(e, WorkloadError) else e
+            if not isinstance(cause, _NOT_FAKEABLE):
+                raise
+            raise _estimate_error(cause) from cause
         finally:
             workload.reset(final=True)
             step.meter.close()

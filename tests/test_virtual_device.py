@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import pytest
 import torch
 from models import mlp
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from maxbatch.accounting import MemoryCounter
 from maxbatch.batching import make_batch_fn
@@ -56,6 +58,60 @@ def test_cap_raises_a_real_oom_that_peers_recognise() -> None:
     kept.clear()
     gc.collect()
     assert counter.live_bytes == 0
+
+
+aten = torch.ops.aten
+
+# Every operator the counter skips, with the arguments after the input (a 3 x 4 tensor).
+NO_ALLOCATION_CALLS: list[tuple[Any, tuple[Any, ...]]] = [
+    (torch.ops.prim.device.default, ()),
+    (aten.lift_fresh.default, ()),
+    (aten.detach.default, ()),
+    (aten.alias.default, ()),
+    (aten.view.default, ([4, 3],)),
+    (aten.t.default, ()),
+    (aten.transpose.int, (0, 1)),
+    (aten.permute.default, ([1, 0],)),
+    (aten.expand.default, ([2, 3, 4],)),
+    (aten.unsqueeze.default, (0,)),
+    (aten.squeeze.dim, (0,)),
+    (aten.select.int, (0, 1)),
+    (aten.slice.Tensor, (0, 1, 3)),
+    (aten.as_strided.default, ([2, 2], [4, 1])),
+]
+
+
+def test_the_skipped_operators_are_listed_here() -> None:
+    assert {op for op, _ in NO_ALLOCATION_CALLS} == MemoryCounter.NO_ALLOCATION
+
+
+@pytest.mark.parametrize(("op", "args"), NO_ALLOCATION_CALLS, ids=lambda v: str(v))
+def test_skipped_operators_return_a_view_or_no_tensor(op: Any, args: tuple[Any, ...]) -> None:
+    x = torch.zeros(3, 4)
+    counter = MemoryCounter(0)  # any counted allocation would raise
+    with counter:
+        out = op(x, *args)
+    assert counter.live_bytes == counter.peak_bytes == 0
+    if isinstance(out, torch.Tensor):
+        assert out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    else:
+        assert out == x.device
+
+
+@pytest.mark.parametrize(("op", "args"), NO_ALLOCATION_CALLS, ids=lambda v: str(v))
+def test_skipped_operators_count_nothing_on_fake_tensors(op: Any, args: tuple[Any, ...]) -> None:
+    real = torch.zeros(3, 4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # lift_fresh turns a real tensor into a fake one with a new storage: it must not count.
+        x = real if op is aten.lift_fresh.default else torch.zeros(3, 4)
+        counter = MemoryCounter()
+        counter.track([x])
+        before = counter.live_bytes
+        with counter:
+            out = op(x, *args)
+        assert counter.live_bytes == before
+    counter.close()
+    del out
 
 
 def test_counts_only_its_device() -> None:
