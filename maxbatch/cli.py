@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -24,7 +24,7 @@ from maxbatch.errors import (
 )
 from maxbatch.estimate import estimate_batch_size
 from maxbatch.finder import find_batch_size
-from maxbatch.modelfile import load_model_file
+from maxbatch.modelfile import ModelSpec, load_model_file
 from maxbatch.report import (
     devices_table,
     estimate_json,
@@ -63,6 +63,79 @@ def _run(debug: bool, fn: Callable[[], Any]) -> Any:
         _fail(e, debug)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _workload_options(
+    *, headroom_help: str, inference_help: str, json_help: str, verbose_help: str
+) -> Callable[[F], F]:
+    """The options ``probe`` and ``estimate`` share, listed after each command's own.
+
+    Each option reaches the command as the keyword argument of the same name; :func:`_start`
+    and :func:`_step_kwargs` turn them into the library's arguments.
+    """
+    options = [
+        click.option("--headroom", default=None, help=headroom_help),
+        click.option("--min-batch", type=int, default=None, help="smallest batch size to try"),
+        click.option("--max-batch", type=int, default=None, help="largest batch size to try"),
+        click.option(
+            "--multiple-of", type=int, default=1, show_default=True, help="batch granularity"
+        ),
+        click.option("--inference", is_flag=True, help=inference_help),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None),
+        click.option(
+            "--optimizer",
+            type=click.Choice(["adamw", "adam", "sgd", "none"]),
+            default=None,
+            help="[default: the file's optimizer(), else adamw]",
+        ),
+        click.option("--json", "as_json", is_flag=True, help=json_help),
+        click.option("-v", "--verbose", count=True, help=verbose_help),
+        click.option("--debug", is_flag=True, help="show tracebacks"),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):  # decorators apply bottom-up
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _start(model_file: str, verbose: int, debug: bool) -> ModelSpec:
+    """Send logs to stderr at the level ``-v`` asks for, and load the model file."""
+    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
+    spec: ModelSpec = _run(debug, lambda: load_model_file(model_file))
+    return spec
+
+
+def _step_kwargs(
+    spec: ModelSpec,
+    *,
+    headroom: str | None,
+    min_batch: int | None,
+    max_batch: int | None,
+    multiple_of: int,
+    inference: bool,
+    precision: str | None,
+    optimizer: str | None,
+) -> dict[str, Any]:
+    """The keyword arguments that find_batch_size and estimate_batch_size share."""
+    return {
+        "optimizer": optimizer if optimizer is not None else spec.optimizer,
+        "loss_fn": spec.loss,
+        "forward_fn": spec.forward,
+        "train_step": spec.train_step,
+        "headroom": headroom,
+        "mode": "inference" if inference else "train",
+        "precision": precision,
+        "min_batch_size": min_batch,
+        "max_batch_size": max_batch,
+        "multiple_of": multiple_of,
+    }
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="maxbatch")
 def main() -> None:
@@ -73,20 +146,6 @@ def main() -> None:
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]")
 @click.option("--memory", default=None, help="cap live tensor bytes, e.g. 300MiB or 24GiB")
-@click.option(
-    "--headroom", default=None, help="bytes kept free [default: 0 with --memory, else 5%%]"
-)
-@click.option("--min-batch", type=int, default=None, help="smallest batch size to try")
-@click.option("--max-batch", type=int, default=None, help="largest batch size to try")
-@click.option("--multiple-of", type=int, default=1, show_default=True, help="batch granularity")
-@click.option("--inference", is_flag=True, help="probe a forward pass under inference_mode")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
-@click.option(
-    "--optimizer",
-    type=click.Choice(["adamw", "adam", "sgd", "none"]),
-    default=None,
-    help="[default: the file's optimizer(), else adamw]",
-)
 @click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
 @click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
 @click.option(
@@ -108,20 +167,16 @@ def main() -> None:
     default=None,
     help="write report.json, report.md and PNG plots into this folder",
 )
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-@click.option("-v", "--verbose", count=True, help="log each trial (-vv: debug)")
-@click.option("--debug", is_flag=True, help="show tracebacks")
+@_workload_options(
+    headroom_help="bytes kept free [default: 0 with --memory, else 5%%]",
+    inference_help="probe a forward pass under inference_mode",
+    json_help="print the result as JSON",
+    verbose_help="log each trial (-vv: debug)",
+)
 def probe(
     model_file: str,
     device: str | None,
     memory: str | None,
-    headroom: str | None,
-    min_batch: int | None,
-    max_batch: int | None,
-    multiple_of: int,
-    inference: bool,
-    precision: str | None,
-    optimizer: str | None,
     time_budget: float | None,
     no_profile: bool,
     pick: str,
@@ -134,11 +189,10 @@ def probe(
     as_json: bool,
     verbose: int,
     debug: bool,
+    **step: Any,
 ) -> None:
     """Find the largest batch size whose real step fits, for the model in MODEL_FILE."""
-    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
-    spec = _run(debug, lambda: load_model_file(model_file))
+    spec = _start(model_file, verbose, debug)
     dev = _run(debug, lambda: resolve_device(device))
     spec.model.to(dev)
     count = 0
@@ -157,24 +211,13 @@ def probe(
         else:
             click.echo(point_line(point), err=True)
 
-    opt: Any = optimizer if optimizer is not None else spec.optimizer
     result = _run(
         debug,
         lambda: find_batch_size(
             spec.model,
             spec.make_batch if spec.make_batch is not None else spec.sample,
-            optimizer=opt,
-            loss_fn=spec.loss,
-            forward_fn=spec.forward,
-            train_step=spec.train_step,
             device=dev,
             memory=memory,
-            headroom=headroom,
-            mode="inference" if inference else "train",
-            precision=precision,
-            min_batch_size=min_batch,
-            max_batch_size=max_batch,
-            multiple_of=multiple_of,
             time_budget=time_budget,
             on_trial=progress,
             profile=not no_profile,
@@ -185,6 +228,7 @@ def probe(
             global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
+            **_step_kwargs(spec, **step),
         ),
     )
     if tty and result.throughput:
@@ -244,65 +288,38 @@ def _load_report(path: str) -> dict[str, Any]:
     show_default=True,
     help="cpu: count as the virtual device; cuda: 512 B rounding, a CUDA context reserve",
 )
-@click.option("--headroom", default=None, help="bytes kept free [default: 0 for cpu, 5%% for cuda]")
-@click.option("--min-batch", type=int, default=None, help="smallest batch size to try")
-@click.option("--max-batch", type=int, default=None, help="largest batch size to try")
-@click.option("--multiple-of", type=int, default=1, show_default=True, help="batch granularity")
 @click.option("--batch-size", "batch_sizes", type=int, multiple=True, help="also its peak (repeat)")
-@click.option("--inference", is_flag=True, help="estimate a forward pass under inference_mode")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None)
-@click.option(
-    "--optimizer",
-    type=click.Choice(["adamw", "adam", "sgd", "none"]),
-    default=None,
-    help="[default: the file's optimizer(), else adamw]",
+@_workload_options(
+    headroom_help="bytes kept free [default: 0 for cpu, 5%% for cuda]",
+    inference_help="estimate a forward pass under inference_mode",
+    json_help="print the estimate as JSON",
+    verbose_help="log each fake trial (-vv: debug)",
 )
-@click.option("--json", "as_json", is_flag=True, help="print the estimate as JSON")
-@click.option("-v", "--verbose", count=True, help="log each fake trial (-vv: debug)")
-@click.option("--debug", is_flag=True, help="show tracebacks")
 def estimate(
     model_file: str,
     memory: str | None,
     target: str,
-    headroom: str | None,
-    min_batch: int | None,
-    max_batch: int | None,
-    multiple_of: int,
     batch_sizes: tuple[int, ...],
-    inference: bool,
-    precision: str | None,
-    optimizer: str | None,
     as_json: bool,
     verbose: int,
     debug: bool,
+    **step: Any,
 ) -> None:
     """Estimate peak memory and ceilings without running the step (fake tensors).
 
     For devices you do not have: nothing is computed and no memory is used, whatever the batch
     size. A model whose build_model() builds it under torch.device("meta") is never allocated.
     """
-    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
-    spec = _run(debug, lambda: load_model_file(model_file))
-    opt: Any = optimizer if optimizer is not None else spec.optimizer
+    spec = _start(model_file, verbose, debug)
     result = _run(
         debug,
         lambda: estimate_batch_size(
             spec.model,
             spec.make_batch if spec.make_batch is not None else spec.sample,
             memory=memory,
-            headroom=headroom,
             target=target,
-            optimizer=opt,
-            loss_fn=spec.loss,
-            forward_fn=spec.forward,
-            train_step=spec.train_step,
-            mode="inference" if inference else "train",
-            precision=precision,
-            min_batch_size=min_batch,
-            max_batch_size=max_batch,
-            multiple_of=multiple_of,
             batch_sizes=batch_sizes,
+            **_step_kwargs(spec, **step),
         ),
     )
     if as_json:
