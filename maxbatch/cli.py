@@ -168,7 +168,7 @@ def main() -> None:
     help="write report.json, report.md and PNG plots into this folder",
 )
 @_workload_options(
-    headroom_help="bytes kept free [default: 0 with --memory, else 5%%]",
+    headroom_help="bytes kept free [default: 0 with --memory, else 5%]",
     inference_help="probe a forward pass under inference_mode",
     json_help="print the result as JSON",
     verbose_help="log each trial (-vv: debug)",
@@ -290,7 +290,7 @@ def _load_report(path: str) -> dict[str, Any]:
 )
 @click.option("--batch-size", "batch_sizes", type=int, multiple=True, help="also its peak (repeat)")
 @_workload_options(
-    headroom_help="bytes kept free [default: 0 for cpu, 5%% for cuda]",
+    headroom_help="bytes kept free [default: 0 for cpu, 5% for cuda]",
     inference_help="estimate a forward pass under inference_mode",
     json_help="print the estimate as JSON",
     verbose_help="log each fake trial (-vv: debug)",

@@ -195,3 +195,13 @@ def test_no_profile_picks_the_ceiling() -> None:
     res = invoke("probe", str(EXAMPLES / "mlp.py"), "--memory", "64MiB", "--no-profile", "--json")
     data = json.loads(res.stdout)
     assert data["batch_size"] == data["ceiling"] and data["throughput"] == []
+
+
+@pytest.mark.parametrize(
+    ("command", "default"),
+    [("probe", "0 with --memory, else 5%]"), ("estimate", "0 for cpu, 5% for cuda]")],
+)
+def test_help_shows_the_headroom_default_once_formatted(command: str, default: str) -> None:
+    res = CliRunner().invoke(main, [command, "--help"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert default in res.stdout and "%%" not in res.stdout
