@@ -43,11 +43,17 @@ class WorkloadError(MaxbatchError):
 
 
 class EstimateError(WorkloadError):
-    """The step cannot run on fake tensors; ``operation`` names the operator that needed data."""
+    """The step cannot run on fake tensors.
 
-    def __init__(self, message: str, *, operation: str | None = None):
+    Attributes:
+        operation: the operator that needed data, or None when the model could not be copied.
+        reason: why, in words, without the advice the message ends with.
+    """
+
+    def __init__(self, message: str, *, operation: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.operation = operation
+        self.reason = message if reason is None else reason
 
 
 class ModelFileError(MaxbatchError):

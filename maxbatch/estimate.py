@@ -270,11 +270,11 @@ def first_guess(
     min_batch_size: int = 1,
     max_batch_size: int | None = None,
     multiple_of: int = 1,
-) -> int | None:
+) -> tuple[int | None, str]:
     """The ceiling the fake step predicts for ``usable_bytes``: the probe's first guess.
 
     Counted as on ``workload.device``'s kind (CUDA: 512-byte rounding and the foreach optimizer).
-    Never raises: returns None when the step cannot run on fake tensors or nothing fits.
+    Never raises.
 
     Args:
         workload: the probe's workload (model, optimizer, step functions, mode, precision).
@@ -284,6 +284,11 @@ def first_guess(
         min_batch_size: the smallest size to try.
         max_batch_size: the largest size to try, or None.
         multiple_of: only multiples of this.
+
+    Returns:
+        The guess and how the search over fake trials ended; or None and why there is no guess:
+        nothing fits, or the step cannot run on fake tensors (a model that cannot be
+        deep-copied, an operation that needs data, any other error).
     """
     target = Target.CUDA if workload.device.type == "cuda" else Target.CPU
     started = time.perf_counter()
@@ -308,11 +313,11 @@ def first_guess(
             )
     except Exception as e:  # noqa: BLE001 - a guess must never stop the probe
         log.info("no first guess from fake tensors: %s: %s", type(e).__name__, e)
-        return None
+        return None, e.reason if isinstance(e, EstimateError) else f"{type(e).__name__}: {e}"
     log.info(
         "first guess from fake tensors: %s (%s; %.2fs)",
         guess,
         reason,
         time.perf_counter() - started,
     )
-    return guess
+    return guess, reason

@@ -46,9 +46,9 @@ def fake_model(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, Any]]
         # deepcopy takes every tensor in the memo as already copied: no real tensor is cloned.
         return copy.deepcopy(model, memo), memo
     except Exception as e:
+        reason = f"the model cannot be deep-copied onto fake tensors ({type(e).__name__}: {e})"
         raise EstimateError(
-            f"the model cannot be copied onto fake tensors ({type(e).__name__}: {e}); use "
-            "`maxbatch probe` to measure it on a real device"
+            f"{reason}; use `maxbatch probe` to measure it on a real device", reason=reason
         ) from e
 
 

@@ -107,6 +107,7 @@ def _estimate_error(cause: Exception) -> EstimateError:
         "whose shapes do not depend on tensor values. Use `maxbatch probe` (or "
         "find_batch_size) to measure on a real device instead",
         operation=op,
+        reason=f"the step calls {op}, which {_why(cause)}",
     )
 
 

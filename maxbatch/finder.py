@@ -77,7 +77,7 @@ def find_batch_size(
     global_batch: int | None = None,
     base_batch: int | None = None,
     base_lr: float | None = None,
-    estimate_first: bool = True,
+    estimate_first: bool | None = None,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -117,8 +117,13 @@ def find_batch_size(
         base_batch: the batch size ``base_lr`` was tuned at.
         base_lr: a tuned learning rate, scaled to the pick (linear and square-root rules).
         estimate_first: start from the ceiling that the step predicts on fake tensors
-            (:mod:`maxbatch.estimate`), so that a right prediction needs two verifying trials;
-            skipped where the step cannot run on fake tensors.
+            (:mod:`maxbatch.estimate`), so that a right prediction needs two verifying trials.
+            None (default): only on a CUDA device, where a real trial near the ceiling takes
+            seconds and an out-of-memory one flushes the caching allocator, while the fake
+            trials run cheaply on the host; on the CPU (and MPS) a fake trial costs about as
+            much as a real one, so the estimate would cost more than it saves. True or False
+            forces it. When it gives no guess (the model cannot be deep-copied, the step needs
+            tensor values, nothing fits), a note says why and the search starts as without it.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -146,6 +151,8 @@ def find_batch_size(
         raise ConfigError("memory=0 leaves no room for anything; give a size such as 300MiB")
     fixed_headroom = None if headroom is None else parse_bytes(headroom, name="headroom")
     pick_rule = check_pick(pick, tolerance)
+    if estimate_first is not None and not isinstance(estimate_first, bool):
+        raise ConfigError(f"estimate_first={estimate_first!r} must be True, False or None (auto)")
     for name, value in (("dataset_size", dataset_size), ("global_batch", global_batch)):
         _positive_int(value, name)
     _positive_int(base_batch, "base_batch")
@@ -212,8 +219,10 @@ def find_batch_size(
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
         guess = None
-        if estimate_first:
-            guess = first_guess(
+        # Auto: only on CUDA, where the real trials it saves are the expensive ones.
+        with_estimate = dev.type == "cuda" if estimate_first is None else estimate_first
+        if with_estimate:
+            guess, why = first_guess(
                 workload,
                 sample,
                 usable,
@@ -222,6 +231,11 @@ def find_batch_size(
                 max_batch_size=max_b,
                 multiple_of=step,
             )
+            if guess is None:
+                notes.append(
+                    f"no first guess from fake tensors: {why}; the search started from "
+                    f"batch size {start}"
+                )
         try:
             outcome = search(
                 lambda b: run_trial(workload, meter, b),

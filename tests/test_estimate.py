@@ -180,8 +180,9 @@ def test_first_guess_is_the_probes_ceiling() -> None:
         forward_fn=spec.forward,
         loss_fn=spec.loss,
     )
-    guess = first_guess(workload, sample, 64 * MiB, start=size or 2)
+    guess, reason = first_guess(workload, sample, 64 * MiB, start=size or 2)
     assert guess == find_batch_size(model, sample, memory="64MiB", **hooks(spec)).ceiling
+    assert reason == f"{guess} fits and {guess + 1} does not"
 
 
 def test_first_guess_without_an_optimizer_steps_without_one() -> None:
@@ -304,7 +305,10 @@ def test_data_dependent_steps_name_the_operation(module: Any, operation: str, wo
 def test_first_guess_is_none_where_fake_execution_fails() -> None:
     model = ReadsItem()
     workload = Workload(model, make_batch_fn(torch.randn(2, 4))[0], torch.device("cpu"))
-    assert first_guess(workload, torch.randn(2, 4), 1 * MiB, start=2) is None
+    guess, reason = first_guess(workload, torch.randn(2, 4), 1 * MiB, start=2)
+    assert guess is None
+    assert reason.startswith("the step calls aten._local_scalar_dense")
+    assert "fake tensors have no values" in reason and "maxbatch probe" not in reason
 
 
 @pytest.mark.parametrize(

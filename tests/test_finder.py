@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +16,9 @@ from maxbatch import (
     ConfigError,
     DeviceError,
     DoesNotFitError,
+    EstimateError,
     WorkloadError,
+    estimate_batch_size,
     find_batch_size,
 )
 from maxbatch.accounting import MemoryCounter
@@ -282,6 +286,7 @@ def test_batch_norm_rejecting_batch_one_is_explained() -> None:
         ({"optimizer": "lion"}, "optimizer='lion' is not valid"),
         ({"time_budget": 0}, "time_budget=0"),
         ({"device": "tpu"}, "tpu"),
+        ({"estimate_first": "yes"}, "estimate_first='yes' must be True, False or None"),
     ],
 )
 def test_bad_options_are_rejected_before_any_trial(kwargs: dict, match: str) -> None:
@@ -324,3 +329,88 @@ def test_profiler_picks_at_or_below_the_ceiling_and_reports_curves() -> None:
         and plan["micro_batch"] <= result.ceiling
     )
     assert data["advice"]["learning_rates"]["linear"] > 0.1
+
+
+# -- the estimate's first guess -------------------------------------------------------------------
+
+
+def _estimate_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "maxbatch.estimate"]
+
+
+def test_auto_runs_no_estimate_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="maxbatch.estimate")
+    model, sample = mlp()
+    auto = find_batch_size(model, sample, memory="2MiB", profile=False)
+    assert _estimate_logs(caplog) == []
+    assert auto.trials[0].batch_size == 4  # the search starts from the sample's size
+    assert not any("first guess" in note for note in auto.notes)
+    off = find_batch_size(model, sample, memory="2MiB", profile=False, estimate_first=False)
+    sizes = [(t.batch_size, t.fits) for t in auto.trials]
+    assert [(t.batch_size, t.fits) for t in off.trials] == sizes
+
+
+def test_estimate_first_true_still_runs_it_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="maxbatch.estimate")
+    model, sample = mlp()
+    forced = find_batch_size(model, sample, memory="2MiB", profile=False, estimate_first=True)
+    auto = find_batch_size(model, sample, memory="2MiB", profile=False)
+    assert forced.ceiling == auto.ceiling
+    assert len(_estimate_logs(caplog)) == 1
+    assert _estimate_logs(caplog)[0].startswith(f"first guess from fake tensors: {forced.ceiling}")
+    # The right guess, its neighbour above, and the sample's size for the memory model.
+    assert [(t.batch_size, t.fits) for t in forced.trials] == [
+        (forced.ceiling, True),
+        (forced.ceiling + 1, False),
+        (4, True),
+    ]
+    assert len(forced.trials) < len(auto.trials)
+
+
+class LockedMLP(torch.nn.Module):
+    """A model that copy.deepcopy cannot copy: it holds a lock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()[0]
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            return self.net(x)
+
+
+class ReadsItem(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return y * 2 if y.sum().item() > 0 else y
+
+
+@pytest.mark.parametrize(
+    ("module", "why"),
+    [
+        (
+            LockedMLP,
+            "the model cannot be deep-copied onto fake tensors "
+            "(TypeError: cannot pickle '_thread.lock' object)",
+        ),
+        (ReadsItem, "the step calls aten._local_scalar_dense.default, which reads a tensor"),
+    ],
+)
+def test_a_first_guess_that_cannot_be_made_is_noted(module: type, why: str) -> None:
+    model, sample = module(), torch.randn(4, 32)
+    with pytest.raises(EstimateError):  # the premise: no estimate for this model
+        estimate_batch_size(model, sample, memory="2MiB")
+    forced = find_batch_size(model, sample, memory="2MiB", profile=False, estimate_first=True)
+    notes = [n for n in forced.notes if "first guess" in n]
+    assert len(notes) == 1
+    assert notes[0].startswith(f"no first guess from fake tensors: {why}")
+    assert notes[0].endswith("; the search started from batch size 4")
+    assert forced.trials[0].batch_size == 4
+    auto = find_batch_size(model, sample, memory="2MiB", profile=False)
+    assert auto.ceiling == forced.ceiling
+    assert not any("first guess" in n for n in auto.notes)
