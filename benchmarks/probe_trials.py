@@ -3,9 +3,12 @@
 For each bundled example model and each virtual-device cap, both tools look for the largest batch
 size whose training step fits, in the same process and on the same virtual device:
 
-- maxbatch: ``maxbatch.find_batch_size(..., memory=cap)``, which starts from the ceiling its
-  fake-tensor estimate predicts (``maxbatch.estimate``), so a right prediction needs two trials;
-- maxbatch without that estimate (``estimate_first=False``): its search from the sample's size;
+- maxbatch: ``maxbatch.find_batch_size(..., memory=cap)`` with its defaults: on the CPU that is
+  its search from the sample's size, without the fake-tensor estimate (``estimate_first=None``
+  runs the estimate first only on CUDA);
+- maxbatch + estimate (``estimate_first=True``): it starts from the ceiling its fake-tensor
+  estimate predicts (``maxbatch.estimate``), so a right prediction needs two trials, and its time
+  includes the fake trials;
 - the baseline, doubling + bisection (the strategy of Lightning's ``binsearch`` batch-size finder):
   start at the sample's batch size, double until a size does not fit, then bisect between the last
   success and the first failure until they are adjacent. It runs each size with maxbatch's own
@@ -123,8 +126,8 @@ class Row:
     first: str  # which tool ran first at this cap (in the first repeat)
     maxbatch_all_seconds: list[float] = dataclasses.field(default_factory=list)
     baseline_all_seconds: list[float] = dataclasses.field(default_factory=list)
-    no_estimate_trials: int = 0  # maxbatch without the fake-tensor estimate's first guess
-    no_estimate_seconds: float = 0.0
+    estimate_trials: int = 0  # maxbatch forced to start from the fake-tensor estimate's guess
+    estimate_seconds: float = 0.0
     problems: tuple[str, ...] = ()
 
     @property
@@ -238,11 +241,13 @@ def run_baseline(bench: Workbench, cap_bytes: int) -> ToolRun:
     return ToolRun(ceiling, tuple(trials), time.perf_counter() - t0)
 
 
-def run_maxbatch(bench: Workbench, cap_bytes: int, *, estimate_first: bool = True) -> ToolRun:
+def run_maxbatch(
+    bench: Workbench, cap_bytes: int, *, estimate_first: bool | None = None
+) -> ToolRun:
     """``maxbatch.find_batch_size`` on a virtual device of ``cap_bytes``, timed end to end.
 
-    With ``estimate_first`` (the default) the search starts from the fake-tensor estimate's
-    predicted ceiling; the time includes the fake trials.
+    ``estimate_first=None`` is maxbatch's default (on the CPU: no estimate); with True the search
+    starts from the fake-tensor estimate's predicted ceiling and the time includes the fake trials.
     """
     t0 = time.perf_counter()
     result = maxbatch.find_batch_size(
@@ -258,9 +263,9 @@ def run_maxbatch(bench: Workbench, cap_bytes: int, *, estimate_first: bool = Tru
     return ToolRun(result.ceiling, result.trials, time.perf_counter() - t0)
 
 
-def run_maxbatch_without_estimate(bench: Workbench, cap_bytes: int) -> ToolRun:
-    """maxbatch's search from the sample's size, without the estimate's first guess."""
-    return run_maxbatch(bench, cap_bytes, estimate_first=False)
+def run_maxbatch_with_estimate(bench: Workbench, cap_bytes: int) -> ToolRun:
+    """maxbatch forced to start from the fake-tensor estimate's first guess."""
+    return run_maxbatch(bench, cap_bytes, estimate_first=True)
 
 
 def verify(bench: Workbench, cap_bytes: int, ceiling: int) -> tuple[Trial, Trial]:
@@ -299,7 +304,7 @@ def compare(
     cap_bytes = parse_bytes(cap, name="cap")
     tools = {
         "maxbatch": run_maxbatch,
-        "maxbatch w/o estimate": run_maxbatch_without_estimate,
+        "maxbatch + estimate": run_maxbatch_with_estimate,
         "doubling+bisection": run_baseline,
     }
     runs: dict[str, list[ToolRun]] = {name: [] for name in tools}
@@ -309,12 +314,12 @@ def compare(
         for name in order:
             runs[name].append(tools[name](bench, cap_bytes))
     mine, base = runs["maxbatch"][0], runs["doubling+bisection"][0]
-    plain = runs["maxbatch w/o estimate"][0]
+    forced = runs["maxbatch + estimate"][0]
     problems = []
     if mine.ceiling != base.ceiling:
         problems.append(f"maxbatch found {mine.ceiling}, doubling+bisection {base.ceiling}")
-    if plain.ceiling != mine.ceiling:
-        problems.append(f"maxbatch found {mine.ceiling}, without the estimate {plain.ceiling}")
+    if forced.ceiling != mine.ceiling:
+        problems.append(f"maxbatch found {mine.ceiling}, with the estimate {forced.ceiling}")
     for name, tool_runs in runs.items():
         tool = tool_runs[0]
         if not _brackets(tool, tool.ceiling):
@@ -345,8 +350,8 @@ def compare(
         first=first,
         maxbatch_all_seconds=[r.seconds for r in runs["maxbatch"]],
         baseline_all_seconds=[r.seconds for r in runs["doubling+bisection"]],
-        no_estimate_trials=len(plain.trials),
-        no_estimate_seconds=statistics.median(r.seconds for r in runs["maxbatch w/o estimate"]),
+        estimate_trials=len(forced.trials),
+        estimate_seconds=statistics.median(r.seconds for r in runs["maxbatch + estimate"]),
         problems=tuple(problems),
     )
 
@@ -384,8 +389,8 @@ COLUMNS = (
     ("ceiling", ">"),
     ("maxbatch trials", ">"),
     ("maxbatch s", ">"),
-    ("w/o estimate trials", ">"),
-    ("w/o est. s", ">"),
+    ("+ estimate trials", ">"),
+    ("+ est. s", ">"),
     ("doubling+bisection trials", ">"),
     ("d+b s", ">"),
     ("trials ratio", ">"),
@@ -419,8 +424,8 @@ def format_row(row: Row) -> str:
             ceiling,
             str(row.maxbatch_trials),
             f"{row.maxbatch_seconds:.2f}",
-            str(row.no_estimate_trials),
-            f"{row.no_estimate_seconds:.2f}",
+            str(row.estimate_trials),
+            f"{row.estimate_seconds:.2f}",
             str(row.baseline_trials),
             f"{row.baseline_seconds:.2f}",
             f"{row.trials_ratio:.1f}x",
@@ -433,13 +438,14 @@ def format_row(row: Row) -> str:
 def summary(rows: Sequence[Row]) -> str:
     """Totals over all rows and the median ratios."""
     mt = sum(r.maxbatch_trials for r in rows)
-    nt = sum(r.no_estimate_trials for r in rows)
-    ns = sum(r.no_estimate_seconds for r in rows)
+    et = sum(r.estimate_trials for r in rows)
+    es = sum(r.estimate_seconds for r in rows)
     bt = sum(r.baseline_trials for r in rows)
     ms = sum(r.maxbatch_seconds for r in rows)
     bs = sum(r.baseline_seconds for r in rows)
     return (
-        f"total: maxbatch {mt} trials {ms:.1f} s, without the estimate {nt} trials {ns:.1f} s, "
+        f"total: maxbatch {mt} trials {ms:.1f} s, with the estimate forced {et} trials "
+        f"{es:.1f} s, "
         f"doubling+bisection {bt} trials {bs:.1f} s "
         f"(x{bt / mt:.1f} trials, x{bs / ms:.1f} time); "
         f"median ratio: trials x{statistics.median(r.trials_ratio for r in rows):.1f}, "
@@ -495,6 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"| python {info['python']} | maxbatch {info['maxbatch']}"
     )
     print("virtual device on the CPU; training step with the model file's optimizer (or AdamW)")
+    print(
+        "maxbatch: its defaults (on the CPU no fake-tensor estimate); + estimate: "
+        "estimate_first=True"
+    )
     print()
     print(header(), flush=True)
     t0 = time.perf_counter()
