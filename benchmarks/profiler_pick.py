@@ -1,25 +1,33 @@
-"""The profiler's search against an exhaustive sweep of the same candidates.
+"""The profiler's search against an exhaustive sweep of the same candidates (issue 3's target).
 
-For each bundled example at a virtual-device cap, every candidate size below the ceiling is timed
-once (the sweep). The profiler's search is then replayed on those very measurements, with a clock
-that advances by each size's measured wall time, so the comparison is about the search's choices,
-not about timing noise between two runs:
+Target: the pick's throughput is at least 98 % of the best found by timing every candidate, for at
+most 25 % of that sweep's time. Two parts:
 
-- pick / best: throughput at the size the search picks over the best throughput of the sweep;
-- time share: the wall time of the sizes the search timed over the wall time of the whole sweep.
+- **curves**: throughput curves of known shape (rising to the ceiling, saturating, saturating
+  early, peaked) at four ceilings, with seeded noise of 0, 1 and 3 % on every timed size (1 % is
+  a quiet GPU). Step time is ``batch / throughput``; a size costs 7 steps (2 warm-up, 5 timed),
+  as in the profiler. The truth is known, so pick / best and the time share are exact.
+- **real**: the bundled examples timed on this machine at virtual-device caps. Every candidate is
+  timed in ``--sweeps`` interleaved sweeps. The search is replayed on each sweep's measurements
+  (a clock that advances by each size's measured wall time), so it makes exactly the choices it
+  would have made live. Its pick and the sweep's best are then both judged on the *other*
+  sweeps (held out): judging them on the sweep that chose them would favour the sweep, whose
+  best is partly its luckiest noise. The spread between sweeps is printed: where it is above a
+  few percent (a shared CPU), no method resolves 2 % differences, the sweep included.
 
-Target (issue 3): pick / best >= 98 % for <= 25 % of the sweep's time.
-
-    python benchmarks/profiler_pick.py [--quick] [--json PATH]
+    python benchmarks/profiler_pick.py [--quick] [--sweeps N] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,121 +36,267 @@ from maxbatch import find_batch_size
 from maxbatch.batching import make_batch_fn
 from maxbatch.modelfile import load_model_file
 from maxbatch.profiler import candidates, profile, time_workload
+from maxbatch.trial import REPEATS
 from maxbatch.workload import Workload, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["mlp", "cnn", "transformer"]
+RULES = ("fastest", "within")
+STEPS = 7  # warm-up + replicates per timed size, as in maxbatch.profiler
+TARGET, SHARE = 0.98, 0.25
+
+StepSeconds = Callable[[int], float]
 
 
-class ReplayClock:
-    """Replays sweep measurements; the clock advances by each replayed size's wall time."""
+def shapes(ceiling: int) -> dict[str, StepSeconds]:
+    """Seconds of one step at batch ``b`` for four curve shapes, scaled to ``ceiling``."""
+    t1 = 1e-4  # seconds per sample once the device is busy
 
-    def __init__(self, sweep: dict[int, tuple[list[float], float]]):
-        self.sweep, self.now = sweep, 0.0
+    def affine(half: float) -> StepSeconds:
+        return lambda b: t1 * (half + b)  # throughput reaches half its limit at b = half
 
-    def __call__(self) -> float:
-        return self.now
+    def peaked(b: int) -> float:  # slows down past a cache or allocator knee at ceiling / 3
+        return t1 * (ceiling / 20 + b) * (1 + 0.3 * (3 * b / ceiling) ** 2)
 
-    def time_step(self, b: int) -> list[float]:
-        self.now += self.sweep[b][1]
-        return self.sweep[b][0]
+    return {
+        "rising": affine(2.0 * ceiling),  # still far from saturation at the ceiling
+        "saturating": affine(ceiling / 20),
+        "early": affine(ceiling / 200),  # flat over most of the range
+        "peaked": peaked,
+    }
 
 
-def run_one(name: str, cap: str) -> dict:
+def replay_search(
+    sizes: list[int],
+    step_seconds: StepSeconds,
+    cost: Callable[[int], float],
+    noise: float,
+    seed: int,
+    rule: str,
+) -> tuple[int, list[int]]:
+    """Run the search on a modelled step with seeded noise; return the pick and the sizes timed."""
+    rng, now = random.Random(seed), [0.0]
+
+    def time_step(b: int) -> list[float]:
+        now[0] += cost(b)
+        level = step_seconds(b) * math.exp(rng.gauss(0, noise))
+        return [level * math.exp(rng.gauss(0, noise / 2)) for _ in range(5)]
+
+    # What the probe's trials tell the profiler: a step's seconds at a small size and the ceiling.
+    prior = {b: cost(b) * math.exp(rng.gauss(0, noise)) for b in {min(8, sizes[-1]), sizes[-1]}}
+    prof = profile(time_step, sizes, rule=rule, clock=lambda: now[0], prior=prior)
+    return prof.batch_size, [p.batch_size for p in prof.points]
+
+
+def run_curves(seeds: int) -> list[dict]:
+    rows = []
+    for noise in (0.0, 0.01, 0.03):
+        for ceiling in (70, 414, 2651, 8000):
+            sizes = candidates(ceiling)
+            for name, step in shapes(ceiling).items():
+                rate = {b: b / step(b) for b in sizes}
+                best = max(rate.values())
+                sweep = sum(STEPS * step(b) for b in sizes)
+                for rule in RULES:
+                    for seed in range(seeds if noise else 1):
+                        chosen, timed = replay_search(
+                            sizes, step, lambda b, step=step: STEPS * step(b), noise, seed, rule
+                        )
+                        rows.append(
+                            {
+                                "noise": noise,
+                                "curve": f"{name}@{ceiling}",
+                                "rule": rule,
+                                "seed": seed,
+                                "pick": chosen,
+                                "pick_over_best": rate[chosen] / best,
+                                "time_share": sum(STEPS * step(b) for b in timed) / sweep,
+                            }
+                        )
+    return rows
+
+
+def sweep_example(name: str, cap: str, sweeps: int) -> dict:
+    """Time every candidate of one example ``sweeps`` times, alternating the order."""
     spec = load_model_file(ROOT / "examples" / f"{name}.py")
     sample = spec.make_batch if spec.make_batch is not None else spec.sample
-    opt_factory = spec.optimizer or "adamw"
+    optimizer = spec.optimizer or "adamw"
     probe = find_batch_size(
         spec.model,
         sample,
-        optimizer=opt_factory,
+        optimizer=optimizer,
         loss_fn=spec.loss,
         forward_fn=spec.forward,
         memory=cap,
         profile=False,
     )
+    ceiling = probe.ceiling
+    # As in find_batch_size: the probe's trials (REPEATS steps each) predict what timing costs.
+    prior = {t.batch_size: t.seconds / REPEATS * STEPS for t in probe.trials if t.fits}
     make_batch, _ = make_batch_fn(sample)
     work = Workload(
         spec.model,
         make_batch,
         torch.device("cpu"),
-        optimizer=make_optimizer(opt_factory, spec.model),
+        optimizer=make_optimizer(optimizer, spec.model),
         forward_fn=spec.forward,
         loss_fn=spec.loss,
     )
     work.save()
     work.prepare()
-    sizes = candidates(probe.ceiling)
-    sweep: dict[int, tuple[list[float], float]] = {}
+    sizes = candidates(ceiling)
+    runs: list[dict[int, tuple[list[float], float]]] = []
     try:
-        for b in sizes:
-            started = time.perf_counter()
-            seconds = time_workload(work, b)
-            sweep[b] = (seconds, time.perf_counter() - started)
+        for k in range(sweeps):
+            run: dict[int, tuple[list[float], float]] = {}
+            for b in sizes if k % 2 == 0 else reversed(sizes):
+                started = time.perf_counter()
+                seconds = time_workload(work, b)
+                run[b] = (seconds, time.perf_counter() - started)
+            runs.append(run)
     finally:
         work.reset(final=True)
-    total = sum(wall for _, wall in sweep.values())
-    rate = {b: b / statistics.median(s) for b, (s, _) in sweep.items()}
-    best = max(rate, key=rate.__getitem__)
-    row = {
+    return {
         "model": name,
         "cap": cap,
-        "ceiling": probe.ceiling,
-        "candidates": len(sizes),
-        "sweep_best": best,
-        "sweep_seconds": total,
+        "ceiling": ceiling,
+        "sizes": sizes,
+        "sweeps": runs,
+        "prior": prior,
     }
-    for rule in ("within", "fastest"):
-        clock = ReplayClock(sweep)
-        prof = profile(clock.time_step, sizes, rule=rule, clock=clock)
-        # "within" is judged against its own promise (3 % of the best it measured) and the best
-        # of the sweep; "fastest" against the best of the sweep.
-        row[rule] = {
-            "pick": prof.batch_size,
-            "pick_over_best": rate[prof.batch_size] / rate[best],
-            "timed": [p.batch_size for p in prof.points],
-            "time_share": sum(sweep[p.batch_size][1] for p in prof.points) / total,
-        }
-    return row
+
+
+def judge_real(data: dict) -> list[dict]:
+    """Replay the search on each sweep; judge its pick and the sweep's best on the others."""
+    sizes, runs = data["sizes"], data["sweeps"]
+
+    def rate(run: dict, b: int) -> float:
+        return b / statistics.median(run[b][0])
+
+    rows = []
+    for k, run in enumerate(runs):
+        held = [r for j, r in enumerate(runs) if j != k]
+        truth = {b: statistics.median(rate(r, b) for r in held) for b in sizes}
+        sweep_best = max(sizes, key=lambda b: rate(run, b))
+        total = sum(run[b][1] for b in sizes)
+        for rule in RULES:
+            now = [0.0]
+
+            def time_step(b: int, run: dict = run, now: list[float] = now) -> list[float]:
+                now[0] += run[b][1]
+                return list(run[b][0])
+
+            prof = profile(
+                time_step, sizes, rule=rule, clock=lambda now=now: now[0], prior=data["prior"]
+            )
+            timed = [p.batch_size for p in prof.points]
+            rows.append(
+                {
+                    "model": data["model"],
+                    "cap": data["cap"],
+                    "ceiling": data["ceiling"],
+                    "sweep": k,
+                    "rule": rule,
+                    "pick": prof.batch_size,
+                    "sweep_best": sweep_best,
+                    "pick_over_sweep_best": truth[prof.batch_size] / truth[sweep_best],
+                    "sweep_best_over_held_out_best": truth[sweep_best] / max(truth.values()),
+                    "timed": timed,
+                    "time_share": sum(run[b][1] for b in timed) / total,
+                    "sweep_seconds": total,
+                }
+            )
+    return rows
+
+
+def spread(data: dict) -> float:
+    """Median over sizes of the coefficient of variation of throughput between sweeps."""
+    cvs = []
+    for b in data["sizes"]:
+        rates = [b / statistics.median(run[b][0]) for run in data["sweeps"]]
+        cvs.append(statistics.pstdev(rates) / statistics.mean(rates))
+    return statistics.median(cvs)
+
+
+def summary(values: list[float]) -> str:
+    ordered = sorted(values)
+    p5 = ordered[len(ordered) // 20]
+    return f"min {ordered[0]:6.1%}  p5 {p5:6.1%}  median {statistics.median(ordered):6.1%}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one cap per example")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument("--quick", action="store_true", help="one cap, two sweeps, 10 seeds")
+    parser.add_argument("--sweeps", type=int, default=None, help="real sweeps (default 4)")
+    parser.add_argument("--seeds", type=int, default=None, help="noise seeds (default 50)")
+    parser.add_argument("--json", type=Path, default=None, help="write every row as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    caps = ["64MiB"] if args.quick else ["64MiB", "300MiB"]
+    seeds = args.seeds or (10 if args.quick else 50)
+    sweeps = args.sweeps or (2 if args.quick else 4)
+    if sweeps < 2:
+        parser.error("--sweeps must be at least 2: each sweep is judged on the others")
     print(
         f"machine: {platform.processor() or platform.machine()} | torch {torch.__version__} | "
         f"threads {torch.get_num_threads()}"
     )
-    head = (
-        f"{'model':<12}{'cap':>8}{'ceiling':>9}{'cands':>7}{'best':>7}"
-        f"{'within':>8}{'of best':>9}{'share':>8}{'fastest':>9}{'of best':>9}{'share':>8}"
-    )
-    print(head)
-    rows = []
-    for name in EXAMPLES:
-        for cap in caps:
-            r = run_one(name, cap)
-            rows.append(r)
-            w, f = r["within"], r["fastest"]
+
+    print("\n== curves of known shape: pick / best, and the share of the sweep's time ==")
+    curves = run_curves(seeds)
+    for noise in (0.0, 0.01, 0.03):
+        for rule in RULES:
+            rows = [r for r in curves if r["noise"] == noise and r["rule"] == rule]
+            ratios = [r["pick_over_best"] for r in rows]
+            shares = [r["time_share"] for r in rows]
+            met = sum(r["pick_over_best"] >= TARGET and r["time_share"] <= SHARE for r in rows)
             print(
-                f"{name:<12}{cap:>8}{r['ceiling']:>9}{r['candidates']:>7}{r['sweep_best']:>7}"
-                f"{w['pick']:>8}{w['pick_over_best']:>9.1%}{w['time_share']:>8.1%}"
-                f"{f['pick']:>9}{f['pick_over_best']:>9.1%}{f['time_share']:>8.1%}"
+                f"noise {noise:4.0%} {rule:<8} pick/best {summary(ratios)} | share max "
+                f"{max(shares):5.1%} median {statistics.median(shares):5.1%} | target met "
+                f"{met}/{len(rows)}"
             )
-    for rule in ("within", "fastest"):
-        ratios = [r[rule]["pick_over_best"] for r in rows]
-        shares = [r[rule]["time_share"] for r in rows]
+            for r in rows:
+                if noise == 0 and (r["pick_over_best"] < TARGET or r["time_share"] > SHARE):
+                    print(f"    miss: {r['curve']} pick {r['pick']} {r['pick_over_best']:.1%}")
+
+    print(f"\n== real steps on this machine, {sweeps} sweeps each, judged on held-out sweeps ==")
+    head = f"{'model':<12}{'cap':>7}{'ceiling':>8}{'cands':>6}{'sweep s':>9}{'spread':>8}"
+    print(head + "  per sweep: pick (held-out pick/sweep-best, share) for fastest | within")
+    real = []
+    for name in EXAMPLES:
+        for cap in ["64MiB"] if args.quick else ["64MiB", "300MiB"]:
+            data = sweep_example(name, cap, sweeps)
+            rows = judge_real(data)
+            real += rows
+            cells = []
+            for k in range(sweeps):
+                pair = [r for r in rows if r["sweep"] == k]
+                cells.append(
+                    " | ".join(
+                        f"{r['pick']} ({r['pick_over_sweep_best']:.2f}, {r['time_share']:.2f})"
+                        for r in pair
+                    )
+                )
+            print(
+                f"{name:<12}{cap:>7}{data['ceiling']:>8}{len(data['sizes']):>6}"
+                f"{statistics.median(r['sweep_seconds'] for r in rows):>9.1f}"
+                f"{spread(data):>8.1%}  " + ";  ".join(cells)
+            )
+    for rule in RULES:
+        rows = [r for r in real if r["rule"] == rule]
         print(
-            f"{rule}: pick/best min {min(ratios):.1%} median {statistics.median(ratios):.1%}; "
-            f"time share max {max(shares):.1%} median {statistics.median(shares):.1%}"
+            f"{rule:<8} pick/sweep-best (held out) "
+            f"{summary([r['pick_over_sweep_best'] for r in rows])}; share max "
+            f"{max(r['time_share'] for r in rows):5.1%} median "
+            f"{statistics.median(r['time_share'] for r in rows):5.1%}"
         )
+    noise_floor = [r["sweep_best_over_held_out_best"] for r in real if r["rule"] == RULES[0]]
+    print(
+        f"the sweep's own best over the held-out best: {summary(noise_floor)} "
+        "(how far timing noise alone moves a choice here)"
+    )
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"curves": curves, "real": real}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

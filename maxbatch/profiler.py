@@ -5,14 +5,17 @@ synchronised before every clock read, several replicates, their median and inter
 flag on noisy sizes. The search (:func:`profile`) does not time every candidate. It sees only
 ``time_step(b)`` (the seconds of each replicate) and a clock, so tests drive it with fakes:
 
-1. Coarse: rungs about 4x apart, ending at the ceiling, climbed from the first one above 1/64 of
-   it until a rung does not beat the best so far by more than ``flat_gain``; then the rungs below
-   while the smallest timed one is (nearly) the best, or for ``"within"`` within ``tolerance``.
-2. Fine: bisect, on a log scale, between the best size and its faster timed neighbour while each
-   probe gains more than ``flat_gain``; then, for ``"within"``, below the smallest size within
-   ``tolerance`` of the best.
-3. A fine probe runs only while the time spent stays under ``share`` of the predicted cost of
-   timing every candidate; any probe only if its predicted cost fits in the rest of ``budget``.
+1. Descent: from the largest multiple of 8 near the top, rungs about 4x apart, down while a rung
+   is within the tolerance of the best (``"within"``; ``flat_gain`` for ``"fastest"``) or faster
+   than the rung above it. The top comes first because the best is most often there, and so is
+   most of the cost of a sweep.
+2. Refinement: for ``"within"``, bisect (on a log scale) below the smallest size within the
+   tolerance of the best; then, for both rules, bisect beside the best toward its faster timed
+   neighbour, until no untimed candidate is left there.
+3. Cost: a size is timed only while the time spent stays under ``share`` (24 %) of the predicted
+   cost of timing every candidate (the first size always, unless ``prior`` costs, such as the
+   probe's trials, predict it too dear: the descent then starts lower), and only if its predicted
+   cost fits in the rest of ``budget``. Costs are predicted from the sizes timed so far.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,10 +41,10 @@ log = logging.getLogger(__name__)
 WARMUP = 2  #: untimed steps per size: the first creates optimizer state, workspaces, caches
 REPLICATES = 5  #: timed steps per size
 NOISY = 0.1  #: IQR / median above this flags a size as noisy (torch.utils.benchmark's threshold)
-TOLERANCE = 0.03  #: the "within" pick: the smallest size within 3 % of the best throughput
+TOLERANCE = 0.02  #: the "within" pick: the smallest size within 2 % of the best throughput
 FLAT_GAIN = 0.01  #: a step that gains no more than 1 % counts as flat
-SHARE = 0.2  #: fine probes stop at this share of the predicted cost of timing every candidate
-START = 64  #: the coarse climb starts at the first rung above 1/START of the largest size
+SHARE = 0.24  #: the search stops at this share of the predicted cost of timing every candidate
+ALIGN_SLACK = 1 / 32  #: the descent starts at the largest multiple of ALIGN this close to the top
 ALIGN = 8  #: sizes near the ceiling are multiples of this (tensor-core friendly)
 NEAR = 0.5  #: "near the ceiling": the top half, where powers of two leave a 2x gap
 MAX_NEAR = 16  #: at most this many sizes near the ceiling (coarser multiples when needed)
@@ -155,7 +158,7 @@ def pick(
         points: the timed sizes.
         rule: ``"within"`` (default): the smallest size whose throughput is within ``tolerance``
             of the best timed; ``"fastest"``: the best outright (the smaller size on a tie).
-        tolerance: the share of the best throughput ``"within"`` may give up (default 3 %).
+        tolerance: the share of the best throughput ``"within"`` may give up (default 2 %).
 
     Returns:
         The batch size and the reason, a sentence.
@@ -189,6 +192,15 @@ def pick(
     return chosen.batch_size, reason
 
 
+def _interpolate(known: Mapping[int, float], b: int) -> float:
+    """``known`` at ``b``: linear between known sizes, in proportion to the nearest outside."""
+    sizes = sorted(known)
+    if not sizes[0] <= b <= sizes[-1]:
+        near = sizes[0] if b < sizes[0] else sizes[-1]
+        return known[near] * b / near
+    return float(np.interp(b, sizes, [known[k] for k in sizes]))
+
+
 def _middle(gap: list[int], low: int, high: int) -> int:
     """The size in ``gap`` nearest the geometric middle of ``low`` and ``high``."""
     centre = (math.log(low) + math.log(high)) / 2
@@ -207,8 +219,10 @@ class _Search:
         share: float,
         noisy: float,
         on_point: Callable[[Throughput], None] | None,
+        prior: Mapping[int, float],
     ):
         self.time_step, self.sizes, self.budget, self.clock = time_step, sizes, budget, clock
+        self.prior = prior
         self.share, self.noisy, self.on_point = share, noisy, on_point
         self.points: dict[int, Throughput] = {}
         self.cost: dict[int, float] = {}  # seconds spent on each size, warm-up included
@@ -227,19 +241,26 @@ class _Search:
         return [b for b in self.sizes if b not in self.cost and b < limit]
 
     def predict(self, b: int) -> float:
-        """Seconds timing ``b`` should cost: interpolated between timed sizes, else proportional."""
-        timed = sorted(self.cost)
-        if not timed or b > timed[-1]:
-            return self.cost[timed[-1]] * b / timed[-1] if timed else 0.0
-        return float(np.interp(b, timed, [self.cost[k] for k in timed]))
+        """Seconds timing ``b`` should cost, from the timed sizes and the ``prior``.
 
-    def blocked(self, b: int, *, fine: bool) -> str | None:
+        The prior's costs, scaled by what the timed sizes really cost against it, fill in
+        where nothing was timed; with neither, 0.
+        """
+        known = dict(self.cost)
+        if self.prior:
+            scale, expected = 1.0, sum(_interpolate(self.prior, t) for t in self.cost)
+            if self.cost and expected > 0:
+                scale = sum(self.cost.values()) / expected
+            known = {k: c * scale for k, c in self.prior.items()} | known
+        return _interpolate(known, b) if known else 0.0
+
+    def blocked(self, b: int, *, shared: bool) -> str | None:
         """Why ``b`` may not be timed now, or None."""
         cost, spent = self.predict(b), sum(self.cost.values())
         if self.budget is not None and self.clock() - self.start + cost >= self.budget:
             self.budget_hit = True
             return f"the time budget ({self.budget:g} s) has no room left for batch size {b}"
-        if fine and spent + cost > self.share * (spent + sum(map(self.predict, self.untimed()))):
+        if shared and spent + cost > self.share * (spent + sum(map(self.predict, self.untimed()))):
             return (
                 f"timing {b} would pass {self.share:.0%} of the predicted cost of timing every size"
             )
@@ -250,7 +271,7 @@ class _Search:
         seconds: list[float] = []
         for attempt in range(2):
             if attempt and (
-                not measurement(b, seconds, self.noisy).noisy or self.blocked(b, fine=False)
+                not measurement(b, seconds, self.noisy).noisy or self.blocked(b, shared=False)
             ):
                 break
             started = self.clock()
@@ -267,66 +288,75 @@ class _Search:
             self.on_point(point)
         return True
 
-    def climb(self, rule: PickRule, tolerance: float, flat_gain: float) -> str:
-        """Time the coarse rungs (~4x apart, ending at the largest size; see the module doc)."""
-        rungs = [self.sizes[-1]]
-        while lower := [b for b in self.sizes if b <= rungs[-1] / 4]:
-            rungs.append(lower[-1])
-        rungs.reverse()
-        first = next(i for i, b in enumerate(rungs) if b * START >= rungs[-1])
-        why = "the coarse climb reached the largest size"
-        for b in rungs[first:]:
-            if (blocked := self.blocked(b, fine=False)) is not None:
-                return blocked
-            before = self.best() if self.points else None
-            if not self.measure(b):
-                why = f"batch size {b} ran out of memory while being timed"
-                break
-            if before is not None and self.rate(b) <= self.rate(before) * (1 + flat_gain):
-                why = f"the coarse climb flattened at batch size {b}"
-                break
-        keep = (1 - tolerance) if rule is PickRule.WITHIN else (1 - flat_gain)
-        for b in reversed(rungs[:first]):
-            low = min(self.points, default=None)
-            if low is None or self.rate(low) < keep * self.rate(self.best()):
-                break
-            if (blocked := self.blocked(b, fine=False)) is not None:
-                return blocked
-            self.measure(b)
-            why += f"; descended to {b}"
-        return why
+    def first_rung(self) -> int:
+        """The top of the descent: the largest multiple of ``ALIGN`` near the largest size."""
+        top = self.sizes[-1]
+        aligned = [b for b in self.sizes if b % ALIGN == 0 and b >= (1 - ALIGN_SLACK) * top]
+        return aligned[-1] if aligned else top
 
-    def refine(self, rule: PickRule, tolerance: float, flat_gain: float) -> str:
-        """Bisect next to the best while it gains; then, for "within", below the tolerance edge."""
-        peak = True
-        while self.points:
-            best, timed, untimed = self.best(), sorted(self.points), self.untimed()
-            edge = best
-            if not peak:
-                edge = min(b for b in timed if self.rate(b) >= (1 - tolerance) * self.rate(best))
+    def descend(self, keep: float) -> str:
+        """Time rungs about 4x apart from the top down while they may hold the best or the edge.
+
+        The descent stops at a rung below ``keep`` of the best and no faster than the rung above
+        it: from there down the curve only falls away. After a size runs out of memory, the next
+        rung is the candidate just below it.
+        """
+        b: int | None = self.first_rung()
+        above: int | None = None
+        skipped = ""
+        while b is not None:
+            fits = b in self.points
+            if not fits:
+                if (why := self.blocked(b, shared=bool(self.points or self.prior))) is not None:
+                    if self.points and not self.budget_hit:
+                        return why
+                    skipped = skipped or f"{why}; "  # a smaller rung may still fit
+                else:
+                    fits = self.measure(b)
+            if fits and above is not None and self.rate(b) < keep * self.rate(self.best()):
+                if self.rate(b) <= self.rate(above):
+                    return f"{skipped}the coarse descent fell away at batch size {b}"
+            above = b if fits else above
+            timed = b in self.cost
+            lower = [c for c in self.sizes if c < b and (timed and not fits or c <= b / 4)]
+            b = lower[-1] if lower else None
+        if not self.points:
+            return skipped.removesuffix("; ")
+        return f"{skipped}the coarse descent reached the smallest size"
+
+    def next_probe(self, rule: PickRule, tolerance: float) -> int | None:
+        """The next size to time: below the tolerance edge ("within") first, then by the best."""
+        timed, untimed = sorted(self.points), self.untimed()
+        best = self.best()
+        if rule is PickRule.WITHIN:
+            edge = min(b for b in timed if self.rate(b) >= (1 - tolerance) * self.rate(best))
             lo = max((b for b in timed if b < edge), default=None)
-            hi = min((b for b in timed if b > edge), default=None)
-            below = [b for b in untimed if b < edge and (lo is None or b > lo)]
-            above = [b for b in untimed if b > edge and (hi is None or b < hi)]
-            up = peak and bool(above)
-            up = up and (
-                not below or (hi is not None and (lo is None or self.rate(hi) >= self.rate(lo)))
-            )
-            gap = above if up else below
-            if not gap:
-                if peak and rule is PickRule.WITHIN:
-                    peak = False
-                    continue
-                return f"no untimed size is left next to batch size {edge}"
-            ends = (edge, hi or gap[-1]) if up else (lo or gap[0], edge)
-            b = _middle(gap, *ends)
-            if (why := self.blocked(b, fine=True)) is not None:
+            gap = [b for b in untimed if b < edge and (lo is None or b > lo)]
+            if gap:
+                return _middle(gap, lo if lo is not None else gap[0], edge)
+        lo = max((b for b in timed if b < best), default=None)
+        hi = min((b for b in timed if b > best), default=None)
+        left = [b for b in untimed if b < best and (lo is None or b > lo)]
+        right = [b for b in untimed if b > best and (hi is None or b < hi)]
+        if left and right and hi is not None and lo is not None:
+            left_first = self.rate(lo) >= self.rate(hi)
+        else:
+            left_first = bool(left)
+        if left_first:
+            return _middle(left, lo if lo is not None else left[0], best)
+        if right:
+            return _middle(right, best, hi if hi is not None else right[-1])
+        return None
+
+    def refine(self, rule: PickRule, tolerance: float) -> str:
+        """Bisect below the tolerance edge and beside the best while the share allows."""
+        while self.points and (b := self.next_probe(rule, tolerance)) is not None:
+            if (why := self.blocked(b, shared=True)) is not None:
                 return why
-            if self.measure(b) and peak and self.rate(b) <= self.rate(best) * (1 + flat_gain):
-                if rule is PickRule.FASTEST:
-                    return f"batch size {b} gained no more than {flat_gain:.0%} on {best}"
-                peak = False
-        return ""
+            self.measure(b)
+        return "no untimed size is left beside the best" + (
+            " or below the tolerance edge" if rule is PickRule.WITHIN else ""
+        )
 
 
 def profile(
@@ -341,6 +371,7 @@ def profile(
     share: float = SHARE,
     noisy: float = NOISY,
     on_point: Callable[[Throughput], None] | None = None,
+    prior: Mapping[int, float] | None = None,
 ) -> Profile:
     """Search the throughput curve over candidate ``sizes`` and pick one (see the module doc).
 
@@ -353,9 +384,12 @@ def profile(
         budget: seconds the search may take; a size is timed only if its predicted cost fits.
         clock: seconds as a float, read around every ``time_step`` call.
         flat_gain: a relative gain no larger than this counts as flat.
-        share: fine probes stop at this share of the predicted cost of timing every candidate.
+        share: the search stops at this share of the predicted cost of timing every candidate.
         noisy: IQR / median above which a size is flagged noisy.
         on_point: called with each :class:`Throughput` as it is measured.
+        prior: rough seconds of timing some sizes (e.g. from the probe's trials), so that
+            ``share`` and ``budget`` hold from the first size. Without them and with a
+            ``budget``, the smallest size is timed first to learn what a step costs.
 
     Returns:
         The timed points, the pick and why, and why the search stopped.
@@ -364,10 +398,15 @@ def profile(
     ordered = sorted(set(sizes))
     if not ordered:
         raise ConfigError("there are no candidate batch sizes to time")
-    search = _Search(time_step, ordered, budget, clock, share, noisy, on_point)
-    stop = search.climb(chosen, tolerance, flat_gain)
-    if not search.budget_hit and (refined := search.refine(chosen, tolerance, flat_gain)):
-        stop += f"; {refined}"
+    search = _Search(time_step, ordered, budget, clock, share, noisy, on_point, dict(prior or {}))
+    if budget is not None and not prior and search.blocked(ordered[0], shared=False) is None:
+        search.measure(ordered[0])
+    keep = 1 - (tolerance if chosen is PickRule.WITHIN else flat_gain)
+    stop = search.descend(keep)
+    if search.points:
+        stop += f"; {search.refine(chosen, tolerance)}"
+    if search.oom:
+        stop += f"; batch size {min(search.oom)} ran out of memory while being timed"
     points = tuple(search.points[b] for b in sorted(search.points))
     if points:
         batch_size, reason = pick(points, rule=chosen, tolerance=tolerance)
@@ -448,8 +487,15 @@ def profile_workload(
     replicates: int = REPLICATES,
     clock: Callable[[], float] = time.perf_counter,
     on_point: Callable[[Throughput], None] | None = None,
+    step_seconds: Mapping[int, float] | None = None,
 ) -> Profile:
-    """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size."""
+    """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size.
+
+    ``step_seconds`` (seconds of one step at some sizes, e.g. the probe's trials) predicts the
+    cost of the first sizes, so that ``budget`` holds from the start.
+    """
+    steps = warmup + replicates
+    prior = {b: s * steps for b, s in (step_seconds or {}).items()}
     return profile(
         lambda b: time_workload(workload, b, warmup=warmup, replicates=replicates, clock=clock),
         candidates(ceiling, min_batch_size=min_batch_size, multiple_of=multiple_of),
@@ -458,4 +504,5 @@ def profile_workload(
         budget=budget,
         clock=clock,
         on_point=on_point,
+        prior=prior,
     )
