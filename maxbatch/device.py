@@ -217,3 +217,26 @@ class CudaPeak:
             int(torch.cuda.max_memory_reserved(self.device)),
             retries,
         )
+
+
+class CudaTimer:
+    """Seconds of one stretch of work on a CUDA device, read from CUDA events.
+
+    The events are recorded on the device's current stream, so the time is the GPU's own,
+    without the host's clock-read and launch jitter; :meth:`stop` waits for the end event.
+    """
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.current_stream(device)
+        self.begin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self.end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+
+    def start(self) -> None:
+        """Mark the start, after the work already queued."""
+        self.begin.record(self.stream)
+
+    def stop(self) -> float:
+        """Mark the end, wait for it, and return the seconds since :meth:`start`."""
+        self.end.record(self.stream)
+        self.end.synchronize()
+        return float(self.begin.elapsed_time(self.end)) / 1000.0

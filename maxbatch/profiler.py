@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from maxbatch.device import synchronize
+from maxbatch.device import CudaTimer, synchronize
 from maxbatch.errors import ConfigError, MaxbatchError, WorkloadError
 from maxbatch.oom import is_oom, release_memory
 from maxbatch.results import Throughput
@@ -425,9 +425,17 @@ def _timed_steps(
     batch = to_device(workload.make_batch(b), workload.device)
     for _ in range(warmup):
         workload.step(batch)
+    # On CUDA with the default clock, CUDA events time the step on the device itself.
+    events = CudaTimer(workload.device) if workload.device.type == "cuda" else None
+    events = events if clock is time.perf_counter else None
     seconds = []
     for _ in range(replicates):
         synchronize(workload.device)
+        if events is not None:
+            events.start()
+            workload.step(batch)
+            seconds.append(events.stop())
+            continue
         started = clock()
         workload.step(batch)
         synchronize(workload.device)

@@ -48,3 +48,24 @@ def test_mlp_on_cuda_with_bf16() -> None:
     model, sample = mlp()
     result = find_batch_size(model.cuda(), sample.cuda(), memory="16MiB", precision="bf16")
     assert result.ceiling > 4
+
+
+def test_cuda_steps_are_timed_with_events_and_state_is_restored() -> None:
+    from maxbatch.batching import make_batch_fn
+    from maxbatch.profiler import time_workload
+    from maxbatch.workload import Workload, make_optimizer
+
+    model, sample = mlp()
+    model, sample = model.cuda(), sample.cuda()
+    params = [p.detach().clone() for p in model.parameters()]
+    make_batch, _ = make_batch_fn(sample)
+    work = Workload(model, make_batch, sample.device, optimizer=make_optimizer("adamw", model))
+    work.save()
+    work.prepare()
+    try:
+        seconds = time_workload(work, 64)
+    finally:
+        work.reset(final=True)
+    assert len(seconds) == 5 and all(0 < s < 5 for s in seconds)
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
