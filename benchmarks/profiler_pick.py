@@ -35,14 +35,15 @@ import torch
 from maxbatch import find_batch_size
 from maxbatch.batching import make_batch_fn
 from maxbatch.modelfile import load_model_file
-from maxbatch.profiler import candidates, profile, time_workload
+from maxbatch.profiler import candidates, profile
+from maxbatch.timing import time_workload
 from maxbatch.trial import REPEATS
 from maxbatch.workload import Workload, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["mlp", "cnn", "transformer"]
 RULES = ("fastest", "within")
-STEPS = 7  # warm-up + replicates per timed size, as in maxbatch.profiler
+STEPS = 7  # warm-up + replicates per timed size, as in maxbatch.timing
 TARGET, SHARE = 0.98, 0.25
 
 StepSeconds = Callable[[int], float]

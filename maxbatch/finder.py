@@ -18,8 +18,9 @@ from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.estimate import first_guess
 from maxbatch.oom import release_memory
+from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
-from maxbatch.profiler import TOLERANCE, check_pick, profile_workload
+from maxbatch.profiler import profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.trial import Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes

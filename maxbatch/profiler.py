@@ -1,9 +1,8 @@
-"""Throughput of candidate batch sizes at or below the ceiling, and the pick.
+"""The search for the best throughput among candidate batch sizes at or below the ceiling.
 
-Each size is timed like ``torch.utils.benchmark`` times code: warm-up steps, the device
-synchronised before every clock read, several replicates, their median and interquartile range, a
-flag on noisy sizes. The search (:func:`profile`) does not time every candidate. It sees only
-``time_step(b)`` (the seconds of each replicate) and a clock, so tests drive it with fakes:
+Each size is timed by :mod:`maxbatch.timing` and the pick made by :mod:`maxbatch.pick`. The
+search (:func:`profile`) does not time every candidate. It sees only ``time_step(b)`` (the seconds
+of each replicate) and a clock, so tests drive it with fakes:
 
 1. Descent: from the largest multiple of 8 near the top, rungs about 4x apart, down while a rung
    is within the tolerance of the best (``"within"``; ``flat_gain`` for ``"fastest"``) or faster
@@ -21,7 +20,6 @@ flag on noisy sizes. The search (:func:`profile`) does not time every candidate.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import math
 import time
@@ -30,18 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from maxbatch.device import CudaTimer, synchronize
-from maxbatch.errors import ConfigError, MaxbatchError, WorkloadError
-from maxbatch.oom import is_oom, release_memory
+from maxbatch.errors import ConfigError
+from maxbatch.pick import TOLERANCE, PickRule, check_pick, pick
 from maxbatch.results import Throughput
-from maxbatch.workload import Workload, to_device
+from maxbatch.timing import NOISY, REPLICATES, WARMUP, measurement, time_workload
+from maxbatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
-WARMUP = 2  #: untimed steps per size: the first creates optimizer state, workspaces, caches
-REPLICATES = 5  #: timed steps per size
-NOISY = 0.1  #: IQR / median above this flags a size as noisy (torch.utils.benchmark's threshold)
-TOLERANCE = 0.02  #: the "within" pick: the smallest size within 2 % of the best throughput
 FLAT_GAIN = 0.01  #: a step that gains no more than 1 % counts as flat
 SHARE = 0.24  #: the search stops at this share of the predicted cost of timing every candidate
 ALIGN_SLACK = 1 / 32  #: the descent starts at the largest multiple of ALIGN this close to the top
@@ -50,13 +44,6 @@ NEAR = 0.5  #: "near the ceiling": the top half, where powers of two leave a 2x 
 MAX_NEAR = 16  #: at most this many sizes near the ceiling (coarser multiples when needed)
 
 TimeStep = Callable[[int], Sequence[float]]
-
-
-class PickRule(str, enum.Enum):
-    """How the batch size is picked from the timed sizes."""
-
-    WITHIN = "within"  # the smallest size within the tolerance of the best throughput
-    FASTEST = "fastest"  # the best throughput outright
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,35 +73,6 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         """Return the profile as a JSON-ready dict."""
         return dataclasses.asdict(self)
-
-
-def measurement(batch_size: int, seconds: Sequence[float], noisy: float = NOISY) -> Throughput:
-    """Summarise the replicate ``seconds`` of one size; flag it when IQR / median > ``noisy``."""
-    q1, median, q3 = (float(q) for q in np.percentile(np.asarray(seconds), [25, 50, 75]))
-    median = max(median, 1e-12)  # a clock too coarse for the step must not divide by zero
-    iqr = q3 - q1
-    return Throughput(
-        batch_size, batch_size / median, median, iqr, len(seconds), iqr / median > noisy
-    )
-
-
-def check_pick(rule: PickRule | str, tolerance: float) -> PickRule:
-    """Validate the pick rule and tolerance at the boundary, before touching the device.
-
-    Raises:
-        ConfigError: the rule is not ``"within"`` or ``"fastest"``, or the tolerance is not a
-            number in ``[0, 1)``.
-    """
-    if (
-        isinstance(tolerance, bool)
-        or not isinstance(tolerance, (int, float))
-        or not 0 <= tolerance < 1
-    ):
-        raise ConfigError(f"tolerance={tolerance!r} must be a number in [0, 1), e.g. 0.03 for 3 %")
-    try:
-        return PickRule(str(getattr(rule, "value", rule)).lower())
-    except ValueError:
-        raise ConfigError(f"pick={rule!r} is not valid; choose one of: within, fastest") from None
 
 
 def candidates(ceiling: int, *, min_batch_size: int = 1, multiple_of: int = 1) -> list[int]:
@@ -147,49 +105,6 @@ def candidates(ceiling: int, *, min_batch_size: int = 1, multiple_of: int = 1) -
         step *= 2
     sizes.update(range(-(-start // step) * step, top + 1, step))
     return sorted(b for b in sizes if low <= b <= top)
-
-
-def pick(
-    points: Sequence[Throughput], *, rule: PickRule | str = "within", tolerance: float = TOLERANCE
-) -> tuple[int, str]:
-    """Pick a batch size from timed sizes and say why.
-
-    Args:
-        points: the timed sizes.
-        rule: ``"within"`` (default): the smallest size whose throughput is within ``tolerance``
-            of the best timed; ``"fastest"``: the best outright (the smaller size on a tie).
-        tolerance: the share of the best throughput ``"within"`` may give up (default 2 %).
-
-    Returns:
-        The batch size and the reason, a sentence.
-
-    Raises:
-        ConfigError: the rule or tolerance is invalid.
-        ValueError: ``points`` is empty.
-    """
-    chosen_rule = check_pick(rule, tolerance)
-    if not points:
-        raise ValueError("no batch size was timed, so there is nothing to pick from")
-    best = max(points, key=lambda p: (p.samples_per_second, -p.batch_size))
-    rate, count = f"{best.samples_per_second:,.1f} samples/s", f"{len(points)} sizes timed"
-    pct = f"{tolerance * 100:g}%"
-    floor = (1 - tolerance) * best.samples_per_second
-    within = [p for p in points if p.samples_per_second >= floor]
-    chosen = best if chosen_rule is PickRule.FASTEST else min(within, key=lambda p: p.batch_size)
-    if chosen_rule is PickRule.FASTEST:
-        reason = f"the fastest of the {count} ({rate})"
-    elif chosen is best:
-        reason = f"the fastest of the {count} ({rate}); no smaller size was within {pct}"
-    else:
-        share = chosen.samples_per_second / best.samples_per_second
-        reason = (
-            f"the smallest size within {pct} of the fastest: {share:.1%} of the {rate} "
-            f"of batch size {best.batch_size}"
-        )
-    if chosen.noisy:
-        spread = chosen.iqr_seconds / chosen.median_seconds
-        reason += f"; its timing is noisy (IQR {spread:.0%} of the median)"
-    return chosen.batch_size, reason
 
 
 def _interpolate(known: Mapping[int, float], b: int) -> float:
@@ -417,69 +332,6 @@ def profile(
     return Profile(
         batch_size, reason, points, tuple(ordered), not search.budget_hit, stop, seconds, oom
     )
-
-
-def _timed_steps(
-    workload: Workload, b: int, warmup: int, replicates: int, clock: Callable[[], float]
-) -> list[float]:
-    batch = to_device(workload.make_batch(b), workload.device)
-    for _ in range(warmup):
-        workload.step(batch)
-    # On CUDA with the default clock, CUDA events time the step on the device itself.
-    events = CudaTimer(workload.device) if workload.device.type == "cuda" else None
-    events = events if clock is time.perf_counter else None
-    seconds = []
-    for _ in range(replicates):
-        synchronize(workload.device)
-        if events is not None:
-            events.start()
-            workload.step(batch)
-            seconds.append(events.stop())
-            continue
-        started = clock()
-        workload.step(batch)
-        synchronize(workload.device)
-        seconds.append(clock() - started)
-    return seconds
-
-
-def time_workload(
-    workload: Workload,
-    batch_size: int,
-    *,
-    warmup: int = WARMUP,
-    replicates: int = REPLICATES,
-    clock: Callable[[], float] = time.perf_counter,
-) -> list[float]:
-    """Time ``replicates`` real steps at ``batch_size``, one by one, after ``warmup`` steps.
-
-    One batch is built on the device and the device is synchronised before every clock read.
-    The workload is reset afterwards (the caller has called ``workload.save()``), so every size
-    starts from the same state.
-
-    Returns:
-        The seconds of each timed step, or an empty list when the size ran out of memory.
-
-    Raises:
-        WorkloadError: the step failed for a reason other than memory.
-    """
-    oom, seconds = False, []
-    try:
-        seconds = _timed_steps(workload, batch_size, warmup, replicates, clock)
-    except MaxbatchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
-        if not is_oom(exc):
-            message = f"the step failed while timing batch size {batch_size}"
-            raise WorkloadError(
-                f"{message}: {type(exc).__name__}: {exc}", batch_size=batch_size
-            ) from exc
-        oom = True
-    finally:
-        workload.reset()
-    if oom:  # here, outside the except block, the traceback that held the batch is gone
-        release_memory(workload.device)
-    return seconds
 
 
 def profile_workload(

@@ -52,7 +52,7 @@ def test_mlp_on_cuda_with_bf16() -> None:
 
 def test_cuda_steps_are_timed_with_events_and_state_is_restored() -> None:
     from maxbatch.batching import make_batch_fn
-    from maxbatch.profiler import time_workload
+    from maxbatch.timing import time_workload
     from maxbatch.workload import Workload, make_optimizer
 
     model, sample = mlp()

@@ -11,17 +11,10 @@ import pytest
 import torch
 
 from maxbatch.errors import ConfigError, WorkloadError
-from maxbatch.profiler import (
-    PickRule,
-    Throughput,
-    candidates,
-    check_pick,
-    measurement,
-    pick,
-    profile,
-    profile_workload,
-    time_workload,
-)
+from maxbatch.pick import PickRule, check_pick, pick
+from maxbatch.profiler import candidates, profile, profile_workload
+from maxbatch.results import Throughput
+from maxbatch.timing import measurement, time_workload
 from maxbatch.workload import Workload
 
 
@@ -386,10 +379,10 @@ def test_profile_of_a_real_step_is_sensible_and_leaves_state_bit_identical() -> 
 
 
 def test_time_workload_synchronises_around_every_clock_read(monkeypatch) -> None:
-    import maxbatch.profiler as profiler
+    import maxbatch.timing as timing
 
     events: list[str] = []
-    monkeypatch.setattr(profiler, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(timing, "synchronize", lambda device: events.append("sync"))
     workload = mlp_workload()
     workload.save()
 

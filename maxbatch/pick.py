@@ -1,0 +1,80 @@
+"""The pick: which of the timed batch sizes to use, and why."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+from maxbatch.errors import ConfigError
+from maxbatch.results import Throughput
+
+TOLERANCE = 0.02  #: the "within" pick: the smallest size within 2 % of the best throughput
+
+
+class PickRule(str, enum.Enum):
+    """How the batch size is picked from the timed sizes."""
+
+    WITHIN = "within"  # the smallest size within the tolerance of the best throughput
+    FASTEST = "fastest"  # the best throughput outright
+
+
+def check_pick(rule: PickRule | str, tolerance: float) -> PickRule:
+    """Validate the pick rule and tolerance at the boundary, before touching the device.
+
+    Raises:
+        ConfigError: the rule is not ``"within"`` or ``"fastest"``, or the tolerance is not a
+            number in ``[0, 1)``.
+    """
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, (int, float))
+        or not 0 <= tolerance < 1
+    ):
+        raise ConfigError(f"tolerance={tolerance!r} must be a number in [0, 1), e.g. 0.03 for 3 %")
+    try:
+        return PickRule(str(getattr(rule, "value", rule)).lower())
+    except ValueError:
+        raise ConfigError(f"pick={rule!r} is not valid; choose one of: within, fastest") from None
+
+
+def pick(
+    points: Sequence[Throughput], *, rule: PickRule | str = "within", tolerance: float = TOLERANCE
+) -> tuple[int, str]:
+    """Pick a batch size from timed sizes and say why.
+
+    Args:
+        points: the timed sizes.
+        rule: ``"within"`` (default): the smallest size whose throughput is within ``tolerance``
+            of the best timed; ``"fastest"``: the best outright (the smaller size on a tie).
+        tolerance: the share of the best throughput ``"within"`` may give up (default 2 %).
+
+    Returns:
+        The batch size and the reason, a sentence.
+
+    Raises:
+        ConfigError: the rule or tolerance is invalid.
+        ValueError: ``points`` is empty.
+    """
+    chosen_rule = check_pick(rule, tolerance)
+    if not points:
+        raise ValueError("no batch size was timed, so there is nothing to pick from")
+    best = max(points, key=lambda p: (p.samples_per_second, -p.batch_size))
+    rate, count = f"{best.samples_per_second:,.1f} samples/s", f"{len(points)} sizes timed"
+    pct = f"{tolerance * 100:g}%"
+    floor = (1 - tolerance) * best.samples_per_second
+    within = [p for p in points if p.samples_per_second >= floor]
+    chosen = best if chosen_rule is PickRule.FASTEST else min(within, key=lambda p: p.batch_size)
+    if chosen_rule is PickRule.FASTEST:
+        reason = f"the fastest of the {count} ({rate})"
+    elif chosen is best:
+        reason = f"the fastest of the {count} ({rate}); no smaller size was within {pct}"
+    else:
+        share = chosen.samples_per_second / best.samples_per_second
+        reason = (
+            f"the smallest size within {pct} of the fastest: {share:.1%} of the {rate} "
+            f"of batch size {best.batch_size}"
+        )
+    if chosen.noisy:
+        spread = chosen.iqr_seconds / chosen.median_seconds
+        reason += f"; its timing is noisy (IQR {spread:.0%} of the median)"
+    return chosen.batch_size, reason
