@@ -30,7 +30,7 @@ def check_pick(rule: PickRule | str, tolerance: float) -> PickRule:
         or not isinstance(tolerance, (int, float))
         or not 0 <= tolerance < 1
     ):
-        raise ConfigError(f"tolerance={tolerance!r} must be a number in [0, 1), e.g. 0.03 for 3 %")
+        raise ConfigError(f"tolerance={tolerance!r} must be a number in [0, 1), e.g. 0.02 for 2 %")
     try:
         return PickRule(str(getattr(rule, "value", rule)).lower())
     except ValueError:
