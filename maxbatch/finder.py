@@ -22,7 +22,7 @@ from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
 from maxbatch.profiler import profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
-from maxbatch.trial import Meter, run_trial
+from maxbatch.trial import REPEATS, Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
 from maxbatch.workload import (
     ForwardFn,
@@ -276,6 +276,10 @@ def find_batch_size(
                     tolerance=tolerance,
                     budget=left,
                     on_point=on_point,
+                    # The trials' steps (counted ones are slower) predict what timing costs.
+                    step_seconds={
+                        t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
+                    },
                 )
                 chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
                 if not prof.complete:
