@@ -25,6 +25,7 @@ from maxbatch.errors import (
 from maxbatch.estimate import estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.modelfile import ModelSpec, load_model_file
+from maxbatch.pick import TOLERANCE
 from maxbatch.report import (
     devices_table,
     estimate_json,
@@ -155,7 +156,13 @@ def main() -> None:
     show_default=True,
     help="within: smallest size within --tolerance of the best throughput; fastest: the best",
 )
-@click.option("--tolerance", type=float, default=0.03, show_default=True)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=TOLERANCE,
+    show_default=True,
+    help="share of the best throughput the within pick may give up",
+)
 @click.option("--dataset-size", type=int, default=None, help="samples per epoch (advice)")
 @click.option("--global-batch", type=int, default=None, help="wanted batch per optimizer step")
 @click.option("--base-batch", type=int, default=None, help="batch size BASE_LR was tuned at")
