@@ -83,8 +83,10 @@ def replay_search(
         level = step_seconds(b) * math.exp(rng.gauss(0, noise))
         return [level * math.exp(rng.gauss(0, noise / 2)) for _ in range(5)]
 
-    # What the probe's trials tell the profiler: a step's seconds at a small size and the ceiling.
-    prior = {b: cost(b) * math.exp(rng.gauss(0, noise)) for b in {min(8, sizes[-1]), sizes[-1]}}
+    # What the probe's trials tell the profiler: a step's cost at the sizes a probe typically
+    # runs (the sample's size, a safe jump about halfway, the ceiling).
+    probed = {min(8, sizes[-1]), max(1, sizes[-1] // 2), sizes[-1]}
+    prior = {b: cost(b) * math.exp(rng.gauss(0, noise)) for b in probed}
     prof = profile(time_step, sizes, rule=rule, clock=lambda: now[0], prior=prior)
     return prof.batch_size, [p.batch_size for p in prof.points]
 
