@@ -227,6 +227,28 @@ def summary(values: list[float]) -> str:
     return f"min {ordered[0]:6.1%}  p5 {p5:6.1%}  median {statistics.median(ordered):6.1%}"
 
 
+def aggregate(curves: list[dict]) -> list[dict]:
+    """One row per noise, curve and rule: how its seeds fared."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in curves:
+        groups.setdefault((r["noise"], r["curve"], r["rule"]), []).append(r)
+    return [
+        {
+            "noise": noise,
+            "curve": curve,
+            "rule": rule,
+            "runs": len(rows),
+            "pick_over_best_min": min(r["pick_over_best"] for r in rows),
+            "pick_over_best_median": statistics.median(r["pick_over_best"] for r in rows),
+            "time_share_max": max(r["time_share"] for r in rows),
+            "target_met": sum(
+                r["pick_over_best"] >= TARGET and r["time_share"] <= SHARE for r in rows
+            ),
+        }
+        for (noise, curve, rule), rows in groups.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one cap, two sweeps, 10 seeds")
@@ -299,7 +321,8 @@ def main() -> None:
         "(how far timing noise alone moves a choice here)"
     )
     if args.json is not None:
-        args.json.write_text(json.dumps({"curves": curves, "real": real}, indent=1) + "\n")
+        rows = {"curves": aggregate(curves), "real": real}
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
