@@ -1,20 +1,17 @@
-"""One step at batch size ``b``, and the snapshot/restore of everything a step changes."""
+"""One step at batch size ``b`` on the user's model (its state is saved by ``snapshot``)."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import enum
-import random
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.snapshot import Snapshot
 
 
 class Mode(str, enum.Enum):
@@ -84,40 +81,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
 
-@dataclasses.dataclass
-class _Snapshot:
-    params: list[tuple[torch.nn.Parameter, torch.Tensor]]
-    grads: list[tuple[torch.nn.Parameter, torch.Tensor | None]]
-    buffers: list[tuple[torch.Tensor, torch.Tensor]]
-    training: list[tuple[torch.nn.Module, bool]]
-    opt_state: dict[Any, dict[str, Any]]
-    opt_groups: list[dict[str, Any]]
-    rng: dict[str, Any]
-
-
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Workload:
     """The user's model, batch maker, loss and optimizer, run as one step on one device.
 
@@ -155,7 +118,7 @@ class Workload:
         self.forward_fn = forward_fn or default_forward
         self.loss_fn = loss_fn or default_loss
         self.train_step = train_step
-        self._snapshot: _Snapshot | None = None
+        self._snapshot: Snapshot | None = None
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -224,29 +187,7 @@ class Workload:
 
     def save(self) -> None:
         """Copy everything a step changes to host memory (no copy is made on the device)."""
-        params = [(p, _host_copy(p)) for p in self.model.parameters()]
-        grads = [
-            (p, None if p.grad is None else _host_copy(p.grad)) for p in self.model.parameters()
-        ]
-        buffers = [(b, _host_copy(b)) for b in self.model.buffers()]
-        training = [(m, m.training) for m in self.model.modules()]
-        opt_state: dict[Any, dict[str, Any]] = {}
-        groups: list[dict[str, Any]] = []
-        if self.optimizer is not None:
-            for key, state in self.optimizer.state.items():
-                opt_state[key] = {
-                    k: (v.device, _host_copy(v))
-                    if isinstance(v, torch.Tensor)
-                    else copy.deepcopy(v)
-                    for k, v in state.items()
-                }
-            groups = [
-                {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
-                for g in self.optimizer.param_groups
-            ]
-        self._snapshot = _Snapshot(
-            params, grads, buffers, training, opt_state, groups, _rng_state()
-        )
+        self._snapshot = Snapshot.take(self.model, self.optimizer)
 
     def reset(self, *, final: bool = False) -> None:
         """Put parameters, buffers and optimizer state back as saved.
@@ -254,51 +195,9 @@ class Workload:
         Between trials gradients are dropped (every step starts with ``zero_grad``); with
         ``final=True`` gradients, training flags and RNG states are restored too.
         """
-        snap = self._snapshot
-        if snap is None:
+        if self._snapshot is None:
             raise RuntimeError("Workload.reset() called before save()")
-        with torch.no_grad():
-            for p, saved in snap.params:
-                p.copy_(saved)
-            for b, saved in snap.buffers:
-                b.copy_(saved)
-            for p, saved_grad in snap.grads:
-                p.grad = None
-                if final and saved_grad is not None:
-                    p.grad = saved_grad.to(p.device)
-        if self.optimizer is not None:
-            self._restore_optimizer(snap)
-        if final:
-            for module, flag in snap.training:
-                module.training = flag
-        _set_rng_state(snap.rng)
-
-    def _restore_optimizer(self, snap: _Snapshot) -> None:
-        assert self.optimizer is not None
-        state = self.optimizer.state
-        for key in [k for k in state if k not in snap.opt_state]:
-            del state[key]
-        with torch.no_grad():
-            for key, saved in snap.opt_state.items():
-                current = state[key]
-                for k in [k for k in current if k not in saved]:
-                    del current[k]
-                for k, v in saved.items():
-                    if not isinstance(v, tuple):
-                        current[k] = copy.deepcopy(v)
-                        continue
-                    dev, host = v
-                    cur = current.get(k)
-                    if (
-                        isinstance(cur, torch.Tensor)
-                        and cur.shape == host.shape
-                        and (cur.dtype == host.dtype and cur.device == dev)
-                    ):
-                        cur.copy_(host)
-                    else:
-                        current[k] = host.to(dev, copy=True)
-        for group, saved_group in zip(self.optimizer.param_groups, snap.opt_groups, strict=True):
-            group.update(copy.deepcopy(saved_group))
+        self._snapshot.restore(self.model, self.optimizer, final=final)
 
     def prepare(self) -> None:
         """Set the model's mode for the step (``train()`` or ``eval()``)."""
