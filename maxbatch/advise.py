@@ -110,16 +110,15 @@ def iterations_per_epoch(dataset_size: int, batch_size: int, *, drop_last: bool 
 def accumulation_plan(global_batch: int, ceiling: int, pick: int | None = None) -> AccumulationPlan:
     """Split ``global_batch`` into equal micro-batches of at most ``ceiling`` samples.
 
-    The plan takes the fewest accumulation steps that split ``global_batch`` exactly. When every
-    exact split needs more than twice the fewest steps that could hold it (a prime global batch,
-    say), it takes those fewest steps with the micro-batch that comes nearest, and states the
-    difference and the exact alternative.
+    The micro-batch is the exact divisor of ``global_batch`` nearest (on a log scale, the larger
+    on a tie) to ``pick``, the size picked for throughput, or to ``ceiling`` without one. When
+    that divisor is more than 2x away (a prime global batch, say), it takes the micro-batch
+    nearest the target instead, and states the difference and the exact alternative.
 
     Args:
         global_batch: samples per optimizer step wanted.
         ceiling: the largest micro-batch that fits.
-        pick: the batch size picked for throughput; the note says when the micro-batch is
-            smaller (and so likely slower per sample).
+        pick: the batch size picked for throughput.
 
     Raises:
         ConfigError: a size is not a positive integer, or ``pick`` is above ``ceiling``.
@@ -127,26 +126,28 @@ def accumulation_plan(global_batch: int, ceiling: int, pick: int | None = None) 
     g, c = _positive(global_batch, "global_batch"), _positive(ceiling, "ceiling")
     if pick is not None and _positive(pick, "pick") > c:
         raise ConfigError(f"pick={pick} is larger than the ceiling {c}")
-    fewest = -(-g // c)
-    # The smallest divisor of g that is at least ``fewest``, from the divisor pairs (d, g // d).
+    target = c if pick is None else pick
     divisors = {d for i in range(1, math.isqrt(g) + 1) if g % i == 0 for d in (i, g // i)}
-    exact_steps = min(d for d in divisors if d >= fewest)
-    if exact_steps <= 2 * fewest:
-        steps, micro = exact_steps, g // exact_steps
+    exact = min((d for d in divisors if d <= c), key=lambda d: (abs(math.log(d / target)), -d))
+    if abs(math.log(exact / target)) <= math.log(2):
+        steps, micro = g // exact, exact
         note = (
             f"{g} fits in one step; no accumulation is needed"
             if steps == 1
             else f"{steps} accumulation steps of {micro} samples make exactly {g}"
         )
     else:
-        steps, micro = fewest, round(g / fewest)
+        steps = max(-(-g // c), round(g / target))
+        micro = min(c, round(g / steps))
         note = (
             f"{steps} accumulation steps of {micro} samples make {steps * micro} "
-            f"({steps * micro - g:+d} against {g}); exactly {g} takes {exact_steps} steps of "
-            f"{g // exact_steps}"
+            f"({steps * micro - g:+d} against {g}); exactly {g} takes {g // exact} steps of "
+            f"{exact}"
         )
     if pick is not None and micro < pick:
         note += f"; the micro-batch is below the picked {pick}, so expect lower throughput"
+    if pick is not None and steps > 1 and g <= c:
+        note += f"; {g} also fits in one step, but {pick} is the size picked for throughput"
     return AccumulationPlan(g, micro, steps, micro * steps, micro * steps == g, note)
 
 

@@ -30,6 +30,26 @@ def test_accumulation_plan(global_batch, ceiling, micro, steps, exact) -> None:
         assert "exactly 1009 takes 1009 steps of 1" in plan.note
 
 
+@pytest.mark.parametrize(
+    ("global_batch", "ceiling", "pick", "micro", "steps", "exact"),
+    [
+        (1024, 359, 128, 128, 8, True),  # the pick divides the global batch: it is the micro
+        (512, 128, 96, 128, 4, True),  # 128 is nearer 96 than 64 is (log scale)
+        (256, 300, 128, 128, 2, True),  # fits at once, yet the pick was faster
+        (1009, 300, 100, 101, 10, False),  # a prime: 10 steps near the pick, +1 stated
+    ],
+)
+def test_accumulation_plan_centres_on_the_pick(
+    global_batch, ceiling, pick, micro, steps, exact
+) -> None:
+    plan = accumulation_plan(global_batch, ceiling, pick)
+    assert (plan.micro_batch, plan.accumulation_steps, plan.exact) == (micro, steps, exact)
+    if global_batch <= ceiling:
+        assert f"{global_batch} also fits in one step" in plan.note
+    if not exact:
+        assert "(+1 against 1009); exactly 1009 takes 1009 steps of 1" in plan.note
+
+
 def test_scale_lr_linear_and_square_root() -> None:
     rates = scale_lr(0.1, 256, 1024)
     assert rates.linear == pytest.approx(0.4)
