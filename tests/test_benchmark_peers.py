@@ -1,16 +1,14 @@
 """Smoke test of benchmarks/run.py: maxbatch and the installed peers on one tiny workload."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from scripts import BENCHMARKS, benchmark_script
 from torch import nn
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is not installed: its modules import each other
 
 from peers import report, tools  # noqa: E402
@@ -120,12 +118,9 @@ def test_sweep_sizes(ceiling, sample, extra, expected):
 
 def test_the_command_line_writes_json_markdown_and_a_chart(tmp_path):
     pytest.importorskip("matplotlib")
-    spec = importlib.util.spec_from_file_location("_maxbatch_run_peers", BENCHMARKS / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     argv = ["--quick", "--workloads", "tabular-dict", "--tools", "maxbatch", "--out", str(tmp_path)]
-    assert module.main(argv) == 0
+    with benchmark_script("run") as module:
+        assert module.main(argv) == 0
     data = json.loads((tmp_path / "peers-quick.json").read_text())
     assert [r["cap"] for r in data["rows"]] == list(module.WORKLOADS["tabular-dict"].quick_caps)
     assert (tmp_path / "peers-quick.md").read_text().startswith("# maxbatch and its peers")

@@ -1,31 +1,18 @@
 """Smoke test of benchmarks/probe_trials.py: both searches on one tiny workload, in-process."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from scripts import benchmark_script
 from torch import nn
 
 from maxbatch.errors import DoesNotFitError
 from maxbatch.results import Trial
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_trials.py"
-
 
 @pytest.fixture(scope="module")
 def bench_module():
-    # benchmarks/ is not a package: load the script by its path, registered so dataclasses work.
-    spec = importlib.util.spec_from_file_location("_maxbatch_probe_trials", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("probe_trials") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,13 @@
 """benchmarks/profiler_pick.py: the curves of known shape meet issue 3's target, in-process."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "profiler_pick.py"
+from scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    # benchmarks/ is not a package: load the script by its path.
-    spec = importlib.util.spec_from_file_location("_maxbatch_profiler_pick", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("profiler_pick") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_noise_free_curves_meet_the_target(bench) -> None:
