@@ -36,14 +36,14 @@ from maxbatch import find_batch_size
 from maxbatch.batching import make_batch_fn
 from maxbatch.modelfile import load_model_file
 from maxbatch.profiler import candidates, profile
-from maxbatch.timing import time_workload
+from maxbatch.timing import REPLICATES, WARMUP, time_workload
 from maxbatch.trial import REPEATS
 from maxbatch.workload import Workload, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["mlp", "cnn", "transformer"]
 RULES = ("fastest", "within")
-STEPS = 7  # warm-up + replicates per timed size, as in maxbatch.timing
+STEPS = WARMUP + REPLICATES  # steps per timed size, as the profiler runs them
 TARGET, SHARE = 0.98, 0.25
 
 StepSeconds = Callable[[int], float]
@@ -81,7 +81,7 @@ def replay_search(
     def time_step(b: int) -> list[float]:
         now[0] += cost(b)
         level = step_seconds(b) * math.exp(rng.gauss(0, noise))
-        return [level * math.exp(rng.gauss(0, noise / 2)) for _ in range(5)]
+        return [level * math.exp(rng.gauss(0, noise / 2)) for _ in range(REPLICATES)]
 
     # What the probe's trials tell the profiler: a step's cost at the sizes a probe typically
     # runs (the sample's size, a safe jump about halfway, the ceiling).

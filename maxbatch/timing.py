@@ -39,8 +39,8 @@ def _timed_steps(
     for _ in range(warmup):
         workload.step(batch)
     # On CUDA with the default clock, CUDA events time the step on the device itself.
-    events = CudaTimer(workload.device) if workload.device.type == "cuda" else None
-    events = events if clock is time.perf_counter else None
+    cuda = workload.device.type == "cuda" and clock is time.perf_counter
+    events = CudaTimer(workload.device) if cuda else None
     seconds = []
     for _ in range(replicates):
         synchronize(workload.device)
