@@ -1,5 +1,6 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
+from maxbatch.advise import Advice, advice_for
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
@@ -13,6 +14,7 @@ from maxbatch.finder import find_batch_size
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
 
 __all__ = [
+    "Advice",
     "BatchSizeResult",
     "ConfigError",
     "DeviceError",
@@ -25,6 +27,7 @@ __all__ = [
     "ProbeResult",
     "Trial",
     "WorkloadError",
+    "advice_for",
     "estimate_batch_size",
     "find_batch_size",
 ]

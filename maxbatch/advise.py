@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from maxbatch.errors import ConfigError
+from maxbatch.results import BatchSizeResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,3 +218,39 @@ def advise(
             f"{rates.linear:.3g} linear (SGD), {rates.square_root:.3g} square root (Adam family)"
         )
     return Advice(b, c, effective, iterations, plan, rates, tuple(notes))
+
+
+def advice_for(
+    result: BatchSizeResult,
+    *,
+    dataset_size: int | None = None,
+    global_batch: int | None = None,
+    base_batch: int | None = None,
+    base_lr: float | None = None,
+) -> Advice:
+    """The advice for a result of :func:`~maxbatch.find_batch_size`: :func:`advise` at its pick.
+
+    ``find_batch_size(..., dataset_size=..., global_batch=..., base_batch=..., base_lr=...)``
+    puts the same advice, as plain data, in its result's ``advice``.
+
+    Args:
+        result: a probe's result (its pick and its ceiling).
+        dataset_size: samples in the training set, for the steps per epoch.
+        global_batch: the batch per optimizer step wanted.
+        base_batch: the batch size ``base_lr`` was tuned at.
+        base_lr: a tuned learning rate, scaled to the effective batch.
+
+    Returns:
+        The :class:`Advice`.
+
+    Raises:
+        ConfigError: a value is invalid, or only one of ``base_batch`` and ``base_lr`` is given.
+    """
+    return advise(
+        result.batch_size,
+        result.ceiling,
+        dataset_size=dataset_size,
+        global_batch=global_batch,
+        base_batch=base_batch,
+        base_lr=base_lr,
+    )

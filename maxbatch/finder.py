@@ -1,55 +1,80 @@
-"""``find_batch_size``: validate once, build the workload, probe the ceiling, pick a size."""
+"""``find_batch_size``: a short list of stages over records (see :mod:`maxbatch.spec`).
+
+validate (the keywords become records) -> capacity (:mod:`maxbatch.capacity`) -> search
+(:mod:`maxbatch.probe`, from the fake step's first guess on CUDA) -> profile
+(:mod:`maxbatch.profiler`) -> assemble (the result, then the advice over it).
+"""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from maxbatch.advise import advise
-from maxbatch.batching import make_batch_fn
-from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exported
-from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
-from maxbatch.device import default_headroom as default_headroom  # re-exported
-from maxbatch.device import describe, device_label, resolve_device
+from maxbatch.advise import advice_for
+from maxbatch.capacity import Capacity, counts_live_bytes, probe_capacity
+from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.estimate import first_guess
+from maxbatch.grid import Grid
 from maxbatch.oom import release_memory
-from maxbatch.pick import TOLERANCE, check_pick
-from maxbatch.probe import search
+from maxbatch.pick import TOLERANCE
+from maxbatch.probe import SearchOutcome, search
 from maxbatch.profiler import profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
-from maxbatch.trial import REPEATS, Meter, run_trial
-from maxbatch.units import format_bytes, parse_bytes
-from maxbatch.workload import (
+from maxbatch.spec import (
+    AdviceSettings,
     ForwardFn,
     LossFn,
+    MemorySettings,
     Mode,
     OptimizerArg,
     Precision,
+    ProfileSettings,
+    SearchSettings,
+    StepSpec,
+    Target,
     TrainStepFn,
-    build_workload,
-    parse_enum,
 )
-
-log = logging.getLogger(__name__)
-
-
-def _positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
-    return value
+from maxbatch.trial import REPEATS, Meter, run_trial
+from maxbatch.workload import Workload, build_workload
 
 
-def _model_device(model: torch.nn.Module) -> torch.device | None:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return None
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """Everything a probe was asked, validated: the records its stages take."""
+
+    step: StepSpec
+    device: torch.device
+    memory: MemorySettings
+    search: SearchSettings
+    profile: ProfileSettings
+    started: float  #: ``time.perf_counter()`` at the call: the time budget counts from here
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Picked:
+    """What the profile stage chose, and why."""
+
+    batch_size: int
+    reason: str
+    points: tuple[Throughput, ...] = ()
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Measured:
+    """What the stages on the device found."""
+
+    info: DeviceInfo
+    optimizer: str | None
+    capacity: Capacity
+    outcome: SearchOutcome
+    guess_note: str | None
+    picked: Picked
 
 
 def find_batch_size(
@@ -110,7 +135,7 @@ def find_batch_size(
             the pick is the ceiling.
         pick: ``"within"`` (default): the smallest size within ``tolerance`` of the best
             throughput measured; ``"fastest"``: the best outright.
-        tolerance: share of the best throughput the ``"within"`` pick may give up (default 3 %).
+        tolerance: share of the best throughput the ``"within"`` pick may give up (default 2 %).
         on_point: called with each :class:`~maxbatch.results.Throughput` as it is measured.
         dataset_size: samples per epoch, for the iterations per epoch at the pick.
         global_batch: the batch per optimizer step you want; the advice gives the micro-batch
@@ -135,192 +160,208 @@ def find_batch_size(
         DoesNotFitError: the smallest batch size does not fit.
         WorkloadError: the step failed for a reason other than memory.
     """
-    started = time.perf_counter()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    run_mode: Mode = parse_enum(Mode, mode, "mode")
-    prec: Precision = parse_enum(Precision, precision or "fp32", "precision")
-    step = _positive_int(multiple_of, "multiple_of", allow_none=False) or 1
-    min_b = _positive_int(min_batch_size, "min_batch_size")
-    max_b = _positive_int(max_batch_size, "max_batch_size")
-    if min_b is not None and max_b is not None and min_b > max_b:
-        raise ConfigError(f"min_batch_size={min_b} is larger than max_batch_size={max_b}")
-    if time_budget is not None and not time_budget > 0:
-        raise ConfigError(f"time_budget={time_budget!r} must be a positive number of seconds")
-    cap = None if memory is None else parse_bytes(memory, name="memory")
-    if cap == 0:
-        raise ConfigError("memory=0 leaves no room for anything; give a size such as 300MiB")
-    fixed_headroom = None if headroom is None else parse_bytes(headroom, name="headroom")
-    pick_rule = check_pick(pick, tolerance)
-    if estimate_first is not None and not isinstance(estimate_first, bool):
-        raise ConfigError(f"estimate_first={estimate_first!r} must be True, False or None (auto)")
-    for name, value in (("dataset_size", dataset_size), ("global_batch", global_batch)):
-        _positive_int(value, name)
-    _positive_int(base_batch, "base_batch")
-    if base_lr is not None and (isinstance(base_lr, bool) or not float(base_lr) > 0):
-        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
-    if (base_batch is None) != (base_lr is None):
-        raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
+    request = Request(
+        started=time.perf_counter(),
+        step=StepSpec.build(
+            model,
+            sample,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            forward_fn=forward_fn,
+            train_step=train_step,
+            mode=mode,
+            precision=precision,
+        ),
+        search=SearchSettings(
+            grid=Grid.build(
+                min_batch_size=min_batch_size,
+                max_batch_size=max_batch_size,
+                multiple_of=multiple_of,
+            ),
+            time_budget=time_budget,
+            estimate_first=estimate_first,
+            on_trial=on_trial,
+        ),
+        memory=MemorySettings.build(memory=memory, headroom=headroom),
+        profile=ProfileSettings.build(
+            enabled=profile, pick=pick, tolerance=tolerance, on_point=on_point
+        ),
+        device=_device(model, device),
+    )
+    wanted = AdviceSettings(
+        dataset_size=dataset_size, global_batch=global_batch, base_batch=base_batch, base_lr=base_lr
+    )
+    result = _assemble(request, _measure(request))
+    if wanted.wanted:
+        result = dataclasses.replace(
+            result, advice=advice_for(result, **wanted.keywords()).to_dict()
+        )
+    return result
 
-    make_batch, sample_size = make_batch_fn(sample)
-    here = _model_device(model)
-    dev = resolve_device(device) if device is not None else (here or resolve_device("cpu"))
-    if here is not None and device_label(here) != device_label(dev):
+
+def _device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device to probe: ``device``, else where the model is; the model must be there.
+
+    Raises:
+        ConfigError: the model is on another device.
+        DeviceError: the device is not available.
+    """
+    here = next(iter([*model.parameters(), *model.buffers()]), None)
+    where = None if here is None else here.device
+    dev = resolve_device(device) if device is not None else (where or resolve_device("cpu"))
+    if where is not None and device_label(where) != device_label(dev):
         raise ConfigError(
-            f"the model is on {device_label(here)} but device={device!r}; move it first "
+            f"the model is on {device_label(where)} but device={device!r}; move it first "
             f"(model.to({device_label(dev)!r}))"
         )
+    return dev
 
-    workload = build_workload(
-        model,
-        make_batch,
-        dev,
-        optimizer=optimizer,
-        mode=run_mode,
-        precision=prec,
-        forward_fn=forward_fn,
-        loss_fn=loss_fn,
-        train_step=train_step,
-    )
-    notes: list[str] = []
-    opt = workload.optimizer
-    if optimizer is None and opt is not None:
-        notes.append("no optimizer given: the step used AdamW, whose state is real memory")
-    opt_name = None if opt is None else type(opt).__name__
+
+def _measure(request: Request) -> Measured:
+    """Open the workload on the device, plan the capacity, search and profile; restore."""
+    dev, limits = request.device, request.memory
     info = describe(dev)
-    virtual = cap is not None
-    meter = Meter(dev, counting=virtual or dev.type != "cuda")
-    workload.save()
     try:
-        workload.prepare()
-        base = meter.live_bytes(workload)
-        if cap is not None:
-            capacity = cap
-        elif dev.type == "cuda":
-            capacity = info.capacity_bytes
-        else:
-            capacity = info.capacity_bytes + base
-            notes.append(
-                f"capacity is the host's available memory plus the model: {format_bytes(capacity)}"
-            )
-        room = (
-            fixed_headroom
-            if fixed_headroom is not None
-            else default_headroom(capacity, virtual=virtual)
-        )
-        usable = capacity - room
-        if usable <= base:
-            raise ConfigError(
-                f"the usable memory ({format_bytes(usable)} = capacity {format_bytes(capacity)} - "
-                f"headroom {format_bytes(room)}) is not more than the model and optimizer state "
-                f"already hold ({format_bytes(base)}); raise memory or lower headroom"
-            )
-        meter.set_usable(usable)
-        lower = min_b or 1
-        start = sample_size if sample_size is not None else max(lower, 2)
-        start = max(start, lower)
-        guess = None
-        # Auto: only on CUDA, where the real trials it saves are the expensive ones.
-        with_estimate = dev.type == "cuda" if estimate_first is None else estimate_first
-        if with_estimate:
-            guess, why = first_guess(
-                workload,
-                sample,
-                usable,
-                start=start,
-                min_batch_size=lower,
-                max_batch_size=max_b,
-                multiple_of=step,
-            )
-            if guess is None:
-                notes.append(
-                    f"no first guess from fake tensors: {why}; the search started from "
-                    f"batch size {start}"
-                )
-        try:
-            outcome = search(
-                lambda b: run_trial(workload, meter, b),
-                start=start,
-                usable_bytes=usable,
-                base_bytes=base,
-                min_batch_size=lower,
-                max_batch_size=max_b,
-                multiple_of=step,
-                time_budget=time_budget,
-                on_trial=on_trial,
-                first_guess=guess,
-            )
-        except WorkloadError as e:
-            if e.batch_size is not None and e.batch_size < start:
-                raise WorkloadError(
-                    f"{e} (the step worked at {start}; if the model rejects small batches, "
-                    f"e.g. batch norm in training, set min_batch_size)",
-                    batch_size=e.batch_size,
-                ) from e.__cause__
-            raise
-        chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
-        points: tuple[Throughput, ...] = ()
-        if profile:
-            left = None if time_budget is None else time_budget - (time.perf_counter() - started)
-            if left is not None and left <= 0:
-                reason = "the ceiling: the time budget was spent before any size could be timed"
-            else:
-                # Timed without the counter: its per-operator bookkeeping would skew the timings,
-                # and the sizes timed are at or below the verified ceiling.
-                prof = profile_workload(
-                    workload,
-                    outcome.ceiling,
-                    min_batch_size=lower,
-                    multiple_of=step,
-                    rule=pick_rule,
-                    tolerance=tolerance,
-                    budget=left,
-                    on_point=on_point,
-                    # The trials' steps (counted ones are slower) predict what timing costs.
-                    step_seconds={
-                        t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
-                    },
-                )
-                chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
-                if not prof.complete:
-                    notes.append(f"profiler: {prof.stop_reason}")
+        with (
+            Meter(dev, counting=counts_live_bytes(dev.type, limits.virtual)) as meter,
+            build_workload(request.step, dev) as workload,
+        ):
+            capacity = probe_capacity(info, limits, meter.live_bytes(workload))
+            meter.set_usable(capacity.usable_bytes)
+            outcome, guess_note = _search(request, workload, meter, capacity)
+            picked = _profile(request, workload, outcome)
     finally:
-        workload.reset(final=True)
-        meter.close()
         release_memory(dev, full=True)
-    if not outcome.complete:
-        notes.append(outcome.stop_reason)
-    advice = None
-    if dataset_size is not None or global_batch is not None or base_batch is not None:
-        advice = advise(
-            chosen,
-            outcome.ceiling,
-            dataset_size=dataset_size,
-            global_batch=global_batch,
-            base_batch=base_batch,
-            base_lr=base_lr,
-        ).to_dict()
+    opt = workload.optimizer
+    return Measured(
+        info=info,
+        optimizer=None if opt is None else type(opt).__name__,
+        capacity=capacity,
+        outcome=outcome,
+        guess_note=guess_note,
+        picked=picked,
+    )
+
+
+def _search(
+    request: Request, workload: Workload, meter: Meter, capacity: Capacity
+) -> tuple[SearchOutcome, str | None]:
+    """The ceiling search, from the fake step's first guess when asked (auto: on CUDA only).
+
+    Returns:
+        The outcome, and a note when a first guess was asked for and could not be made.
+
+    Raises:
+        DoesNotFitError: the smallest size does not fit.
+        WorkloadError: the step failed for another reason (below the sample's size: says so).
+    """
+    settings, grid = request.search, request.search.grid
+    start = grid.start(request.step.sample_size)
+    guess, note = None, None
+    # Auto: only on CUDA, where the real trials it saves are the expensive ones.
+    cuda = capacity.kind == "cuda"
+    if cuda if settings.estimate_first is None else settings.estimate_first:
+        guess, why = first_guess(
+            request.step.with_optimizer(workload.optimizer),
+            capacity.usable_bytes,
+            start=start,
+            grid=grid,
+            target=Target.CUDA if cuda else Target.CPU,
+        )
+        if guess is None:
+            note = (
+                f"no first guess from fake tensors: {why}; the search started from "
+                f"batch size {start}"
+            )
+    try:
+        outcome = search(
+            lambda b: run_trial(workload, meter, b),
+            start=start,
+            usable_bytes=capacity.usable_bytes,
+            base_bytes=capacity.base_bytes,
+            grid=grid,
+            time_budget=settings.time_budget,
+            on_trial=settings.on_trial,
+            first_guess=guess,
+        )
+    except WorkloadError as e:
+        if e.batch_size is not None and e.batch_size < start:
+            raise WorkloadError(
+                f"{e} (the step worked at {start}; if the model rejects small batches, "
+                f"e.g. batch norm in training, set min_batch_size)",
+                batch_size=e.batch_size,
+            ) from e.__cause__
+        raise
+    return outcome, note
+
+
+def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
+    """Time the step at or below the ceiling and pick; without the profiler, the ceiling."""
+    settings, budget = request.profile, request.search.time_budget
+    if not settings.enabled:
+        return Picked(batch_size=outcome.ceiling, reason="the ceiling (profile=False)")
+    left = None if budget is None else budget - (time.perf_counter() - request.started)
+    if left is not None and left <= 0:
+        return Picked(
+            batch_size=outcome.ceiling,
+            reason="the ceiling: the time budget was spent before any size could be timed",
+        )
+    # Timed without the counter: its per-operator bookkeeping would skew the timings, and the
+    # sizes timed are at or below the verified ceiling.
+    prof = profile_workload(
+        workload,
+        outcome.ceiling,
+        grid=request.search.grid,
+        settings=settings,
+        budget=left,
+        # The trials' steps (counted ones are slower) predict what timing costs.
+        step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
+    )
+    return Picked(
+        batch_size=prof.batch_size,
+        reason=prof.pick_reason,
+        points=prof.points,
+        note=None if prof.complete else f"profiler: {prof.stop_reason}",
+    )
+
+
+def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
+    """The result record, with the notes in the order the stages made them."""
+    step, capacity, outcome, picked = (
+        request.step,
+        measured.capacity,
+        measured.outcome,
+        measured.picked,
+    )
+    notes = [
+        "no optimizer given: the step used AdamW, whose state is real memory"
+        if step.optimizer is None and measured.optimizer is not None
+        else None,
+        capacity.note,
+        measured.guess_note,
+        picked.note,
+        None if outcome.complete else outcome.stop_reason,
+    ]
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
     return BatchSizeResult(
-        batch_size=chosen,
+        batch_size=picked.batch_size,
         ceiling=outcome.ceiling,
-        device=device_label(dev),
-        device_name=info.name,
-        mode=run_mode.value,
-        precision=None if prec is Precision.FP32 else prec.value,
-        optimizer=opt_name,
+        device=measured.info.device,
+        device_name=measured.info.name,
+        mode=step.mode.value,
+        precision=step.precision_name,
+        optimizer=measured.optimizer,
         trials=outcome.trials,
-        capacity_bytes=capacity,
-        headroom_bytes=room,
-        usable_bytes=usable,
-        virtual=virtual,
+        capacity_bytes=capacity.capacity_bytes,
+        headroom_bytes=capacity.headroom_bytes,
+        usable_bytes=capacity.usable_bytes,
+        virtual=capacity.virtual,
         memory_model=outcome.memory_model,
         complete=outcome.complete,
         stop_reason=outcome.stop_reason,
-        pick_reason=reason,
-        notes=tuple(notes),
-        seconds=time.perf_counter() - started,
-        throughput=tuple(points),
+        pick_reason=picked.reason,
+        notes=tuple(n for n in notes if n is not None),
+        seconds=time.perf_counter() - request.started,
+        throughput=picked.points,
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
-        advice=advice,
     )
