@@ -103,6 +103,21 @@ class _AttributesSave:
 
 
 @dataclasses.dataclass
+class _GeneratorSave:
+    """A ``torch.Generator``: its state, through ``get_state()`` / ``set_state()``."""
+
+    obj: torch.Generator
+    state: torch.Tensor
+
+    @classmethod
+    def take(cls, obj: torch.Generator) -> _GeneratorSave:
+        return cls(obj, obj.get_state())
+
+    def restore(self) -> None:
+        self.obj.set_state(self.state)
+
+
+@dataclasses.dataclass
 class _StateDictSave:
     """An object restored through its own ``state_dict()`` / ``load_state_dict()``."""
 
@@ -128,8 +143,8 @@ class ExtraState:
     """The validated ``extra_state`` items, sorted by how each one is saved.
 
     Args:
-        items: tensors, modules, optimizers, ``GradScaler`` objects and objects with
-            ``state_dict()`` and ``load_state_dict()``.
+        items: tensors, modules, optimizers, ``GradScaler`` and ``torch.Generator`` objects,
+            and objects with ``state_dict()`` and ``load_state_dict()``.
 
     Raises:
         ConfigError: an item is none of these.
@@ -146,13 +161,12 @@ class ExtraState:
                 "wrap a single object in a list"
             )
         for i, item in enumerate(self.items):
-            if not isinstance(item, (torch.Tensor, torch.nn.Module, torch.amp.GradScaler)) and not (
-                _has_state_dict(item)
-            ):
+            kinds = (torch.Tensor, torch.nn.Module, torch.amp.GradScaler, torch.Generator)
+            if not isinstance(item, kinds) and not _has_state_dict(item):
                 raise ConfigError(
                     f"extra_state[{i}] has type {type(item).__name__}, which maxbatch cannot "
-                    "save; expected a tensor, a torch.nn.Module, an optimizer, a GradScaler or "
-                    "an object with state_dict() and load_state_dict()"
+                    "save; expected a tensor, a torch.nn.Module, an optimizer, a GradScaler, a "
+                    "torch.Generator or an object with state_dict() and load_state_dict()"
                 )
 
     @property
@@ -174,11 +188,13 @@ class ExtraState:
     def take(self) -> ExtraSave:
         """Save the items that the model's snapshot does not cover."""
         tensors = [TensorSave.take(x) for x in self.items if isinstance(x, torch.Tensor)]
-        objects: list[_AttributesSave | _StateDictSave] = []
+        objects: list[_AttributesSave | _GeneratorSave | _StateDictSave] = []
         for x in self.items:
             if isinstance(x, torch.amp.GradScaler):
                 # Its state_dict() loses the lazily created ``_scale`` being None.
                 objects.append(_AttributesSave.take(x))
+            elif isinstance(x, torch.Generator):
+                objects.append(_GeneratorSave.take(x))
             elif not isinstance(x, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
                 objects.append(_StateDictSave.take(x))
         return ExtraSave(tensors, objects)
@@ -189,7 +205,7 @@ class ExtraSave:
     """The saved values of the extra tensors and objects."""
 
     tensors_saved: list[TensorSave]
-    objects: list[_AttributesSave | _StateDictSave]
+    objects: list[_AttributesSave | _GeneratorSave | _StateDictSave]
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """The live tensors held as extra state."""
@@ -206,13 +222,26 @@ class ExtraSave:
             obj.restore()
 
 
-def referenced_scalers(fn: Callable[..., Any] | None) -> list[torch.amp.GradScaler]:
-    """The ``GradScaler`` objects among the global and closure variables ``fn`` uses."""
-    if fn is None:
-        return []
-    try:
-        names = inspect.getclosurevars(fn)
-    except TypeError:  # not a Python function (a callable object, a partial): nothing to see
-        return []
-    values = [*names.nonlocals.values(), *names.globals.values()]
-    return [v for v in values if isinstance(v, torch.amp.GradScaler)]
+def referenced_scalers(fn: Callable[..., Any] | None, depth: int = 3) -> list[torch.amp.GradScaler]:
+    """The ``GradScaler`` objects among the global and closure variables ``fn`` uses.
+
+    Functions it uses are searched too, ``depth`` calls deep (a step that calls a helper).
+    """
+    found: dict[int, torch.amp.GradScaler] = {}
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = [(fn, depth)]
+    while todo:
+        current, left = todo.pop()
+        if current is None or id(current) in seen or left < 0:
+            continue
+        seen.add(id(current))
+        try:
+            names = inspect.getclosurevars(current)
+        except TypeError:  # not a Python function (a callable object, a partial): nothing to see
+            continue
+        for value in [*names.nonlocals.values(), *names.globals.values()]:
+            if isinstance(value, torch.amp.GradScaler):
+                found.setdefault(id(value), value)
+            elif inspect.isfunction(value) or inspect.ismethod(value):
+                todo.append((value, left - 1))
+    return list(found.values())

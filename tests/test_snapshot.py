@@ -73,7 +73,14 @@ def test_extra_state_and_a_grad_scaler_the_step_uses() -> None:
     counter = torch.zeros(())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
-    step = _ema_step(ema, scaler, counter)
+    gen = torch.Generator().manual_seed(7)
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(7))
+    ema_step = _ema_step(ema, scaler, counter)
+
+    def step(model: torch.nn.Module, batch: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        ema_step(model, batch + torch.rand(batch.shape, generator=gen), opt)
+        sched.step()
+
     find_batch_size(
         model,
         sample,
@@ -81,13 +88,14 @@ def test_extra_state_and_a_grad_scaler_the_step_uses() -> None:
         train_step=step,
         memory=CAP,
         profile=False,
-        extra_state=[ema, counter, sched],
+        extra_state=[ema, counter, sched, gen],
     )
     assert all(torch.equal(p, q) for p, q in zip(ema.parameters(), ema_before, strict=True))
     assert counter.item() == 0
     assert scaler._scale is None  # never used before: as it was, not a scale of 1
     assert scaler.get_scale() == 65536.0
-    assert sched.last_epoch == 0
+    assert sched.last_epoch == 0 and opt.param_groups[0]["lr"] == 0.1
+    assert torch.equal(torch.rand(3, generator=gen), expected)
 
 
 def test_a_used_grad_scaler_keeps_its_scale_tensor() -> None:
