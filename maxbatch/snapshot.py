@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maxbatch.accounting import uncounted
 from maxbatch.extrastate import ExtraSave, ExtraState, TensorSave, host_copy, set_values
 
 
@@ -168,8 +169,18 @@ class Snapshot:
         optimizer: torch.optim.Optimizer | None,
         extra: ExtraState | None = None,
     ) -> Snapshot:
-        """Copy the state to host memory and free the gradients (trials start without them)."""
-        extra = extra if extra is not None else ExtraState(())
+        """Copy the state to host memory and free the gradients (trials start without them).
+
+        The copies are host memory even on the CPU: a virtual device the probe runs in does not
+        count them.
+        """
+        with uncounted():
+            return cls._take(model, optimizer, extra if extra is not None else ExtraState(()))
+
+    @classmethod
+    def _take(
+        cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, extra: ExtraState
+    ) -> Snapshot:
         modules = [model, *extra.modules]
         optimizers = ([] if optimizer is None else [optimizer]) + list(extra.optimizers)
         params = _unique(
