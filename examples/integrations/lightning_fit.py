@@ -7,7 +7,7 @@ trainer's ``accumulate_grad_batches``; then training runs at the new size.
 
 Run it with (``--memory`` caps the virtual device, so the answer is the same on any machine)::
 
-    python examples/integrations/lightning_fit.py --memory 8MiB --global-batch 1024
+    python examples/integrations/lightning_fit.py --memory 4MiB --global-batch 4096
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class BatchSizes(pl.Callback):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory", default="8MiB", help="virtual device capacity")
-    parser.add_argument("--global-batch", type=int, default=1024)
+    parser.add_argument("--memory", default="4MiB", help="virtual device capacity")
+    parser.add_argument("--global-batch", type=int, default=4096)
     parser.add_argument("--max-steps", type=int, default=4)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
