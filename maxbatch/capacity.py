@@ -8,17 +8,24 @@ and search and the estimate's rows all read them from a :class:`Capacity`.
   for what counting live tensors cannot see (fragmentation, the context, cuBLAS/cuDNN
   workspaces, other processes growing meanwhile).
 - CPU and MPS: the available memory plus the model (already resident), the same headroom.
+- Inside a user's :func:`~maxbatch.virtual_device` the smaller cap wins (theirs counts what
+  ours does not): the probe is virtual, its capacity the room the enclosing counters leave.
 - An estimate for CUDA also reserves :data:`CUDA_CONTEXT_BYTES` for the context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterable, Iterator
+
+import torch
 
 from maxbatch.device import DeviceInfo
 from maxbatch.errors import ConfigError
 from maxbatch.spec import MemorySettings, Target
 from maxbatch.units import format_bytes
+from maxbatch.virtual import EnclosingDevices
 
 #: Default headroom on a real device: this share of the capacity, at least ``MIN_HEADROOM`` bytes.
 HEADROOM_FRACTION = 0.05
@@ -74,14 +81,48 @@ def counts_live_bytes(kind: str, virtual: bool) -> bool:
     return virtual or kind != "cuda"
 
 
-def probe_capacity(info: DeviceInfo, limits: MemorySettings, base_bytes: int) -> Capacity:
+def is_virtual(device: torch.device, limits: MemorySettings) -> bool:
+    """Whether a probe on ``device`` runs on a virtual device: a cap, or the user's around it."""
+    return limits.virtual or EnclosingDevices.present(device)
+
+
+@contextlib.contextmanager
+def enclosing_room(device: torch.device, state: Iterable[torch.Tensor]) -> Iterator[int | None]:
+    """Lend the user's enclosing virtual devices to the probe; yield the room they leave.
+
+    Yields None outside any. Their caps are lifted inside and put back on leaving.
+    """
+    lent = EnclosingDevices(device, state)
+    try:
+        yield lent.capacity_bytes
+    finally:
+        lent.restore()
+
+
+def probe_capacity(
+    info: DeviceInfo, limits: MemorySettings, base_bytes: int, enclosing_bytes: int | None
+) -> Capacity:
     """The probe's capacity on the device ``info`` describes, with ``base_bytes`` already live.
+
+    Args:
+        info: the device, read before the workload was prepared.
+        limits: the cap and the headroom asked for.
+        base_bytes: what the model and its state hold before any trial.
+        enclosing_bytes: the room the user's enclosing virtual devices leave, or None.
 
     Raises:
         ConfigError: nothing is usable above what the model and optimizer already hold.
     """
     note = None
-    if limits.memory_bytes is not None:
+    virtual = limits.virtual or enclosing_bytes is not None
+    if enclosing_bytes is not None:
+        capacity = (
+            enclosing_bytes
+            if limits.memory_bytes is None
+            else min(limits.memory_bytes, enclosing_bytes)
+        )
+        note = f"inside a virtual device: capacity {format_bytes(capacity)}"
+    elif limits.memory_bytes is not None:
         capacity = limits.memory_bytes
     elif info.kind == "cuda":
         capacity = info.capacity_bytes
@@ -90,13 +131,13 @@ def probe_capacity(info: DeviceInfo, limits: MemorySettings, base_bytes: int) ->
         note = f"capacity is the host's available memory plus the model: {format_bytes(capacity)}"
     room = limits.headroom_bytes
     if room is None:
-        room = default_headroom(capacity, virtual=limits.virtual)
+        room = default_headroom(capacity, virtual=virtual)
     plan = Capacity(
         kind=info.kind,
         capacity_bytes=capacity,
         headroom_bytes=room,
         base_bytes=base_bytes,
-        virtual=limits.virtual,
+        virtual=virtual,
         note=note,
     )
     if plan.usable_bytes <= base_bytes:

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from maxbatch.accounting import CUDA_ROUNDING
 from maxbatch.batching import make_batch_fn, map_tensors
 from maxbatch.errors import DoesNotFitError, EstimateError, WorkloadError
+from maxbatch.extrastate import ExtraState
 from maxbatch.fakecopy import CPU, fake_like, fake_model, fake_optimizer, like_cuda
 from maxbatch.grid import Grid
 from maxbatch.probe import search
@@ -213,7 +214,9 @@ def fake_step(step: StepSpec, target: Target) -> Iterator[FakeStep]:
         else:
             make_batch, _ = make_batch_fn(map_tensors(step.sample, fake_like))
         workload = build_workload(
-            dataclasses.replace(step, model=model_copy, make_batch=make_batch),
+            dataclasses.replace(
+                step, model=model_copy, make_batch=make_batch, extra_state=ExtraState(())
+            ),
             CPU,
             adopt=lambda opt: fake_optimizer(opt, memo),
         )

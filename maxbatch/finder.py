@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from maxbatch.advise import advice_for
-from maxbatch.capacity import Capacity, counts_live_bytes, probe_capacity
+from maxbatch.capacity import (
+    Capacity,
+    counts_live_bytes,
+    enclosing_room,
+    is_virtual,
+    probe_capacity,
+)
 from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.estimate import first_guess
@@ -104,6 +110,7 @@ def find_batch_size(
     base_batch: int | None = None,
     base_lr: float | None = None,
     estimate_first: bool | None = None,
+    extra_state: Sequence[Any] = (),
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -150,6 +157,10 @@ def find_batch_size(
             much as a real one, so the estimate would cost more than it saves. True or False
             forces it. When it gives no guess (the model cannot be deep-copied, the step needs
             tensor values, nothing fits), a note says why and the search starts as without it.
+        extra_state: more state your ``train_step`` changes, restored in place after every
+            trial: tensors, modules (an EMA copy), optimizers, ``GradScaler`` objects, and objects
+            with ``state_dict()`` and ``load_state_dict()``. A ``GradScaler`` that ``train_step``
+            uses as a global or closure variable is restored without being listed.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -171,6 +182,7 @@ def find_batch_size(
             train_step=train_step,
             mode=mode,
             precision=precision,
+            extra_state=extra_state,
         ),
         search=SearchSettings(
             grid=Grid.build(
@@ -221,15 +233,15 @@ def _measure(request: Request) -> Measured:
     """Open the workload on the device, plan the capacity, search and profile; restore."""
     dev, limits = request.device, request.memory
     info = describe(dev)
+    counting = counts_live_bytes(dev.type, is_virtual(dev, limits))
     try:
-        with (
-            Meter(dev, counting=counts_live_bytes(dev.type, limits.virtual)) as meter,
-            build_workload(request.step, dev) as workload,
-        ):
-            capacity = probe_capacity(info, limits, meter.live_bytes(workload))
-            meter.set_usable(capacity.usable_bytes)
-            outcome, guess_note = _search(request, workload, meter, capacity)
-            picked = _profile(request, workload, outcome)
+        with Meter(dev, counting=counting) as meter, build_workload(request.step, dev) as workload:
+            base = meter.live_bytes(workload)
+            with enclosing_room(dev, workload.state_tensors()) as room:
+                capacity = probe_capacity(info, limits, base, room)
+                meter.set_usable(capacity.usable_bytes)
+                outcome, guess_note = _search(request, workload, meter, capacity)
+                picked = _profile(request, workload, outcome)
     finally:
         release_memory(dev, full=True)
     opt = workload.optimizer

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from maxbatch.batching import make_batch_fn
 from maxbatch.errors import ConfigError
+from maxbatch.extrastate import ExtraState
 from maxbatch.grid import ALL_SIZES, Grid, positive_int
 from maxbatch.pick import TOLERANCE, PickRule, check_pick
 from maxbatch.results import Throughput, Trial
@@ -85,6 +86,7 @@ class StepSpec:
         train_step: the user's whole step, or None.
         mode: training or inference.
         precision: the autocast precision (FP32: none).
+        extra_state: more state the step changes, restored after every trial.
     """
 
     model: torch.nn.Module
@@ -97,6 +99,7 @@ class StepSpec:
     train_step: TrainStepFn | None = None
     mode: Mode = Mode.TRAIN
     precision: Precision = Precision.FP32
+    extra_state: ExtraState = ExtraState(())
 
     @classmethod
     def build(
@@ -110,17 +113,20 @@ class StepSpec:
         train_step: TrainStepFn | None = None,
         mode: str | Mode = "train",
         precision: str | Precision | None = None,
+        extra_state: Sequence[Any] = (),
     ) -> StepSpec:
         """Validate the public keywords of the step (see :func:`~maxbatch.find_batch_size`).
 
         Raises:
-            ConfigError: the model is not a module, or the mode or precision is unknown.
+            ConfigError: the model is not a module, the mode or precision is unknown, or an
+                ``extra_state`` item cannot be saved.
             WorkloadError: the sample has no batch dimension.
         """
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         run_mode: Mode = parse_enum(Mode, mode, "mode")
         prec: Precision = parse_enum(Precision, precision or "fp32", "precision")
+        extra = ExtraState(extra_state).with_scalers(train_step)
         make_batch, sample_size = make_batch_fn(sample)
         return cls(
             model=model,
@@ -133,6 +139,7 @@ class StepSpec:
             train_step=train_step,
             mode=run_mode,
             precision=prec,
+            extra_state=extra,
         )
 
     def with_optimizer(self, optimizer: torch.optim.Optimizer | None) -> StepSpec:
