@@ -150,6 +150,11 @@ class BatchSizeResult:
         memory: peak bytes of each size that fit in the probe, by batch size.
         advice: what follows from the pick (accumulation plan, learning rates, epoch length),
             as plain data, or None when no input for it was given.
+        world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
+        accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
+        global_batch_size: samples per optimizer step over all ranks:
+            ``micro-batch × world_size × accumulation_steps`` (the micro-batch is the advice's
+            plan's when there is one, else ``batch_size``).
     """
 
     batch_size: int
@@ -173,6 +178,9 @@ class BatchSizeResult:
     throughput: tuple[Throughput, ...] = ()
     memory: tuple[MemoryPoint, ...] = ()
     advice: dict[str, Any] | None = None
+    world_size: int = 1
+    accumulation_steps: int = 1
+    global_batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
