@@ -214,6 +214,7 @@ def probe(
     global _rank
     _rank = _run(debug, distributed.init_from_env)
     spec = _start(model_file, verbose, debug)
+    extra = _run(debug, spec.extra_state_items)
     dev = _run(debug, lambda: resolve_device(distributed.rank_device(device)))
     spec.model.to(dev)
     count = 0
@@ -253,6 +254,7 @@ def probe(
             global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
+            extra_state=extra,
             **_step_kwargs(spec, **step),
         ),
     )
