@@ -62,10 +62,11 @@ class Watch(pl.Callback):
         self.sizes.append(len(batch[0]))
 
 
-def trainer(*callbacks: pl.Callback, steps: int = 3) -> pl.Trainer:
+def trainer(*callbacks: pl.Callback, steps: int = 3, precision: str = "32-true") -> pl.Trainer:
     return pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
+        precision=precision,
         callbacks=list(callbacks),
         logger=False,
         enable_checkpointing=False,
@@ -173,3 +174,45 @@ def test_the_example_trains_at_the_size_it_finds() -> None:
     assert info["batch_size"] * info["accumulate_grad_batches"] == 2048
     assert info["batch_size"] <= info["ceiling"]
     assert info["trained_batches"] == [info["batch_size"]] * info["accumulate_grad_batches"]
+
+
+def test_mixed_precision_is_the_trainers() -> None:
+    ceilings = {}
+    for precision in ("32-true", "bf16-mixed"):
+        tuner = MaxBatch(memory=MEMORY, profile=False)
+        trainer(tuner, steps=1, precision=precision).fit(Net())
+        assert tuner.result is not None
+        ceilings[precision] = tuner.result.ceiling
+    # Under autocast the activations the backward keeps are bf16: more samples fit.
+    assert ceilings["bf16-mixed"] > ceilings["32-true"]
+
+
+def test_the_standalone_pytorch_lightning_package() -> None:
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class Module(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = 4
+            self.net = nn.Linear(64, 10)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> DataLoader[Any]:
+            return DataLoader(dataset(), batch_size=self.batch_size)
+
+    module, tuner = Module(), MaxBatch(memory="2MiB", profile=False)
+    ptl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        callbacks=[tuner],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    ).fit(module)
+    assert tuner.result is not None and module.batch_size == tuner.result.ceiling
