@@ -200,6 +200,7 @@ def probe(
 ) -> None:
     """Find the largest batch size whose real step fits, for the model in MODEL_FILE."""
     spec = _start(model_file, verbose, debug)
+    extra = _run(debug, spec.extra_state_items)
     dev = _run(debug, lambda: resolve_device(device))
     spec.model.to(dev)
     count = 0
@@ -235,6 +236,7 @@ def probe(
             global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
+            extra_state=extra,
             **_step_kwargs(spec, **step),
         ),
     )
