@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
+import maxbatch  # noqa: E402
 from maxbatch import ConfigError  # noqa: E402
 from maxbatch.integrations.lightning import MaxBatch  # noqa: E402
 
@@ -31,6 +32,7 @@ class Net(pl.LightningModule):
         self.save_hyperparameters()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.data = dataset()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -42,7 +44,7 @@ class Net(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     def train_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(dataset(), batch_size=self.hparams.batch_size, shuffle=True)
+        return DataLoader(self.data, batch_size=self.hparams.batch_size, shuffle=True)
 
 
 class Watch(pl.Callback):
@@ -91,6 +93,23 @@ def test_fit_trains_at_the_ceiling_and_restores_the_module() -> None:
     assert watch.untouched is True
     assert watch.sizes == [result.ceiling] * 3
     assert "train_loss" in t.callback_metrics
+
+
+def test_the_ceiling_is_the_ceiling_of_real_training() -> None:
+    tuner = MaxBatch(memory=MEMORY, profile=False)
+    trainer(tuner, steps=1).fit(Net())
+    assert tuner.result is not None
+    ceiling = tuner.result.ceiling
+    # Lightning's own loop, at the ceiling and one above, on a device of the probe's capacity
+    # (the data set is made outside: on a GPU it would be host memory).
+    module = Net(batch_size=ceiling)
+    with maxbatch.virtual_device(MEMORY) as device:
+        device.track(module)
+        trainer(steps=3).fit(module)
+    module = Net(batch_size=ceiling + 1)
+    with pytest.raises(torch.OutOfMemoryError), maxbatch.virtual_device(MEMORY) as device:
+        device.track(module)
+        trainer(steps=3).fit(module)
 
 
 def test_global_batch_sets_accumulation() -> None:
