@@ -21,7 +21,7 @@ from maxbatch.extrastate import ExtraState
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
-from maxbatch.profiler import profile_workload
+from maxbatch.profiler import profile_fields, profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.trial import REPEATS, Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
@@ -276,6 +276,7 @@ def find_batch_size(
             raise
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
         points: tuple[Throughput, ...] = ()
+        prof = None
         if profile:
             left = None if time_budget is None else time_budget - (time.perf_counter() - started)
             if left is not None and left <= 0:
@@ -296,6 +297,7 @@ def find_batch_size(
                     step_seconds={
                         t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
                     },
+                    probe_seconds=time.perf_counter() - started,
                 )
                 chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
                 if not prof.complete:
@@ -341,4 +343,5 @@ def find_batch_size(
         throughput=tuple(points),
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
         advice=advice,
+        **({} if prof is None else profile_fields(prof)),
     )
