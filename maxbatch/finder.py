@@ -22,7 +22,7 @@ from maxbatch.extrastate import ExtraState
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
-from maxbatch.profiler import profile_workload
+from maxbatch.profiler import profile_fields, profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.trial import REPEATS, Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
@@ -295,6 +295,7 @@ def find_batch_size(
             raise
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
         points: tuple[Throughput, ...] = ()
+        prof = None
         if profile:
             left = None if time_budget is None else time_budget - (time.perf_counter() - started)
             if left is not None and left <= 0:
@@ -315,6 +316,7 @@ def find_batch_size(
                     step_seconds={
                         t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
                     },
+                    probe_seconds=time.perf_counter() - started,
                     agree=ranks.timings,
                     search_clock=ranks.clock,
                 )
@@ -367,6 +369,7 @@ def find_batch_size(
         throughput=tuple(points),
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
         advice=advice,
+        **({} if prof is None else profile_fields(prof)),
         world_size=ranks.world_size,
         accumulation_steps=plan["accumulation_steps"],
         global_batch_size=plan["micro_batch"] * ranks.world_size * plan["accumulation_steps"],
