@@ -24,6 +24,7 @@ import torch
 
 from maxbatch.accounting import CUDA_ROUNDING
 from maxbatch.capacity import CUDA_CONTEXT_BYTES, Capacity, estimate_capacity
+from maxbatch.data import DataSource
 from maxbatch.errors import ConfigError, EstimateError
 from maxbatch.fakestep import FakeStep, fake_step
 from maxbatch.grid import Grid, positive_int
@@ -122,7 +123,8 @@ def estimate_batch_size(
 
     Args:
         model: the model (on any device, or the meta device).
-        sample: one batch (batch dimension first) or ``make_batch(batch_size)``.
+        sample: one batch (batch dimension first), ``make_batch(batch_size)``, or a data set,
+            ``DataLoader`` or :class:`~maxbatch.data.DataSource` (its largest items).
         memory: capacities such as ``"24GiB"``, a list of them, or ``"16GiB,24GiB"``.
         headroom: bytes kept free below each capacity; default 0 for the CPU target (as the
             virtual device), 5 % (at least 256 MiB) for CUDA (as a probe on a real GPU).
@@ -150,6 +152,14 @@ def estimate_batch_size(
         WorkloadError: the step fails for another reason, as it would in a probe.
     """
     started = time.perf_counter()
+    tgt: Target = parse_enum(Target, target, "target")
+    caps = _capacities(memory)
+    room = None if headroom is None else parse_bytes(headroom, name="headroom")
+    grid = Grid.build(
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
+    )
+    sizes = [positive_int(b, "batch_sizes") for b in batch_sizes]
+    # Last: a data set or loader is scanned here, for its worst case.
     step = StepSpec.build(
         model,
         sample,
@@ -160,13 +170,6 @@ def estimate_batch_size(
         mode=mode,
         precision=precision,
     )
-    tgt: Target = parse_enum(Target, target, "target")
-    caps = _capacities(memory)
-    room = None if headroom is None else parse_bytes(headroom, name="headroom")
-    grid = Grid.build(
-        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
-    )
-    sizes = [positive_int(b, "batch_sizes") for b in batch_sizes]
     with fake_step(step, tgt) as fake:
         start = grid.start(fake.sample_size)
         rows = [_row(fake, estimate_capacity(cap, room, tgt), start, grid) for cap in caps]
@@ -187,6 +190,9 @@ def estimate_batch_size(
             "the peak is not affine in the batch size near the ceiling: the memory model is "
             "approximate there (the ceilings come from exact fake steps)"
         )
+    if isinstance(step.sample, DataSource):
+        largest = max((r.ceiling for r in rows if r.ceiling is not None), default=start)
+        notes.append(step.sample.report(largest).note)
     return Estimate(
         target=tgt.value,
         mode=step.mode.value,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from maxbatch.advise import advice_for
+from maxbatch.advise import advice_for, per_rank
 from maxbatch.capacity import (
     Capacity,
     counts_live_bytes,
@@ -22,14 +22,16 @@ from maxbatch.capacity import (
     is_virtual,
     probe_capacity,
 )
+from maxbatch.data import DataSource
 from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
+from maxbatch.distributed import Ranks, join
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.estimate import first_guess
 from maxbatch.grid import Grid
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE
 from maxbatch.probe import SearchOutcome, search
-from maxbatch.profiler import profile_workload
+from maxbatch.profiler import Profile, profile_fields, profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.spec import (
     AdviceSettings,
@@ -53,12 +55,14 @@ from maxbatch.workload import Workload, build_workload
 class Request:
     """Everything a probe was asked, validated: the records its stages take."""
 
+    started: float  #: ``time.perf_counter()`` at the call: the time budget counts from here
+    search: SearchSettings
+    memory: MemorySettings
+    profile: ProfileSettings
+    advice: AdviceSettings
     step: StepSpec
     device: torch.device
-    memory: MemorySettings
-    search: SearchSettings
-    profile: ProfileSettings
-    started: float  #: ``time.perf_counter()`` at the call: the time budget counts from here
+    ranks: Ranks  #: the ranks that agree under ``torch.distributed`` (one rank: alone)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,8 +71,18 @@ class Picked:
 
     batch_size: int
     reason: str
-    points: tuple[Throughput, ...] = ()
-    note: str | None = None
+    profile: Profile | None = None
+
+    @property
+    def points(self) -> tuple[Throughput, ...]:
+        """The timed sizes."""
+        return () if self.profile is None else self.profile.points
+
+    @property
+    def note(self) -> str | None:
+        """Why the profiler stopped early, if it did."""
+        prof = self.profile
+        return None if prof is None or prof.complete else f"profiler: {prof.stop_reason}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,6 +125,7 @@ def find_batch_size(
     base_lr: float | None = None,
     estimate_first: bool | None = None,
     extra_state: Sequence[Any] = (),
+    distributed: bool | None = None,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -161,6 +176,11 @@ def find_batch_size(
             trial: tensors, modules (an EMA copy), optimizers, ``GradScaler`` objects, and objects
             with ``state_dict()`` and ``load_state_dict()``. A ``GradScaler`` that ``train_step``
             uses as a global or closure variable is restored without being listed.
+        distributed: agree with the other ranks of the ``torch.distributed`` process group
+            (:mod:`maxbatch.distributed`): every rank probes its own device, runs the same
+            sizes, and a size fits only if it fit on every rank; all return the same result.
+            None (default): when a group with more than one rank is initialised; True: require
+            one; False: this process alone. ``global_batch`` is then over all ranks.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -170,20 +190,11 @@ def find_batch_size(
         DeviceError: the device is not available.
         DoesNotFitError: the smallest batch size does not fit.
         WorkloadError: the step failed for a reason other than memory.
+        DistributedError: another rank failed (:class:`~maxbatch.errors.RankFailedError`, with
+            its message), died, or did not answer within the process group's timeout.
     """
     request = Request(
         started=time.perf_counter(),
-        step=StepSpec.build(
-            model,
-            sample,
-            optimizer=optimizer,
-            loss_fn=loss_fn,
-            forward_fn=forward_fn,
-            train_step=train_step,
-            mode=mode,
-            precision=precision,
-            extra_state=extra_state,
-        ),
         search=SearchSettings(
             grid=Grid.build(
                 min_batch_size=min_batch_size,
@@ -198,17 +209,34 @@ def find_batch_size(
         profile=ProfileSettings.build(
             enabled=profile, pick=pick, tolerance=tolerance, on_point=on_point
         ),
+        advice=AdviceSettings(
+            dataset_size=dataset_size,
+            global_batch=global_batch,
+            base_batch=base_batch,
+            base_lr=base_lr,
+        ),
+        step=StepSpec.build(  # last of the options: a data set is scanned here
+            model,
+            sample,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            forward_fn=forward_fn,
+            train_step=train_step,
+            mode=mode,
+            precision=precision,
+            extra_state=extra_state,
+        ),
         device=_device(model, device),
+        ranks=join(distributed),
     )
-    wanted = AdviceSettings(
-        dataset_size=dataset_size, global_batch=global_batch, base_batch=base_batch, base_lr=base_lr
-    )
-    result = _assemble(request, _measure(request))
-    if wanted.wanted:
-        result = dataclasses.replace(
-            result, advice=advice_for(result, **wanted.keywords()).to_dict()
-        )
-    return result
+    try:
+        per_rank(global_batch, request.ranks.world_size)
+        measured = _measure(request)
+    except BaseException as e:
+        request.ranks.share(e)  # before raising, so that no other rank waits for this one
+        raise
+    request.ranks.done()
+    return _advise(request, _assemble(request, measured))
 
 
 def _device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -238,8 +266,9 @@ def _measure(request: Request) -> Measured:
         with Meter(dev, counting=counting) as meter, build_workload(request.step, dev) as workload:
             base = meter.live_bytes(workload)
             with enclosing_room(dev, workload.state_tensors()) as room:
-                capacity = probe_capacity(info, limits, base, room)
-                meter.set_usable(capacity.usable_bytes)
+                local = probe_capacity(info, limits, base, room)
+                meter.set_usable(local.usable_bytes)  # this rank's; the search sees the tightest
+                capacity = _agree(request.ranks, local)
                 outcome, guess_note = _search(request, workload, meter, capacity)
                 picked = _profile(request, workload, outcome)
     finally:
@@ -252,6 +281,16 @@ def _measure(request: Request) -> Measured:
         outcome=outcome,
         guess_note=guess_note,
         picked=picked,
+    )
+
+
+def _agree(ranks: Ranks, local: Capacity) -> Capacity:
+    """The tightest rank's capacity, with the base against it (alone: this rank's)."""
+    capacity, headroom, _, base = ranks.plan(
+        local.capacity_bytes, local.headroom_bytes, local.usable_bytes, local.base_bytes
+    )
+    return dataclasses.replace(
+        local, capacity_bytes=capacity, headroom_bytes=headroom, base_bytes=base
     )
 
 
@@ -285,17 +324,21 @@ def _search(
                 f"no first guess from fake tensors: {why}; the search started from "
                 f"batch size {start}"
             )
+    ranks, local_usable = request.ranks, meter.usable_bytes
+    assert local_usable is not None  # set from this rank's capacity
     try:
-        outcome = search(
-            lambda b: run_trial(workload, meter, b),
-            start=start,
-            usable_bytes=capacity.usable_bytes,
-            base_bytes=capacity.base_bytes,
-            grid=grid,
-            time_budget=settings.time_budget,
-            on_trial=settings.on_trial,
-            first_guess=guess,
-        )
+        with ranks.quiet_step(request.step.model):
+            outcome = search(
+                ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+                start=start,
+                usable_bytes=capacity.usable_bytes,
+                base_bytes=capacity.base_bytes,
+                grid=grid,
+                time_budget=settings.time_budget,
+                on_trial=settings.on_trial,
+                first_guess=guess,
+                clock=ranks.clock,
+            )
     except WorkloadError as e:
         if e.batch_size is not None and e.batch_size < start:
             raise WorkloadError(
@@ -328,13 +371,11 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         budget=left,
         # The trials' steps (counted ones are slower) predict what timing costs.
         step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
+        probe_seconds=time.perf_counter() - request.started,
+        agree=request.ranks.timings,
+        search_clock=request.ranks.clock,
     )
-    return Picked(
-        batch_size=prof.batch_size,
-        reason=prof.pick_reason,
-        points=prof.points,
-        note=None if prof.complete else f"profiler: {prof.stop_reason}",
-    )
+    return Picked(batch_size=prof.batch_size, reason=prof.pick_reason, profile=prof)
 
 
 def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
@@ -345,6 +386,8 @@ def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
         measured.outcome,
         measured.picked,
     )
+    sample = step.sample
+    scan = sample.report(outcome.ceiling) if isinstance(sample, DataSource) else None
     notes = [
         "no optimizer given: the step used AdamW, whose state is real memory"
         if step.optimizer is None and measured.optimizer is not None
@@ -353,6 +396,7 @@ def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
         measured.guess_note,
         picked.note,
         None if outcome.complete else outcome.stop_reason,
+        None if scan is None else scan.note,
     ]
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
     return BatchSizeResult(
@@ -376,4 +420,23 @@ def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
         seconds=time.perf_counter() - request.started,
         throughput=picked.points,
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
+        **({} if picked.profile is None else profile_fields(picked.profile)),
+        world_size=request.ranks.world_size,
+        data=None if scan is None else scan.to_dict(),
+    )
+
+
+def _advise(request: Request, result: BatchSizeResult) -> BatchSizeResult:
+    """The result with the advice over it, and the samples per optimizer step over all ranks."""
+    wanted = request.advice
+    advice = advice_for(result, **wanted.keywords()) if wanted.wanted else None
+    plan = None if advice is None else advice.accumulation
+    micro, steps = (
+        (result.batch_size, 1) if plan is None else (plan.micro_batch, plan.accumulation_steps)
+    )
+    return dataclasses.replace(
+        result,
+        advice=None if advice is None else advice.to_dict(),
+        accumulation_steps=steps,
+        global_batch_size=micro * result.world_size * steps,
     )

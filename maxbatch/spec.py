@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from maxbatch.batching import make_batch_fn
+from maxbatch.data import as_batch_source
 from maxbatch.errors import ConfigError
 from maxbatch.extrastate import ExtraState
 from maxbatch.grid import ALL_SIZES, Grid, positive_int
@@ -77,7 +78,8 @@ class StepSpec:
 
     Attributes:
         model: the user's model (never copied here).
-        sample: what the user gave as the batch source: a batch, or ``make_batch(batch_size)``.
+        sample: the batch source: a batch, ``make_batch(batch_size)``, or a
+            :class:`~maxbatch.data.DataSource` (a data set or loader, scanned).
         make_batch: a batch of any size from it.
         sample_size: the sample's batch size, or None for a user's ``make_batch``.
         optimizer: an optimizer, a factory, a name, or None (AdamW in training).
@@ -127,6 +129,7 @@ class StepSpec:
         run_mode: Mode = parse_enum(Mode, mode, "mode")
         prec: Precision = parse_enum(Precision, precision or "fp32", "precision")
         extra = ExtraState(extra_state).with_scalers(train_step)
+        sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
         make_batch, sample_size = make_batch_fn(sample)
         return cls(
             model=model,
