@@ -58,7 +58,8 @@ class Watch(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         same = all(torch.equal(self.initial[k], v) for k, v in module.state_dict().items())
         no_grads = all(p.grad is None for p in module.parameters())
-        self.untouched = same and no_grads and not trainer.optimizers[0].state
+        no_state = not any(opt.state for opt in trainer.optimizers)
+        self.untouched = same and no_grads and no_state
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
         self.sizes.append(len(batch[0]))
@@ -169,6 +170,30 @@ def test_manual_optimization_probes_the_modules_own_step() -> None:
     module = Manual()
     tuner, watch = MaxBatch(memory=MEMORY, profile=False), Watch(module)
     trainer(tuner, watch, steps=2).fit(module)
+    assert tuner.result is not None and watch.untouched is True
+    assert watch.sizes == [tuner.result.ceiling] * 2
+
+
+class TwoOptimizers(Manual):
+    """Manual optimization with an optimizer per layer (as a GAN has one per network)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.net(x), y))
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        first, last = self.net[0], self.net[2]
+        return [torch.optim.AdamW(first.parameters()), torch.optim.Adam(last.parameters())]
+
+
+def test_every_optimizer_is_restored() -> None:
+    module = TwoOptimizers()
+    tuner, watch = MaxBatch(memory=MEMORY, profile=False), Watch(module)
+    trainer(tuner, watch, steps=4).fit(module)  # Lightning counts the steps of both optimizers
     assert tuner.result is not None and watch.untouched is True
     assert watch.sizes == [tuner.result.ceiling] * 2
 

@@ -48,6 +48,15 @@ def probe_options(options: dict[str, Any], owner: str) -> dict[str, Any]:
     return dict(options)
 
 
+def with_extra_state(options: dict[str, Any], *state: Any) -> dict[str, Any]:
+    """``options`` with the framework's own stateful objects added to the user's ``extra_state``.
+
+    The probe restores them after every trial; ``None``s (a scaler that is not used) are left out.
+    """
+    ours = [obj for obj in state if obj is not None]
+    return {**options, "extra_state": [*ours, *options.get("extra_state", ())]}
+
+
 def per_rank_global_batch(global_batch: int | None, world_size: int) -> int | None:
     """The samples per optimizer step each of ``world_size`` ranks contributes.
 

@@ -32,6 +32,7 @@ from maxbatch.integrations._common import (
     per_rank_global_batch,
     plan_of,
     probe_options,
+    with_extra_state,
 )
 from maxbatch.results import BatchSizeResult
 
@@ -156,12 +157,10 @@ class MaxBatch(Callback):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Probe the module's step, set the batch size and accumulation, reload the loaders."""
-        optimizers = trainer.optimizers
-        if len(optimizers) > 1:
-            raise ConfigError(
-                f"MaxBatch probes modules with one optimizer; configure_optimizers returned "
-                f"{len(optimizers)}"
-            )
+        optimizers = list(trainer.optimizers)
+        # More optimizers (manual optimization) and a 16-bit GradScaler: restored after each trial.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        options = with_extra_state(self.options, *optimizers[1:], scaler)
         device = trainer.strategy.root_device
         sample = first_batch(trainer.fit_loop._data_source.dataloader(), device)
         result = find_batch_size(
@@ -171,7 +170,7 @@ class MaxBatch(Callback):  # type: ignore[misc]
             train_step=_train_step(trainer, pl_module),
             device=device,
             global_batch=per_rank_global_batch(self.global_batch, trainer.world_size),
-            **self.options,
+            **options,
         )
         # What the probe's steps logged is not training: the first epoch starts with nothing.
         trainer._logger_connector.reset_results()

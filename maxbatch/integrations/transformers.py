@@ -11,8 +11,9 @@ with the optimizer and scheduler the Trainer would create (or the ones it was gi
 clipping it applies, and batches from its own train dataloader (its data collator, its column
 removal), on ``args.device``. Then it sets ``args.per_device_train_batch_size`` and, given
 ``global_batch``, ``args.gradient_accumulation_steps``, so that ``trainer.train()`` runs at the new
-size. The model's and a given optimizer's state are restored; an optimizer and scheduler that the
-probe created are dropped, so ``train()`` creates them for the real number of steps.
+size. The model's state and a given optimizer's and scheduler's are restored; an optimizer and
+scheduler that the probe created are dropped, so ``train()`` creates them for the real number of
+steps.
 
 The callback form, :class:`MaxBatchCallback`, does the same when the Trainer is built with it in
 ``callbacks=[...]``.
@@ -34,6 +35,7 @@ from maxbatch.integrations._common import (
     per_rank_global_batch,
     plan_of,
     probe_options,
+    with_extra_state,
 )
 from maxbatch.results import BatchSizeResult
 
@@ -87,7 +89,8 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
         trainer.create_optimizer()
         trainer.create_scheduler(num_training_steps=_PROBE_SCHEDULE_STEPS)
     scheduler = trainer.lr_scheduler
-    scheduler_state = None if own_optimizer or scheduler is None else scheduler.state_dict()
+    # The scheduler and fp16's GradScaler step with the optimizer: restored after every trial.
+    options = with_extra_state(options, scheduler, getattr(trainer.accelerator, "scaler", None))
     # training_step divides the loss by this; the training loop sets it per accumulation group.
     had_steps = hasattr(trainer, "current_gradient_accumulation_steps")
     if not had_steps:
@@ -105,8 +108,6 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
     finally:
         if own_optimizer:
             trainer.optimizer, trainer.lr_scheduler = None, None
-        elif scheduler is not None and scheduler_state is not None:
-            scheduler.load_state_dict(scheduler_state)
         if not had_steps:
             del trainer.current_gradient_accumulation_steps
 
