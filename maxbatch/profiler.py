@@ -230,22 +230,30 @@ def profile_workload(
     on_point: Callable[[Throughput], None] | None = None,
     step_seconds: Mapping[int, float] | None = None,
     probe_seconds: float = 0.0,
+    agree: Callable[[TimeStep], TimeStep] | None = None,
+    search_clock: Callable[[], float] | None = None,
 ) -> Profile:
     """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size.
 
     ``step_seconds`` (seconds of one step at some sizes, e.g. the probe's trials) predicts the
     cost of the first sizes, so that ``budget`` holds from the start. ``probe_seconds``: what
-    the probe took, a scale for the cost rule (see :func:`profile`).
+    the probe took, a scale for the cost rule (see :func:`profile`). ``agree`` wraps the timing
+    of one size and ``search_clock`` replaces ``clock`` for the search's own decisions (both are
+    the ranks' agreement under ``torch.distributed``, see :mod:`maxbatch.distributed`).
     """
     steps = warmup + replicates
     prior = {b: s * steps for b, s in (step_seconds or {}).items()}
+
+    def time_step(b: int) -> list[float]:
+        return time_workload(workload, b, warmup=warmup, replicates=replicates, clock=clock)
+
     return profile(
-        lambda b: time_workload(workload, b, warmup=warmup, replicates=replicates, clock=clock),
+        time_step if agree is None else agree(time_step),
         candidates(ceiling, min_batch_size=min_batch_size, multiple_of=multiple_of),
         rule=rule,
         tolerance=tolerance,
         budget=budget,
-        clock=clock,
+        clock=clock if search_clock is None else search_clock,
         on_point=on_point,
         prior=prior,
         probe_seconds=probe_seconds,

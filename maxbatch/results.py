@@ -172,6 +172,11 @@ class BatchSizeResult:
         pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
             without the profiler).
         pick_confidence_reason: why, in words.
+        world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
+        accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
+        global_batch_size: samples per optimizer step over all ranks:
+            ``micro-batch × world_size × accumulation_steps`` (the micro-batch is the advice's
+            plan's when there is one, else ``batch_size``).
     """
 
     batch_size: int
@@ -199,6 +204,9 @@ class BatchSizeResult:
     profile_skipped: tuple[Skipped, ...] = ()
     pick_confidence: str | None = None
     pick_confidence_reason: str | None = None
+    world_size: int = 1
+    accumulation_steps: int = 1
+    global_batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
