@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +264,31 @@ def test_the_standalone_pytorch_lightning_package() -> None:
         enable_progress_bar=False,
     ).fit(module)
     assert tuner.result is not None and module.batch_size == tuner.result.ceiling
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_keep_the_global_batch() -> None:
+    script = Path(__file__).parent / "lightning_ddp.py"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [
+        json.loads(line[9:]) for line in out.stdout.splitlines() if line.startswith("MAXBATCH ")
+    ]
+    assert sorted(row["rank"] for row in rows) == [0, 1]
+    first, second = rows
+    assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
+    for row in rows:
+        assert row["untouched"] is True
+        assert row["batch_size"] == first["batch_size"] <= row["ceiling"]
+        # 4096 samples per optimizer step = micro-batch x 2 ranks x accumulation.
+        assert row["batch_size"] * 2 * row["accumulate_grad_batches"] == 4096
+        assert row["sizes"] == [row["batch_size"]] * (2 * row["accumulate_grad_batches"])

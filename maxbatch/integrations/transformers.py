@@ -31,8 +31,8 @@ from maxbatch.errors import ConfigError
 from maxbatch.finder import find_batch_size
 from maxbatch.integrations._common import (
     Plan,
+    check_global_batch,
     first_batch,
-    per_rank_global_batch,
     plan_of,
     probe_options,
     with_extra_state,
@@ -82,7 +82,6 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
             f"tune() probes one device per process, but this Trainer uses DataParallel over "
             f"{args.n_gpu} GPUs; launch with torchrun (one process per GPU) instead"
         )
-    per_rank = per_rank_global_batch(global_batch, args.world_size)
     sample = first_batch(trainer.get_train_dataloader(), args.device)
     own_optimizer = trainer.optimizer is None
     if own_optimizer:
@@ -102,7 +101,7 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
             optimizer=trainer.optimizer,
             train_step=_train_step(trainer, scheduler),
             device=args.device,
-            global_batch=per_rank,
+            global_batch=global_batch,  # over all ranks: find_batch_size splits it
             **options,
         )
     finally:
@@ -142,6 +141,7 @@ def tune(trainer: Trainer, global_batch: int | None = None, **options: Any) -> B
         DoesNotFitError: not even the smallest batch fits.
         WorkloadError: the training step failed for a reason other than memory.
     """
+    check_global_batch(global_batch)
     opts = probe_options(options, "tune()")
     result = _probe(trainer, global_batch, opts)
     _apply(trainer, plan_of(result), accumulate=global_batch is not None)
@@ -176,8 +176,7 @@ class MaxBatchCallback(TrainerCallback):  # type: ignore[misc]
     """
 
     def __init__(self, *, global_batch: int | None = None, **options: Any) -> None:
-        per_rank_global_batch(global_batch, 1)  # checks the value now
-        self.global_batch = global_batch
+        self.global_batch = check_global_batch(global_batch)
         self.options = probe_options(options, "MaxBatchCallback")
         self.result: BatchSizeResult | None = None
 
