@@ -17,12 +17,15 @@ from typing import Any, TypeVar
 
 import click
 
+from maxbatch import distributed
 from maxbatch.device import list_devices, resolve_device
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
+    DistributedError,
     MaxbatchError,
     ModelFileError,
+    RankFailedError,
     WorkloadError,
 )
 from maxbatch.estimate import estimate_batch_size
@@ -65,15 +68,22 @@ def _interruptible(done: Callable[[], str]) -> Iterator[None]:
         sys.exit(EXIT_TERMINATED if term else EXIT_INTERRUPTED)
 
 
+#: This process's rank under torchrun: only rank 0 prints (other ranks: a lost rank only).
+_rank = 0
+
+
 def _fail(exc: BaseException, debug: bool) -> None:
     """Print one clear line (or the traceback with --debug) and exit with the error's code."""
-    if debug:
+    if _rank != 0 and (not isinstance(exc, DistributedError) or isinstance(exc, RankFailedError)):
+        pass  # rank 0 says it (a rank that failed is reported by rank 0 too)
+    elif debug:
         import traceback
 
         traceback.print_exception(exc)
     else:
+        where = f"rank {_rank}: " if _rank else ""
         cause = f" (caused by {type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
-        click.echo(f"maxbatch: error: {exc}{cause}", err=True)
+        click.echo(f"maxbatch: error: {where}{exc}{cause}", err=True)
         if isinstance(exc, WorkloadError):
             click.echo("maxbatch: run with --debug for the traceback", err=True)
     usage = isinstance(exc, (ModelFileError, ConfigError, DeviceError))
@@ -221,12 +231,17 @@ def probe(
     debug: bool,
     **step: Any,
 ) -> None:
-    """Find the largest batch size whose real step fits, for the model in MODEL_FILE."""
+    """Find the largest batch size whose real step fits, for the model in MODEL_FILE.
+
+    Under torchrun every rank probes its own device and the ranks agree; rank 0 prints.
+    """
+    global _rank
+    _rank = _run(debug, distributed.init_from_env)
     spec = _start(model_file, verbose, debug)
     extra = _run(debug, spec.extra_state_items)
     if report_dir is not None:
         _run(debug, lambda: _check_report(report_dir))
-    dev = _run(debug, lambda: resolve_device(device))
+    dev = _run(debug, lambda: resolve_device(distributed.rank_device(device)))
     spec.model.to(dev)
     count = 0
 
@@ -235,9 +250,13 @@ def probe(
     def progress(trial: Trial) -> None:
         nonlocal count
         count += 1
+        if _rank:
+            return
         click.echo(trial_line(count, trial), err=True)
 
     def timed(point: Throughput) -> None:
+        if _rank:
+            return
         # On a terminal the timing line rewrites itself; in a log, one line per size.
         if tty:
             click.echo("\r\033[K" + point_line(point), err=True, nl=False)
@@ -266,6 +285,9 @@ def probe(
             extra_state=extra,
             **_step_kwargs(spec, **step),
         )
+    distributed.leave()
+    if _rank:
+        return
     if tty and result.throughput:
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
