@@ -359,3 +359,25 @@ def test_the_first_batch_of_a_loader_leaves_the_cuda_generators_alone(gpu: Scrip
     assert first_batch(loader, CUDA0).shape == (4,)
     gpu.mocks["get_rng_state"].assert_called_once_with(CUDA0)
     gpu.mocks["set_rng_state"].assert_called_once()
+
+
+def test_torchrun_on_cuda_adds_nccl_for_cuda_tensors(
+    gpu: ScriptedGpu, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed as dist
+
+    from maxbatch import distributed
+
+    init = mock.create_autospec(dist.init_process_group, side_effect=lambda *a, **k: None)
+    rank = mock.create_autospec(dist.get_rank, side_effect=lambda group=None: 1)
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(dist, "get_rank", rank)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.init_from_env() == 1
+    init.assert_called_once_with("cpu:gloo,cuda:nccl")
+    # Each rank probes its own GPU: cuda (or the default device) is cuda:LOCAL_RANK.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    assert distributed.rank_device("cuda") == distributed.rank_device(None) == "cuda:1"
+    assert distributed.rank_device("cpu") == "cpu"
