@@ -144,6 +144,16 @@ def _start(model_file: str, verbose: int, debug: bool) -> ModelSpec:
     return spec
 
 
+def scanned(done: int, total: int) -> None:
+    """A data set's scan on stderr: one line rewritten on a terminal, else one line at the end."""
+    if sys.stderr.isatty():
+        click.echo(
+            f"\r\033[Kreading the data set: {done}/{total} items", err=True, nl=done == total
+        )
+    elif done == total:
+        click.echo(f"read the data set: {total} items", err=True)
+
+
 def _step_kwargs(
     spec: ModelSpec,
     *,
@@ -300,8 +310,7 @@ def probe(
 
 
 def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
-    batches = spec.make_batch if spec.make_batch is not None else spec.sample
-    return _run(debug, lambda: find_batch_size(spec.model, batches, **kwargs))
+    return _run(debug, lambda: find_batch_size(spec.model, spec.batch_source(scanned), **kwargs))
 
 
 def _check_report(report_dir: str) -> None:
@@ -376,7 +385,7 @@ def estimate(
             debug,
             lambda: estimate_batch_size(
                 spec.model,
-                spec.make_batch if spec.make_batch is not None else spec.sample,
+                spec.batch_source(scanned),
                 memory=memory,
                 target=target,
                 batch_sizes=batch_sizes,

@@ -11,6 +11,7 @@ import torch
 
 from maxbatch.advise import advise
 from maxbatch.batching import make_batch_fn
+from maxbatch.data import DataSource, as_batch_source
 from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exported
 from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
 from maxbatch.device import default_headroom as default_headroom  # re-exported
@@ -90,7 +91,9 @@ def find_batch_size(
     Args:
         model: the model, on the device to probe.
         sample: one batch from your loader (batch dimension first; tensors in tuples, lists, dicts,
-            dataclasses, nested), or a callable ``make_batch(batch_size)`` returning a batch.
+            dataclasses, nested), a callable ``make_batch(batch_size)`` returning a batch, or the
+            data itself: a map-style ``Dataset``, a ``DataLoader`` or a
+            :class:`~maxbatch.data.DataSource`, whose largest items make each trial's batch.
         optimizer: an optimizer over the model's parameters (its state is restored afterwards), a
             factory ``optimizer(parameters)``, or ``"adamw"``, ``"adam"``, ``"sgd"``, ``"none"``.
             Default in train mode: AdamW over the trainable parameters.
@@ -184,6 +187,7 @@ def find_batch_size(
         raise ConfigError(
             f"global_batch={global_batch} is not a multiple of the {ranks.world_size} ranks"
         )
+    sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
     make_batch, sample_size = make_batch_fn(sample)
     here = _model_device(model)
     dev = resolve_device(device) if device is not None else (here or resolve_device("cpu"))
@@ -335,6 +339,9 @@ def find_batch_size(
     ranks.done()
     if not outcome.complete:
         notes.append(outcome.stop_reason)
+    scan = sample.report(outcome.ceiling) if isinstance(sample, DataSource) else None
+    if scan is not None:
+        notes.append(scan.note)
     advice = None
     if dataset_size is not None or global_batch is not None or base_batch is not None:
         advice = advise(
@@ -373,4 +380,5 @@ def find_batch_size(
         world_size=ranks.world_size,
         accumulation_steps=plan["accumulation_steps"],
         global_batch_size=plan["micro_batch"] * ranks.world_size * plan["accumulation_steps"],
+        data=None if scan is None else scan.to_dict(),
     )

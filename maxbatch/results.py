@@ -177,6 +177,8 @@ class BatchSizeResult:
         global_batch_size: samples per optimizer step over all ranks:
             ``micro-batch × world_size × accumulation_steps`` (the micro-batch is the advice's
             plan's when there is one, else ``batch_size``).
+        data: the scan of the data set the batches came from (:class:`maxbatch.data.DataScan`,
+            with the worst-case batch at the ceiling), or None for a sample or ``make_batch``.
     """
 
     batch_size: int
@@ -207,6 +209,7 @@ class BatchSizeResult:
     world_size: int = 1
     accumulation_steps: int = 1
     global_batch_size: int | None = None
+    data: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
