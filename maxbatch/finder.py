@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from maxbatch.advise import advice_for, per_rank
+from maxbatch.cache import ResultCache, from_cache, key_of, verified
+from maxbatch.cache import describe as describe_step
 from maxbatch.capacity import (
     Capacity,
     counts_live_bytes,
@@ -86,6 +88,17 @@ class Picked:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Lookup:
+    """A look-up in the result cache: where to store the answer, and what was found."""
+
+    store: ResultCache
+    key: str
+    description: dict[str, Any]
+    hit: BatchSizeResult | None = None  #: a cached answer that held (checked or trusted)
+    note: str | None = None  #: why a cached answer was not used
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Measured:
     """What the stages on the device found."""
 
@@ -95,6 +108,7 @@ class Measured:
     outcome: SearchOutcome
     guess_note: str | None
     picked: Picked
+    lookup: Lookup | None = None
 
 
 def find_batch_size(
@@ -126,6 +140,8 @@ def find_batch_size(
     estimate_first: bool | None = None,
     extra_state: Sequence[Any] = (),
     distributed: bool | None = None,
+    cache: bool = False,
+    trust_cache: bool = False,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -181,6 +197,11 @@ def find_batch_size(
             sizes, and a size fits only if it fit on every rank; all return the same result.
             None (default): when a group with more than one rank is initialised; True: require
             one; False: this process alone. ``global_batch`` is then over all ranks.
+        cache: look the answer up in the result cache (:mod:`maxbatch.cache`, under
+            ``$XDG_CACHE_HOME/maxbatch``) and store it there; a hit is checked by running the
+            cached ceiling and the size above it. Default False here (the CLI caches by
+            default); not used under ``torch.distributed``.
+        trust_cache: use a hit without the check.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -204,6 +225,8 @@ def find_batch_size(
             time_budget=time_budget,
             estimate_first=estimate_first,
             on_trial=on_trial,
+            cache=cache,
+            trust_cache=trust_cache,
         ),
         memory=MemorySettings.build(memory=memory, headroom=headroom),
         profile=ProfileSettings.build(
@@ -235,8 +258,12 @@ def find_batch_size(
     except BaseException as e:
         request.ranks.share(e)  # before raising, so that no other rank waits for this one
         raise
+    if isinstance(measured, BatchSizeResult):
+        return measured  # a cached answer that held
     request.ranks.done()
-    return _advise(request, _assemble(request, measured))
+    result = _advise(request, _assemble(request, measured))
+    _store(request, measured, result)
+    return result
 
 
 def _device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
@@ -257,8 +284,12 @@ def _device(model: torch.nn.Module, device: str | torch.device | None) -> torch.
     return dev
 
 
-def _measure(request: Request) -> Measured:
-    """Open the workload on the device, plan the capacity, search and profile; restore."""
+def _measure(request: Request) -> Measured | BatchSizeResult:
+    """Open the workload on the device, plan the capacity, search and profile; restore.
+
+    Returns:
+        What the stages found, or a cached answer that held.
+    """
     dev, limits = request.device, request.memory
     info = describe(dev)
     counting = counts_live_bytes(dev.type, is_virtual(dev, limits))
@@ -269,6 +300,9 @@ def _measure(request: Request) -> Measured:
                 local = probe_capacity(info, limits, base, room)
                 meter.set_usable(local.usable_bytes)  # this rank's; the search sees the tightest
                 capacity = _agree(request.ranks, local)
+                lookup = _look_up(request, info, workload, meter)
+                if lookup is not None and lookup.hit is not None:
+                    return lookup.hit
                 outcome, guess_note = _search(request, workload, meter, capacity)
                 picked = _profile(request, workload, outcome)
     finally:
@@ -281,6 +315,7 @@ def _measure(request: Request) -> Measured:
         outcome=outcome,
         guess_note=guess_note,
         picked=picked,
+        lookup=lookup,
     )
 
 
@@ -292,6 +327,71 @@ def _agree(ranks: Ranks, local: Capacity) -> Capacity:
     return dataclasses.replace(
         local, capacity_bytes=capacity, headroom_bytes=headroom, base_bytes=base
     )
+
+
+def _look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter) -> Lookup | None:
+    """The result cache's answer for this request, checked by two trials unless trusted.
+
+    Returns:
+        None without the cache (or under ``torch.distributed``); else the look-up.
+    """
+    step, search, grid, prof, advice = (
+        request.step,
+        request.search,
+        request.search.grid,
+        request.profile,
+        request.advice,
+    )
+    if not search.cache or request.ranks.world_size != 1:
+        return None
+    description = describe_step(
+        step.model,
+        step.make_batch(grid.start(step.sample_size)),
+        workload.optimizer,
+        {"forward_fn": step.forward_fn, "loss_fn": step.loss_fn, "train_step": step.train_step},
+        {
+            "mode": step.mode.value,
+            "precision": step.precision.value,
+            "device": [info.kind, info.name, info.total_bytes],
+            "memory": request.memory.memory_bytes,
+            "headroom": request.memory.headroom_bytes,
+            "grid": [grid.min_batch_size, grid.max_batch_size, grid.multiple_of],
+            "pick": [prof.enabled, prof.rule.value, prof.tolerance],
+            "advice": [advice.dataset_size, advice.global_batch, advice.base_batch, advice.base_lr],
+            "extra_state": len(step.extra_state.items),
+        },
+    )
+    lookup = Lookup(store=ResultCache(), key=key_of(description), description=description)
+    hit = lookup.store.get(lookup.key)
+    if hit is None:
+        return lookup
+    check = None
+    if not search.trust_cache:
+        ok, check = verified(
+            hit,
+            lambda b: _reported(run_trial(workload, meter, b), search.on_trial),
+            multiple_of=grid.multiple_of,
+            max_batch_size=grid.max_batch_size,
+        )
+        if not ok:
+            note = f"the cached result did not hold ({check}): probed again"
+            return dataclasses.replace(lookup, note=note)
+    seconds = time.perf_counter() - request.started
+    return dataclasses.replace(lookup, hit=from_cache(hit, lookup.key, check, seconds))
+
+
+def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None) -> Trial:
+    if on_trial is not None:
+        on_trial(trial)
+    return trial
+
+
+def _store(request: Request, measured: Measured, result: BatchSizeResult) -> None:
+    """Keep a complete answer (the profiler's too, when it ran) in the result cache."""
+    prof = measured.picked.profile
+    timed = not request.profile.enabled or (prof is not None and prof.complete)
+    if measured.lookup is not None and result.complete and timed:
+        measured.lookup.store.put(measured.lookup.key, result, measured.lookup.description)
 
 
 def _search(
@@ -393,6 +493,7 @@ def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
         if step.optimizer is None and measured.optimizer is not None
         else None,
         capacity.note,
+        None if measured.lookup is None else measured.lookup.note,
         measured.guess_note,
         picked.note,
         None if outcome.complete else outcome.stop_reason,

@@ -198,12 +198,16 @@ class SearchSettings:
         time_budget: seconds for the probe and the profiler together, or None.
         estimate_first: start from the fake step's guess: True, False, None (auto: CUDA only).
         on_trial: called with each trial as it finishes.
+        cache: look the answer up in the result cache (checked by two trials) and store it.
+        trust_cache: use a cached answer without the check.
     """
 
     grid: Grid = ALL_SIZES
     time_budget: float | None = None
     estimate_first: bool | None = None
     on_trial: Callable[[Trial], None] | None = None
+    cache: bool = False
+    trust_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.time_budget is not None and not self.time_budget > 0:
