@@ -10,7 +10,11 @@ from maxbatch.errors import (
 )
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
+from maxbatch.noise import noise_scale
+from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
+from maxbatch.schedule import SchedulePhase, batch_schedule
+from maxbatch.tracker import NoiseScaleTracker
 
 __all__ = [
     "BatchSizeResult",
@@ -22,11 +26,16 @@ __all__ = [
     "MaxbatchError",
     "MemoryModel",
     "ModelFileError",
+    "NoiseScale",
+    "NoiseScaleTracker",
     "ProbeResult",
+    "SchedulePhase",
     "Trial",
     "WorkloadError",
+    "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
+    "noise_scale",
 ]
 
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.estimate import first_guess
+from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
@@ -79,6 +80,7 @@ def find_batch_size(
     base_batch: int | None = None,
     base_lr: float | None = None,
     estimate_first: bool | None = None,
+    noise_scale: bool = False,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -125,6 +127,9 @@ def find_batch_size(
             much as a real one, so the estimate would cost more than it saves. True or False
             forces it. When it gives no guess (the model cannot be deep-copied, the step needs
             tensor values, nothing fits), a note says why and the search starts as without it.
+        noise_scale: also measure the gradient noise scale (:func:`maxbatch.noise_scale`, on
+            ``sample``, micro-batches at most the pick; the loss must be a mean over samples):
+            the result's ``noise_scale``, and advice for a global batch near the critical batch.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -161,6 +166,11 @@ def find_batch_size(
         raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
     if (base_batch is None) != (base_lr is None):
         raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
+    if noise_scale and (run_mode is Mode.INFERENCE or (train_step is not None and not loss_fn)):
+        raise ConfigError(
+            "noise_scale needs the training loss: not in inference mode, and with a train_step "
+            "pass loss_fn too"
+        )
 
     make_batch, sample_size = make_batch_fn(sample)
     here = _model_device(model)
@@ -290,8 +300,11 @@ def find_batch_size(
         release_memory(dev, full=True)
     if not outcome.complete:
         notes.append(outcome.stop_reason)
+    noise = None
+    if noise_scale:
+        noise = measure_noise_scale(model, sample, loss_fn, forward_fn, max_batch_size=chosen)
     advice = None
-    if dataset_size is not None or global_batch is not None or base_batch is not None:
+    if noise or dataset_size is not None or global_batch is not None or base_batch is not None:
         advice = advise(
             chosen,
             outcome.ceiling,
@@ -299,6 +312,7 @@ def find_batch_size(
             global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
+            critical_batch=None if noise is None else noise.critical_batch,
         ).to_dict()
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
     return BatchSizeResult(
@@ -323,4 +337,5 @@ def find_batch_size(
         throughput=tuple(points),
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
         advice=advice,
+        noise_scale=None if noise is None else noise.to_dict(),
     )

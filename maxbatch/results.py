@@ -150,6 +150,8 @@ class BatchSizeResult:
         memory: peak bytes of each size that fit in the probe, by batch size.
         advice: what follows from the pick (accumulation plan, learning rates, epoch length),
             as plain data, or None when no input for it was given.
+        noise_scale: the gradient noise scale (``NoiseScale.to_dict()``: ``b_simple``,
+            ``std_error``, ``critical_batch``, ...) when it was asked for, else None.
     """
 
     batch_size: int
@@ -173,6 +175,7 @@ class BatchSizeResult:
     throughput: tuple[Throughput, ...] = ()
     memory: tuple[MemoryPoint, ...] = ()
     advice: dict[str, Any] | None = None
+    noise_scale: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
