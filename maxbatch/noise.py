@@ -234,7 +234,10 @@ def noise_scale(
         while True:
             failed = False
             try:
-                check = _check_mean(model, to_device(draw(small), device), forward, loss)
+                # Half a micro-batch, so that the batch repeated twice fits as the draws do.
+                half = to_device(draw(max(1, small // 2)), device)
+                check = _check_mean(model, half, forward, loss)
+                del half
                 grad_sqs, traces = _measure(model, draw, batches, k, small, forward, loss)
             except MaxbatchError:
                 raise

@@ -70,7 +70,7 @@ class NoiseScaleTracker:
         self.beta = float(beta)
         device = self.params[0].device
         self._dtype = accumulator_dtype(device)
-        self._pending = torch.zeros((), dtype=self._dtype, device=device)
+        self._norms: list[torch.Tensor] = []
         self._small_sum = torch.zeros((), dtype=self._dtype, device=device)
         # Moving averages of |G|², tr(Σ), their squares and product (for the standard error).
         self._moments = torch.zeros(5, dtype=self._dtype, device=device)
@@ -84,7 +84,19 @@ class NoiseScaleTracker:
         ]
 
     def _on_grad(self, grad: torch.Tensor) -> None:
-        self._pending += torch.linalg.vector_norm(grad, dtype=self._dtype).square()
+        # One kernel per parameter here; half-precision norms are taken in float32 (no overflow).
+        low = grad.dtype in (torch.float16, torch.bfloat16)
+        self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None))
+
+    def _pending(self) -> torch.Tensor:
+        """The squared norm of the gradients the hooks saw since the last call, and forget them."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for n in self._norms:
+            by_dtype.setdefault(n.dtype, []).append(n)
+        self._norms = []
+        return squared_norm(
+            [torch.stack(ns).to(self._dtype) for ns in by_dtype.values()], self._dtype
+        )
 
     def micro_batch(self, batch_size: int, weight: float = 1.0) -> None:
         """Close the micro-batch whose backward just ran.
@@ -100,8 +112,9 @@ class NoiseScaleTracker:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ConfigError(f"weight={weight!r} must be a positive number")
-        self._small_sum += self._pending / (weight * weight)
-        self._pending.zero_()
+        if not self._norms:
+            raise ConfigError("micro_batch() was called, but no gradient reached the parameters")
+        self._small_sum += self._pending() / (weight * weight)
         self._sizes.append(batch_size)
         self._weights.append(float(weight))
 
@@ -115,7 +128,7 @@ class NoiseScaleTracker:
         self._sizes, self._weights = [], []
         small_sum = self._small_sum.clone()
         self._small_sum.zero_()
-        self._pending.zero_()
+        self._norms = []
         if len(sizes) < 2:
             raise ConfigError(
                 f"the tracker needs two micro-batches or more per optimizer step, got "
