@@ -15,6 +15,7 @@ from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
 from maxbatch.schedule import SchedulePhase, batch_schedule
 from maxbatch.tracker import NoiseScaleTracker
+from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
     "BatchSizeResult",
@@ -31,11 +32,13 @@ __all__ = [
     "ProbeResult",
     "SchedulePhase",
     "Trial",
+    "VirtualDevice",
     "WorkloadError",
     "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
     "noise_scale",
+    "virtual_device",
 ]
 
 __version__ = "0.1.0"

@@ -10,9 +10,10 @@ peers') recognises it too.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,44 @@ from maxbatch.units import format_bytes
 CUDA_ROUNDING = 512
 
 OOM_PREFIX = "DefaultCPUAllocator: can't allocate memory"
+
+# The counters entered in this thread, innermost last (dispatch modes are per thread too).
+_entered = threading.local()
+
+
+def default_rounding(device: torch.device) -> int:
+    """How a counter on ``device`` rounds each storage: like the CUDA caching allocator on CUDA."""
+    return CUDA_ROUNDING if device.type == "cuda" else 1
+
+
+def _entered_counters() -> list[MemoryCounter]:
+    stack: list[MemoryCounter] | None = getattr(_entered, "stack", None)
+    if stack is None:
+        stack = _entered.stack = []
+    return stack
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Make storages no counter entered in this thread counts (host copies kept aside)."""
+    counters = list(_entered_counters())
+    for c in counters:
+        c.paused += 1
+    try:
+        yield
+    finally:
+        for c in counters:
+            c.paused -= 1
+
+
+def enclosing_counters(device: torch.device) -> list[MemoryCounter]:
+    """The capped counters entered in this thread that count ``device``, outermost first."""
+    return [
+        c
+        for c in _entered_counters()
+        if c.cap_bytes is not None and (c.device is None or _same_device(c.device, device))
+    ]
+
 
 _aten = torch.ops.aten
 
@@ -87,6 +126,10 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         self.peak_bytes = 0
         #: live bytes that the last refused allocation would have made (0: none refused yet)
         self.refused_bytes = 0
+        #: > 0 while :func:`uncounted` runs: new storages are not counted
+        self.paused = 0
+        #: the cap while lifted (:meth:`lift_cap`): the peak never records more than it
+        self.lifted_cap: int | None = None
 
     def _rounded(self, nbytes: int) -> int:
         return -(-nbytes // self.round_to) * self.round_to
@@ -138,6 +181,24 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
                     added += self._track_storage(storage)
         return added
 
+    def counted_bytes(self, tensors: Iterable[Any]) -> int:
+        """Bytes this counter counts for the storages of ``tensors`` (each storage once)."""
+        keys = {t.untyped_storage()._cdata for t in tensors if isinstance(t, torch.Tensor)}
+        with self._lock:
+            return sum(self._sizes.get(key, 0) for key in keys)
+
+    def __enter__(self) -> MemoryCounter:
+        super().__enter__()  # type: ignore[no-untyped-call]
+        _entered_counters().append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack = _entered_counters()
+        if self in stack:
+            # The last entry is this one unless modes were exited out of order.
+            del stack[len(stack) - 1 - stack[::-1].index(self)]
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]
+
     def close(self) -> None:
         """Stop counting and detach every finalizer.
 
@@ -152,6 +213,20 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         for fin in finalizers:
             fin.detach()
 
+    def lift_cap(self) -> None:
+        """Stop enforcing the cap while an inner counter enforces the same room (the probe's).
+
+        The inner counter refuses an allocation after this one counted it: the peak then keeps
+        to the lifted cap, as if this counter had refused it.
+        """
+        if self.cap_bytes is not None:
+            self.lifted_cap, self.cap_bytes = self.cap_bytes, None
+
+    def restore_cap(self) -> None:
+        """Enforce the cap lifted by :meth:`lift_cap` again."""
+        if self.lifted_cap is not None:
+            self.cap_bytes, self.lifted_cap = self.lifted_cap, None
+
     def reset_peak(self) -> None:
         """Set the peak to the bytes live now."""
         self.peak_bytes = self.live_bytes
@@ -164,7 +239,7 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func in self.NO_ALLOCATION:
+        if func in self.NO_ALLOCATION or self.paused:
             return out
         added = self._track_outputs(out, (args, kwargs))
         if self.cap_bytes is not None and self.live_bytes > self.cap_bytes:
@@ -176,6 +251,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
                 f"{format_bytes(attempted)} would be live, capacity {format_bytes(self.cap_bytes)} "
                 f"({self.cap_bytes} bytes)."
             )
-        if self.live_bytes > self.peak_bytes:
+        if self.live_bytes > self.peak_bytes and (
+            self.lifted_cap is None or self.live_bytes <= self.lifted_cap
+        ):
             self.peak_bytes = self.live_bytes
         return out

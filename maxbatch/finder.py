@@ -25,6 +25,7 @@ from maxbatch.profiler import profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.trial import REPEATS, Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
+from maxbatch.virtual import EnclosingDevices
 from maxbatch.workload import (
     ForwardFn,
     LossFn,
@@ -198,13 +199,20 @@ def find_batch_size(
         notes.append("no optimizer given: the step used AdamW, whose state is real memory")
     opt_name = None if opt is None else type(opt).__name__
     info = describe(dev)
-    virtual = cap is not None
+    virtual = cap is not None or EnclosingDevices.present(dev)
     meter = Meter(dev, counting=virtual or dev.type != "cuda")
     workload.save()
+    enclosing = None
     try:
         workload.prepare()
         base = meter.live_bytes(workload)
-        if cap is not None:
+        # Inside a user's virtual_device the smaller cap wins (theirs counts what ours does not).
+        enclosing = EnclosingDevices(dev, workload.state_tensors())
+        outer = enclosing.capacity_bytes
+        if outer is not None:
+            capacity = outer if cap is None else min(cap, outer)
+            notes.append(f"inside a virtual device: capacity {format_bytes(capacity)}")
+        elif cap is not None:
             capacity = cap
         elif dev.type == "cuda":
             capacity = info.capacity_bytes
@@ -295,6 +303,8 @@ def find_batch_size(
                 if not prof.complete:
                     notes.append(f"profiler: {prof.stop_reason}")
     finally:
+        if enclosing is not None:
+            enclosing.restore()
         workload.reset(final=True)
         meter.close()
         release_memory(dev, full=True)

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from maxbatch.accounting import uncounted
+
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
@@ -53,7 +55,16 @@ class Snapshot:
 
     @classmethod
     def take(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Snapshot:
-        """Copy the state of ``model`` and ``optimizer`` to host memory."""
+        """Copy the state of ``model`` and ``optimizer`` to host memory.
+
+        The copies are host memory even on the CPU: a virtual device the probe runs in does not
+        count them.
+        """
+        with uncounted():
+            return cls._take(model, optimizer)
+
+    @classmethod
+    def _take(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Snapshot:
         params = [(p, _host_copy(p)) for p in model.parameters()]
         grads = [(p, None if p.grad is None else _host_copy(p.grad)) for p in model.parameters()]
         buffers = [(b, _host_copy(b)) for b in model.buffers()]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
+from maxbatch.accounting import MemoryCounter, default_rounding
 from maxbatch.device import CudaPeak, synchronize
 from maxbatch.errors import MaxbatchError, WorkloadError
 from maxbatch.oom import is_oom, release_memory
@@ -40,11 +40,7 @@ class Meter:
         self.counter: MemoryCounter | None = None
         self.cuda: CudaPeak | None = None
         if counting:
-            rounding = (
-                round_to
-                if round_to is not None
-                else (CUDA_ROUNDING if device.type == "cuda" else 1)
-            )
+            rounding = round_to if round_to is not None else default_rounding(device)
             self.counter = MemoryCounter(None, round_to=rounding, label=label, device=device)
         else:
             self.cuda = CudaPeak(device)
