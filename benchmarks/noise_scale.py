@@ -195,9 +195,9 @@ def cost(problem: Problem, b_small: int, b_big: int, batches: int) -> tuple[floa
     return statistics.median(seconds), step
 
 
-def tracker_overhead(problem: Problem, micro: int, k: int, steps: int = 10) -> tuple[float, float]:
+def tracker_overhead(problem: Problem, micro: int, k: int, steps: int = 5) -> tuple[float, float]:
     """Seconds per optimizer step of an accumulation loop without the tracker, and the median
-    ratio with/without over 15 rounds that alternate the two (pairs see the same load)."""
+    ratio with/without over 25 rounds that alternate the two (pairs see the same load)."""
     x, y = problem.data
     batches = [(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro]) for i in range(k)]
     opt = torch.optim.SGD(problem.model.parameters(), lr=0.0)
@@ -216,7 +216,7 @@ def tracker_overhead(problem: Problem, micro: int, k: int, steps: int = 10) -> t
         return (time.process_time() - start) / steps
 
     plain, ratios = [], []
-    for _ in range(15):
+    for _ in range(25):
         plain.append(loop(None))
         with maxbatch.NoiseScaleTracker(problem.model) as tracker:
             ratios.append(loop(tracker) / plain[-1])
@@ -244,7 +244,7 @@ def main() -> None:
         for b_small, b_big in PAIRS:
             needed = draws_needed(problem, b_small, b_big)
             print(f"{problem.name:<40} {b_small:>4}/{b_big:<4} {needed}")
-    print("\ncost: noise_scale (20 draws) against one SGD step at b_big (wall clock, noisy)")
+    print("\ncost: noise_scale (20 draws) against one SGD step at b_big (CPU time, noisy)")
     problems.append(mlp())
     for problem in problems[2:]:
         for b_small, b_big in PAIRS:
@@ -260,7 +260,7 @@ def main() -> None:
             plain, ratio = tracker_overhead(problem, micro, k)
             print(
                 f"{problem.name:<40} {k} x {micro:<4} plain {plain * 1000:7.2f} ms, "
-                f"tracked {ratio - 1:+.1%} (median of 15 paired rounds)"
+                f"tracked {ratio - 1:+.1%} (median of 25 paired rounds)"
             )
 
 

@@ -175,12 +175,26 @@ _NO_SIGNAL = (
 )
 
 
+def norm(t: torch.Tensor) -> torch.Tensor:
+    """The norm of ``t`` in one kernel (float32 for half precision: its square would overflow)."""
+    result: torch.Tensor = torch.linalg.vector_norm(
+        t, dtype=torch.float32 if t.element_size() < 4 else None
+    )
+    return result
+
+
+def sum_of_squares(norms: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``Σ n²`` over 0-dim ``norms`` as one ``dtype`` scalar: a stack per dtype, no host sync."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for n in norms:
+        by_dtype.setdefault(n.dtype, []).append(n)
+    parts = [torch.stack(ns).to(dtype).square().sum() for ns in by_dtype.values()]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
 def squared_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The sum of the squared norms of ``tensors`` as one ``dtype`` scalar (no host sync)."""
-    return sum(
-        (torch.linalg.vector_norm(t, dtype=dtype).square() for t in tensors),
-        start=torch.zeros((), dtype=dtype, device=tensors[0].device),
-    )
+    return sum_of_squares([norm(t) for t in tensors], dtype)
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:

@@ -20,8 +20,10 @@ from maxbatch.errors import ConfigError
 from maxbatch.noisestats import (
     NoiseScale,
     accumulator_dtype,
+    norm,
     ratio_with_error,
     squared_norm,
+    sum_of_squares,
     two_batch_estimates,
 )
 
@@ -71,7 +73,8 @@ class NoiseScaleTracker:
         device = self.params[0].device
         self._dtype = accumulator_dtype(device)
         self._norms: list[torch.Tensor] = []
-        self._small_sum = torch.zeros((), dtype=self._dtype, device=device)
+        # This step's micro-batch gradient norms, by their weight (usually one weight).
+        self._micro: dict[float, list[torch.Tensor]] = {}
         # Moving averages of |G|², tr(Σ), their squares and product (for the standard error).
         self._moments = torch.zeros(5, dtype=self._dtype, device=device)
         self._sizes: list[int] = []
@@ -84,19 +87,7 @@ class NoiseScaleTracker:
         ]
 
     def _on_grad(self, grad: torch.Tensor) -> None:
-        # One kernel per parameter here; half-precision norms are taken in float32 (no overflow).
-        low = grad.dtype in (torch.float16, torch.bfloat16)
-        self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None))
-
-    def _pending(self) -> torch.Tensor:
-        """The squared norm of the gradients the hooks saw since the last call, and forget them."""
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for n in self._norms:
-            by_dtype.setdefault(n.dtype, []).append(n)
-        self._norms = []
-        return squared_norm(
-            [torch.stack(ns).to(self._dtype) for ns in by_dtype.values()], self._dtype
-        )
+        self._norms.append(norm(grad))  # one kernel per parameter per backward
 
     def micro_batch(self, batch_size: int, weight: float = 1.0) -> None:
         """Close the micro-batch whose backward just ran.
@@ -114,7 +105,8 @@ class NoiseScaleTracker:
             raise ConfigError(f"weight={weight!r} must be a positive number")
         if not self._norms:
             raise ConfigError("micro_batch() was called, but no gradient reached the parameters")
-        self._small_sum += self._pending() / (weight * weight)
+        self._micro.setdefault(float(weight), []).extend(self._norms)
+        self._norms = []
         self._sizes.append(batch_size)
         self._weights.append(float(weight))
 
@@ -126,8 +118,7 @@ class NoiseScaleTracker:
         """
         sizes, weights = self._sizes, self._weights
         self._sizes, self._weights = [], []
-        small_sum = self._small_sum.clone()
-        self._small_sum.zero_()
+        micro, self._micro = self._micro, {}
         self._norms = []
         if len(sizes) < 2:
             raise ConfigError(
@@ -146,6 +137,10 @@ class NoiseScaleTracker:
         if not grads:
             raise ConfigError("no parameter has a gradient: call step() before zero_grad()")
         big_sq = squared_norm(grads, self._dtype) / sum(weights) ** 2
+        small_sum = sum(
+            (sum_of_squares(norms, self._dtype) / (w * w) for w, norms in micro.items()),
+            start=torch.zeros_like(big_sq),
+        )
         g, s = two_batch_estimates(small_sum / k, big_sq, b_small, b_big)
         x = torch.stack([g, s, g * g, s * s, g * s])
         self._moments.mul_(self.beta).add_(x, alpha=1 - self.beta)
