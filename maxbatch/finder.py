@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -15,13 +15,15 @@ from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exporte
 from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
 from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
+from maxbatch.distributed import join
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.estimate import first_guess
+from maxbatch.extrastate import ExtraState
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
-from maxbatch.profiler import profile_workload
+from maxbatch.profiler import profile_fields, profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.trial import REPEATS, Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
@@ -82,6 +84,8 @@ def find_batch_size(
     base_lr: float | None = None,
     estimate_first: bool | None = None,
     noise_scale: bool = False,
+    extra_state: Sequence[Any] = (),
+    distributed: bool | None = None,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -131,6 +135,15 @@ def find_batch_size(
         noise_scale: also measure the gradient noise scale (:func:`maxbatch.noise_scale`, on
             ``sample``, micro-batches at most the pick; the loss must be a mean over samples):
             the result's ``noise_scale``, and advice for a global batch near the critical batch.
+        extra_state: more state your ``train_step`` changes, restored in place after every
+            trial: tensors, modules (an EMA copy), optimizers, ``GradScaler`` objects, and objects
+            with ``state_dict()`` and ``load_state_dict()``. A ``GradScaler`` that ``train_step``
+            uses as a global or closure variable is restored without being listed.
+        distributed: agree with the other ranks of the ``torch.distributed`` process group
+            (:mod:`maxbatch.distributed`): every rank probes its own device, runs the same
+            sizes, and a size fits only if it fit on every rank; all return the same result.
+            None (default): when a group with more than one rank is initialised; True: require
+            one; False: this process alone. ``global_batch`` is then over all ranks.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -140,6 +153,8 @@ def find_batch_size(
         DeviceError: the device is not available.
         DoesNotFitError: the smallest batch size does not fit.
         WorkloadError: the step failed for a reason other than memory.
+        DistributedError: another rank failed (:class:`~maxbatch.errors.RankFailedError`, with
+            its message), died, or did not answer within the process group's timeout.
     """
     started = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
@@ -172,7 +187,13 @@ def find_batch_size(
             "noise_scale needs the training loss: not in inference mode, and with a train_step "
             "pass loss_fn too"
         )
+    extra = ExtraState(extra_state).with_scalers(train_step)
 
+    ranks = join(distributed)
+    if global_batch is not None and global_batch % ranks.world_size:
+        raise ConfigError(
+            f"global_batch={global_batch} is not a multiple of the {ranks.world_size} ranks"
+        )
     make_batch, sample_size = make_batch_fn(sample)
     here = _model_device(model)
     dev = resolve_device(device) if device is not None else (here or resolve_device("cpu"))
@@ -192,6 +213,7 @@ def find_batch_size(
         forward_fn=forward_fn,
         loss_fn=loss_fn,
         train_step=train_step,
+        extra_state=extra,
     )
     notes: list[str] = []
     opt = workload.optimizer
@@ -234,6 +256,9 @@ def find_batch_size(
                 f"already hold ({format_bytes(base)}); raise memory or lower headroom"
             )
         meter.set_usable(usable)
+        # This rank's meter keeps its own usable bytes; the search sees the tightest rank's.
+        local_usable = usable
+        capacity, room, usable, base = ranks.plan(capacity, room, usable, base)
         lower = min_b or 1
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
@@ -256,18 +281,20 @@ def find_batch_size(
                     f"batch size {start}"
                 )
         try:
-            outcome = search(
-                lambda b: run_trial(workload, meter, b),
-                start=start,
-                usable_bytes=usable,
-                base_bytes=base,
-                min_batch_size=lower,
-                max_batch_size=max_b,
-                multiple_of=step,
-                time_budget=time_budget,
-                on_trial=on_trial,
-                first_guess=guess,
-            )
+            with ranks.quiet_step(model):
+                outcome = search(
+                    ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+                    start=start,
+                    usable_bytes=usable,
+                    base_bytes=base,
+                    min_batch_size=lower,
+                    max_batch_size=max_b,
+                    multiple_of=step,
+                    time_budget=time_budget,
+                    on_trial=on_trial,
+                    first_guess=guess,
+                    clock=ranks.clock,
+                )
         except WorkloadError as e:
             if e.batch_size is not None and e.batch_size < start:
                 raise WorkloadError(
@@ -278,6 +305,7 @@ def find_batch_size(
             raise
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
         points: tuple[Throughput, ...] = ()
+        prof = None
         if profile:
             left = None if time_budget is None else time_budget - (time.perf_counter() - started)
             if left is not None and left <= 0:
@@ -298,33 +326,43 @@ def find_batch_size(
                     step_seconds={
                         t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
                     },
+                    probe_seconds=time.perf_counter() - started,
+                    agree=ranks.timings,
+                    search_clock=ranks.clock,
                 )
                 chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
                 if not prof.complete:
                     notes.append(f"profiler: {prof.stop_reason}")
+    except BaseException as e:
+        ranks.share(e)  # before raising, so that no other rank waits for this one
+        raise
     finally:
         if enclosing is not None:
             enclosing.restore()
         workload.reset(final=True)
         meter.close()
         release_memory(dev, full=True)
+    ranks.done()
     if not outcome.complete:
         notes.append(outcome.stop_reason)
     noise = None
     if noise_scale:
         noise = measure_noise_scale(model, sample, loss_fn, forward_fn, max_batch_size=chosen)
+    # The critical batch is over all ranks; the advice is per rank, as for global_batch.
+    critical = None if noise is None else noise.critical_batch
     advice = None
     if noise or dataset_size is not None or global_batch is not None or base_batch is not None:
         advice = advise(
             chosen,
             outcome.ceiling,
             dataset_size=dataset_size,
-            global_batch=global_batch,
+            global_batch=None if global_batch is None else global_batch // ranks.world_size,
             base_batch=base_batch,
             base_lr=base_lr,
-            critical_batch=None if noise is None else noise.critical_batch,
+            critical_batch=None if critical is None else max(1, critical // ranks.world_size),
         ).to_dict()
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
+    plan = (advice or {}).get("accumulation") or {"micro_batch": chosen, "accumulation_steps": 1}
     return BatchSizeResult(
         batch_size=chosen,
         ceiling=outcome.ceiling,
@@ -348,4 +386,8 @@ def find_batch_size(
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
         advice=advice,
         noise_scale=None if noise is None else noise.to_dict(),
+        **({} if prof is None else profile_fields(prof)),
+        world_size=ranks.world_size,
+        accumulation_steps=plan["accumulation_steps"],
+        global_batch_size=plan["micro_batch"] * ranks.world_size * plan["accumulation_steps"],
     )

@@ -12,7 +12,14 @@ import gc
 
 import torch
 
-__all__ = ["OOM_MESSAGES", "OOM_WHOLE_MESSAGES", "is_oom", "release_memory"]
+__all__ = [
+    "OOM_MESSAGES",
+    "OOM_WHOLE_MESSAGES",
+    "STEP_FAILURES",
+    "failure_text",
+    "is_oom",
+    "release_memory",
+]
 
 # torch.OutOfMemoryError exists from torch 2.5 on and is the same class as
 # torch.cuda.OutOfMemoryError, which older supported versions (>= 2.3) already have.
@@ -103,6 +110,22 @@ def is_oom(exc: BaseException) -> bool:
     if message.strip() in OOM_WHOLE_MESSAGES:
         return True
     return any(fragment in message for fragment in OOM_MESSAGES)
+
+
+#: What a trial catches from the step: every error, and ``SystemExit`` (a ``sys.exit()`` in the
+#: step must fail the probe with a message, not end the program as if it had succeeded).
+#: ``KeyboardInterrupt`` passes through: the probe restores the model and stops.
+STEP_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+def failure_text(exc: BaseException) -> str:
+    """The failure of a step in words: the exception's type and message, and what to do."""
+    if isinstance(exc, SystemExit):
+        return (
+            f"SystemExit({exc.code!r}): the step called sys.exit() (or raised SystemExit); "
+            "a step must return, not exit"
+        )
+    return f"{type(exc).__name__}: {exc}"
 
 
 def release_memory(device: torch.device | None = None, *, full: bool = False) -> None:

@@ -94,6 +94,23 @@ class Throughput:
 
 
 @dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A candidate batch size the profiler did not time, and why.
+
+    Attributes:
+        batch_size: the size not timed.
+        reason: why, in words.
+    """
+
+    batch_size: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the row as a JSON-ready dict."""
+        return _asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ProbeResult:
     """The verified ceiling and every trial that led to it.
 
@@ -152,6 +169,16 @@ class BatchSizeResult:
             as plain data, or None when no input for it was given.
         noise_scale: the gradient noise scale (``NoiseScale.to_dict()``: ``b_simple``,
             ``std_error``, ``critical_batch``, ...) when it was asked for, else None.
+        profile_stop_reason: why the profiler stopped timing (None when it did not run).
+        profile_skipped: the candidate sizes the profiler did not time, and why.
+        pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
+            without the profiler).
+        pick_confidence_reason: why, in words.
+        world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
+        accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
+        global_batch_size: samples per optimizer step over all ranks:
+            ``micro-batch × world_size × accumulation_steps`` (the micro-batch is the advice's
+            plan's when there is one, else ``batch_size``).
     """
 
     batch_size: int
@@ -176,6 +203,13 @@ class BatchSizeResult:
     memory: tuple[MemoryPoint, ...] = ()
     advice: dict[str, Any] | None = None
     noise_scale: dict[str, Any] | None = None
+    profile_stop_reason: str | None = None
+    profile_skipped: tuple[Skipped, ...] = ()
+    pick_confidence: str | None = None
+    pick_confidence_reason: str | None = None
+    world_size: int = 1
+    accumulation_steps: int = 1
+    global_batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""

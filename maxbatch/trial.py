@@ -10,7 +10,7 @@ import torch
 from maxbatch.accounting import MemoryCounter, default_rounding
 from maxbatch.device import CudaPeak, synchronize
 from maxbatch.errors import MaxbatchError, WorkloadError
-from maxbatch.oom import is_oom, release_memory
+from maxbatch.oom import STEP_FAILURES, failure_text, is_oom, release_memory
 from maxbatch.results import Trial
 from maxbatch.workload import Workload
 
@@ -100,11 +100,11 @@ def run_trial(
         synchronize(meter.device)
     except MaxbatchError:
         raise
-    except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
+    except STEP_FAILURES as exc:  # classified right here, never swallowed
         if not is_oom(exc):
             raise WorkloadError(
                 f"the step failed at batch size {batch_size} for a reason other than memory: "
-                f"{type(exc).__name__}: {exc}",
+                f"{failure_text(exc)}",
                 batch_size=batch_size,
             ) from exc
         oom = True
