@@ -272,4 +272,4 @@ def noise_scale(
     finally:
         for p in model.parameters():
             p.grad = None
-        snapshot.restore(model, None, final=True)
+        snapshot.restore(final=True)
