@@ -1,6 +1,7 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
 from maxbatch.errors import (
+    BatchSizeMismatchError,
     ConfigError,
     DeviceError,
     DoesNotFitError,
@@ -13,6 +14,7 @@ from maxbatch.finder import find_batch_size
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
 
 __all__ = [
+    "BatchSizeMismatchError",
     "BatchSizeResult",
     "ConfigError",
     "DeviceError",

@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from maxbatch.memtrace import MemoryTrace
 from maxbatch.units import format_bytes
 
 #: The CUDA caching allocator rounds every block up to a multiple of 512 bytes.
@@ -87,6 +88,14 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         self.peak_bytes = 0
         #: live bytes that the last refused allocation would have made (0: none refused yet)
         self.refused_bytes = 0
+        # The trace being recorded (see start_trace): the batch size whose tensors count as
+        # batched, the keys and bytes of those storages, and the entries after each operator.
+        self._trace_batch: int | None = None
+        self._fixed_shapes: set[tuple[int, ...]] = set()
+        self._stepping = False
+        self._batched: set[int] = set()
+        self.batched_bytes = 0
+        self._trace: list[tuple[int, int]] = []
 
     def _rounded(self, nbytes: int) -> int:
         return -(-nbytes // self.round_to) * self.round_to
@@ -97,6 +106,9 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
             self._finalizers.pop(key, None)
             if size is not None:
                 self.live_bytes -= size
+                if key in self._batched:
+                    self._batched.discard(key)
+                    self.batched_bytes -= size
 
     def _track_storage(self, storage: torch.UntypedStorage) -> int:
         """Start counting ``storage``; return the bytes added (0 if already counted)."""
@@ -135,8 +147,60 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
             if isinstance(leaf, torch.Tensor):
                 storage = leaf.untyped_storage()
                 if storage._cdata not in given:
-                    added += self._track_storage(storage)
+                    size = self._track_storage(storage)
+                    added += size
+                    if size and self._trace_batch is not None and self._grows(leaf.shape):
+                        with self._lock:
+                            self._batched.add(storage._cdata)
+                            self.batched_bytes += size
         return added
+
+    def _grows(self, shape: torch.Size) -> bool:
+        """Whether a new tensor of ``shape`` looks batched (see :meth:`start_trace`)."""
+        b = self._trace_batch
+        if not shape or b is None:
+            return False
+        if not self._stepping:
+            return shape[0] == b  # the batch itself
+        return (b in shape or shape[0] % b == 0) and tuple(shape) not in self._fixed_shapes
+
+    def start_trace(self, batch_size: int, fixed_shapes: Iterable[tuple[int, ...]] = ()) -> None:
+        """Record the live bytes after every allocating operator until :meth:`stop_trace`.
+
+        New storages also count as *batched* (a guess at what grows with the batch): while the
+        batch is built (until :meth:`mark`), those of tensors whose dimension 0 is
+        ``batch_size``; in the steps, those of tensors with a dimension of ``batch_size`` or a
+        dimension 0 that is a multiple of it (a batch flattened with heads or tokens), unless
+        their shape is one of ``fixed_shapes`` (the parameters' and their state's).
+        """
+        with self._lock:
+            self._trace_batch = batch_size
+            self._fixed_shapes = set(fixed_shapes)
+            self._stepping = False
+            self._batched.clear()
+            self.batched_bytes = 0
+            self._trace = []
+
+    def mark(self) -> None:
+        """Drop what was recorded so far: the trace starts here (the batch is built)."""
+        self._trace = []
+        self._stepping = True
+
+    def stop_trace(self, *, complete: bool) -> MemoryTrace | None:
+        """Stop recording; return the trace (None when none was started)."""
+        if self._trace_batch is None:
+            return None
+        with self._lock:
+            batch_size, self._trace_batch = self._trace_batch, None
+            entries, self._trace = self._trace, []
+            self._batched.clear()
+            self.batched_bytes = 0
+        return MemoryTrace(
+            batch_size=batch_size,
+            live=tuple(live for live, _ in entries),
+            batched=tuple(grows for _, grows in entries),
+            complete=complete,
+        )
 
     def close(self) -> None:
         """Stop counting and detach every finalizer.
@@ -167,6 +231,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         if func in self.NO_ALLOCATION:
             return out
         added = self._track_outputs(out, (args, kwargs))
+        if self._trace_batch is not None:
+            self._trace.append((self.live_bytes, self.batched_bytes))
         if self.cap_bytes is not None and self.live_bytes > self.cap_bytes:
             attempted = self.refused_bytes = self.live_bytes
             # Drop the new storages now: a traceback kept by the caller keeps this frame alive.

@@ -11,6 +11,20 @@ class ConfigError(MaxbatchError, ValueError):
     """An option has a value maxbatch cannot use (the message names the value and the choices)."""
 
 
+class BatchSizeMismatchError(ConfigError):
+    """``make_batch(b)`` returned a batch whose rows are not ``b``.
+
+    Attributes:
+        asked: the batch size asked for.
+        returned: the rows of the batch returned (of the first tensor that disagrees).
+    """
+
+    def __init__(self, message: str, *, asked: int, returned: int):
+        super().__init__(message)
+        self.asked = asked
+        self.returned = returned
+
+
 class DeviceError(MaxbatchError):
     """The requested device does not exist or cannot be used."""
 

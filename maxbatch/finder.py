@@ -15,7 +15,7 @@ from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exporte
 from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
 from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
-from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
@@ -121,8 +121,10 @@ def find_batch_size(
             (:mod:`maxbatch.estimate`), so that a right prediction needs two verifying trials.
             None (default): only on a CUDA device, where a real trial near the ceiling takes
             seconds and an out-of-memory one flushes the caching allocator, while the fake
-            trials run cheaply on the host; on the CPU (and MPS) a fake trial costs about as
-            much as a real one, so the estimate would cost more than it saves. True or False
+            trials run cheaply on the host. Where the trials are counted (the virtual device,
+            the CPU, MPS) their traces, operator by operator, predict the ceiling from the
+            first trial, so three trials (the fewest that verify a ceiling) are the rule and
+            fake trials (each costs several real steps of a small model) save nothing. True or False
             forces it. When it gives no guess (the model cannot be deep-copied, the step needs
             tensor values, nothing fits), a note says why and the search starts as without it.
 
@@ -237,27 +239,18 @@ def find_batch_size(
                     f"no first guess from fake tensors: {why}; the search started from "
                     f"batch size {start}"
                 )
-        try:
-            outcome = search(
-                lambda b: run_trial(workload, meter, b),
-                start=start,
-                usable_bytes=usable,
-                base_bytes=base,
-                min_batch_size=lower,
-                max_batch_size=max_b,
-                multiple_of=step,
-                time_budget=time_budget,
-                on_trial=on_trial,
-                first_guess=guess,
-            )
-        except WorkloadError as e:
-            if e.batch_size is not None and e.batch_size < start:
-                raise WorkloadError(
-                    f"{e} (the step worked at {start}; if the model rejects small batches, "
-                    f"e.g. batch norm in training, set min_batch_size)",
-                    batch_size=e.batch_size,
-                ) from e.__cause__
-            raise
+        outcome = search(
+            lambda b: run_trial(workload, meter, b),
+            start=start,
+            usable_bytes=usable,
+            base_bytes=base,
+            min_batch_size=lower,
+            max_batch_size=max_b,
+            multiple_of=step,
+            time_budget=time_budget,
+            on_trial=on_trial,
+            first_guess=guess,
+        )
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
         points: tuple[Throughput, ...] = ()
         if profile:

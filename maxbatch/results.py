@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from maxbatch.memtrace import MemoryTrace
+
 
 def _asdict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
@@ -24,6 +26,8 @@ class Trial:
         alloc_retries: CUDA only: allocator retries (cache flushes) during the trial.
         state_bytes: bytes of parameters, buffers and optimizer state on the device after the
             steps (live through every step, so a lower bound on the fixed part of the peak).
+        trace: counting meters only: the live bytes operator by operator, for the search
+            (left out of ``to_dict``; results keep none).
     """
 
     batch_size: int
@@ -34,10 +38,12 @@ class Trial:
     reserved_bytes: int | None = None
     alloc_retries: int | None = None
     state_bytes: int | None = None
+    trace: MemoryTrace | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the trial as a JSON-ready dict."""
-        return _asdict(self)
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if f.name != "trace"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
+from maxbatch.batching import check_rows
 from maxbatch.device import CudaPeak, synchronize
 from maxbatch.errors import MaxbatchError, WorkloadError
 from maxbatch.oom import is_oom, release_memory
@@ -90,28 +93,39 @@ def run_trial(
         counter.track(workload.state_tensors())
         counter.refused_bytes = 0
         counter.reset_peak()
-        context = counter
+        counter.start_trace(
+            batch_size, {tuple(t.shape) for t in workload.state_tensors(grads=False)}
+        )
+        context: contextlib.AbstractContextManager[Any] = counter
     else:
         assert cuda is not None
         cuda.start()
-        context = None
+        context = contextlib.nullcontext()
+
+    def built(batch: Any) -> None:
+        check_rows(batch, batch_size)
+        if counter is not None:
+            counter.mark()  # the trace starts with the first step: the same operators at every size
+
     try:
-        if context is not None:
-            with context:
-                workload.run(batch_size, REPEATS)
-        else:
-            workload.run(batch_size, REPEATS)
+        with context:
+            workload.run(batch_size, REPEATS, on_batch=built)
         synchronize(meter.device)
     except MaxbatchError:
+        if counter is not None:
+            counter.stop_trace(complete=False)
         raise
     except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
         if not is_oom(exc):
+            if counter is not None:
+                counter.stop_trace(complete=False)
             raise WorkloadError(
                 f"the step failed at batch size {batch_size} for a reason other than memory: "
                 f"{type(exc).__name__}: {exc}",
                 batch_size=batch_size,
             ) from exc
         oom = True
+    trace = None if counter is None else counter.stop_trace(complete=not oom)
     # Recovery happens here, outside the except block: no exception (and so no traceback holding
     # the failed batch's tensors) is alive any more.
     seconds = clock() - start
@@ -125,4 +139,4 @@ def run_trial(
     release_memory(meter.device)
     usable = meter.usable_bytes
     fits = not oom and (usable is None or peak <= usable)
-    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries, state)
+    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries, state, trace)
