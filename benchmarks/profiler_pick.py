@@ -35,6 +35,7 @@ import torch
 from maxbatch import find_batch_size
 from maxbatch.batching import make_batch_fn
 from maxbatch.modelfile import load_model_file
+from maxbatch.pick import TOLERANCE
 from maxbatch.profiler import candidates, profile
 from maxbatch.timing import REPLICATES, WARMUP, time_workload
 from maxbatch.trial import REPEATS
@@ -45,6 +46,9 @@ EXAMPLES = ["mlp", "cnn", "transformer"]
 RULES = ("fastest", "within")
 STEPS = WARMUP + REPLICATES  # steps per timed size, as the profiler runs them
 TARGET, SHARE = 0.98, 0.25
+NOISES = (0.0, 0.01, 0.03)
+CEILINGS = (70, 414, 2651, 8000)
+SMALL = (2, 3, 5, 8, 16, 24, 32, 64)  # issue 10: big models on real GPUs
 
 StepSeconds = Callable[[int], float]
 
@@ -67,6 +71,21 @@ def shapes(ceiling: int) -> dict[str, StepSeconds]:
     }
 
 
+def gpu_shapes(ceiling: int) -> dict[str, StepSeconds]:
+    """GPU-like rising curves, step time ``a + c * b``, with ``a`` a quarter, one and four times
+    the ceiling's work ``c * ceiling``: throughput at the ceiling is 80 %, 50 % and 20 % of the
+    limit ``1 / c``, still rising there."""
+    c = 1e-3
+    return {f"gpu-a{r:g}": (lambda b, a=r * ceiling: c * (a + b)) for r in (0.25, 1, 4)}
+
+
+def probe_seconds(top: int, step_seconds: StepSeconds) -> float:
+    """What a probe's trials take (REPEATS steps each): the sample's size, a jump about
+    halfway, the ceiling and the size above it (which fails near its end)."""
+    sizes = [min(8, top), max(1, top // 2), top, top + 1]
+    return sum(REPEATS * step_seconds(b) for b in sizes)
+
+
 def replay_search(
     sizes: list[int],
     step_seconds: StepSeconds,
@@ -87,22 +106,31 @@ def replay_search(
     # runs (the sample's size, a safe jump about halfway, the ceiling).
     probed = {min(8, sizes[-1]), max(1, sizes[-1] // 2), sizes[-1]}
     prior = {b: cost(b) * math.exp(rng.gauss(0, noise)) for b in probed}
-    prof = profile(time_step, sizes, rule=rule, clock=lambda: now[0], prior=prior)
-    return prof.batch_size, [p.batch_size for p in prof.points]
+    probe = probe_seconds(sizes[-1], lambda b: cost(b) / STEPS)
+    prof = profile(
+        time_step, sizes, rule=rule, clock=lambda: now[0], prior=prior, probe_seconds=probe
+    )
+    return prof.batch_size, [p.batch_size for p in prof.points], now[0], prof.confidence.level
 
 
-def run_curves(seeds: int) -> list[dict]:
+def run_curves(
+    seeds: int,
+    ceilings: tuple[int, ...] = CEILINGS,
+    family: Callable[[int], dict[str, StepSeconds]] = shapes,
+    noises: tuple[float, ...] = NOISES,
+) -> list[dict]:
+    """Replay the search on every curve, rule and seed; one row each, judged on the truth."""
     rows = []
-    for noise in (0.0, 0.01, 0.03):
-        for ceiling in (70, 414, 2651, 8000):
+    for noise in noises:
+        for ceiling in ceilings:
             sizes = candidates(ceiling)
-            for name, step in shapes(ceiling).items():
+            for name, step in family(ceiling).items():
                 rate = {b: b / step(b) for b in sizes}
                 best = max(rate.values())
                 sweep = sum(STEPS * step(b) for b in sizes)
                 for rule in RULES:
                     for seed in range(seeds if noise else 1):
-                        chosen, timed = replay_search(
+                        chosen, timed, spent, sure = replay_search(
                             sizes, step, lambda b, step=step: STEPS * step(b), noise, seed, rule
                         )
                         rows.append(
@@ -113,7 +141,9 @@ def run_curves(seeds: int) -> list[dict]:
                                 "seed": seed,
                                 "pick": chosen,
                                 "pick_over_best": rate[chosen] / best,
-                                "time_share": sum(STEPS * step(b) for b in timed) / sweep,
+                                "time_share": spent / sweep,
+                                "over_probe": spent / probe_seconds(ceiling, step),
+                                "confidence": sure,
                             }
                         )
     return rows
@@ -136,6 +166,7 @@ def sweep_example(name: str, cap: str, sweeps: int) -> dict:
     ceiling = probe.ceiling
     # As in find_batch_size: the probe's trials (REPEATS steps each) predict what timing costs.
     prior = {t.batch_size: t.seconds / REPEATS * STEPS for t in probe.trials if t.fits}
+    probe_seconds = probe.seconds  # the cost rule's scale, as in find_batch_size
     make_batch, _ = make_batch_fn(sample)
     work = Workload(
         spec.model,
@@ -166,6 +197,7 @@ def sweep_example(name: str, cap: str, sweeps: int) -> dict:
         "sizes": sizes,
         "sweeps": runs,
         "prior": prior,
+        "probe_seconds": probe_seconds,
     }
 
 
@@ -190,7 +222,12 @@ def judge_real(data: dict) -> list[dict]:
                 return list(run[b][0])
 
             prof = profile(
-                time_step, sizes, rule=rule, clock=lambda now=now: now[0], prior=data["prior"]
+                time_step,
+                sizes,
+                rule=rule,
+                clock=lambda now=now: now[0],
+                prior=data["prior"],
+                probe_seconds=data["probe_seconds"],
             )
             timed = [p.batch_size for p in prof.points]
             rows.append(
@@ -249,6 +286,42 @@ def aggregate(curves: list[dict]) -> list[dict]:
     ]
 
 
+def repeat_pairs(rows: list[dict]) -> list[tuple[float, float]]:
+    """The same command twice: pick / best of seeds 0 and 1, 2 and 3, ... of each curve."""
+    by_curve: dict[str, list[float]] = {}
+    for r in sorted(rows, key=lambda r: (r["curve"], r["seed"])):
+        by_curve.setdefault(r["curve"], []).append(r["pick_over_best"])
+    return [p for v in by_curve.values() for p in zip(v[::2], v[1::2], strict=False)]
+
+
+def small_lines(rows: list[dict]) -> list[str]:
+    """Per noise and rule: pick / best, how many picks were within the tolerance of the best,
+    the profiler's time over the probe's, and how sure the picks said they were."""
+    lines = []
+    for noise in NOISES:
+        for rule in RULES:
+            group = [r for r in rows if r["noise"] == noise and r["rule"] == rule]
+            ratios = [r["pick_over_best"] for r in group]
+            met = sum(x >= 1 - TOLERANCE - 1e-9 for x in ratios)
+            probe = [r["over_probe"] for r in group]
+            sure = {k: sum(r["confidence"] == k for r in group) for k in ("high", "medium", "low")}
+            pairs = repeat_pairs(group)
+            close = sum(min(p) >= (1 - TOLERANCE) * max(p) - 1e-9 for p in pairs)
+            lines.append(
+                f"noise {noise:4.0%} {rule:<8} pick/best {summary(ratios)} | within "
+                f"{met}/{len(group)} | time/probe max {max(probe):4.1f} median "
+                f"{statistics.median(probe):4.1f} | sure: "
+                + " ".join(f"{k} {v}" for k, v in sure.items())
+                + (f" | run twice: {close}/{len(pairs)} within {TOLERANCE:.0%}" if noise else "")
+            )
+            for r in group:
+                if noise == 0 and r["pick_over_best"] < 1 - TOLERANCE - 1e-9:
+                    lines.append(
+                        f"    miss: {r['curve']} pick {r['pick']} {r['pick_over_best']:.1%}"
+                    )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one cap, two sweeps, 10 seeds")
@@ -283,6 +356,14 @@ def main() -> None:
             for r in rows:
                 if noise == 0 and (r["pick_over_best"] < TARGET or r["time_share"] > SHARE):
                     print(f"    miss: {r['curve']} pick {r['pick']} {r['pick_over_best']:.1%}")
+
+    print(
+        "\n== GPU-like rising curves (a + c*b) at ceilings "
+        f"{', '.join(map(str, SMALL))}: pick within {TOLERANCE:.0%} of the best =="
+    )
+    small = run_curves(seeds, SMALL, gpu_shapes)
+    for line in small_lines(small):
+        print(line)
 
     print(f"\n== real steps on this machine, {sweeps} sweeps each, judged on held-out sweeps ==")
     head = f"{'model':<12}{'cap':>7}{'ceiling':>8}{'cands':>6}{'sweep s':>9}{'spread':>8}"
@@ -321,7 +402,7 @@ def main() -> None:
         "(how far timing noise alone moves a choice here)"
     )
     if args.json is not None:
-        rows = {"curves": aggregate(curves), "real": real}
+        rows = {"curves": aggregate(curves), "small": aggregate(small), "real": real}
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 

@@ -12,6 +12,7 @@ from maxbatch.errors import (
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
+from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
     "BatchSizeMismatchError",
@@ -26,9 +27,11 @@ __all__ = [
     "ModelFileError",
     "ProbeResult",
     "Trial",
+    "VirtualDevice",
     "WorkloadError",
     "estimate_batch_size",
     "find_batch_size",
+    "virtual_device",
 ]
 
 __version__ = "0.1.0"

@@ -10,22 +10,61 @@ peers') recognises it too.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from maxbatch.memtrace import MemoryTrace
+from maxbatch.memtrace import TraceRecorder
 from maxbatch.units import format_bytes
 
 #: The CUDA caching allocator rounds every block up to a multiple of 512 bytes.
 CUDA_ROUNDING = 512
 
 OOM_PREFIX = "DefaultCPUAllocator: can't allocate memory"
+
+# The counters entered in this thread, innermost last (dispatch modes are per thread too).
+_entered = threading.local()
+
+
+def default_rounding(device: torch.device) -> int:
+    """How a counter on ``device`` rounds each storage: like the CUDA caching allocator on CUDA."""
+    return CUDA_ROUNDING if device.type == "cuda" else 1
+
+
+def _entered_counters() -> list[MemoryCounter]:
+    stack: list[MemoryCounter] | None = getattr(_entered, "stack", None)
+    if stack is None:
+        stack = _entered.stack = []
+    return stack
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Make storages no counter entered in this thread counts (host copies kept aside)."""
+    counters = list(_entered_counters())
+    for c in counters:
+        c.paused += 1
+    try:
+        yield
+    finally:
+        for c in counters:
+            c.paused -= 1
+
+
+def enclosing_counters(device: torch.device) -> list[MemoryCounter]:
+    """The capped counters entered in this thread that count ``device``, outermost first."""
+    return [
+        c
+        for c in _entered_counters()
+        if c.cap_bytes is not None and (c.device is None or _same_device(c.device, device))
+    ]
+
 
 _aten = torch.ops.aten
 
@@ -88,14 +127,12 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         self.peak_bytes = 0
         #: live bytes that the last refused allocation would have made (0: none refused yet)
         self.refused_bytes = 0
-        # The trace being recorded (see start_trace): the batch size whose tensors count as
-        # batched, the keys and bytes of those storages, and the entries after each operator.
-        self._trace_batch: int | None = None
-        self._fixed_shapes: set[tuple[int, ...]] = set()
-        self._stepping = False
-        self._batched: set[int] = set()
-        self.batched_bytes = 0
-        self._trace: list[tuple[int, int]] = []
+        #: > 0 while :func:`uncounted` runs: new storages are not counted
+        self.paused = 0
+        #: the cap while lifted (:meth:`lift_cap`): the peak never records more than it
+        self.lifted_cap: int | None = None
+        #: records the live bytes operator by operator while set (a trial's trace)
+        self.recorder: TraceRecorder | None = None
 
     def _rounded(self, nbytes: int) -> int:
         return -(-nbytes // self.round_to) * self.round_to
@@ -106,9 +143,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
             self._finalizers.pop(key, None)
             if size is not None:
                 self.live_bytes -= size
-                if key in self._batched:
-                    self._batched.discard(key)
-                    self.batched_bytes -= size
+                if self.recorder is not None:
+                    self.recorder.freed(key, size)
 
     def _track_storage(self, storage: torch.UntypedStorage) -> int:
         """Start counting ``storage``; return the bytes added (0 if already counted)."""
@@ -148,59 +184,28 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
                 storage = leaf.untyped_storage()
                 if storage._cdata not in given:
                     size = self._track_storage(storage)
+                    if size and self.recorder is not None:
+                        self.recorder.allocated(storage._cdata, size, leaf.shape)
                     added += size
-                    if size and self._trace_batch is not None and self._grows(leaf.shape):
-                        with self._lock:
-                            self._batched.add(storage._cdata)
-                            self.batched_bytes += size
         return added
 
-    def _grows(self, shape: torch.Size) -> bool:
-        """Whether a new tensor of ``shape`` looks batched (see :meth:`start_trace`)."""
-        b = self._trace_batch
-        if not shape or b is None:
-            return False
-        if not self._stepping:
-            return shape[0] == b  # the batch itself
-        return (b in shape or shape[0] % b == 0) and tuple(shape) not in self._fixed_shapes
-
-    def start_trace(self, batch_size: int, fixed_shapes: Iterable[tuple[int, ...]] = ()) -> None:
-        """Record the live bytes after every allocating operator until :meth:`stop_trace`.
-
-        New storages also count as *batched* (a guess at what grows with the batch): while the
-        batch is built (until :meth:`mark`), those of tensors whose dimension 0 is
-        ``batch_size``; in the steps, those of tensors with a dimension of ``batch_size`` or a
-        dimension 0 that is a multiple of it (a batch flattened with heads or tokens), unless
-        their shape is one of ``fixed_shapes`` (the parameters' and their state's).
-        """
+    def counted_bytes(self, tensors: Iterable[Any]) -> int:
+        """Bytes this counter counts for the storages of ``tensors`` (each storage once)."""
+        keys = {t.untyped_storage()._cdata for t in tensors if isinstance(t, torch.Tensor)}
         with self._lock:
-            self._trace_batch = batch_size
-            self._fixed_shapes = set(fixed_shapes)
-            self._stepping = False
-            self._batched.clear()
-            self.batched_bytes = 0
-            self._trace = []
+            return sum(self._sizes.get(key, 0) for key in keys)
 
-    def mark(self) -> None:
-        """Drop what was recorded so far: the trace starts here (the batch is built)."""
-        self._trace = []
-        self._stepping = True
+    def __enter__(self) -> MemoryCounter:
+        super().__enter__()  # type: ignore[no-untyped-call]
+        _entered_counters().append(self)
+        return self
 
-    def stop_trace(self, *, complete: bool) -> MemoryTrace | None:
-        """Stop recording; return the trace (None when none was started)."""
-        if self._trace_batch is None:
-            return None
-        with self._lock:
-            batch_size, self._trace_batch = self._trace_batch, None
-            entries, self._trace = self._trace, []
-            self._batched.clear()
-            self.batched_bytes = 0
-        return MemoryTrace(
-            batch_size=batch_size,
-            live=tuple(live for live, _ in entries),
-            batched=tuple(grows for _, grows in entries),
-            complete=complete,
-        )
+    def __exit__(self, *exc: object) -> None:
+        stack = _entered_counters()
+        if self in stack:
+            # The last entry is this one unless modes were exited out of order.
+            del stack[len(stack) - 1 - stack[::-1].index(self)]
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Stop counting and detach every finalizer.
@@ -216,6 +221,20 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         for fin in finalizers:
             fin.detach()
 
+    def lift_cap(self) -> None:
+        """Stop enforcing the cap while an inner counter enforces the same room (the probe's).
+
+        The inner counter refuses an allocation after this one counted it: the peak then keeps
+        to the lifted cap, as if this counter had refused it.
+        """
+        if self.cap_bytes is not None:
+            self.lifted_cap, self.cap_bytes = self.cap_bytes, None
+
+    def restore_cap(self) -> None:
+        """Enforce the cap lifted by :meth:`lift_cap` again."""
+        if self.lifted_cap is not None:
+            self.cap_bytes, self.lifted_cap = self.lifted_cap, None
+
     def reset_peak(self) -> None:
         """Set the peak to the bytes live now."""
         self.peak_bytes = self.live_bytes
@@ -228,11 +247,11 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func in self.NO_ALLOCATION:
+        if func in self.NO_ALLOCATION or self.paused:
             return out
         added = self._track_outputs(out, (args, kwargs))
-        if self._trace_batch is not None:
-            self._trace.append((self.live_bytes, self.batched_bytes))
+        if self.recorder is not None:
+            self.recorder.after_op(self.live_bytes)
         if self.cap_bytes is not None and self.live_bytes > self.cap_bytes:
             attempted = self.refused_bytes = self.live_bytes
             # Drop the new storages now: a traceback kept by the caller keeps this frame alive.
@@ -242,6 +261,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
                 f"{format_bytes(attempted)} would be live, capacity {format_bytes(self.cap_bytes)} "
                 f"({self.cap_bytes} bytes)."
             )
-        if self.live_bytes > self.peak_bytes:
+        if self.live_bytes > self.peak_bytes and (
+            self.lifted_cap is None or self.live_bytes <= self.lifted_cap
+        ):
             self.peak_bytes = self.live_bytes
         return out

@@ -83,6 +83,12 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
+def _has_arrays(obj: Any) -> bool:
+    """Whether ``obj`` is, or directly holds, a NumPy array (a common slip for a tensor)."""
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return any(type(x).__module__ == "numpy" for x in [obj, *items])
+
+
 def batch_size_of(sample: Any) -> int:
     """Return the batch size of ``sample``: dimension 0 shared by all its batched tensors.
 
@@ -99,10 +105,11 @@ def batch_size_of(sample: Any) -> int:
     """
     found = list(_batched_tensors(sample, "sample"))
     if not found:
+        hint = " (convert arrays with torch.from_numpy)" if _has_arrays(sample) else ""
         raise WorkloadError(
             f"the sample holds no tensor with a batch dimension (got {type(sample).__name__}); "
             "pass a tensor, or a tuple, list, dict, dataclass or namedtuple of tensors whose "
-            "dimension 0 is the batch"
+            f"dimension 0 is the batch{hint}"
         )
     sizes = sorted({tensor.shape[0] for _, tensor in found})
     if len(sizes) > 1:

@@ -1,14 +1,17 @@
 """The ``maxbatch`` command: parse, call the library, render, map errors to exit codes.
 
-Exit codes: 0 an answer; 1 nothing fits or the workload failed; 2 usage errors and bad model files.
+Exit codes: 0 an answer; 1 nothing fits or the workload failed; 2 usage errors and bad model files;
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM). The model is restored in every case.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +27,7 @@ from maxbatch.errors import (
 )
 from maxbatch.estimate import estimate_batch_size
 from maxbatch.finder import find_batch_size
+from maxbatch.interrupt import Terminated, stop_signals
 from maxbatch.modelfile import ModelSpec, load_model_file
 from maxbatch.pick import TOLERANCE
 from maxbatch.report import (
@@ -36,10 +40,29 @@ from maxbatch.report import (
     result_table,
     trial_line,
 )
+from maxbatch.reportfiles import check_report_dir, load_report, write_report
 from maxbatch.results import Throughput, Trial
 
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+@contextlib.contextmanager
+def _interruptible(done: Callable[[], str]) -> Iterator[None]:
+    """Turn Ctrl-C and SIGTERM into one line and exit 130 or 143, after the library's clean-up.
+
+    ``done()`` says what was done when the signal came (``after 3 trials``).
+    """
+    try:
+        with stop_signals():
+            yield
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        how = "terminated (SIGTERM)" if term else "interrupted"
+        click.echo(f"maxbatch: {how} {done()}; the model is restored", err=True)
+        sys.exit(EXIT_TERMINATED if term else EXIT_INTERRUPTED)
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -200,6 +223,9 @@ def probe(
 ) -> None:
     """Find the largest batch size whose real step fits, for the model in MODEL_FILE."""
     spec = _start(model_file, verbose, debug)
+    extra = _run(debug, spec.extra_state_items)
+    if report_dir is not None:
+        _run(debug, lambda: _check_report(report_dir))
     dev = _run(debug, lambda: resolve_device(device))
     spec.model.to(dev)
     count = 0
@@ -218,11 +244,13 @@ def probe(
         else:
             click.echo(point_line(point), err=True)
 
-    result = _run(
-        debug,
-        lambda: find_batch_size(
-            spec.model,
-            spec.make_batch if spec.make_batch is not None else spec.sample,
+    def trials() -> str:
+        return f"after {count} trial{'' if count == 1 else 's'}"
+
+    with _interruptible(trials):
+        result = _probe(
+            debug,
+            spec,
             device=dev,
             memory=memory,
             time_budget=time_budget,
@@ -235,9 +263,9 @@ def probe(
             global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
+            extra_state=extra,
             **_step_kwargs(spec, **step),
-        ),
-    )
+        )
     if tty and result.throughput:
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
@@ -249,16 +277,32 @@ def probe(
         click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
 
 
+def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
+    batches = spec.make_batch if spec.make_batch is not None else spec.sample
+    return _run(debug, lambda: find_batch_size(spec.model, batches, **kwargs))
+
+
+def _check_report(report_dir: str) -> None:
+    """Check the report folder and the plotting extra before the first trial."""
+    check_report_dir(report_dir)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(
+            '--report draws plots, which need matplotlib: pip install "maxbatch[plot]"'
+        )
+
+
 def _write_report(data: dict[str, Any], out: Path, model_file: str) -> None:
     from maxbatch.plots import write_plots
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")
-    images = write_plots(data, out)
-    markdown = result_markdown(data, title=f"maxbatch: {model_file}", images=bool(images))
-    (out / "report.md").write_text(markdown, encoding="utf-8")
-    written = ", ".join(p.name for p in [out / "report.json", out / "report.md", *images])
-    click.echo(f"report written to {out}: {written}", err=True)
+    def write(folder: Path) -> list[str]:
+        (folder / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")
+        images = write_plots(data, folder)
+        markdown = result_markdown(data, title=f"maxbatch: {model_file}", images=bool(images))
+        (folder / "report.md").write_text(markdown, encoding="utf-8")
+        return ["report.json", "report.md", *(p.name for p in images)]
+
+    written = write_report(out, write)
+    click.echo(f"report written to {out}: {', '.join(written)}", err=True)
 
 
 @main.command()
@@ -267,22 +311,9 @@ def _write_report(data: dict[str, Any], out: Path, model_file: str) -> None:
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def report(report_file: str, markdown: bool, debug: bool) -> None:
     """Render a saved report.json again."""
-    data = _run(debug, lambda: _load_report(report_file))
+    data = _run(debug, lambda: load_report(report_file))
     title = f"maxbatch: {data.get('model_file', report_file)}"
     click.echo(result_markdown(data, title=title) if markdown else result_table(data, title=title))
-
-
-def _load_report(path: str) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from e
-    needed = {"ceiling", "batch_size", "trials", "device", "pick_reason"}
-    if not isinstance(data, dict) or not needed <= data.keys():
-        raise ConfigError(f"{path}: not a maxbatch report (needs the keys {sorted(needed)})")
-    return data
 
 
 @main.command()
@@ -318,17 +349,18 @@ def estimate(
     size. A model whose build_model() builds it under torch.device("meta") is never allocated.
     """
     spec = _start(model_file, verbose, debug)
-    result = _run(
-        debug,
-        lambda: estimate_batch_size(
-            spec.model,
-            spec.make_batch if spec.make_batch is not None else spec.sample,
-            memory=memory,
-            target=target,
-            batch_sizes=batch_sizes,
-            **_step_kwargs(spec, **step),
-        ),
-    )
+    with _interruptible(lambda: "during the estimate"):
+        result = _run(
+            debug,
+            lambda: estimate_batch_size(
+                spec.model,
+                spec.make_batch if spec.make_batch is not None else spec.sample,
+                memory=memory,
+                target=target,
+                batch_sizes=batch_sizes,
+                **_step_kwargs(spec, **step),
+            ),
+        )
     if as_json:
         click.echo(estimate_json(result, model_file=model_file))
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,13 +17,15 @@ from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
+from maxbatch.extrastate import ExtraState
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
-from maxbatch.profiler import profile_workload
+from maxbatch.profiler import profile_fields, profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.trial import REPEATS, Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
+from maxbatch.virtual import EnclosingDevices
 from maxbatch.workload import (
     ForwardFn,
     LossFn,
@@ -79,6 +81,7 @@ def find_batch_size(
     base_batch: int | None = None,
     base_lr: float | None = None,
     estimate_first: bool | None = None,
+    extra_state: Sequence[Any] = (),
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -127,6 +130,10 @@ def find_batch_size(
             fake trials (each costs several real steps of a small model) save nothing. True or False
             forces it. When it gives no guess (the model cannot be deep-copied, the step needs
             tensor values, nothing fits), a note says why and the search starts as without it.
+        extra_state: more state your ``train_step`` changes, restored in place after every
+            trial: tensors, modules (an EMA copy), optimizers, ``GradScaler`` objects, and objects
+            with ``state_dict()`` and ``load_state_dict()``. A ``GradScaler`` that ``train_step``
+            uses as a global or closure variable is restored without being listed.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -163,6 +170,7 @@ def find_batch_size(
         raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
     if (base_batch is None) != (base_lr is None):
         raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
+    extra = ExtraState(extra_state).with_scalers(train_step)
 
     make_batch, sample_size = make_batch_fn(sample)
     here = _model_device(model)
@@ -183,6 +191,7 @@ def find_batch_size(
         forward_fn=forward_fn,
         loss_fn=loss_fn,
         train_step=train_step,
+        extra_state=extra,
     )
     notes: list[str] = []
     opt = workload.optimizer
@@ -190,13 +199,20 @@ def find_batch_size(
         notes.append("no optimizer given: the step used AdamW, whose state is real memory")
     opt_name = None if opt is None else type(opt).__name__
     info = describe(dev)
-    virtual = cap is not None
+    virtual = cap is not None or EnclosingDevices.present(dev)
     meter = Meter(dev, counting=virtual or dev.type != "cuda")
     workload.save()
+    enclosing = None
     try:
         workload.prepare()
         base = meter.live_bytes(workload)
-        if cap is not None:
+        # Inside a user's virtual_device the smaller cap wins (theirs counts what ours does not).
+        enclosing = EnclosingDevices(dev, workload.state_tensors())
+        outer = enclosing.capacity_bytes
+        if outer is not None:
+            capacity = outer if cap is None else min(cap, outer)
+            notes.append(f"inside a virtual device: capacity {format_bytes(capacity)}")
+        elif cap is not None:
             capacity = cap
         elif dev.type == "cuda":
             capacity = info.capacity_bytes
@@ -253,6 +269,7 @@ def find_batch_size(
         )
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
         points: tuple[Throughput, ...] = ()
+        prof = None
         if profile:
             left = None if time_budget is None else time_budget - (time.perf_counter() - started)
             if left is not None and left <= 0:
@@ -273,11 +290,14 @@ def find_batch_size(
                     step_seconds={
                         t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
                     },
+                    probe_seconds=time.perf_counter() - started,
                 )
                 chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
                 if not prof.complete:
                     notes.append(f"profiler: {prof.stop_reason}")
     finally:
+        if enclosing is not None:
+            enclosing.restore()
         workload.reset(final=True)
         meter.close()
         release_memory(dev, full=True)
@@ -316,4 +336,5 @@ def find_batch_size(
         throughput=tuple(points),
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
         advice=advice,
+        **({} if prof is None else profile_fields(prof)),
     )

@@ -18,7 +18,8 @@ by far; a fit of *each operator's* line is exact.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,71 @@ class MemoryTrace:
     live: tuple[int, ...]
     batched: tuple[int, ...]
     complete: bool
+
+
+class TraceRecorder:
+    """Builds a trial's :class:`MemoryTrace` from what a counter reports.
+
+    The counter reports each storage it starts counting (:meth:`allocated`), each it stops
+    counting (:meth:`freed`) and the live bytes after each allocating operator
+    (:meth:`after_op`). New storages also count as *batched*, a guess at what grows with the
+    batch: while the batch is built (until :meth:`steps_start`), those of tensors whose
+    dimension 0 is the batch size; in the steps, those of tensors with a dimension of the batch
+    size or a dimension 0 that is a multiple of it (a batch flattened with heads or tokens),
+    unless their shape is one of ``fixed_shapes`` (the parameters' and their state's).
+
+    Args:
+        batch_size: the trial's batch size.
+        fixed_shapes: shapes of tensors that never grow with the batch.
+    """
+
+    def __init__(self, batch_size: int, fixed_shapes: Iterable[tuple[int, ...]] = ()):
+        self.batch_size = batch_size
+        self.fixed_shapes = set(fixed_shapes)
+        self.stepping = False
+        self.batched: dict[int, int] = {}  # storage key -> bytes
+        self.batched_bytes = 0
+        self.entries: list[tuple[int, int]] = []
+        self._lock = threading.Lock()  # frees come from weakref finalizers
+
+    def _grows(self, shape: Sequence[int]) -> bool:
+        b = self.batch_size
+        if not shape:
+            return False
+        if not self.stepping:
+            return shape[0] == b  # the batch itself
+        return (b in shape or shape[0] % b == 0) and tuple(shape) not in self.fixed_shapes
+
+    def allocated(self, key: int, size: int, shape: Sequence[int]) -> None:
+        """A storage of ``size`` bytes, made by a tensor of ``shape``, is counted from now on."""
+        if self._grows(shape):
+            with self._lock:
+                self.batched[key] = size
+                self.batched_bytes += size
+
+    def freed(self, key: int, size: int) -> None:
+        """A counted storage was freed."""
+        with self._lock:
+            if self.batched.pop(key, None) is not None:
+                self.batched_bytes -= size
+
+    def after_op(self, live_bytes: int) -> None:
+        """An operator that allocates has run: ``live_bytes`` are live now."""
+        self.entries.append((live_bytes, self.batched_bytes))
+
+    def steps_start(self) -> None:
+        """The batch is built: the trace starts here, with the same operators at every size."""
+        self.entries = []
+        self.stepping = True
+
+    def trace(self, *, complete: bool) -> MemoryTrace:
+        """The trace recorded (``complete``: the trial ran to its end)."""
+        return MemoryTrace(
+            batch_size=self.batch_size,
+            live=tuple(live for live, _ in self.entries),
+            batched=tuple(grows for _, grows in self.entries),
+            complete=complete,
+        )
 
 
 def _shape_bound(trace: MemoryTrace, usable: int, start: int = 0) -> int | None:

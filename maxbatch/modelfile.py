@@ -1,7 +1,8 @@
 """Loading a ``model.py`` file by its conventions (see the design, "model.py conventions").
 
 Anything missing or wrong raises :class:`~maxbatch.errors.ModelFileError` naming the file, the name
-and what was expected. The sample's contents are checked later, where batches are built.
+and what was expected, also a ``sample`` that is not a batch. What ``make_batch`` returns is
+checked later, where batches are built.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 
-from maxbatch.errors import ModelFileError
+from maxbatch.batching import batch_size_of
+from maxbatch.errors import ModelFileError, WorkloadError
 
 __all__ = ["ModelSpec", "load_model_file"]
 
@@ -34,6 +36,7 @@ _HOOKS: dict[str, tuple[str, ...]] = {
     "loss": ("output", "batch"),
     "optimizer": ("parameters",),
     "train_step": ("model", "batch", "optimizer"),
+    "extra_state": (),
 }
 
 
@@ -50,6 +53,8 @@ class ModelSpec:
         loss: ``loss(output, batch)`` returning a scalar, or ``None`` for the default reduction.
         optimizer: ``optimizer(parameters)`` returning an optimizer, or ``None`` for the default.
         train_step: ``train_step(model, batch, optimizer)`` replacing the default step, or ``None``.
+        extra_state: ``extra_state()`` returning the list of objects the step changes beyond the
+            model and optimizer (restored after every trial), or ``None``.
     """
 
     path: str
@@ -60,6 +65,29 @@ class ModelSpec:
     loss: Callable[[Any, Any], torch.Tensor] | None
     optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None
     train_step: Callable[[torch.nn.Module, Any, torch.optim.Optimizer | None], Any] | None
+    extra_state: Callable[[], Any] | None = None
+
+    def extra_state_items(self) -> list[Any]:
+        """Call the file's ``extra_state()`` (an empty list without one).
+
+        Raises:
+            ModelFileError: it raised, or returned something other than a list or tuple.
+        """
+        if self.extra_state is None:
+            return []
+        try:
+            items = self.extra_state()
+        except Exception as e:
+            raise ModelFileError(
+                self.path, f"`extra_state()` raised {type(e).__name__}: {e}; fix it"
+            ) from e
+        if not isinstance(items, (list, tuple)):
+            raise ModelFileError(
+                self.path,
+                f"`extra_state()` returned a value that {_describe(items)}; expected a list of "
+                "the objects the step changes (modules, tensors, GradScaler, ...)",
+            )
+        return list(items)
 
 
 def load_model_file(path: str | os.PathLike[str]) -> ModelSpec:
@@ -219,7 +247,13 @@ def _sample(name: str, module: ModuleType) -> Any:
         raise ModelFileError(
             name, "`sample` is None; expected one batch of tensors, batch dimension first"
         )
-    return None if sample is _MISSING else sample
+    if sample is _MISSING:
+        return None
+    try:
+        batch_size_of(sample)
+    except WorkloadError as e:
+        raise ModelFileError(name, f"`sample` is not a batch: {e}") from None
+    return sample
 
 
 def _callable(

@@ -12,7 +12,14 @@ import gc
 
 import torch
 
-__all__ = ["OOM_MESSAGES", "is_oom", "release_memory"]
+__all__ = [
+    "OOM_MESSAGES",
+    "OOM_WHOLE_MESSAGES",
+    "STEP_FAILURES",
+    "failure_text",
+    "is_oom",
+    "release_memory",
+]
 
 # torch.OutOfMemoryError exists from torch 2.5 on and is the same class as
 # torch.cuda.OutOfMemoryError, which older supported versions (>= 2.3) already have.
@@ -45,10 +52,36 @@ OOM_MESSAGES: tuple[str, ...] = (
     # cuDNN 9 split ALLOC_FAILED into these two (cudnn_graph.h, cudnnStatus_t 4003 and 4004).
     "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
     "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
+    # cuFFT plan or work area allocation (torch.fft on CUDA), CUFFT_CHECK in
+    # aten/src/ATen/native/cuda/CuFFTUtils.h: "cuFFT error: " + _cudaGetErrorEnum(cufftResult).
+    "CUFFT_ALLOC_FAILED",
+    # cuSOLVER workspace or handle allocation (torch.linalg on CUDA), TORCH_CUSOLVER_CHECK in
+    # aten/src/ATen/cuda/Exceptions.h: "cusolver error: " + cusolverGetErrorMessage(status).
+    "CUSOLVER_STATUS_ALLOC_FAILED",
+    # Not listed, on purpose: cuDNN's "CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you
+    # passed in a non-contiguous input." Lightning's tuner (utilities/memory.py, is_cudnn_snafu)
+    # treats it as out of memory because very large batches can trigger it, but it is cuDNN
+    # refusing a configuration (a non-contiguous input, a tensor past cuDNN's 2**31-element
+    # limit), not a failed allocation: taken for OOM it would turn a layout bug into a smaller
+    # ceiling. It fails the probe with the message; `max_batch_size` bounds the search instead.
     # CPU allocator on Linux and macOS (posix_memalign failed), c10/core/impl/alloc_cpu.cpp.
     "DefaultCPUAllocator: can't allocate memory",
     # CPU allocator on Windows and Android (_aligned_malloc / memalign failed), same file.
     "DefaultCPUAllocator: not enough memory",
+)
+
+
+# Messages that count only when they are the whole message (spaces around ignored): their text
+# is also the start of a message that is not about memory.
+OOM_WHOLE_MESSAGES: tuple[str, ...] = (
+    # oneDNN (the CPU convolution and matmul kernels): dnnl::primitive's constructor in
+    # include/oneapi/dnnl/dnnl.hpp wraps dnnl_primitive_create() with this text, and ideep's
+    # error keeps only the text, dropping the status. A primitive's descriptor was already
+    # created, so the configuration is supported; what fails is allocating the primitive (its
+    # JIT code, its scratchpad): dnnl_out_of_memory. An unsupported configuration fails earlier
+    # with "could not create a primitive descriptor for ...", which must stay a real error.
+    # Seen under RLIMIT_AS with examples/cnn.py (tests/test_cpu_oom.py).
+    "could not create a primitive",
 )
 
 
@@ -58,7 +91,8 @@ def is_oom(exc: BaseException) -> bool:
     The type decides first: ``torch.OutOfMemoryError`` (the same class as
     ``torch.cuda.OutOfMemoryError``) and Python's own ``MemoryError`` (a host allocation that
     failed). Then, for ``RuntimeError`` and its subclasses only, the message decides: it must
-    contain one of the fragments in :data:`OOM_MESSAGES`, compared case-sensitively. Anything
+    contain one of the fragments in :data:`OOM_MESSAGES`, or be one of
+    :data:`OOM_WHOLE_MESSAGES`, compared case-sensitively. Anything
     else, including errors that merely mention memory (such as an illegal memory access), is
     not an out-of-memory error.
 
@@ -73,7 +107,25 @@ def is_oom(exc: BaseException) -> bool:
     if not isinstance(exc, RuntimeError):
         return False
     message = str(exc)
+    if message.strip() in OOM_WHOLE_MESSAGES:
+        return True
     return any(fragment in message for fragment in OOM_MESSAGES)
+
+
+#: What a trial catches from the step: every error, and ``SystemExit`` (a ``sys.exit()`` in the
+#: step must fail the probe with a message, not end the program as if it had succeeded).
+#: ``KeyboardInterrupt`` passes through: the probe restores the model and stops.
+STEP_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+def failure_text(exc: BaseException) -> str:
+    """The failure of a step in words: the exception's type and message, and what to do."""
+    if isinstance(exc, SystemExit):
+        return (
+            f"SystemExit({exc.code!r}): the step called sys.exit() (or raised SystemExit); "
+            "a step must return, not exit"
+        )
+    return f"{type(exc).__name__}: {exc}"
 
 
 def release_memory(device: torch.device | None = None, *, full: bool = False) -> None:

@@ -1,20 +1,26 @@
 """The search for the best throughput among candidate batch sizes at or below the ceiling.
 
-Each size is timed by :mod:`maxbatch.timing` and the pick made by :mod:`maxbatch.pick`. The
-search (:func:`profile`) does not time every candidate. It sees only ``time_step(b)`` (the seconds
-of each replicate) and a clock, so tests drive it with fakes:
+Each size is timed by :mod:`maxbatch.timing`, the search runs in :mod:`maxbatch.descent`, close
+calls go to interleaved rounds in :mod:`maxbatch.contest`, and :mod:`maxbatch.pick` picks. The
+search (:func:`profile`) does not time every candidate. It sees only ``time_step(b)`` (the
+seconds of each replicate) and a clock, so tests drive it with fakes:
 
-1. Descent: from the largest multiple of 8 near the top, rungs about 4x apart, down while a rung
-   is within the tolerance of the best (``"within"``; ``flat_gain`` for ``"fastest"``) or faster
-   than the rung above it. The top comes first because the best is most often there, and so is
-   most of the cost of a sweep.
+1. Descent: the largest multiple of 8 near the top, the size just below it, then rungs about 4x
+   apart, down while a rung is within the tolerance of the best (``"within"``; ``flat_gain``
+   for ``"fastest"``) or faster than the rung above it.
 2. Refinement: for ``"within"``, bisect (on a log scale) below the smallest size within the
    tolerance of the best; then, for both rules, bisect beside the best toward its faster timed
    neighbour, until no untimed candidate is left there.
-3. Cost: a size is timed only while the time spent stays under ``share`` (24 %) of the predicted
-   cost of timing every candidate (the first size always, unless ``prior`` costs, such as the
-   probe's trials, predict it too dear: the descent then starts lower), and only if its predicted
-   cost fits in the rest of ``budget``. Costs are predicted from the sizes timed so far.
+3. Cost: the top rung is always timed, and so is the size just below the top when the top is
+   the best so far (the best is most often there, and with few candidates they are most of the
+   cost of timing everything). Every other size is timed only while the time spent stays under
+   the larger of ``share`` (24 %) of the predicted cost of timing every candidate and twice
+   ``probe_seconds`` (the probe's own time, in :func:`maxbatch.find_batch_size`: what a user
+   already waits for the ceiling). Nothing is timed past ``budget``. Costs are predicted from
+   the sizes timed so far and the ``prior`` (the probe's trials).
+4. Contest: when the pick hinges on sizes whose difference is within their measured spread,
+   they are timed again in interleaved rounds and ties go to the pick rule; the profile says
+   how sure the pick is.
 """
 
 from __future__ import annotations
@@ -23,27 +29,23 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
-
+from maxbatch.contest import Confidence, Contest, confidence, contenders, run_rounds
+from maxbatch.descent import ALIGN, Search, TimeStep
 from maxbatch.errors import ConfigError
-from maxbatch.pick import TOLERANCE, PickRule, check_pick, pick
-from maxbatch.results import Throughput
-from maxbatch.timing import NOISY, REPLICATES, WARMUP, measurement, time_workload
+from maxbatch.pick import TOLERANCE, PickRule, check_pick, pick, sizes_text
+from maxbatch.results import Skipped, Throughput
+from maxbatch.timing import NOISY, REPLICATES, WARMUP, time_workload
 from maxbatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
 FLAT_GAIN = 0.01  #: a step that gains no more than 1 % counts as flat
-SHARE = 0.24  #: the search stops at this share of the predicted cost of timing every candidate
-ALIGN_SLACK = 1 / 32  #: the descent starts at the largest multiple of ALIGN this close to the top
-ALIGN = 8  #: sizes near the ceiling are multiples of this (tensor-core friendly)
+SHARE = 0.24  #: the cost rule: this share of the predicted cost of timing every candidate
 NEAR = 0.5  #: "near the ceiling": the top half, where powers of two leave a 2x gap
 MAX_NEAR = 16  #: at most this many sizes near the ceiling (coarser multiples when needed)
-
-TimeStep = Callable[[int], Sequence[float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Profile:
         stop_reason: why the search ended.
         seconds: wall time of the search.
         out_of_memory: sizes that ran out of memory while timed (larger ones were then skipped).
+        skipped: every candidate not timed, and why.
+        confidence: how sure the pick is, and why.
+        rounds: the interleaved rounds' throughputs by size (empty when none ran).
     """
 
     batch_size: int
@@ -69,6 +74,9 @@ class Profile:
     stop_reason: str
     seconds: float
     out_of_memory: tuple[int, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    confidence: Confidence = Confidence("high", "")
+    rounds: tuple[dict[int, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Return the profile as a JSON-ready dict."""
@@ -107,173 +115,6 @@ def candidates(ceiling: int, *, min_batch_size: int = 1, multiple_of: int = 1) -
     return sorted(b for b in sizes if low <= b <= top)
 
 
-def _interpolate(known: Mapping[int, float], b: int) -> float:
-    """``known`` at ``b``: linear between known sizes, in proportion to the nearest outside."""
-    sizes = sorted(known)
-    if not sizes[0] <= b <= sizes[-1]:
-        near = sizes[0] if b < sizes[0] else sizes[-1]
-        return known[near] * b / near
-    return float(np.interp(b, sizes, [known[k] for k in sizes]))
-
-
-def _middle(gap: list[int], low: int, high: int) -> int:
-    """The size in ``gap`` nearest the geometric middle of ``low`` and ``high``."""
-    centre = (math.log(low) + math.log(high)) / 2
-    return min(gap, key=lambda b: (abs(math.log(b) - centre), b))
-
-
-class _Search:
-    """One search: the timed sizes, what timing each cost, and the limits on cost."""
-
-    def __init__(
-        self,
-        time_step: TimeStep,
-        sizes: list[int],
-        budget: float | None,
-        clock: Callable[[], float],
-        share: float,
-        noisy: float,
-        on_point: Callable[[Throughput], None] | None,
-        prior: Mapping[int, float],
-    ):
-        self.time_step, self.sizes, self.budget, self.clock = time_step, sizes, budget, clock
-        self.prior = prior
-        self.share, self.noisy, self.on_point = share, noisy, on_point
-        self.points: dict[int, Throughput] = {}
-        self.cost: dict[int, float] = {}  # seconds spent on each size, warm-up included
-        self.oom: list[int] = []
-        self.budget_hit = False
-        self.start = clock()
-
-    def rate(self, b: int) -> float:
-        return self.points[b].samples_per_second
-
-    def best(self) -> int:
-        return max(self.points, key=lambda b: (self.rate(b), -b))
-
-    def untimed(self) -> list[int]:
-        limit = min(self.oom, default=math.inf)
-        return [b for b in self.sizes if b not in self.cost and b < limit]
-
-    def predict(self, b: int) -> float:
-        """Seconds timing ``b`` should cost, from the timed sizes and the ``prior``.
-
-        The prior's costs, scaled by what the timed sizes really cost against it, fill in
-        where nothing was timed; with neither, 0.
-        """
-        known = dict(self.cost)
-        if self.prior:
-            scale, expected = 1.0, sum(_interpolate(self.prior, t) for t in self.cost)
-            if self.cost and expected > 0:
-                scale = sum(self.cost.values()) / expected
-            known = {k: c * scale for k, c in self.prior.items()} | known
-        return _interpolate(known, b) if known else 0.0
-
-    def blocked(self, b: int, *, shared: bool) -> str | None:
-        """Why ``b`` may not be timed now, or None."""
-        cost, spent = self.predict(b), sum(self.cost.values())
-        if self.budget is not None and self.clock() - self.start + cost >= self.budget:
-            self.budget_hit = True
-            return f"the time budget ({self.budget:g} s) has no room left for batch size {b}"
-        if shared and spent + cost > self.share * (spent + sum(map(self.predict, self.untimed()))):
-            return (
-                f"timing {b} would pass {self.share:.0%} of the predicted cost of timing every size"
-            )
-        return None
-
-    def measure(self, b: int) -> bool:
-        """Time ``b`` (a noisy size twice, replicates pooled); False when it ran out of memory."""
-        seconds: list[float] = []
-        for attempt in range(2):
-            if attempt and (
-                not measurement(b, seconds, self.noisy).noisy or self.blocked(b, shared=False)
-            ):
-                break
-            started = self.clock()
-            more = self.time_step(b)
-            self.cost[b] = self.cost.get(b, 0.0) + self.clock() - started
-            if not more:
-                self.oom.append(b)
-                log.warning("batch size %s ran out of memory while being timed", b)
-                return False
-            seconds.extend(more)
-        self.points[b] = point = measurement(b, seconds, self.noisy)
-        log.info("batch size %s: %.1f samples/s", b, point.samples_per_second)
-        if self.on_point is not None:
-            self.on_point(point)
-        return True
-
-    def first_rung(self) -> int:
-        """The top of the descent: the largest multiple of ``ALIGN`` near the largest size."""
-        top = self.sizes[-1]
-        aligned = [b for b in self.sizes if b % ALIGN == 0 and b >= (1 - ALIGN_SLACK) * top]
-        return aligned[-1] if aligned else top
-
-    def descend(self, keep: float) -> str:
-        """Time rungs about 4x apart from the top down while they may hold the best or the edge.
-
-        The descent stops at a rung below ``keep`` of the best and no faster than the rung above
-        it: from there down the curve only falls away. After a size runs out of memory, the next
-        rung is the candidate just below it.
-        """
-        b: int | None = self.first_rung()
-        above: int | None = None
-        skipped = ""
-        while b is not None:
-            fits = b in self.points
-            if not fits:
-                if (why := self.blocked(b, shared=bool(self.points or self.prior))) is not None:
-                    if self.points and not self.budget_hit:
-                        return why
-                    skipped = skipped or f"{why}; "  # a smaller rung may still fit
-                else:
-                    fits = self.measure(b)
-            if fits and above is not None and self.rate(b) < keep * self.rate(self.best()):
-                if self.rate(b) <= self.rate(above):
-                    return f"{skipped}the coarse descent fell away at batch size {b}"
-            above = b if fits else above
-            timed = b in self.cost
-            lower = [c for c in self.sizes if c < b and (timed and not fits or c <= b / 4)]
-            b = lower[-1] if lower else None
-        if not self.points:
-            return skipped.removesuffix("; ")
-        return f"{skipped}the coarse descent reached the smallest size"
-
-    def next_probe(self, rule: PickRule, tolerance: float) -> int | None:
-        """The next size to time: below the tolerance edge ("within") first, then by the best."""
-        timed, untimed = sorted(self.points), self.untimed()
-        best = self.best()
-        if rule is PickRule.WITHIN:
-            edge = min(b for b in timed if self.rate(b) >= (1 - tolerance) * self.rate(best))
-            lo = max((b for b in timed if b < edge), default=None)
-            gap = [b for b in untimed if b < edge and (lo is None or b > lo)]
-            if gap:
-                return _middle(gap, lo if lo is not None else gap[0], edge)
-        lo = max((b for b in timed if b < best), default=None)
-        hi = min((b for b in timed if b > best), default=None)
-        left = [b for b in untimed if b < best and (lo is None or b > lo)]
-        right = [b for b in untimed if b > best and (hi is None or b < hi)]
-        if left and right and hi is not None and lo is not None:
-            left_first = self.rate(lo) >= self.rate(hi)
-        else:
-            left_first = bool(left)
-        if left_first:
-            return _middle(left, lo if lo is not None else left[0], best)
-        if right:
-            return _middle(right, best, hi if hi is not None else right[-1])
-        return None
-
-    def refine(self, rule: PickRule, tolerance: float) -> str:
-        """Bisect below the tolerance edge and beside the best while the share allows."""
-        while self.points and (b := self.next_probe(rule, tolerance)) is not None:
-            if (why := self.blocked(b, shared=True)) is not None:
-                return why
-            self.measure(b)
-        return "no untimed size is left beside the best" + (
-            " or below the tolerance edge" if rule is PickRule.WITHIN else ""
-        )
-
-
 def profile(
     time_step: TimeStep,
     sizes: Iterable[int],
@@ -284,6 +125,7 @@ def profile(
     clock: Callable[[], float] = time.perf_counter,
     flat_gain: float = FLAT_GAIN,
     share: float = SHARE,
+    probe_seconds: float = 0.0,
     noisy: float = NOISY,
     on_point: Callable[[Throughput], None] | None = None,
     prior: Mapping[int, float] | None = None,
@@ -299,38 +141,77 @@ def profile(
         budget: seconds the search may take; a size is timed only if its predicted cost fits.
         clock: seconds as a float, read around every ``time_step`` call.
         flat_gain: a relative gain no larger than this counts as flat.
-        share: the search stops at this share of the predicted cost of timing every candidate.
+        share: beyond the top and the size below it, sizes are timed while the time spent stays
+            under this share of the predicted cost of timing every candidate ...
+        probe_seconds: ... or under twice this (the probe's own time), when more.
         noisy: IQR / median above which a size is flagged noisy.
         on_point: called with each :class:`Throughput` as it is measured.
         prior: rough seconds of timing some sizes (e.g. from the probe's trials), so that
-            ``share`` and ``budget`` hold from the first size. Without them and with a
+            the cost rule and ``budget`` hold from the first size. Without them and with a
             ``budget``, the smallest size is timed first to learn what a step costs.
 
     Returns:
-        The timed points, the pick and why, and why the search stopped.
+        The timed points, the pick and why, why the search stopped, what it skipped and why,
+        and how sure the pick is.
     """
     chosen = check_pick(rule, tolerance)
     ordered = sorted(set(sizes))
     if not ordered:
         raise ConfigError("there are no candidate batch sizes to time")
-    search = _Search(time_step, ordered, budget, clock, share, noisy, on_point, dict(prior or {}))
+    search = Search(
+        time_step,
+        ordered,
+        budget=budget,
+        clock=clock,
+        share=share,
+        probe_seconds=probe_seconds,
+        noisy=noisy,
+        on_point=on_point,
+        prior=dict(prior or {}),
+    )
     if budget is not None and not prior and search.blocked(ordered[0], shared=False) is None:
         search.measure(ordered[0])
     keep = 1 - (tolerance if chosen is PickRule.WITHIN else flat_gain)
-    stop = search.descend(keep)
+    stop = search.descend(keep) + search.below_top()
     if search.points:
         stop += f"; {search.refine(chosen, tolerance)}"
     if search.oom:
         stop += f"; batch size {min(search.oom)} ran out of memory while being timed"
+    contest: Contest | None = None
+    if search.points:
+        batch_size, _ = pick(list(search.points.values()), rule=chosen, tolerance=tolerance)
+        doubt = contenders(search.points, batch_size, chosen, tolerance)
+        if doubt:
+            contest = run_rounds(search.points, search.seconds, doubt, search.time_again, noisy)
+            search.points.update(contest.points)
+            stop += f"; interleaved rounds of {sizes_text(sorted(doubt))}, within their spread"
     points = tuple(search.points[b] for b in sorted(search.points))
     if points:
-        batch_size, reason = pick(points, rule=chosen, tolerance=tolerance)
+        spread = contest.spread if contest is not None else None
+        batch_size, reason = pick(points, rule=chosen, tolerance=tolerance, spread=spread)
+        sure = confidence(batch_size, search.points, contest, chosen, tolerance)
     else:
         batch_size, reason = ordered[-1], f"the ceiling: no size could be timed ({stop})"
-    seconds = clock() - search.start
-    oom = tuple(sorted(search.oom))
+        sure = Confidence("low", "no size could be timed")
+    if search.budget_hit and points:
+        reason += "; the time budget stopped the search before every size it wanted"
+    skipped = tuple(Skipped(b, search.why_untimed(b)) for b in search.untimed())
+    log.info("profiler stopped: %s", stop)
+    for s in skipped:
+        log.info("profiler skipped batch size %s: %s", s.batch_size, s.reason)
+    log.info("pick confidence %s: %s", sure.level, sure.reason)
     return Profile(
-        batch_size, reason, points, tuple(ordered), not search.budget_hit, stop, seconds, oom
+        batch_size,
+        reason,
+        points,
+        tuple(ordered),
+        not search.budget_hit,
+        stop,
+        clock() - search.start,
+        tuple(sorted(search.oom)),
+        skipped,
+        sure,
+        tuple(contest.rounds) if contest is not None else (),
     )
 
 
@@ -348,11 +229,13 @@ def profile_workload(
     clock: Callable[[], float] = time.perf_counter,
     on_point: Callable[[Throughput], None] | None = None,
     step_seconds: Mapping[int, float] | None = None,
+    probe_seconds: float = 0.0,
 ) -> Profile:
     """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size.
 
     ``step_seconds`` (seconds of one step at some sizes, e.g. the probe's trials) predicts the
-    cost of the first sizes, so that ``budget`` holds from the start.
+    cost of the first sizes, so that ``budget`` holds from the start. ``probe_seconds``: what
+    the probe took, a scale for the cost rule (see :func:`profile`).
     """
     steps = warmup + replicates
     prior = {b: s * steps for b, s in (step_seconds or {}).items()}
@@ -365,4 +248,18 @@ def profile_workload(
         clock=clock,
         on_point=on_point,
         prior=prior,
+        probe_seconds=probe_seconds,
     )
+
+
+def profile_fields(prof: Profile) -> dict[str, Any]:
+    """The profile's account for :class:`~maxbatch.results.BatchSizeResult`.
+
+    Why the profiler stopped, what it skipped and why, how sure the pick is.
+    """
+    return {
+        "profile_stop_reason": prof.stop_reason,
+        "profile_skipped": prof.skipped,
+        "pick_confidence": prof.confidence.level,
+        "pick_confidence_reason": prof.confidence.reason,
+    }

@@ -84,9 +84,25 @@ def _summary(r: Result) -> list[str]:
         )
     lines.append(f"ceiling: {r['ceiling']} ({r['stop_reason']})")
     lines.append(f"batch size: {r['batch_size']} ({r['pick_reason']})")
+    lines.extend(profile_lines(r))
     advice = r.get("advice") or {}
     lines.extend(f"advice: {n}" for n in advice.get("notes", ()))
     lines.extend(f"note: {n}" for n in r.get("notes", ()))
+    return lines
+
+
+def profile_lines(r: Result) -> list[str]:
+    """How sure the pick is, why the profiler stopped, and the sizes it skipped, by reason."""
+    lines = []
+    if r.get("pick_confidence"):
+        lines.append(f"pick confidence: {r['pick_confidence']} ({r['pick_confidence_reason']})")
+    if r.get("profile_stop_reason"):
+        lines.append(f"profiler stopped: {r['profile_stop_reason']}")
+    by_reason: dict[str, list[int]] = {}
+    for s in r.get("profile_skipped") or ():
+        by_reason.setdefault(s["reason"], []).append(s["batch_size"])
+    for reason, sizes in by_reason.items():
+        lines.append(f"not timed: {', '.join(map(str, sizes))}: {reason}")
     return lines
 
 

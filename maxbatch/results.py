@@ -100,6 +100,23 @@ class Throughput:
 
 
 @dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A candidate batch size the profiler did not time, and why.
+
+    Attributes:
+        batch_size: the size not timed.
+        reason: why, in words.
+    """
+
+    batch_size: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the row as a JSON-ready dict."""
+        return _asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class ProbeResult:
     """The verified ceiling and every trial that led to it.
 
@@ -156,6 +173,11 @@ class BatchSizeResult:
         memory: peak bytes of each size that fit in the probe, by batch size.
         advice: what follows from the pick (accumulation plan, learning rates, epoch length),
             as plain data, or None when no input for it was given.
+        profile_stop_reason: why the profiler stopped timing (None when it did not run).
+        profile_skipped: the candidate sizes the profiler did not time, and why.
+        pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
+            without the profiler).
+        pick_confidence_reason: why, in words.
     """
 
     batch_size: int
@@ -179,6 +201,10 @@ class BatchSizeResult:
     throughput: tuple[Throughput, ...] = ()
     memory: tuple[MemoryPoint, ...] = ()
     advice: dict[str, Any] | None = None
+    profile_stop_reason: str | None = None
+    profile_skipped: tuple[Skipped, ...] = ()
+    pick_confidence: str | None = None
+    pick_confidence_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""

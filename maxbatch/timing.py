@@ -13,7 +13,7 @@ import numpy as np
 
 from maxbatch.device import CudaTimer, synchronize
 from maxbatch.errors import MaxbatchError, WorkloadError
-from maxbatch.oom import is_oom, release_memory
+from maxbatch.oom import STEP_FAILURES, failure_text, is_oom, release_memory
 from maxbatch.results import Throughput
 from maxbatch.workload import Workload, to_device
 
@@ -81,12 +81,10 @@ def time_workload(
         seconds = _timed_steps(workload, batch_size, warmup, replicates, clock)
     except MaxbatchError:
         raise
-    except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
+    except STEP_FAILURES as exc:  # classified right here, never swallowed
         if not is_oom(exc):
             message = f"the step failed while timing batch size {batch_size}"
-            raise WorkloadError(
-                f"{message}: {type(exc).__name__}: {exc}", batch_size=batch_size
-            ) from exc
+            raise WorkloadError(f"{message}: {failure_text(exc)}", batch_size=batch_size) from exc
         oom = True
     finally:
         workload.reset()

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
+from maxbatch.accounting import MemoryCounter, default_rounding
 from maxbatch.batching import check_rows
 from maxbatch.device import CudaPeak, synchronize
 from maxbatch.errors import MaxbatchError, WorkloadError
-from maxbatch.oom import is_oom, release_memory
+from maxbatch.memtrace import TraceRecorder
+from maxbatch.oom import STEP_FAILURES, failure_text, is_oom, release_memory
 from maxbatch.results import Trial
 from maxbatch.workload import Workload
 
@@ -43,11 +44,7 @@ class Meter:
         self.counter: MemoryCounter | None = None
         self.cuda: CudaPeak | None = None
         if counting:
-            rounding = (
-                round_to
-                if round_to is not None
-                else (CUDA_ROUNDING if device.type == "cuda" else 1)
-            )
+            rounding = round_to if round_to is not None else default_rounding(device)
             self.counter = MemoryCounter(None, round_to=rounding, label=label, device=device)
         else:
             self.cuda = CudaPeak(device)
@@ -89,13 +86,13 @@ def run_trial(
     oom = False
     reserved = retries = None
     start = clock()
+    recorder = None
     if counter is not None:
         counter.track(workload.state_tensors())
         counter.refused_bytes = 0
         counter.reset_peak()
-        counter.start_trace(
-            batch_size, {tuple(t.shape) for t in workload.state_tensors(grads=False)}
-        )
+        fixed = {tuple(t.shape) for t in workload.state_tensors(grads=False)}
+        recorder = counter.recorder = TraceRecorder(batch_size, fixed)
         context: contextlib.AbstractContextManager[Any] = counter
     else:
         assert cuda is not None
@@ -104,28 +101,26 @@ def run_trial(
 
     def built(batch: Any) -> None:
         check_rows(batch, batch_size)
-        if counter is not None:
-            counter.mark()  # the trace starts with the first step: the same operators at every size
+        if recorder is not None:
+            recorder.steps_start()  # the same operators run from here on at every size
 
     try:
         with context:
             workload.run(batch_size, REPEATS, on_batch=built)
         synchronize(meter.device)
     except MaxbatchError:
-        if counter is not None:
-            counter.stop_trace(complete=False)
         raise
-    except Exception as exc:  # noqa: BLE001 - classified right here, never swallowed
+    except STEP_FAILURES as exc:  # classified right here, never swallowed
         if not is_oom(exc):
-            if counter is not None:
-                counter.stop_trace(complete=False)
             raise WorkloadError(
                 f"the step failed at batch size {batch_size} for a reason other than memory: "
-                f"{type(exc).__name__}: {exc}",
+                f"{failure_text(exc)}",
                 batch_size=batch_size,
             ) from exc
         oom = True
-    trace = None if counter is None else counter.stop_trace(complete=not oom)
+    finally:
+        if counter is not None:
+            counter.recorder = None
     # Recovery happens here, outside the except block: no exception (and so no traceback holding
     # the failed batch's tensors) is alive any more.
     seconds = clock() - start
@@ -139,4 +134,5 @@ def run_trial(
     release_memory(meter.device)
     usable = meter.usable_bytes
     fits = not oom and (usable is None or peak <= usable)
+    trace = None if recorder is None else recorder.trace(complete=not oom)
     return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries, state, trace)

@@ -11,6 +11,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.extrastate import ExtraState
 from maxbatch.snapshot import Snapshot
 
 
@@ -94,6 +95,7 @@ class Workload:
         forward_fn: ``forward(model, batch)``; default :func:`default_forward`.
         loss_fn: ``loss(output, batch)``; default :func:`default_loss`.
         train_step: the user's whole step ``train_step(model, batch, optimizer)``, replacing ours.
+        extra_state: more state the step changes, restored after every trial.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Workload:
         forward_fn: ForwardFn | None = None,
         loss_fn: LossFn | None = None,
         train_step: TrainStepFn | None = None,
+        extra_state: ExtraState | None = None,
     ):
         self.model = model
         self.make_batch = make_batch
@@ -118,6 +121,7 @@ class Workload:
         self.forward_fn = forward_fn or default_forward
         self.loss_fn = loss_fn or default_loss
         self.train_step = train_step
+        self.extra_state = extra_state or ExtraState(())
         self._snapshot: Snapshot | None = None
 
     # -- the step -------------------------------------------------------------------------------
@@ -182,6 +186,8 @@ class Workload:
                 for v in state.values():
                     if isinstance(v, torch.Tensor):
                         yield v
+        if self._snapshot is not None:  # parameters held only by the optimizer, extra state
+            yield from self._snapshot.tensors()
 
     def state_bytes(self) -> int:
         """Bytes of parameters, buffers and optimizer state on the device (gradients excluded)."""
@@ -193,18 +199,22 @@ class Workload:
         return sum(seen.values())
 
     def save(self) -> None:
-        """Copy everything a step changes to host memory (no copy is made on the device)."""
-        self._snapshot = Snapshot.take(self.model, self.optimizer)
+        """Copy everything a step changes to host memory (no copy is made on the device).
+
+        The gradients' bytes are freed until the final :meth:`reset`, as a step's
+        ``zero_grad(set_to_none=True)`` frees them.
+        """
+        self._snapshot = Snapshot.take(self.model, self.optimizer, self.extra_state)
 
     def reset(self, *, final: bool = False) -> None:
-        """Put parameters, buffers and optimizer state back as saved.
+        """Put parameters, buffers, optimizer state, extra state and RNG states back as saved.
 
         Between trials gradients are dropped (every step starts with ``zero_grad``); with
-        ``final=True`` gradients, training flags and RNG states are restored too.
+        ``final=True`` gradients (the same objects) and training flags are restored too.
         """
         if self._snapshot is None:
             raise RuntimeError("Workload.reset() called before save()")
-        self._snapshot.restore(self.model, self.optimizer, final=final)
+        self._snapshot.restore(final=final)
 
     def prepare(self) -> None:
         """Set the model's mode for the step (``train()`` or ``eval()``)."""
@@ -251,6 +261,7 @@ def build_workload(
     forward_fn: ForwardFn | None,
     loss_fn: LossFn | None,
     train_step: TrainStepFn | None,
+    extra_state: ExtraState | None = None,
     adopt: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
 ) -> Workload:
     """The workload of the probe and of the estimate, with the step's optimizer chosen once.
@@ -275,4 +286,5 @@ def build_workload(
         forward_fn=forward_fn,
         loss_fn=loss_fn,
         train_step=train_step,
+        extra_state=extra_state,
     )

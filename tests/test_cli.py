@@ -30,6 +30,14 @@ def test_probe_json_has_the_contract_keys() -> None:
     assert fits[data["ceiling"]] is True and fits[data["ceiling"] + 1] is False
     # one progress line per trial on stderr, nothing of it on stdout
     assert res.stderr.count("trial ") == len(data["trials"])
+    # The profiler's account (issue 10): why it stopped, what it skipped, how sure the pick is.
+    timed = {p["batch_size"] for p in data["throughput"]}
+    assert data["ceiling"] in timed  # the top is always timed
+    assert data["profile_stop_reason"]
+    assert data["pick_confidence"] in ("high", "medium", "low")
+    assert data["pick_confidence_reason"]
+    for s in data["profile_skipped"]:
+        assert s["batch_size"] not in timed and s["reason"]
 
 
 def test_probe_table_and_options() -> None:
@@ -48,6 +56,7 @@ def test_probe_table_and_options() -> None:
     assert res.exit_code == 0, res.output
     assert "ceiling: 64 (reached the maximum batch size 64)" in res.stdout
     assert "SGD" in res.stdout
+    assert "\npick confidence: " in res.stdout and "\nprofiler stopped: " in res.stdout
 
 
 def test_inference_probe() -> None:

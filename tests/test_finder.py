@@ -241,7 +241,7 @@ def test_whole_probe_frees_every_byte() -> None:
     before = outer.live_bytes
     with outer:
         find_batch_size(model, sample, optimizer=opt, memory=3_500_000)
-    outer.track(state())  # gradients are given back as new tensors with the same values
+    outer.track(state())  # the gradients: the same objects, their values in new storage
     assert outer.peak_bytes > before  # the outer counter saw the trials' tensors
     assert outer.live_bytes == before  # and none of them is alive afterwards
 

@@ -201,6 +201,7 @@ HOOKS = {
     "loss": "loss(output, batch)",
     "optimizer": "optimizer(parameters)",
     "train_step": "train_step(model, batch, optimizer)",
+    "extra_state": "extra_state()",
 }
 
 
@@ -217,6 +218,40 @@ def test_hook_with_wrong_arguments(tmp_path: Path, hook: str) -> None:
     path = write(tmp_path, MODEL + SAMPLE + f"def {hook}(a, b, c, d):\n    return None\n")
     with pytest.raises(ModelFileError, match=rf"`{hook}` cannot be called with \d positional"):
         load_model_file(path)
+
+
+NOT_A_BATCH = {
+    "string": ("'a batch'", "got str"),
+    "empty": ("torch.zeros(0, 4)", "the sample's batch is empty"),
+    "zero-dim": ("torch.tensor(3.0)", "no tensor with a batch dimension"),
+    "ints": ("[1, 2, 3]", "got list"),
+    "numpy": ("__import__('numpy').zeros((3, 4))", r"got ndarray.*torch.from_numpy"),
+    "disagree": (
+        "{'x': torch.zeros(3, 4), 'y': torch.zeros(2)}",
+        r"disagree on the batch size.*sample\['x'\] has 3, sample\['y'\] has 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_A_BATCH))
+def test_a_sample_that_is_not_a_batch(tmp_path: Path, case: str) -> None:
+    value, reason = NOT_A_BATCH[case]
+    path = write(tmp_path, MODEL + f"sample = {value}\n")
+    with pytest.raises(ModelFileError, match=r"`sample` is not a batch: .*" + reason):
+        load_model_file(path)
+
+
+def test_extra_state_hook(tmp_path: Path) -> None:
+    good = write(tmp_path, MODEL + SAMPLE + "def extra_state():\n    return [model]\n")
+    spec = load_model_file(good)
+    assert spec.extra_state_items() == [spec.model]
+    assert load_model_file(write(tmp_path, MODEL + SAMPLE)).extra_state_items() == []
+    bad = write(tmp_path, MODEL + SAMPLE + "def extra_state():\n    return model\n")
+    with pytest.raises(ModelFileError, match=r"`extra_state\(\)` returned a value that has type"):
+        load_model_file(bad).extra_state_items()
+    boom = write(tmp_path, MODEL + SAMPLE + "def extra_state():\n    raise KeyError('ema')\n")
+    with pytest.raises(ModelFileError, match=r"`extra_state\(\)` raised KeyError"):
+        load_model_file(boom).extra_state_items()
 
 
 # --- files that follow the conventions ------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maxbatch.oom import OOM_MESSAGES, is_oom, release_memory
+from maxbatch.oom import OOM_MESSAGES, OOM_WHOLE_MESSAGES, is_oom, release_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,23 @@ REAL_MESSAGES = [
         "42467328000 bytes.",
         True,
     ),
+    # cuFFT, CUFFT_CHECK in aten/src/ATen/native/cuda/CuFFTUtils.h.
+    ("cuFFT error: CUFFT_ALLOC_FAILED", True),
+    # cuSOLVER, TORCH_CUSOLVER_CHECK in aten/src/ATen/cuda/Exceptions.h.
+    (
+        "cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling "
+        "`cusolverDnCreate(&handle)`. If you keep seeing this error, you may use "
+        "`torch.backends.cuda.preferred_linalg_library()` to try linear algebra operators "
+        "with other supported backends.",
+        True,
+    ),
+    # oneDNN primitive creation (dnnl.hpp), whole message only: seen under RLIMIT_AS.
+    ("could not create a primitive", True),
     # Failures that are not a lack of memory, some of which mention memory.
+    # oneDNN refusing a configuration: the descriptor message starts with the OOM one.
+    ("could not create a primitive descriptor for a convolution forward propagation", False),
+    ("could not create a primitive descriptor iterator", False),
+    # cuDNN refusing a configuration: not an allocation failure (see maxbatch/oom.py).
     (
         "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
         "asynchronously reported at some other API call, so the stacktrace below might be "
@@ -126,6 +142,8 @@ def test_every_table_entry_is_exercised_by_a_real_message() -> None:
     true_messages = [message for message, expected in REAL_MESSAGES if expected]
     for fragment in OOM_MESSAGES:
         assert any(fragment in message for message in true_messages), fragment
+    for whole in OOM_WHOLE_MESSAGES:
+        assert whole in true_messages, whole
 
 
 @pytest.mark.parametrize(

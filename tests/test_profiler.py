@@ -117,20 +117,21 @@ def test_candidates_reject_bad_arguments(kwargs: dict, match: str) -> None:
 
 SEARCHES = [
     # curve, ceiling, smallest, rule, sizes timed in order, pick
-    # The descent starts at the largest multiple of 8 near the top (2560 for 2619), then ~4x apart.
-    # Rising: below 2560 the curve falls away at once; "within" and "fastest" bisect down from
-    # the best while 24 % of the sweep's (predicted) cost allows.
-    (rising, 2619, 32, "within", [2560, 512, 1024], 2560),
-    (rising, 2619, 32, "fastest", [2560, 512, 1024], 2560),
-    (rising, 384, 16, "within", [384, 64, 192, 272], 384),
-    # Flat: 512 is within 2 % of 2560, so "within" descends to 128, then bisects up to 256.
-    (flat, 2619, 32, "within", [2560, 512, 128, 256, 1024], 512),
-    (flat, 2619, 32, "fastest", [2560, 512, 1024, 1664], 2560),
-    (flat, 384, 16, "within", [384, 64, 192, 272], 272),
-    # Peaked: the descent rises to 128 and falls away at 32; bisection beside 128 follows.
+    # The descent starts at the largest multiple of 8 near the top (2560 for 2619), then ~4x apart;
+    # when the top is still the best, the size just below it is timed too.
+    # Rising: below 2560 the curve falls away at once; 2432 is within 2 % of 2560.
+    (rising, 2619, 32, "within", [2560, 512, 2432], 2432),
+    (rising, 2619, 32, "fastest", [2560, 512, 2432], 2560),
+    (rising, 384, 16, "within", [384, 64, 368], 368),
+    # Flat: 512 is within 2 % of 2560, so "within" descends to 128 (not within: the edge).
+    (flat, 2619, 32, "within", [2560, 512, 128, 2432], 512),
+    (flat, 2619, 32, "fastest", [2560, 512, 2432], 2560),
+    (flat, 384, 16, "within", [384, 64, 368, 128], 368),
+    # Peaked: the descent rises to 128 and falls away at 32; bisection beside 128 follows. The
+    # top is slower than 512, so the size just below it is left alone.
     (peaked, 2619, 32, "within", [2560, 512, 128, 32, 64, 256], 128),
     (peaked, 2619, 32, "fastest", [2560, 512, 128, 32, 256, 64], 128),
-    (peaked, 384, 16, "within", [384, 64, 192, 128], 128),
+    (peaked, 384, 16, "within", [384, 64, 368, 128], 128),
 ]
 
 
@@ -162,7 +163,7 @@ def test_search_times_few_sizes_and_picks_well(
 def test_search_holds_up_under_one_percent_noise(
     curve: Callable[[int], float], ceiling: int
 ) -> None:
-    """Seeded noise of 1 % (a quiet GPU): the pick stays near the best, the cost under 25 %."""
+    """Seeded noise of 1 % (a quiet GPU): the pick stays near the best, at a bounded cost."""
     sizes = candidates(ceiling)
     best = max(curve(b) for b in sizes)
     sweep = sum(7 * b / curve(b) for b in sizes)
@@ -177,27 +178,37 @@ def test_search_holds_up_under_one_percent_noise(
 
         result = profile(step, sizes, rule="fastest", clock=clock)
         assert curve(result.batch_size) >= 0.96 * best, (seed, result)
-        assert clock.now <= 0.25 * sweep
+        # The top and the size below it, the cost rule's 24 %, and interleaved rounds when a
+        # rival may be more than 2 % faster (at most twice the cost rule).
+        assert clock.now <= 0.6 * sweep, seed
+        assert result.confidence.level in ("high", "medium", "low")
 
 
 def test_search_respects_the_time_budget() -> None:
     result, calls, spent = run(rising, 2619, 32, budget=15.0)
     # Nothing tells what a step costs, so the smallest size comes first (1.6 s). 2560 is then
-    # predicted at 130 s and 512 at 26 s: the descent goes on to 128 (2.3 s). The bisection
-    # fits 64 and then 512 (predicted 9.2 s from 128, 5.0 s in fact), and 256; 1024 no longer fits.
+    # predicted at 130 s and 512 at 26 s: the descent goes on to 128 (2.3 s), where the curve
+    # falls away; the top timed (128) is the best, so the size below it (64) is timed too. The
+    # bisection fits 512 and then 256; 1024 no longer fits.
     assert calls == [32, 128, 64, 512, 256]
     assert spent <= 15.0
     assert result.batch_size == 512
     assert not result.complete
-    assert "time budget (15 s) has no room left for batch size 2560" in result.stop_reason
-    assert "time budget (15 s) has no room left for batch size 1024" in result.stop_reason
+    assert "batch size 2560 was not timed: the time budget (15 s) had no room" in (
+        result.stop_reason
+    )
+    assert "batch size 1024 was not timed: the time budget (15 s)" in result.stop_reason
+    skipped = {s.batch_size: s.reason for s in result.skipped}
+    assert skipped[2560] == skipped[1024] == "the time budget (15 s) had no room left for it"
+    assert "the time budget stopped the search" in result.pick_reason
 
 
 def test_a_prior_cost_keeps_the_budget_from_the_first_size() -> None:
-    # The probe's trials say what a step costs: no calibration, and 2560 is skipped at once.
+    # The probe's trials say what a step costs: no calibration; the descent starts at the
+    # largest size whose predicted cost fits the budget.
     prior = {b: 7 * b / rising(b) for b in (100, 1000)}
     result, calls, spent = run(rising, 2619, 32, budget=15.0, prior=prior)
-    assert calls[0] == 512 and 2560 not in calls
+    assert 2560 not in calls and calls[0] < 2560
     assert spent <= 15.0
     assert result.batch_size == max(calls)
 
@@ -207,7 +218,11 @@ def test_nothing_timed_within_a_zero_budget_picks_the_ceiling() -> None:
     assert calls == []
     assert result.points == () and result.batch_size == 384
     assert result.pick_reason.startswith("the ceiling: no size could be timed")
-    assert result.stop_reason == "the time budget (0 s) has no room left for batch size 384"
+    assert result.stop_reason.startswith(
+        "batch size 384 was not timed: the time budget (0 s) had no room left for it"
+    )
+    assert result.confidence.level == "low"
+    assert {s.batch_size for s in result.skipped} == set(result.candidates)
 
 
 def test_sizes_that_run_out_of_memory_step_down_and_bound_the_rest() -> None:
@@ -282,15 +297,16 @@ def points(*rates: tuple[int, float], noisy: int | None = None) -> list[Throughp
             "within",
             0.03,
             128,
-            "the smallest size within 3% of the fastest: 98.0% of the 1,000.0 samples/s of "
-            "batch size 256",
+            "the smallest of the 3 sizes timed (64, 128, 256) within 3% of the fastest: 98.0% "
+            "of the 1,000.0 samples/s of batch size 256",
         ),
         (
             [(64, 900.0), (128, 960.0), (256, 1000.0)],
             "within",
             0.03,
             256,
-            "the fastest of the 3 sizes timed (1,000.0 samples/s); no smaller size was within 3%",
+            "the fastest of the 3 sizes timed (64, 128, 256): 1,000.0 samples/s; no smaller "
+            "size timed was within 3%",
         ),
         ([(64, 900.0), (128, 980.0), (256, 1000.0)], "fastest", 0.03, 256, "the fastest of"),
         ([(64, 900.0), (128, 980.0), (256, 1000.0)], "within", 0.1, 64, "within 10% of the"),
@@ -372,8 +388,8 @@ def test_profile_of_a_real_step_is_sensible_and_leaves_state_bit_identical() -> 
     assert result.points and result.batch_size in result.candidates
     assert result.candidates == tuple(candidates(96, min_batch_size=2))
     for p in result.points:
-        # A noisy size is timed a second time, its replicates pooled.
-        assert p.replicates in (3, 6) and p.median_seconds > 0 and p.iqr_seconds >= 0
+        # A noisy size is timed a second time, a contender in interleaved rounds: pooled.
+        assert p.replicates % 3 == 0 and p.median_seconds > 0 and p.iqr_seconds >= 0
         assert p.samples_per_second == pytest.approx(p.batch_size / p.median_seconds)
     assert result.seconds > 0 and result.pick_reason
 

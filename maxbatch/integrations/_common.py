@@ -1,0 +1,105 @@
+"""What the framework integrations share: their options, checked once, and the plan they set."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from maxbatch.errors import ConfigError
+from maxbatch.finder import find_batch_size
+from maxbatch.results import BatchSizeResult
+
+# The arguments of find_batch_size that an integration fills in from the framework itself.
+_FROM_FRAMEWORK = frozenset(
+    {"model", "sample", "optimizer", "train_step", "forward_fn", "loss_fn", "device", "mode"}
+)
+
+
+def probe_options(options: dict[str, Any], owner: str) -> dict[str, Any]:
+    """Check that ``options`` are keyword options of :func:`~maxbatch.find_batch_size`.
+
+    Args:
+        options: what the user passed on (``memory=``, ``headroom=``, ``pick=``, ...).
+        owner: the integration's name, for the message.
+
+    Returns:
+        The options, as a new dict.
+
+    Raises:
+        ConfigError: an option is unknown, or one the integration takes from the framework.
+    """
+    params = inspect.signature(find_batch_size).parameters
+    valid = sorted(
+        name
+        for name, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _FROM_FRAMEWORK
+    )
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"{owner} got {', '.join(f'{n}=' for n in unknown)}, which it cannot pass on to "
+            f"find_batch_size (the framework gives the model, data, optimizer and step); "
+            f"valid options: {', '.join(valid)}"
+        )
+    return dict(options)
+
+
+def per_rank_global_batch(global_batch: int | None, world_size: int) -> int | None:
+    """The samples per optimizer step each of ``world_size`` ranks contributes.
+
+    Raises:
+        ConfigError: ``global_batch`` is not a positive integer, or not a multiple of the
+            world size.
+    """
+    if global_batch is None:
+        return None
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise ConfigError(f"global_batch={global_batch!r} must be a positive integer")
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global_batch={global_batch} is not a multiple of the world size {world_size}; "
+            f"use a multiple such as {world_size * max(1, global_batch // world_size)}"
+        )
+    return global_batch // world_size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The batch size per step and device, and the gradient accumulation steps, to train at.
+
+    Attributes:
+        batch_size: samples per forward/backward on each device.
+        accumulation_steps: micro-batches per optimizer step (1 without ``global_batch``).
+        note: the accumulation plan in words, or None without ``global_batch``.
+    """
+
+    batch_size: int
+    accumulation_steps: int
+    note: str | None
+
+
+def plan_of(result: BatchSizeResult) -> Plan:
+    """The plan a result gives: its accumulation advice when there is one, else its pick."""
+    plan = (result.advice or {}).get("accumulation")
+    if plan is None:
+        return Plan(batch_size=result.batch_size, accumulation_steps=1, note=None)
+    return Plan(
+        batch_size=int(plan["micro_batch"]),
+        accumulation_steps=int(plan["accumulation_steps"]),
+        note=str(plan["note"]),
+    )
+
+
+def first_batch(loader: Iterable[Any], device: torch.device) -> Any:
+    """The first batch of ``loader``, drawn without moving the random state training will use.
+
+    A shuffling loader draws its order from the global generator; the probe's batch must not
+    shift the order (or the seeds) that training then sees.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return next(iter(loader))

@@ -1,0 +1,198 @@
+"""``tune(trainer)``: the Hugging Face Trainer's batch size and accumulation, from maxbatch's probe.
+
+Call it between building the Trainer and training::
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    tune(trainer, global_batch=256)
+    trainer.train()
+
+It probes the Trainer's own ``training_step`` (its ``compute_loss``, mixed precision and backward),
+with the optimizer and scheduler the Trainer would create (or the ones it was given), the gradient
+clipping it applies, and batches from its own train dataloader (its data collator, its column
+removal), on ``args.device``. Then it sets ``args.per_device_train_batch_size`` and, given
+``global_batch``, ``args.gradient_accumulation_steps``, so that ``trainer.train()`` runs at the new
+size. The model's and a given optimizer's state are restored; an optimizer and scheduler that the
+probe created are dropped, so ``train()`` creates them for the real number of steps.
+
+The callback form, :class:`MaxBatchCallback`, does the same when the Trainer is built with it in
+``callbacks=[...]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+
+from maxbatch.errors import ConfigError
+from maxbatch.finder import find_batch_size
+from maxbatch.integrations._common import (
+    Plan,
+    first_batch,
+    per_rank_global_batch,
+    plan_of,
+    probe_options,
+)
+from maxbatch.results import BatchSizeResult
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "maxbatch.integrations.transformers needs transformers and accelerate: "
+        "pip install 'maxbatch[transformers]'"
+    ) from e
+
+__all__ = ["MaxBatchCallback", "tune"]
+
+# Steps of the schedule the probe steps through; the scheduler is dropped after the probe.
+_PROBE_SCHEDULE_STEPS = 1000
+
+
+def _train_step(trainer: Trainer, scheduler: Any) -> Any:
+    """One optimizer step as the Trainer's loop runs it, with no accumulation."""
+    args = trainer.args
+
+    def step(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimizer | None) -> None:
+        # training_step: forward and loss under the Trainer's mixed precision, then backward.
+        with trainer.accelerator.autocast():
+            trainer.training_step(model, batch)
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            trainer.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if optimizer is not None:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        model.zero_grad()
+
+    return step
+
+
+def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) -> BatchSizeResult:
+    """Run the probe on the Trainer's step; leave its optimizer and scheduler as they were."""
+    args, model = trainer.args, trainer.model
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"the Trainer has no model to probe (trainer.model is {model!r})")
+    if args.n_gpu > 1:
+        raise ConfigError(
+            f"tune() probes one device per process, but this Trainer uses DataParallel over "
+            f"{args.n_gpu} GPUs; launch with torchrun (one process per GPU) instead"
+        )
+    per_rank = per_rank_global_batch(global_batch, args.world_size)
+    sample = first_batch(trainer.get_train_dataloader(), args.device)
+    own_optimizer = trainer.optimizer is None
+    if own_optimizer:
+        trainer.create_optimizer()
+        trainer.create_scheduler(num_training_steps=_PROBE_SCHEDULE_STEPS)
+    scheduler = trainer.lr_scheduler
+    scheduler_state = None if own_optimizer or scheduler is None else scheduler.state_dict()
+    # training_step divides the loss by this; the training loop sets it per accumulation group.
+    had_steps = hasattr(trainer, "current_gradient_accumulation_steps")
+    if not had_steps:
+        trainer.current_gradient_accumulation_steps = 1
+    try:
+        return find_batch_size(
+            model,
+            sample,
+            optimizer=trainer.optimizer,
+            train_step=_train_step(trainer, scheduler),
+            device=args.device,
+            global_batch=per_rank,
+            **options,
+        )
+    finally:
+        if own_optimizer:
+            trainer.optimizer, trainer.lr_scheduler = None, None
+        elif scheduler is not None and scheduler_state is not None:
+            scheduler.load_state_dict(scheduler_state)
+        if not had_steps:
+            del trainer.current_gradient_accumulation_steps
+
+
+def _apply(trainer: Trainer, plan: Plan, *, accumulate: bool) -> None:
+    args = trainer.args
+    args.per_device_train_batch_size = plan.batch_size
+    if accumulate:
+        args.gradient_accumulation_steps = plan.accumulation_steps
+    # The Trainer copies the batch size at construction; train() builds its loader from the copy.
+    trainer._train_batch_size = args.train_batch_size
+
+
+def tune(trainer: Trainer, global_batch: int | None = None, **options: Any) -> BatchSizeResult:
+    """Probe the Trainer's training step and set its batch size (and accumulation) to train at.
+
+    Args:
+        trainer: a ``transformers.Trainer`` with a ``train_dataset``, before ``train()``.
+        global_batch: samples per optimizer step across all processes to keep; sets
+            ``args.gradient_accumulation_steps`` to reach it. None: the accumulation is left as
+            it is.
+        **options: keyword options of :func:`maxbatch.find_batch_size` (``memory=``,
+            ``headroom=``, ``pick=``, ``max_batch_size=``, ``multiple_of=``, ``time_budget=``,
+            ...); the model, data, optimizer, step and device come from the Trainer.
+
+    Returns:
+        The :class:`~maxbatch.results.BatchSizeResult`; ``args.per_device_train_batch_size`` is
+        its pick, or the micro-batch of its accumulation plan when ``global_batch`` is given.
+
+    Raises:
+        ConfigError: an option is invalid, or the Trainer runs DataParallel over several GPUs.
+        DoesNotFitError: not even the smallest batch fits.
+        WorkloadError: the training step failed for a reason other than memory.
+    """
+    opts = probe_options(options, "tune()")
+    result = _probe(trainer, global_batch, opts)
+    _apply(trainer, plan_of(result), accumulate=global_batch is not None)
+    return result
+
+
+def _calling_trainer() -> Trainer | None:
+    # The Trainer hands its callbacks no reference to itself, but on_init_end runs inside
+    # Trainer.__init__, so the Trainer being built is the nearest ``self`` up the stack.
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class MaxBatchCallback(TrainerCallback):  # type: ignore[misc]
+    """:func:`tune` as a ``TrainerCallback``: pass it in ``Trainer(callbacks=[...])``.
+
+    It tunes when the Trainer is built (``on_init_end``), so ``train()`` runs at the new size.
+    Added later (``trainer.add_callback``) it is too late to change the batch size: it warns at
+    ``on_train_begin`` and the Trainer trains at its own size; call :func:`tune` then.
+
+    Args:
+        global_batch: as for :func:`tune`.
+        **options: as for :func:`tune`.
+
+    Attributes:
+        result: the :class:`~maxbatch.results.BatchSizeResult`, or None before the probe.
+    """
+
+    def __init__(self, *, global_batch: int | None = None, **options: Any) -> None:
+        per_rank_global_batch(global_batch, 1)  # checks the value now
+        self.global_batch = global_batch
+        self.options = probe_options(options, "MaxBatchCallback")
+        self.result: BatchSizeResult | None = None
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Tune the Trainer being built."""
+        trainer = _calling_trainer()
+        if trainer is None or trainer.train_dataset is None:
+            return  # no train data (an evaluation-only Trainer): nothing to tune
+        self.result = tune(trainer, self.global_batch, **self.options)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Warn when training starts at a size this callback did not set."""
+        if self.result is None:
+            warnings.warn(
+                "MaxBatchCallback did not tune this Trainer: it tunes when the Trainer is built, "
+                "so pass it in Trainer(callbacks=[...]) or call "
+                "maxbatch.integrations.transformers.tune(trainer) before train()",
+                stacklevel=2,
+            )

@@ -1,0 +1,210 @@
+"""Report files: the ``--report`` folder (checked first, written atomically), and reading back.
+
+The folder is checked before the first trial, so a bad path costs no probe. The files are
+written into a fresh temporary folder beside their target and renamed into place: a failure
+leaves no partial report, and no file is ever written through a symbolic link. A saved
+``report.json`` is read back defensively: only the keys the renderers use, with the types they
+expect, and with terminal control characters shown as escapes, never sent to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from maxbatch.errors import ConfigError
+
+__all__ = ["REPORT_FILES", "check_report_dir", "load_report", "write_report"]
+
+#: The files ``--report`` may write.
+REPORT_FILES = ("report.json", "report.md", "memory.png", "throughput.png")
+
+
+def check_report_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that the report can be written to ``path`` (a folder, made if missing).
+
+    Raises:
+        ConfigError: ``path`` or one of the report files in it is a symbolic link (also a
+            dangling one), ``path`` is a file, a report file name in it is taken by a folder, or
+            the folder (or its nearest existing parent) is not writable.
+    """
+    out = Path(path)
+    if out.is_symlink():
+        raise ConfigError(f"--report {out}: is a symbolic link; give the real folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--report {out}: is a file, not a folder; give a folder to write into")
+    if out.is_dir():
+        for name in REPORT_FILES:
+            entry = out / name
+            if entry.is_symlink():
+                raise ConfigError(
+                    f"--report {out}: {name} is a symbolic link; maxbatch never writes through "
+                    "a link: remove it"
+                )
+            if entry.is_dir():
+                raise ConfigError(f"--report {out}: {name} is a folder; remove or rename it")
+        parent = out
+    else:
+        parent = out.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"--report {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--report {out}: {parent} is not writable")
+    return out
+
+
+def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
+    """Write a report into ``out`` atomically; return the names of the files written.
+
+    ``write(folder)`` writes the files into a fresh temporary folder. A new ``out`` is that
+    folder renamed; in an existing ``out`` each file is renamed into place (replacing a file of
+    the same name, never following a link). Any error removes the temporary folder.
+    """
+    check_report_dir(out)
+    existing = out.is_dir()
+    if not existing:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    where = out if existing else out.parent
+    temp = Path(tempfile.mkdtemp(prefix=".maxbatch-report-", dir=where))
+    try:
+        names = write(temp)
+        if existing:
+            for name in names:
+                os.replace(temp / name, out / name)
+            temp.rmdir()
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            temp.chmod(0o777 & ~umask)  # mkdtemp's folder is private
+            os.rename(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return names
+
+
+# -- reading a saved report back -------------------------------------------------------------
+
+_NUMBER = "number"
+_INT = "int"
+_BOOL = "bool"
+_STR = "str"
+
+
+def _optional(kind: Any) -> tuple[str, Any]:
+    return ("optional", kind)
+
+
+_TRIAL = {"batch_size": _INT, "fits": _BOOL, "peak_bytes": _NUMBER, "seconds": _NUMBER}
+_POINT = {
+    "batch_size": _INT,
+    "samples_per_second": _NUMBER,
+    "median_seconds": _NUMBER,
+    "iqr_seconds": _NUMBER,
+    "noisy": _BOOL,
+}
+_REQUIRED: dict[str, Any] = {
+    "ceiling": _INT,
+    "batch_size": _INT,
+    "device": _STR,
+    "device_name": _STR,
+    "mode": _STR,
+    "virtual": _BOOL,
+    "capacity_bytes": _NUMBER,
+    "headroom_bytes": _NUMBER,
+    "usable_bytes": _NUMBER,
+    "stop_reason": _STR,
+    "pick_reason": _STR,
+    "seconds": _NUMBER,
+    "trials": [_TRIAL],
+}
+_OPTIONAL: dict[str, Any] = {
+    "model_file": _STR,
+    "precision": _STR,
+    "optimizer": _STR,
+    "throughput": [_POINT],
+    "memory_model": {"fixed_bytes": _NUMBER, "bytes_per_sample": _NUMBER},
+    "notes": [_STR],
+    "advice": {"notes": _optional([_STR])},
+}
+_LARGEST = 2.0**63  # bytes and seconds beyond this are not a measurement
+
+# C0 and C1 control characters and DEL: escape sequences that would drive the terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _clean(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _checked(value: Any, kind: Any, where: str) -> Any:
+    """``value`` if it is of ``kind`` (strings cleaned, unknown keys dropped), else an error."""
+    if isinstance(kind, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} should be a list, not {type(value).__name__}")
+        return [_checked(item, kind[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(kind, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} should be an object, not {type(value).__name__}")
+        out = {}
+        for key, sub in kind.items():
+            optional = isinstance(sub, tuple)
+            if value.get(key) is None:
+                if optional:
+                    continue
+                raise ConfigError(f"{where}.{key} is missing")
+            out[key] = _checked(value[key], sub[1] if optional else sub, f"{where}.{key}")
+        return out
+    if kind == _STR and isinstance(value, str):
+        return _clean(value)
+    if kind == _BOOL and isinstance(value, bool):
+        return value
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if numeric and (kind == _NUMBER or (kind == _INT and isinstance(value, int))):
+        if math.isfinite(value) and abs(value) < _LARGEST:
+            return value
+        raise ConfigError(f"{where} is out of range")
+    raise ConfigError(f"{where} should be {'a ' + kind}, not {type(value).__name__}")
+
+
+def load_report(path: str) -> dict[str, Any]:
+    """Read a ``report.json`` for rendering: checked, reduced to what renders, control-free.
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8 JSON, nests too deeply, or lacks a
+            key the renderers need or has one of the wrong type (the message names the key).
+    """
+    shown = _clean(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read it ({e.strerror})") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte {e.start}); not a maxbatch report") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{shown}: not JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError:
+        raise ConfigError(f"{shown}: JSON nested too deeply; not a maxbatch report") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown}: not a maxbatch report (a JSON object is expected)")
+    missing = sorted(k for k in _REQUIRED if data.get(k) is None)
+    if missing:
+        raise ConfigError(f"{shown}: not a maxbatch report (missing the keys {missing})")
+    schema = {**_REQUIRED, **{key: _optional(kind) for key, kind in _OPTIONAL.items()}}
+    try:
+        return _checked(data, schema, "report")  # type: ignore[no-any-return]
+    except ConfigError as e:
+        raise ConfigError(f"{shown}: not a maxbatch report ({e})") from None

@@ -1,0 +1,175 @@
+"""The Lightning callback, with the real ``lightning`` package on the CPU and the virtual device."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from maxbatch import ConfigError  # noqa: E402
+from maxbatch.integrations.lightning import MaxBatch  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "integrations" / "lightning_fit.py"
+MEMORY = "4MiB"
+
+
+def dataset(n: int = 4096) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+class Net(pl.LightningModule):
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(dataset(), batch_size=self.hparams.batch_size, shuffle=True)
+
+
+class Watch(pl.Callback):
+    """Runs after MaxBatch: checks the module's state at fit start, records the trained batches."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.initial = {k: v.clone() for k, v in module.state_dict().items()}
+        self.untouched: bool | None = None
+        self.sizes: list[int] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        same = all(torch.equal(self.initial[k], v) for k, v in module.state_dict().items())
+        no_grads = all(p.grad is None for p in module.parameters())
+        self.untouched = same and no_grads and not trainer.optimizers[0].state
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
+        self.sizes.append(len(batch[0]))
+
+
+def trainer(*callbacks: pl.Callback, steps: int = 3) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def test_fit_trains_at_the_ceiling_and_restores_the_module() -> None:
+    module = Net()
+    tuner, watch = MaxBatch(memory=MEMORY, profile=False), Watch(module)
+    t = trainer(tuner, watch)
+    t.fit(module)
+    assert tuner.result is not None and tuner.plan is not None
+    result = tuner.result
+    assert result.virtual and result.optimizer == "AdamW"
+    fits = {tr.batch_size for tr in result.trials if tr.fits}
+    fails = {tr.batch_size for tr in result.trials if not tr.fits}
+    assert result.ceiling in fits and result.ceiling + 1 in fails
+    assert module.hparams.batch_size == result.ceiling == tuner.plan.batch_size
+    assert t.accumulate_grad_batches == 1
+    assert watch.untouched is True
+    assert watch.sizes == [result.ceiling] * 3
+    assert "train_loss" in t.callback_metrics
+
+
+def test_global_batch_sets_accumulation() -> None:
+    module = Net()
+    tuner, watch = MaxBatch(memory=MEMORY, profile=False, global_batch=4096), Watch(module)
+    t = trainer(tuner, watch, steps=2)
+    t.fit(module)
+    assert tuner.result is not None and tuner.plan is not None
+    assert tuner.plan.batch_size * tuner.plan.accumulation_steps == 4096
+    assert tuner.plan.accumulation_steps > 1 and tuner.plan.batch_size <= tuner.result.ceiling
+    assert t.accumulate_grad_batches == tuner.plan.accumulation_steps
+    assert module.hparams.batch_size == tuner.plan.batch_size
+    # Two optimizer steps of 4096 samples: 2 x accumulation batches of the micro-batch.
+    assert watch.sizes == [tuner.plan.batch_size] * (2 * tuner.plan.accumulation_steps)
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 2
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(dataset(512), batch_size=self.batch_size)
+
+
+class NoBatchSize(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        del self.hparams["batch_size"]
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(dataset(512), batch_size=8)
+
+
+def test_the_batch_size_of_a_datamodule_is_set() -> None:
+    module, data = NoBatchSize(), Data()
+    tuner = MaxBatch(memory=MEMORY, profile=False, max_batch_size=64)
+    trainer(tuner, steps=1).fit(module, datamodule=data)
+    assert tuner.result is not None
+    assert data.batch_size == tuner.result.ceiling == 64
+
+
+class Manual(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.net(x), y))
+        opt.step()
+
+
+def test_manual_optimization_probes_the_modules_own_step() -> None:
+    module = Manual()
+    tuner, watch = MaxBatch(memory=MEMORY, profile=False), Watch(module)
+    trainer(tuner, watch, steps=2).fit(module)
+    assert tuner.result is not None and watch.untouched is True
+    assert watch.sizes == [tuner.result.ceiling] * 2
+
+
+def test_mistakes_are_named() -> None:
+    with pytest.raises(ConfigError, match="loss_fn=.*valid options: .*memory"):
+        MaxBatch(loss_fn=None)
+    with pytest.raises(ConfigError, match="global_batch=0"):
+        MaxBatch(global_batch=0)
+    with pytest.raises(ConfigError, match="no 'batch_size'"):
+        trainer(MaxBatch(memory=MEMORY)).fit(NoBatchSize())
+    with pytest.raises(ConfigError, match="passed to fit"):
+        trainer(MaxBatch(memory=MEMORY)).fit(Net(), train_dataloaders=DataLoader(dataset(64)))
+
+
+def test_the_example_trains_at_the_size_it_finds() -> None:
+    spec = importlib.util.spec_from_file_location("lightning_fit_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    info = example.main(["--memory", MEMORY, "--global-batch", "2048", "--max-steps", "1"])
+    assert info["batch_size"] * info["accumulate_grad_batches"] == 2048
+    assert info["batch_size"] <= info["ceiling"]
+    assert info["trained_batches"] == [info["batch_size"]] * info["accumulate_grad_batches"]
