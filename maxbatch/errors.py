@@ -45,6 +45,29 @@ class DoesNotFitError(MaxbatchError):
         self.available_bytes = available_bytes
 
 
+class HostMemoryError(MaxbatchError):
+    """This machine cannot hold what a virtual device's capacity asks for.
+
+    Attributes:
+        capacity_bytes: the virtual device's capacity.
+        host_bytes: what this process could hold for the probe, when known.
+        batch_size: the batch size at which the host ran out, when it did.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        capacity_bytes: int,
+        host_bytes: int | None = None,
+        batch_size: int | None = None,
+    ):
+        super().__init__(message)
+        self.capacity_bytes = capacity_bytes
+        self.host_bytes = host_bytes
+        self.batch_size = batch_size
+
+
 class WorkloadError(MaxbatchError):
     """The model, sample, loss or optimizer failed for a reason that is not lack of memory.
 
