@@ -1,16 +1,17 @@
 """Make a batch of any size from the user's sample batch.
 
-A sample is a tensor or a nested structure of tuples, lists, dicts, dataclass instances and
-namedtuples whose leaves are tensors or plain values. Every tensor with at least one dimension
-is *batched*: its dimension 0 is the batch. 0-dim tensors and non-tensor leaves (ints, strings,
-None, ...) are carried along untouched.
+A sample is a tensor or a nested structure of tuples, lists, dicts (and other mutable mappings,
+such as the tokenizers' ``BatchEncoding``), dataclass instances and namedtuples whose leaves are
+tensors or plain values. Every tensor with at least one dimension is *batched*: its dimension 0
+is the batch. 0-dim tensors and non-tensor leaves (ints, strings, None, ...) are carried along
+untouched.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def _batched_tensors(obj: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(obj, (tuple, list)):
         for i, item in enumerate(obj):
             yield from _batched_tensors(item, f"{path}[{i}]")
-    elif isinstance(obj, dict):
+    elif isinstance(obj, MutableMapping):
         for key, item in obj.items():
             yield from _batched_tensors(item, f"{path}[{key!r}]")
 
@@ -73,9 +74,9 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, (tuple, list)):
         items = [map_tensors(item, fn) for item in obj]
         return type(obj)(items)
-    if isinstance(obj, dict):
-        # A shallow copy keeps the dict's type, key order and extra state (such as a
-        # defaultdict's factory) without copying any tensor.
+    if isinstance(obj, MutableMapping):
+        # A shallow copy keeps the mapping's type, key order and extra state (such as a
+        # defaultdict's factory, or a BatchEncoding's encodings) without copying any tensor.
         out = copy.copy(obj)
         for key, item in obj.items():
             out[key] = map_tensors(item, fn)

@@ -7,6 +7,7 @@ Exit codes: 0 an answer; 1 nothing fits or the workload failed; 2 usage errors a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -17,12 +18,15 @@ from typing import Any, TypeVar
 
 import click
 
+from maxbatch import distributed
 from maxbatch.device import list_devices, resolve_device
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
+    DistributedError,
     MaxbatchError,
     ModelFileError,
+    RankFailedError,
     WorkloadError,
 )
 from maxbatch.estimate import estimate_batch_size
@@ -65,15 +69,22 @@ def _interruptible(done: Callable[[], str]) -> Iterator[None]:
         sys.exit(EXIT_TERMINATED if term else EXIT_INTERRUPTED)
 
 
+#: This process's rank under torchrun: only rank 0 prints (other ranks: a lost rank only).
+_rank = 0
+
+
 def _fail(exc: BaseException, debug: bool) -> None:
     """Print one clear line (or the traceback with --debug) and exit with the error's code."""
-    if debug:
+    if _rank != 0 and (not isinstance(exc, DistributedError) or isinstance(exc, RankFailedError)):
+        pass  # rank 0 says it (a rank that failed is reported by rank 0 too)
+    elif debug:
         import traceback
 
         traceback.print_exception(exc)
     else:
+        where = f"rank {_rank}: " if _rank else ""
         cause = f" (caused by {type(exc.__cause__).__name__})" if exc.__cause__ is not None else ""
-        click.echo(f"maxbatch: error: {exc}{cause}", err=True)
+        click.echo(f"maxbatch: error: {where}{exc}{cause}", err=True)
         if isinstance(exc, WorkloadError):
             click.echo("maxbatch: run with --debug for the traceback", err=True)
     usage = isinstance(exc, (ModelFileError, ConfigError, DeviceError))
@@ -134,6 +145,16 @@ def _start(model_file: str, verbose: int, debug: bool) -> ModelSpec:
     return spec
 
 
+def scanned(done: int, total: int) -> None:
+    """A data set's scan on stderr: one line rewritten on a terminal, else one line at the end."""
+    if sys.stderr.isatty():
+        click.echo(
+            f"\r\033[Kreading the data set: {done}/{total} items", err=True, nl=done == total
+        )
+    elif done == total:
+        click.echo(f"read the data set: {total} items", err=True)
+
+
 def _step_kwargs(
     spec: ModelSpec,
     *,
@@ -172,6 +193,10 @@ def main() -> None:
 @click.option("--memory", default=None, help="cap live tensor bytes, e.g. 300MiB or 24GiB")
 @click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
 @click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
+@click.option("--no-cache", is_flag=True, help="neither read nor write the result cache")
+@click.option(
+    "--trust-cache", is_flag=True, help="use a cached answer without running its ceiling again"
+)
 @click.option(
     "--pick",
     type=click.Choice(["within", "fastest"]),
@@ -209,6 +234,8 @@ def probe(
     memory: str | None,
     time_budget: float | None,
     no_profile: bool,
+    no_cache: bool,
+    trust_cache: bool,
     pick: str,
     tolerance: float,
     dataset_size: int | None,
@@ -221,12 +248,17 @@ def probe(
     debug: bool,
     **step: Any,
 ) -> None:
-    """Find the largest batch size whose real step fits, for the model in MODEL_FILE."""
+    """Find the largest batch size whose real step fits, for the model in MODEL_FILE.
+
+    Under torchrun every rank probes its own device and the ranks agree; rank 0 prints.
+    """
+    global _rank
+    _rank = _run(debug, distributed.init_from_env)
     spec = _start(model_file, verbose, debug)
     extra = _run(debug, spec.extra_state_items)
     if report_dir is not None:
         _run(debug, lambda: _check_report(report_dir))
-    dev = _run(debug, lambda: resolve_device(device))
+    dev = _run(debug, lambda: resolve_device(distributed.rank_device(device)))
     spec.model.to(dev)
     count = 0
 
@@ -235,9 +267,13 @@ def probe(
     def progress(trial: Trial) -> None:
         nonlocal count
         count += 1
+        if _rank:
+            return
         click.echo(trial_line(count, trial), err=True)
 
     def timed(point: Throughput) -> None:
+        if _rank:
+            return
         # On a terminal the timing line rewrites itself; in a log, one line per size.
         if tty:
             click.echo("\r\033[K" + point_line(point), err=True, nl=False)
@@ -264,8 +300,13 @@ def probe(
             base_batch=base_batch,
             base_lr=base_lr,
             extra_state=extra,
+            cache=not no_cache,
+            trust_cache=trust_cache,
             **_step_kwargs(spec, **step),
         )
+    distributed.leave()
+    if _rank:
+        return
     if tty and result.throughput:
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
@@ -278,8 +319,7 @@ def probe(
 
 
 def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
-    batches = spec.make_batch if spec.make_batch is not None else spec.sample
-    return _run(debug, lambda: find_batch_size(spec.model, batches, **kwargs))
+    return _run(debug, lambda: find_batch_size(spec.model, spec.batch_source(scanned), **kwargs))
 
 
 def _check_report(report_dir: str) -> None:
@@ -354,7 +394,7 @@ def estimate(
             debug,
             lambda: estimate_batch_size(
                 spec.model,
-                spec.make_batch if spec.make_batch is not None else spec.sample,
+                spec.batch_source(scanned),
                 memory=memory,
                 target=target,
                 batch_sizes=batch_sizes,
@@ -378,3 +418,37 @@ def devices(as_json: bool) -> None:
         click.echo(json.dumps([d.to_dict() for d in found], indent=2))
     else:
         click.echo(devices_table(found))
+
+
+@main.group()
+def cache() -> None:
+    """The result cache ($XDG_CACHE_HOME/maxbatch, default ~/.cache/maxbatch)."""
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print the entries as JSON")
+def cache_list(as_json: bool) -> None:
+    """List the cached results, newest first."""
+    from maxbatch.cache import ResultCache
+
+    store = ResultCache()
+    found = store.entries()
+    if as_json:
+        rows = [{**dataclasses.asdict(e), "path": str(e.path)} for e in found]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{len(found)} cached result(s) in {store.directory}")
+    for e in found:
+        click.echo(
+            f"{e.key[:12]}  {e.created}  {e.model}  {e.device}  "
+            f"ceiling {e.ceiling}, batch size {e.batch_size}"
+        )
+
+
+@cache.command("clear")
+def cache_clear() -> None:
+    """Remove every cached result."""
+    from maxbatch.cache import ResultCache
+
+    store = ResultCache()
+    click.echo(f"removed {store.clear()} cached result(s) from {store.directory}")

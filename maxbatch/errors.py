@@ -93,6 +93,26 @@ class EstimateError(WorkloadError):
         self.reason = message if reason is None else reason
 
 
+class DistributedError(MaxbatchError):
+    """The ranks of a ``torch.distributed`` probe lost each other or fell out of step.
+
+    Raised when a rank died or stalled past the process group's timeout, or when ranks were
+    called with different arguments.
+    """
+
+
+class RankFailedError(DistributedError):
+    """Another rank's probe failed; this rank stopped with that rank's message.
+
+    Attributes:
+        rank: the rank that failed first.
+    """
+
+    def __init__(self, message: str, *, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
 class ModelFileError(MaxbatchError):
     """A ``model.py`` file is missing, broken or does not follow the conventions."""
 

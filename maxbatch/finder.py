@@ -11,10 +11,14 @@ import torch
 
 from maxbatch.advise import advise
 from maxbatch.batching import make_batch_fn
+from maxbatch.cache import ResultCache, from_cache, key_of, verified
+from maxbatch.cache import describe as describe_step
+from maxbatch.data import DataSource, as_batch_source
 from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exported
 from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
 from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
+from maxbatch.distributed import join
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.extrastate import ExtraState
@@ -54,6 +58,12 @@ def _model_device(model: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None) -> Trial:
+    if on_trial is not None:
+        on_trial(trial)
+    return trial
+
+
 def find_batch_size(
     model: torch.nn.Module,
     sample: Any,
@@ -82,13 +92,18 @@ def find_batch_size(
     base_lr: float | None = None,
     estimate_first: bool | None = None,
     extra_state: Sequence[Any] = (),
+    distributed: bool | None = None,
+    cache: bool = False,
+    trust_cache: bool = False,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
     Args:
         model: the model, on the device to probe.
         sample: one batch from your loader (batch dimension first; tensors in tuples, lists, dicts,
-            dataclasses, nested), or a callable ``make_batch(batch_size)`` returning a batch.
+            dataclasses, nested), a callable ``make_batch(batch_size)`` returning a batch, or the
+            data itself: a map-style ``Dataset``, a ``DataLoader`` or a
+            :class:`~maxbatch.data.DataSource`, whose largest items make each trial's batch.
         optimizer: an optimizer over the model's parameters (its state is restored afterwards), a
             factory ``optimizer(parameters)``, or ``"adamw"``, ``"adam"``, ``"sgd"``, ``"none"``.
             Default in train mode: AdamW over the trainable parameters.
@@ -134,6 +149,16 @@ def find_batch_size(
             trial: tensors, modules (an EMA copy), optimizers, ``GradScaler`` objects, and objects
             with ``state_dict()`` and ``load_state_dict()``. A ``GradScaler`` that ``train_step``
             uses as a global or closure variable is restored without being listed.
+        distributed: agree with the other ranks of the ``torch.distributed`` process group
+            (:mod:`maxbatch.distributed`): every rank probes its own device, runs the same
+            sizes, and a size fits only if it fit on every rank; all return the same result.
+            None (default): when a group with more than one rank is initialised; True: require
+            one; False: this process alone. ``global_batch`` is then over all ranks.
+        cache: look the answer up in the result cache (:mod:`maxbatch.cache`, under
+            ``$XDG_CACHE_HOME/maxbatch``) and store it there; a hit is checked by running the
+            cached ceiling and the size above it. Default False here (the CLI caches by
+            default); not used under ``torch.distributed``.
+        trust_cache: use a hit without the check.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -143,6 +168,8 @@ def find_batch_size(
         DeviceError: the device is not available.
         DoesNotFitError: the smallest batch size does not fit.
         WorkloadError: the step failed for a reason other than memory.
+        DistributedError: another rank failed (:class:`~maxbatch.errors.RankFailedError`, with
+            its message), died, or did not answer within the process group's timeout.
     """
     started = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
@@ -172,6 +199,12 @@ def find_batch_size(
         raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
     extra = ExtraState(extra_state).with_scalers(train_step)
 
+    ranks = join(distributed)
+    if global_batch is not None and global_batch % ranks.world_size:
+        raise ConfigError(
+            f"global_batch={global_batch} is not a multiple of the {ranks.world_size} ranks"
+        )
+    sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
     make_batch, sample_size = make_batch_fn(sample)
     here = _model_device(model)
     dev = resolve_device(device) if device is not None else (here or resolve_device("cpu"))
@@ -234,9 +267,45 @@ def find_batch_size(
                 f"already hold ({format_bytes(base)}); raise memory or lower headroom"
             )
         meter.set_usable(usable)
+        # This rank's meter keeps its own usable bytes; the search sees the tightest rank's.
+        local_usable = usable
+        capacity, room, usable, base = ranks.plan(capacity, room, usable, base)
         lower = min_b or 1
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
+        store = ResultCache() if cache and ranks.world_size == 1 else None
+        if store is not None:
+            description = describe_step(
+                model,
+                make_batch(start),
+                opt,
+                {"forward_fn": forward_fn, "loss_fn": loss_fn, "train_step": train_step},
+                {
+                    "mode": run_mode.value,
+                    "precision": prec.value,
+                    "device": [info.kind, info.name, info.total_bytes],
+                    "memory": cap,
+                    "headroom": fixed_headroom,
+                    "grid": [lower, max_b, step],
+                    "pick": [profile, pick_rule.value, tolerance],
+                    "advice": [dataset_size, global_batch, base_batch, base_lr],
+                    "extra_state": len(extra_state),
+                },
+            )
+            key = key_of(description)
+            hit = store.get(key)
+            if hit is not None:
+                ok, check = True, None
+                if not trust_cache:
+                    ok, check = verified(
+                        hit,
+                        lambda b: _reported(run_trial(workload, meter, b), on_trial),
+                        multiple_of=step,
+                        max_batch_size=max_b,
+                    )
+                if ok:
+                    return from_cache(hit, key, check, time.perf_counter() - started)
+                notes.append(f"the cached result did not hold ({check}): probed again")
         guess = None
         # Auto: only on CUDA, where the real trials it saves are the expensive ones.
         with_estimate = dev.type == "cuda" if estimate_first is None else estimate_first
@@ -255,18 +324,20 @@ def find_batch_size(
                     f"no first guess from fake tensors: {why}; the search started from "
                     f"batch size {start}"
                 )
-        outcome = search(
-            lambda b: run_trial(workload, meter, b),
-            start=start,
-            usable_bytes=usable,
-            base_bytes=base,
-            min_batch_size=lower,
-            max_batch_size=max_b,
-            multiple_of=step,
-            time_budget=time_budget,
-            on_trial=on_trial,
-            first_guess=guess,
-        )
+        with ranks.quiet_step(model):
+            outcome = search(
+                ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+                start=start,
+                usable_bytes=usable,
+                base_bytes=base,
+                min_batch_size=lower,
+                max_batch_size=max_b,
+                multiple_of=step,
+                time_budget=time_budget,
+                on_trial=on_trial,
+                first_guess=guess,
+                clock=ranks.clock,
+            )
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
         points: tuple[Throughput, ...] = ()
         prof = None
@@ -291,30 +362,40 @@ def find_batch_size(
                         t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
                     },
                     probe_seconds=time.perf_counter() - started,
+                    agree=ranks.timings,
+                    search_clock=ranks.clock,
                 )
                 chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
                 if not prof.complete:
                     notes.append(f"profiler: {prof.stop_reason}")
+    except BaseException as e:
+        ranks.share(e)  # before raising, so that no other rank waits for this one
+        raise
     finally:
         if enclosing is not None:
             enclosing.restore()
         workload.reset(final=True)
         meter.close()
         release_memory(dev, full=True)
+    ranks.done()
     if not outcome.complete:
         notes.append(outcome.stop_reason)
+    scan = sample.report(outcome.ceiling) if isinstance(sample, DataSource) else None
+    if scan is not None:
+        notes.append(scan.note)
     advice = None
     if dataset_size is not None or global_batch is not None or base_batch is not None:
         advice = advise(
             chosen,
             outcome.ceiling,
             dataset_size=dataset_size,
-            global_batch=global_batch,
+            global_batch=None if global_batch is None else global_batch // ranks.world_size,
             base_batch=base_batch,
             base_lr=base_lr,
         ).to_dict()
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
-    return BatchSizeResult(
+    plan = (advice or {}).get("accumulation") or {"micro_batch": chosen, "accumulation_steps": 1}
+    result = BatchSizeResult(
         batch_size=chosen,
         ceiling=outcome.ceiling,
         device=device_label(dev),
@@ -337,4 +418,11 @@ def find_batch_size(
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
         advice=advice,
         **({} if prof is None else profile_fields(prof)),
+        world_size=ranks.world_size,
+        accumulation_steps=plan["accumulation_steps"],
+        global_batch_size=plan["micro_batch"] * ranks.world_size * plan["accumulation_steps"],
+        data=None if scan is None else scan.to_dict(),
     )
+    if store is not None and result.complete and (not profile or (prof and prof.complete)):
+        store.put(key, result, description)
+    return result

@@ -177,14 +177,12 @@ def profile(
         stop += f"; {search.refine(chosen, tolerance)}"
     if search.oom:
         stop += f"; batch size {min(search.oom)} ran out of memory while being timed"
-    contest: Contest | None = None
-    if search.points:
-        batch_size, _ = pick(list(search.points.values()), rule=chosen, tolerance=tolerance)
-        doubt = contenders(search.points, batch_size, chosen, tolerance)
-        if doubt:
-            contest = run_rounds(search.points, search.seconds, doubt, search.time_again, noisy)
-            search.points.update(contest.points)
-            stop += f"; interleaved rounds of {sizes_text(sorted(doubt))}, within their spread"
+    contest = _contest(search, chosen, tolerance, noisy)
+    if contest is not None:
+        stop += (
+            f"; then interleaved rounds of {sizes_text(sorted(contest.contenders))}: the pick "
+            "hinged on sizes within their measured spread"
+        ) + (f" ({contest.blocked})" if contest.blocked else "")
     points = tuple(search.points[b] for b in sorted(search.points))
     if points:
         spread = contest.spread if contest is not None else None
@@ -215,6 +213,19 @@ def profile(
     )
 
 
+def _contest(search: Search, rule: PickRule, tolerance: float, noisy: float) -> Contest | None:
+    """Interleaved rounds when the pick hinges on sizes within their spread; None without."""
+    if not search.points:
+        return None
+    chosen, _ = pick(list(search.points.values()), rule=rule, tolerance=tolerance)
+    doubt = contenders(search.points, chosen, rule, tolerance)
+    if not doubt:
+        return None
+    contest = run_rounds(search.points, search.seconds, doubt, search.time_again, noisy)
+    search.points.update(contest.points)
+    return contest
+
+
 def profile_workload(
     workload: Workload,
     ceiling: int,
@@ -230,22 +241,30 @@ def profile_workload(
     on_point: Callable[[Throughput], None] | None = None,
     step_seconds: Mapping[int, float] | None = None,
     probe_seconds: float = 0.0,
+    agree: Callable[[TimeStep], TimeStep] | None = None,
+    search_clock: Callable[[], float] | None = None,
 ) -> Profile:
     """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size.
 
     ``step_seconds`` (seconds of one step at some sizes, e.g. the probe's trials) predicts the
     cost of the first sizes, so that ``budget`` holds from the start. ``probe_seconds``: what
-    the probe took, a scale for the cost rule (see :func:`profile`).
+    the probe took, a scale for the cost rule (see :func:`profile`). ``agree`` wraps the timing
+    of one size and ``search_clock`` replaces ``clock`` for the search's own decisions (both are
+    the ranks' agreement under ``torch.distributed``, see :mod:`maxbatch.distributed`).
     """
     steps = warmup + replicates
     prior = {b: s * steps for b, s in (step_seconds or {}).items()}
+
+    def time_step(b: int) -> list[float]:
+        return time_workload(workload, b, warmup=warmup, replicates=replicates, clock=clock)
+
     return profile(
-        lambda b: time_workload(workload, b, warmup=warmup, replicates=replicates, clock=clock),
+        time_step if agree is None else agree(time_step),
         candidates(ceiling, min_batch_size=min_batch_size, multiple_of=multiple_of),
         rule=rule,
         tolerance=tolerance,
         budget=budget,
-        clock=clock,
+        clock=clock if search_clock is None else search_clock,
         on_point=on_point,
         prior=prior,
         probe_seconds=probe_seconds,

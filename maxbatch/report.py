@@ -85,6 +85,13 @@ def _summary(r: Result) -> list[str]:
     lines.append(f"ceiling: {r['ceiling']} ({r['stop_reason']})")
     lines.append(f"batch size: {r['batch_size']} ({r['pick_reason']})")
     lines.extend(profile_lines(r))
+    world, steps = r.get("world_size", 1), r.get("accumulation_steps", 1)
+    if world > 1 or steps > 1:
+        micro = r["global_batch_size"] // (world * steps)
+        lines.append(
+            f"global batch: {r['global_batch_size']} = {micro} per rank x {world} rank(s) "
+            f"x {steps} accumulation step(s)"
+        )
     advice = r.get("advice") or {}
     lines.extend(f"advice: {n}" for n in advice.get("notes", ()))
     lines.extend(f"note: {n}" for n in r.get("notes", ()))

@@ -178,6 +178,15 @@ class BatchSizeResult:
         pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
             without the profiler).
         pick_confidence_reason: why, in words.
+        world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
+        accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
+        from_cache: True when the answer came from the result cache (:mod:`maxbatch.cache`):
+            the notes say how it was checked.
+        global_batch_size: samples per optimizer step over all ranks:
+            ``micro-batch × world_size × accumulation_steps`` (the micro-batch is the advice's
+            plan's when there is one, else ``batch_size``).
+        data: the scan of the data set the batches came from (:class:`maxbatch.data.DataScan`,
+            with the worst-case batch at the ceiling), or None for a sample or ``make_batch``.
     """
 
     batch_size: int
@@ -205,6 +214,11 @@ class BatchSizeResult:
     profile_skipped: tuple[Skipped, ...] = ()
     pick_confidence: str | None = None
     pick_confidence_reason: str | None = None
+    world_size: int = 1
+    accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    from_cache: bool = False
+    data: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""

@@ -125,6 +125,23 @@ def test_dict_subclass_keeps_type_and_state() -> None:
     assert sample["b"].shape == (N,)  # the sample itself is untouched
 
 
+class Encoding(collections.UserDict):  # type: ignore[type-arg]
+    """A mapping that is not a dict, with state of its own, as a tokenizer's BatchEncoding."""
+
+    def __init__(self, data: dict[str, Any], source: str) -> None:
+        super().__init__(data)
+        self.source = source
+
+
+def test_a_mutable_mapping_that_is_not_a_dict() -> None:
+    sample = Encoding({"y": _labels(), "x": _images()}, source="tokenizer")
+    assert batch_size_of(sample) == N
+    result = resize_batch(sample, 6)
+    assert type(result) is Encoding and result.source == "tokenizer"
+    assert list(result) == ["y", "x"] and result["y"].tolist() == [7, 8, 9, 10, 7, 8]
+    assert sample["y"].shape == (N,)
+
+
 def test_batch_fn_from_a_sample() -> None:
     sample = {"x": _images(), "y": _labels()}
     batch_fn, size = make_batch_fn(sample)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
+import maxbatch  # noqa: E402
 from maxbatch import ConfigError  # noqa: E402
 from maxbatch.integrations.lightning import MaxBatch  # noqa: E402
 
@@ -31,6 +36,7 @@ class Net(pl.LightningModule):
         self.save_hyperparameters()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.data = dataset()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -42,7 +48,7 @@ class Net(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     def train_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(dataset(), batch_size=self.hparams.batch_size, shuffle=True)
+        return DataLoader(self.data, batch_size=self.hparams.batch_size, shuffle=True)
 
 
 class Watch(pl.Callback):
@@ -56,16 +62,18 @@ class Watch(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         same = all(torch.equal(self.initial[k], v) for k, v in module.state_dict().items())
         no_grads = all(p.grad is None for p in module.parameters())
-        self.untouched = same and no_grads and not trainer.optimizers[0].state
+        no_state = not any(opt.state for opt in trainer.optimizers)
+        self.untouched = same and no_grads and no_state
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
         self.sizes.append(len(batch[0]))
 
 
-def trainer(*callbacks: pl.Callback, steps: int = 3) -> pl.Trainer:
+def trainer(*callbacks: pl.Callback, steps: int = 3, precision: str = "32-true") -> pl.Trainer:
     return pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
+        precision=precision,
         callbacks=list(callbacks),
         logger=False,
         enable_checkpointing=False,
@@ -90,6 +98,23 @@ def test_fit_trains_at_the_ceiling_and_restores_the_module() -> None:
     assert watch.untouched is True
     assert watch.sizes == [result.ceiling] * 3
     assert "train_loss" in t.callback_metrics
+
+
+def test_the_ceiling_is_the_ceiling_of_real_training() -> None:
+    tuner = MaxBatch(memory=MEMORY, profile=False)
+    trainer(tuner, steps=1).fit(Net())
+    assert tuner.result is not None
+    ceiling = tuner.result.ceiling
+    # Lightning's own loop, at the ceiling and one above, on a device of the probe's capacity
+    # (the data set is made outside: on a GPU it would be host memory).
+    module = Net(batch_size=ceiling)
+    with maxbatch.virtual_device(MEMORY) as device:
+        device.track(module)
+        trainer(steps=3).fit(module)
+    module = Net(batch_size=ceiling + 1)
+    with pytest.raises(torch.OutOfMemoryError), maxbatch.virtual_device(MEMORY) as device:
+        device.track(module)
+        trainer(steps=3).fit(module)
 
 
 def test_global_batch_sets_accumulation() -> None:
@@ -153,6 +178,30 @@ def test_manual_optimization_probes_the_modules_own_step() -> None:
     assert watch.sizes == [tuner.result.ceiling] * 2
 
 
+class TwoOptimizers(Manual):
+    """Manual optimization with an optimizer per layer (as a GAN has one per network)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.net(x), y))
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        first, last = self.net[0], self.net[2]
+        return [torch.optim.AdamW(first.parameters()), torch.optim.Adam(last.parameters())]
+
+
+def test_every_optimizer_is_restored() -> None:
+    module = TwoOptimizers()
+    tuner, watch = MaxBatch(memory=MEMORY, profile=False), Watch(module)
+    trainer(tuner, watch, steps=4).fit(module)  # Lightning counts the steps of both optimizers
+    assert tuner.result is not None and watch.untouched is True
+    assert watch.sizes == [tuner.result.ceiling] * 2
+
+
 def test_mistakes_are_named() -> None:
     with pytest.raises(ConfigError, match="loss_fn=.*valid options: .*memory"):
         MaxBatch(loss_fn=None)
@@ -173,3 +222,73 @@ def test_the_example_trains_at_the_size_it_finds() -> None:
     assert info["batch_size"] * info["accumulate_grad_batches"] == 2048
     assert info["batch_size"] <= info["ceiling"]
     assert info["trained_batches"] == [info["batch_size"]] * info["accumulate_grad_batches"]
+
+
+def test_mixed_precision_is_the_trainers() -> None:
+    ceilings = {}
+    for precision in ("32-true", "bf16-mixed"):
+        tuner = MaxBatch(memory=MEMORY, profile=False)
+        trainer(tuner, steps=1, precision=precision).fit(Net())
+        assert tuner.result is not None
+        ceilings[precision] = tuner.result.ceiling
+    # Under autocast the activations the backward keeps are bf16: more samples fit.
+    assert ceilings["bf16-mixed"] > ceilings["32-true"]
+
+
+def test_the_standalone_pytorch_lightning_package() -> None:
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class Module(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = 4
+            self.net = nn.Linear(64, 10)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> DataLoader[Any]:
+            return DataLoader(dataset(), batch_size=self.batch_size)
+
+    module, tuner = Module(), MaxBatch(memory="2MiB", profile=False)
+    ptl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        callbacks=[tuner],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    ).fit(module)
+    assert tuner.result is not None and module.batch_size == tuner.result.ceiling
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_keep_the_global_batch() -> None:
+    script = Path(__file__).parent / "lightning_ddp.py"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [
+        json.loads(line[9:]) for line in out.stdout.splitlines() if line.startswith("MAXBATCH ")
+    ]
+    assert sorted(row["rank"] for row in rows) == [0, 1]
+    first, second = rows
+    assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
+    for row in rows:
+        assert row["untouched"] is True
+        assert row["batch_size"] == first["batch_size"] <= row["ceiling"]
+        # 4096 samples per optimizer step = micro-batch x 2 ranks x accumulation.
+        assert row["batch_size"] * 2 * row["accumulate_grad_batches"] == 4096
+        assert row["sizes"] == [row["batch_size"]] * (2 * row["accumulate_grad_batches"])

@@ -18,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import maxbatch  # noqa: E402
 from maxbatch import ConfigError  # noqa: E402
 from maxbatch.integrations.transformers import MaxBatchCallback, tune  # noqa: E402
 
@@ -67,7 +68,7 @@ def bert() -> torch.nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
-def arguments(tmp_path: Path, max_steps: int = 1) -> Any:
+def arguments(tmp_path: Path, max_steps: int = 1, bf16: bool = False) -> Any:
     return transformers.TrainingArguments(
         str(tmp_path),
         per_device_train_batch_size=2,
@@ -77,6 +78,7 @@ def arguments(tmp_path: Path, max_steps: int = 1) -> Any:
         save_strategy="no",
         logging_strategy="no",
         disable_tqdm=True,
+        bf16=bf16,
     )
 
 
@@ -125,7 +127,10 @@ def test_the_callback_tunes_when_the_trainer_is_built(tmp_path: Path) -> None:
     assert trainer.args.per_device_train_batch_size == callback.result.ceiling
     assert trainer.args.gradient_accumulation_steps == 1
     sizes = record_batches(model)
-    trainer.train()
+    # The Trainer's own loop at the ceiling fits on a device of the probe's capacity.
+    with maxbatch.virtual_device(MEMORY) as device:
+        device.track(model)
+        trainer.train()
     assert sizes == [callback.result.ceiling] * 2
 
 
@@ -144,6 +149,17 @@ def test_a_given_optimizer_and_scheduler_are_left_as_they_were(tmp_path: Path) -
     assert trainer.optimizer is optimizer and trainer.lr_scheduler is scheduler
     assert not optimizer.state and optimizer.param_groups[0]["lr"] == 0.1
     assert scheduler.last_epoch == 0 and scheduler.get_last_lr() == [0.1]
+
+
+def test_mixed_precision_is_the_trainers(tmp_path: Path) -> None:
+    ceilings = {}
+    for bf16 in (False, True):
+        trainer = transformers.Trainer(
+            model=gpt2(), args=arguments(tmp_path, bf16=bf16), train_dataset=LMTokens()
+        )
+        ceilings[bf16] = tune(trainer, memory=MEMORY, profile=False).ceiling
+    # Under the Trainer's bf16 autocast the activations kept for the backward are bf16.
+    assert ceilings[True] > ceilings[False]
 
 
 def test_mistakes_are_named(tmp_path: Path) -> None:
