@@ -1,6 +1,8 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
+from maxbatch.data import DataSource
 from maxbatch.errors import (
+    BatchSizeMismatchError,
     ConfigError,
     DeviceError,
     DoesNotFitError,
@@ -10,6 +12,7 @@ from maxbatch.errors import (
 )
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
+from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
@@ -18,14 +21,17 @@ from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
+    "BatchSizeMismatchError",
     "BatchSizeResult",
     "ConfigError",
+    "DataSource",
     "DeviceError",
     "DoesNotFitError",
     "Estimate",
     "EstimateError",
     "MaxbatchError",
     "MemoryModel",
+    "MicroBatcher",
     "ModelFileError",
     "NoiseScale",
     "NoiseScaleTracker",

@@ -7,6 +7,7 @@ Exit codes: 0 an answer; 1 nothing fits or the workload failed; 2 usage errors a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -144,6 +145,16 @@ def _start(model_file: str, verbose: int, debug: bool) -> ModelSpec:
     return spec
 
 
+def scanned(done: int, total: int) -> None:
+    """A data set's scan on stderr: one line rewritten on a terminal, else one line at the end."""
+    if sys.stderr.isatty():
+        click.echo(
+            f"\r\033[Kreading the data set: {done}/{total} items", err=True, nl=done == total
+        )
+    elif done == total:
+        click.echo(f"read the data set: {total} items", err=True)
+
+
 def _step_kwargs(
     spec: ModelSpec,
     *,
@@ -182,6 +193,10 @@ def main() -> None:
 @click.option("--memory", default=None, help="cap live tensor bytes, e.g. 300MiB or 24GiB")
 @click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
 @click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
+@click.option("--no-cache", is_flag=True, help="neither read nor write the result cache")
+@click.option(
+    "--trust-cache", is_flag=True, help="use a cached answer without running its ceiling again"
+)
 @click.option(
     "--pick",
     type=click.Choice(["within", "fastest"]),
@@ -224,6 +239,8 @@ def probe(
     memory: str | None,
     time_budget: float | None,
     no_profile: bool,
+    no_cache: bool,
+    trust_cache: bool,
     pick: str,
     tolerance: float,
     dataset_size: int | None,
@@ -290,6 +307,8 @@ def probe(
             base_lr=base_lr,
             noise_scale=noise_scale,
             extra_state=extra,
+            cache=not no_cache,
+            trust_cache=trust_cache,
             **_step_kwargs(spec, **step),
         )
     distributed.leave()
@@ -307,8 +326,7 @@ def probe(
 
 
 def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
-    batches = spec.make_batch if spec.make_batch is not None else spec.sample
-    return _run(debug, lambda: find_batch_size(spec.model, batches, **kwargs))
+    return _run(debug, lambda: find_batch_size(spec.model, spec.batch_source(scanned), **kwargs))
 
 
 def _check_report(report_dir: str) -> None:
@@ -383,7 +401,7 @@ def estimate(
             debug,
             lambda: estimate_batch_size(
                 spec.model,
-                spec.make_batch if spec.make_batch is not None else spec.sample,
+                spec.batch_source(scanned),
                 memory=memory,
                 target=target,
                 batch_sizes=batch_sizes,
@@ -407,3 +425,37 @@ def devices(as_json: bool) -> None:
         click.echo(json.dumps([d.to_dict() for d in found], indent=2))
     else:
         click.echo(devices_table(found))
+
+
+@main.group()
+def cache() -> None:
+    """The result cache ($XDG_CACHE_HOME/maxbatch, default ~/.cache/maxbatch)."""
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print the entries as JSON")
+def cache_list(as_json: bool) -> None:
+    """List the cached results, newest first."""
+    from maxbatch.cache import ResultCache
+
+    store = ResultCache()
+    found = store.entries()
+    if as_json:
+        rows = [{**dataclasses.asdict(e), "path": str(e.path)} for e in found]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{len(found)} cached result(s) in {store.directory}")
+    for e in found:
+        click.echo(
+            f"{e.key[:12]}  {e.created}  {e.model}  {e.device}  "
+            f"ceiling {e.ceiling}, batch size {e.batch_size}"
+        )
+
+
+@cache.command("clear")
+def cache_clear() -> None:
+    """Remove every cached result."""
+    from maxbatch.cache import ResultCache
+
+    store = ResultCache()
+    click.echo(f"removed {store.clear()} cached result(s) from {store.directory}")

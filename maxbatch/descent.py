@@ -239,7 +239,9 @@ class Search:
             return ""
         if (why := self.blocked(below[-1], shared=False)) is not None:
             return f"; batch size {below[-1]}, just below the top, was not timed: {why}"
-        self.near_top = below[-1] if self.measure(below[-1]) else None
+        if not self.measure(below[-1]):
+            return f"; batch size {below[-1]}, just below the top, ran out of memory"
+        self.near_top = below[-1]
         return f"; batch size {below[-1]}, just below the top, was timed (the top was the best)"
 
     def next_probe(self, rule: PickRule, tolerance: float) -> int | None:

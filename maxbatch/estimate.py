@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from maxbatch.accounting import CUDA_ROUNDING
+from maxbatch.data import DataSource, as_batch_source
 from maxbatch.device import default_headroom
 from maxbatch.errors import ConfigError, EstimateError
 from maxbatch.fakestep import FakeStep, Target, fake_step
@@ -136,7 +137,8 @@ def estimate_batch_size(
 
     Args:
         model: the model (on any device, or the meta device).
-        sample: one batch (batch dimension first) or ``make_batch(batch_size)``.
+        sample: one batch (batch dimension first), ``make_batch(batch_size)``, or a data set,
+            ``DataLoader`` or :class:`~maxbatch.data.DataSource` (its largest items).
         memory: capacities such as ``"24GiB"``, a list of them, or ``"16GiB,24GiB"``.
         headroom: bytes kept free below each capacity; default 0 for the CPU target (as the
             virtual device), 5 % (at least 256 MiB) for CUDA (as a probe on a real GPU).
@@ -177,6 +179,7 @@ def estimate_batch_size(
     if upper is not None and lower > upper:
         raise ConfigError(f"min_batch_size={lower} is larger than max_batch_size={upper}")
     sizes = [_positive(b, "batch_sizes") for b in batch_sizes]
+    sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
 
     rows: list[CapacityEstimate] = []
     with fake_step(
@@ -219,6 +222,9 @@ def estimate_batch_size(
             "the peak is not affine in the batch size near the ceiling: the memory model is "
             "approximate there (the ceilings come from exact fake steps)"
         )
+    if isinstance(sample, DataSource):
+        largest = max((r.ceiling for r in rows if r.ceiling is not None), default=start)
+        notes.append(sample.report(largest).note)
     breakdown = Breakdown(
         inputs_bytes_per_sample=inputs,
         activations_bytes_per_sample=model_fit.bytes_per_sample - inputs,

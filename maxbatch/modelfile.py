@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from maxbatch.batching import batch_size_of
-from maxbatch.errors import ModelFileError, WorkloadError
+from maxbatch.data import DataSource
+from maxbatch.errors import ConfigError, ModelFileError, WorkloadError
 
 __all__ = ["ModelSpec", "load_model_file"]
 
@@ -37,7 +38,10 @@ _HOOKS: dict[str, tuple[str, ...]] = {
     "optimizer": ("parameters",),
     "train_step": ("model", "batch", "optimizer"),
     "extra_state": (),
+    "collate_fn": ("items",),
 }
+# Exactly one of these says where batches come from.
+_SOURCES = ("sample", "make_batch", "dataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,9 @@ class ModelSpec:
         train_step: ``train_step(model, batch, optimizer)`` replacing the default step, or ``None``.
         extra_state: ``extra_state()`` returning the list of objects the step changes beyond the
             model and optimizer (restored after every trial), or ``None``.
+        collate_fn: ``collate_fn(items)`` making a batch of the ``dataset``'s items, or ``None``.
+        dataset: a map-style dataset or a ``DataLoader`` whose largest items make the batches, or
+            ``None`` when ``sample`` or ``make_batch`` is given.
     """
 
     path: str
@@ -66,6 +73,8 @@ class ModelSpec:
     optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None
     train_step: Callable[[torch.nn.Module, Any, torch.optim.Optimizer | None], Any] | None
     extra_state: Callable[[], Any] | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    dataset: Any = None
 
     def extra_state_items(self) -> list[Any]:
         """Call the file's ``extra_state()`` (an empty list without one).
@@ -88,6 +97,16 @@ class ModelSpec:
                 "the objects the step changes (modules, tensors, GradScaler, ...)",
             )
         return list(items)
+
+    def batch_source(self, on_progress: Callable[[int, int], None] | None = None) -> Any:
+        """What the probe and the estimate take as the sample: the batch, factory or data source.
+
+        Args:
+            on_progress: called as ``on_progress(done, total)`` while a ``dataset`` is scanned.
+        """
+        if self.dataset is not None:
+            return DataSource(self.dataset, collate_fn=self.collate_fn, on_progress=on_progress)
+        return self.make_batch if self.make_batch is not None else self.sample
 
 
 def load_model_file(path: str | os.PathLike[str]) -> ModelSpec:
@@ -122,7 +141,10 @@ def load_model_file(path: str | os.PathLike[str]) -> ModelSpec:
     builder = _model_or_builder(name, module)
     sample = _sample(name, module)
     hooks = {hook: _callable(name, module, hook, arguments) for hook, arguments in _HOOKS.items()}
-    return ModelSpec(path=name, model=_build(name, builder), sample=sample, **hooks)
+    dataset = _dataset(name, module, hooks["collate_fn"])
+    return ModelSpec(
+        path=name, model=_build(name, builder), sample=sample, dataset=dataset, **hooks
+    )
 
 
 def _import(name: str, file: Path) -> ModuleType:
@@ -230,19 +252,19 @@ def _build(name: str, builder: Callable[[], Any]) -> torch.nn.Module:
 
 
 def _sample(name: str, module: ModuleType) -> Any:
-    """The ``sample`` the file defines, or ``None`` when it defines ``make_batch`` instead."""
+    """The file's ``sample``, or ``None`` when it defines ``make_batch`` or ``dataset``."""
     sample = getattr(module, "sample", _MISSING)
-    has_factory = hasattr(module, "make_batch")
-    if sample is _MISSING and not has_factory:
+    defined = [source for source in _SOURCES if hasattr(module, source)]
+    if not defined:
         raise ModelFileError(
             name,
-            "defines neither `sample` nor `make_batch`; expected `sample = ...` (one batch, "
-            "batch dimension first) or a function `make_batch(batch_size)` that returns one",
+            "defines neither `sample` nor `make_batch` nor `dataset`; expected `sample = ...` "
+            "(one batch, batch dimension first), a function `make_batch(batch_size)` that "
+            "returns one, or `dataset = ...` (a map-style dataset or a DataLoader)",
         )
-    if sample is not _MISSING and has_factory:
-        raise ModelFileError(
-            name, "defines both `sample` and `make_batch`, which is ambiguous; keep only one"
-        )
+    if len(defined) > 1:
+        both = " and ".join(f"`{source}`" for source in defined)
+        raise ModelFileError(name, f"defines both {both}, which is ambiguous; keep only one")
     if sample is None:
         raise ModelFileError(
             name, "`sample` is None; expected one batch of tensors, batch dimension first"
@@ -254,6 +276,22 @@ def _sample(name: str, module: ModuleType) -> Any:
     except WorkloadError as e:
         raise ModelFileError(name, f"`sample` is not a batch: {e}") from None
     return sample
+
+
+def _dataset(name: str, module: ModuleType, collate_fn: Callable[..., Any] | None) -> Any:
+    """The ``dataset`` the file defines (checked, not yet read), or ``None``."""
+    dataset = getattr(module, "dataset", None)
+    if dataset is None:
+        if collate_fn is not None:
+            raise ModelFileError(
+                name, "defines `collate_fn` without `dataset`; it collates the dataset's items"
+            )
+        return None
+    try:
+        DataSource(dataset, collate_fn=collate_fn)
+    except ConfigError as e:
+        raise ModelFileError(name, f"`dataset`: {e}") from e
+    return dataset
 
 
 def _callable(

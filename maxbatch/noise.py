@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from maxbatch.batching import batch_size_of, map_tensors
+from maxbatch.data import DataSource
 from maxbatch.errors import ConfigError, DoesNotFitError, MaxbatchError, WorkloadError
 from maxbatch.noisestats import (
     ACCUMULATION,
@@ -49,6 +50,8 @@ def _sampler(data: Any, generator: torch.Generator) -> tuple[Draw, int | None]:
     if isinstance(data, torch.nn.Module):
         raise ConfigError(f"data must be a batch, make_batch or data set, got the module {data}")
     collate: Callable[[list[Any]], Any] = default_collate
+    if isinstance(data, DataSource):  # the probe's worst-case source: its data set, at random
+        collate, data = data.collate_fn, data.dataset
     if isinstance(data, DataLoader):
         collate, data = data.collate_fn, data.dataset
     if isinstance(data, Dataset):

@@ -10,6 +10,7 @@ estimates, as McCandlish et al. 2018 (appendix A) suggest.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from types import TracebackType
@@ -17,6 +18,7 @@ from types import TracebackType
 import torch
 
 from maxbatch.errors import ConfigError
+from maxbatch.microbatch import MicroStep
 from maxbatch.noisestats import (
     NoiseScale,
     accumulator_dtype,
@@ -72,7 +74,9 @@ class NoiseScaleTracker:
         self.beta = float(beta)
         device = self.params[0].device
         self._dtype = accumulator_dtype(device)
-        self._norms: list[torch.Tensor] = []
+        # The norms of the backward that ran last, by parameter: a backward that an
+        # out-of-memory error cut short leaves some, which the next one overwrites.
+        self._norms: dict[int, torch.Tensor] = {}
         # This step's micro-batch gradient norms, by their weight (usually one weight).
         self._micro: dict[float, list[torch.Tensor]] = {}
         # Moving averages of |G|², tr(Σ), their squares and product (for the standard error).
@@ -82,12 +86,12 @@ class NoiseScaleTracker:
         self.steps = 0
         self._last = (0.0, 0)
         self._handles = [
-            p.register_hook(self._on_grad)  # type: ignore[no-untyped-call]
-            for p in self.params
+            p.register_hook(functools.partial(self._on_grad, i))  # type: ignore[no-untyped-call]
+            for i, p in enumerate(self.params)
         ]
 
-    def _on_grad(self, grad: torch.Tensor) -> None:
-        self._norms.append(norm(grad))  # one kernel per parameter per backward
+    def _on_grad(self, index: int, grad: torch.Tensor) -> None:
+        self._norms[index] = norm(grad)  # one kernel per parameter per backward
 
     def micro_batch(self, batch_size: int, weight: float = 1.0) -> None:
         """Close the micro-batch whose backward just ran.
@@ -105,8 +109,8 @@ class NoiseScaleTracker:
             raise ConfigError(f"weight={weight!r} must be a positive number")
         if not self._norms:
             raise ConfigError("micro_batch() was called, but no gradient reached the parameters")
-        self._micro.setdefault(float(weight), []).extend(self._norms)
-        self._norms = []
+        self._micro.setdefault(float(weight), []).extend(self._norms.values())
+        self._norms = {}
         self._sizes.append(batch_size)
         self._weights.append(float(weight))
 
@@ -119,7 +123,7 @@ class NoiseScaleTracker:
         sizes, weights = self._sizes, self._weights
         self._sizes, self._weights = [], []
         micro, self._micro = self._micro, {}
-        self._norms = []
+        self._norms = {}
         if len(sizes) < 2:
             raise ConfigError(
                 f"the tracker needs two micro-batches or more per optimizer step, got "
@@ -146,6 +150,25 @@ class NoiseScaleTracker:
         self._moments.mul_(self.beta).add_(x, alpha=1 - self.beta)
         self.steps += 1
         self._last = (b_small, b_big)
+
+    def on_micro_batch(self, micro: MicroStep) -> None:
+        """Follow a :class:`~maxbatch.MicroBatcher`: pass ``on_micro_batch=tracker.on_micro_batch``.
+
+        Each micro-batch is taken with its weight (times the ``GradScaler``'s scale; a ``"sum"``
+        loss counts as its size times a mean), the last one of a step makes the draw, and a step
+        that an out-of-memory error restarts starts again from its first micro-batch. A batch
+        that fits in one micro-batch gives no draw (there is no small batch to compare).
+        """
+        if micro.index == 0:
+            self._micro, self._sizes, self._weights = {}, [], []
+        summed = micro.weight == 1.0 and micro.size < micro.batch_size
+        weight = micro.weight * (micro.size if summed else 1) * micro.grad_scale
+        self.micro_batch(micro.size, weight)
+        if micro.index == micro.micro_batches - 1:
+            if micro.micro_batches > 1:
+                self.step()
+            else:
+                self._micro, self._sizes, self._weights = {}, [], []
 
     def estimate(self) -> NoiseScale | None:
         """The moving-average estimate (reads the device once), or None before the first step.

@@ -160,3 +160,51 @@ def test_the_same_command_twice_gives_picks_within_the_tolerance() -> None:
         pairs = list(zip(picks[::2], picks[1::2], strict=True))
         close = [min(a, b) >= (1 - 0.02) * max(a, b) - 1e-9 for a, b in pairs]
         assert sum(close) >= 0.9 * len(pairs), (rule, picks)
+
+
+# -- the reproductions, real steps on the CPU (structure only: no timing is asserted) -----------
+
+
+@pytest.mark.slow
+def test_cnn_at_20mib_times_the_ceiling_and_says_what_happened() -> None:
+    """``maxbatch probe examples/cnn.py --memory 20MiB --json``: ceiling 24, once picked 4."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from maxbatch.cli import main
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "cnn.py"
+    res = CliRunner().invoke(main, ["probe", str(example), "--memory", "20MiB", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    timed = sorted(p["batch_size"] for p in data["throughput"])
+    assert data["ceiling"] == 24 and 24 in timed
+    assert data["batch_size"] in timed
+    assert data["profile_stop_reason"] and data["pick_confidence"]
+    untimed = sorted(s["batch_size"] for s in data["profile_skipped"])
+    assert sorted(timed + untimed) == candidates(24)
+    assert "sizes timed (" in data["pick_reason"] or "only size timed" in data["pick_reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory", ["20MiB", "30MiB"])
+def test_a_tiny_gpt2_at_small_ceilings_times_the_ceiling(memory: str) -> None:
+    """A 2-layer GPT-2 built from a config (nothing downloaded) at ceilings of a few sizes."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from maxbatch import find_batch_size
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=256, n_positions=128, n_embd=64, n_layer=2, n_head=2
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 256, (2, 128))
+    result = find_batch_size(model, {"input_ids": ids, "labels": ids}, memory=memory)
+    timed = {p.batch_size for p in result.throughput}
+    assert 4 <= result.ceiling <= 10 and result.ceiling in timed  # about 3.3 MiB a sample
+    assert result.batch_size in timed
+    assert result.profile_stop_reason and result.pick_confidence in ("high", "medium", "low")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maxbatch.data import DataSource
 from maxbatch.errors import ModelFileError
 from maxbatch.estimate import estimate_batch_size
 from maxbatch.modelfile import ModelSpec, load_model_file
@@ -163,7 +164,7 @@ def test_build_model_raising_is_chained(tmp_path: Path) -> None:
 def test_names_are_checked_before_build_model_runs(tmp_path: Path) -> None:
     # build_model would fail, but the missing sample is reported first: nothing slow runs.
     source = "def build_model():\n    raise RuntimeError('should not run')\n"
-    with pytest.raises(ModelFileError, match="defines neither `sample` nor `make_batch`"):
+    with pytest.raises(ModelFileError, match="defines neither `sample` nor `make_batch` nor `data"):
         load_model_file(write(tmp_path, source))
 
 
@@ -173,7 +174,7 @@ def test_names_are_checked_before_build_model_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        (MODEL, "defines neither `sample` nor `make_batch`; expected `sample = ...`"),
+        (MODEL, "defines neither `sample` nor `make_batch` nor `dataset`; expected `sample = ...`"),
         (
             MODEL + SAMPLE + "def make_batch(batch_size):\n    return sample\n",
             "defines both `sample` and `make_batch`, which is ambiguous; keep only one",
@@ -188,8 +189,43 @@ def test_names_are_checked_before_build_model_runs(tmp_path: Path) -> None:
             MODEL + "def make_batch():\n    return None\n",
             r"`make_batch` cannot be called with 1 positional argument\(s\)",
         ),
+        (
+            MODEL + SAMPLE + "dataset = [torch.zeros(2)]\n",
+            "defines both `sample` and `dataset`, which is ambiguous",
+        ),
+        (
+            MODEL + "dataset = [torch.zeros(2)]\ndef make_batch(b):\n    return None\n",
+            "defines both `make_batch` and `dataset`",
+        ),
+        (
+            MODEL + SAMPLE + "def collate_fn(items):\n    return items\n",
+            "defines `collate_fn` without `dataset`",
+        ),
+        (
+            MODEL + "dataset = iter([torch.zeros(2)])\n",
+            "`dataset`: a list_iterator cannot be indexed",
+        ),
+        (
+            MODEL
+            + "dataset = torch.utils.data.DataLoader([torch.zeros(2)], batch_size=1)\n"
+            + "def collate_fn(items):\n    return items\n",
+            "`dataset`: collate_fn is given and the DataLoader has its own",
+        ),
+        (MODEL + "def collate_fn():\n    return 1\ndataset = [1]\n", "`collate_fn` cannot be"),
     ],
-    ids=["neither", "both", "none", "factory-not-callable", "factory-takes-no-size"],
+    ids=[
+        "neither",
+        "both",
+        "none",
+        "factory-not-callable",
+        "factory-takes-no-size",
+        "sample-and-dataset",
+        "make-batch-and-dataset",
+        "collate-without-dataset",
+        "iterable-dataset",
+        "two-collates",
+        "collate-takes-no-items",
+    ],
 )
 def test_sample_errors(tmp_path: Path, source: str, expected: str) -> None:
     with pytest.raises(ModelFileError, match=expected):
@@ -368,6 +404,23 @@ def test_dataclass_in_the_file_works(tmp_path: Path) -> None:
     assert load_model_file(write(tmp_path, source)).model.in_features == 4
 
 
+def test_dataset_and_collate_fn(tmp_path: Path) -> None:
+    source = (
+        MODEL
+        + """
+dataset = [torch.zeros(n) for n in (2, 5, 3)]
+
+def collate_fn(items):
+    return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+"""
+    )
+    spec = load_model_file(write(tmp_path, source))
+    assert spec.sample is None and spec.make_batch is None and len(spec.dataset) == 3
+    batches = spec.batch_source()
+    assert isinstance(batches, DataSource)
+    assert batches(2).shape == (2, 5)
+
+
 # --- the shipped examples -------------------------------------------------------------------
 
 
@@ -375,7 +428,8 @@ def test_dataclass_in_the_file_works(tmp_path: Path) -> None:
 def test_examples_load(path: Path) -> None:
     spec = load_model_file(path)
     assert isinstance(spec.model, torch.nn.Module)
-    batch = spec.make_batch(4) if spec.make_batch is not None else spec.sample
+    source = spec.batch_source()
+    batch = source(4) if callable(source) else source
     assert batch is not None
     if any(p.is_meta for p in spec.model.parameters()):
         # Built on the meta device (big_meta.py): no weights to run, so run it on fake tensors.

@@ -102,3 +102,32 @@ def test_refuses_one_micro_batch_and_weights_not_proportional_to_sizes() -> None
 def test_invalid_beta(beta) -> None:
     with pytest.raises(ConfigError, match="beta"):
         maxbatch.NoiseScaleTracker(nn.Linear(2, 1), beta=beta)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_follows_a_micro_batcher(bench, reduction) -> None:
+    problem = bench.classifier()
+    x, y = problem.data
+
+    def loss(out: torch.Tensor, batch) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, batch[1], reduction=reduction)
+
+    optimizer = torch.optim.SGD(problem.model.parameters(), lr=0.0)  # weights stay put
+    with maxbatch.NoiseScaleTracker(problem.model) as tracker:
+        batcher = maxbatch.MicroBatcher(
+            problem.model,
+            optimizer,
+            micro_batch_size=32,
+            loss_fn=loss,
+            forward_fn=problem.forward,
+            loss_reduction=reduction,
+            on_micro_batch=tracker.on_micro_batch,
+        )
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            index = torch.randint(len(x), (128,), generator=gen)
+            batcher.step((x[index], y[index]))
+        ns = tracker.estimate()
+    assert ns is not None and ns.draws == 300 and (ns.b_small, ns.b_big) == (32, 128)
+    assert abs(ns.b_simple / problem.b_simple - 1) < 0.10
+    assert abs(ns.grad_sq_norm / problem.grad_sq_norm - 1) < 0.10
