@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import maxbatch
 from maxbatch.accounting import MemoryCounter
+from maxbatch.data import DataSource
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.noisestats import combine, two_batch_estimates
 
@@ -103,8 +104,10 @@ def test_a_data_set_or_loader_draws_as_the_sample_does(bench) -> None:
     from_sample = maxbatch.noise_scale(problem.model, (x, y), **kwargs)
     from_set = maxbatch.noise_scale(problem.model, TensorDataset(x, y), **kwargs)
     from_loader = maxbatch.noise_scale(problem.model, DataLoader(TensorDataset(x, y)), **kwargs)
-    assert from_set.b_simple == pytest.approx(from_sample.b_simple, rel=1e-6)
-    assert from_loader.b_simple == pytest.approx(from_sample.b_simple, rel=1e-6)
+    source = DataSource(TensorDataset(x, y))  # the probe's worst-case source: drawn at random
+    from_source = maxbatch.noise_scale(problem.model, source, **kwargs)
+    for other in (from_set, from_loader, from_source):
+        assert other.b_simple == pytest.approx(from_sample.b_simple, rel=1e-6)
 
 
 class Noisy(nn.Module):
