@@ -3,6 +3,7 @@
 from maxbatch.advise import Advice, advice_for
 from maxbatch.data import DataSource
 from maxbatch.errors import (
+    BatchSizeMismatchError,
     ConfigError,
     DeviceError,
     DoesNotFitError,
@@ -13,11 +14,16 @@ from maxbatch.errors import (
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.microbatch import MicroBatcher
+from maxbatch.noise import noise_scale
+from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
+from maxbatch.schedule import SchedulePhase, batch_schedule
+from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
     "Advice",
+    "BatchSizeMismatchError",
     "BatchSizeResult",
     "ConfigError",
     "DataSource",
@@ -29,13 +35,18 @@ __all__ = [
     "MemoryModel",
     "MicroBatcher",
     "ModelFileError",
+    "NoiseScale",
+    "NoiseScaleTracker",
     "ProbeResult",
+    "SchedulePhase",
     "Trial",
     "VirtualDevice",
     "WorkloadError",
     "advice_for",
+    "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
+    "noise_scale",
     "virtual_device",
 ]
 

@@ -27,9 +27,11 @@ from maxbatch.capacity import (
 from maxbatch.data import DataSource
 from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
 from maxbatch.distributed import Ranks, join
-from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.grid import Grid
+from maxbatch.noise import noise_scale as measure_noise_scale
+from maxbatch.noisestats import NoiseScale
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE
 from maxbatch.probe import SearchOutcome, search
@@ -138,6 +140,7 @@ def find_batch_size(
     base_batch: int | None = None,
     base_lr: float | None = None,
     estimate_first: bool | None = None,
+    noise_scale: bool = False,
     extra_state: Sequence[Any] = (),
     distributed: bool | None = None,
     cache: bool = False,
@@ -184,10 +187,16 @@ def find_batch_size(
             (:mod:`maxbatch.estimate`), so that a right prediction needs two verifying trials.
             None (default): only on a CUDA device, where a real trial near the ceiling takes
             seconds and an out-of-memory one flushes the caching allocator, while the fake
-            trials run cheaply on the host; on the CPU (and MPS) a fake trial costs about as
-            much as a real one, so the estimate would cost more than it saves. True or False
+            trials run cheaply on the host. Where the trials are counted (the virtual device,
+            the CPU, MPS) their traces, operator by operator, predict the ceiling from the
+            first trial, so three trials (the fewest that verify a ceiling) are the rule and
+            fake trials (each costs several real steps of a small model) save nothing. True or False
             forces it. When it gives no guess (the model cannot be deep-copied, the step needs
             tensor values, nothing fits), a note says why and the search starts as without it.
+        noise_scale: also measure the gradient noise scale (:func:`maxbatch.noise_scale`, on
+            ``sample``, micro-batches at most the pick; the loss must be a mean over samples):
+            the result's ``noise_scale``, and advice for a global batch near the critical batch.
+            It depends on the weights, which the result cache does not key: no cache with it.
         extra_state: more state your ``train_step`` changes, restored in place after every
             trial: tensors, modules (an EMA copy), optimizers, ``GradScaler`` objects, and objects
             with ``state_dict()`` and ``load_state_dict()``. A ``GradScaler`` that ``train_step``
@@ -237,6 +246,7 @@ def find_batch_size(
             global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
+            noise_scale=noise_scale,
         ),
         step=StepSpec.build(  # last of the options: a data set is scanned here
             model,
@@ -254,6 +264,7 @@ def find_batch_size(
     )
     try:
         per_rank(global_batch, request.ranks.world_size)
+        request.advice.check_step(request.step)
         measured = _measure(request)
     except BaseException as e:
         request.ranks.share(e)  # before raising, so that no other rank waits for this one
@@ -261,7 +272,7 @@ def find_batch_size(
     if isinstance(measured, BatchSizeResult):
         return measured  # a cached answer that held
     request.ranks.done()
-    result = _advise(request, _assemble(request, measured))
+    result = _advise(request, _assemble(request, measured, _noise(request, measured)))
     _store(request, measured, result)
     return result
 
@@ -342,7 +353,8 @@ def _look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Mete
         request.profile,
         request.advice,
     )
-    if not search.cache or request.ranks.world_size != 1:
+    # A noise scale holds for the current weights, which the cache's key does not see.
+    if not search.cache or request.ranks.world_size != 1 or advice.noise_scale:
         return None
     description = describe_step(
         step.model,
@@ -357,7 +369,13 @@ def _look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Mete
             "headroom": request.memory.headroom_bytes,
             "grid": [grid.min_batch_size, grid.max_batch_size, grid.multiple_of],
             "pick": [prof.enabled, prof.rule.value, prof.tolerance],
-            "advice": [advice.dataset_size, advice.global_batch, advice.base_batch, advice.base_lr],
+            "advice": [
+                advice.dataset_size,
+                advice.global_batch,
+                advice.base_batch,
+                advice.base_lr,
+                advice.noise_scale,
+            ],
             "extra_state": len(step.extra_state.items),
         },
     )
@@ -404,7 +422,7 @@ def _search(
 
     Raises:
         DoesNotFitError: the smallest size does not fit.
-        WorkloadError: the step failed for another reason (below the sample's size: says so).
+        WorkloadError: the step failed for another reason.
     """
     settings, grid = request.search, request.search.grid
     start = grid.start(request.step.sample_size)
@@ -426,27 +444,18 @@ def _search(
             )
     ranks, local_usable = request.ranks, meter.usable_bytes
     assert local_usable is not None  # set from this rank's capacity
-    try:
-        with ranks.quiet_step(request.step.model):
-            outcome = search(
-                ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
-                start=start,
-                usable_bytes=capacity.usable_bytes,
-                base_bytes=capacity.base_bytes,
-                grid=grid,
-                time_budget=settings.time_budget,
-                on_trial=settings.on_trial,
-                first_guess=guess,
-                clock=ranks.clock,
-            )
-    except WorkloadError as e:
-        if e.batch_size is not None and e.batch_size < start:
-            raise WorkloadError(
-                f"{e} (the step worked at {start}; if the model rejects small batches, "
-                f"e.g. batch norm in training, set min_batch_size)",
-                batch_size=e.batch_size,
-            ) from e.__cause__
-        raise
+    with ranks.quiet_step(request.step.model):
+        outcome = search(
+            ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+            start=start,
+            usable_bytes=capacity.usable_bytes,
+            base_bytes=capacity.base_bytes,
+            grid=grid,
+            time_budget=settings.time_budget,
+            on_trial=settings.on_trial,
+            first_guess=guess,
+            clock=ranks.clock,
+        )
     return outcome, note
 
 
@@ -478,7 +487,21 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
     return Picked(batch_size=prof.batch_size, reason=prof.pick_reason, profile=prof)
 
 
-def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
+def _noise(request: Request, measured: Measured) -> NoiseScale | None:
+    """The gradient noise scale at the pick, when asked for (None otherwise)."""
+    if not request.advice.noise_scale:
+        return None
+    step = request.step
+    return measure_noise_scale(
+        step.model,
+        step.sample,
+        step.loss_fn,
+        step.forward_fn,
+        max_batch_size=measured.picked.batch_size,
+    )
+
+
+def _assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> BatchSizeResult:
     """The result record, with the notes in the order the stages made them."""
     step, capacity, outcome, picked = (
         request.step,
@@ -521,6 +544,7 @@ def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
         seconds=time.perf_counter() - request.started,
         throughput=picked.points,
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
+        noise_scale=None if noise is None else noise.to_dict(),
         **({} if picked.profile is None else profile_fields(picked.profile)),
         world_size=request.ranks.world_size,
         data=None if scan is None else scan.to_dict(),
@@ -529,8 +553,11 @@ def _assemble(request: Request, measured: Measured) -> BatchSizeResult:
 
 def _advise(request: Request, result: BatchSizeResult) -> BatchSizeResult:
     """The result with the advice over it, and the samples per optimizer step over all ranks."""
-    wanted = request.advice
-    advice = advice_for(result, **wanted.keywords()) if wanted.wanted else None
+    wanted, noise = request.advice, result.noise_scale
+    critical = None if noise is None else noise.get("critical_batch")
+    advice = (
+        advice_for(result, critical_batch=critical, **wanted.keywords()) if wanted.wanted else None
+    )
     plan = None if advice is None else advice.accumulation
     micro, steps = (
         (result.batch_size, 1) if plan is None else (plan.micro_batch, plan.accumulation_steps)

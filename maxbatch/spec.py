@@ -263,12 +263,15 @@ class AdviceSettings:
         global_batch: the batch per optimizer step wanted.
         base_batch: the batch size ``base_lr`` was tuned at.
         base_lr: a tuned learning rate.
+        noise_scale: measure the gradient noise scale; the advice suggests a global batch near
+            the critical batch.
     """
 
     dataset_size: int | None = None
     global_batch: int | None = None
     base_batch: int | None = None
     base_lr: float | None = None
+    noise_scale: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dataset_size", "global_batch", "base_batch"):
@@ -283,8 +286,28 @@ class AdviceSettings:
     @property
     def wanted(self) -> bool:
         """True when any advice was asked for."""
-        return any(v is not None for v in dataclasses.asdict(self).values())
+        return self.noise_scale or any(v is not None for v in self.keywords().values())
 
     def keywords(self) -> dict[str, Any]:
-        """The settings as the keywords of :func:`~maxbatch.advise.advice_for`."""
-        return dataclasses.asdict(self)
+        """The settings as the keywords of :func:`~maxbatch.advise.advice_for` (no noise scale)."""
+        return {
+            "dataset_size": self.dataset_size,
+            "global_batch": self.global_batch,
+            "base_batch": self.base_batch,
+            "base_lr": self.base_lr,
+        }
+
+    def check_step(self, step: StepSpec) -> None:
+        """Check that the step has what the noise scale needs, when it is asked for.
+
+        Raises:
+            ConfigError: the noise scale was asked for in inference mode, or with a
+                ``train_step`` and no ``loss_fn``.
+        """
+        if self.noise_scale and (
+            step.mode is Mode.INFERENCE or (step.train_step is not None and not step.loss_fn)
+        ):
+            raise ConfigError(
+                "noise_scale needs the training loss: not in inference mode, and with a "
+                "train_step pass loss_fn too"
+            )
