@@ -11,13 +11,15 @@ import torch
 
 from maxbatch.advise import advise
 from maxbatch.batching import make_batch_fn
+from maxbatch.cache import ResultCache, from_cache, key_of, verified
+from maxbatch.cache import describe as describe_step
 from maxbatch.data import DataSource, as_batch_source
 from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exported
 from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
 from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.distributed import join
-from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.extrastate import ExtraState
 from maxbatch.oom import release_memory
@@ -56,6 +58,12 @@ def _model_device(model: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None) -> Trial:
+    if on_trial is not None:
+        on_trial(trial)
+    return trial
+
+
 def find_batch_size(
     model: torch.nn.Module,
     sample: Any,
@@ -85,6 +93,8 @@ def find_batch_size(
     estimate_first: bool | None = None,
     extra_state: Sequence[Any] = (),
     distributed: bool | None = None,
+    cache: bool = False,
+    trust_cache: bool = False,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -129,8 +139,10 @@ def find_batch_size(
             (:mod:`maxbatch.estimate`), so that a right prediction needs two verifying trials.
             None (default): only on a CUDA device, where a real trial near the ceiling takes
             seconds and an out-of-memory one flushes the caching allocator, while the fake
-            trials run cheaply on the host; on the CPU (and MPS) a fake trial costs about as
-            much as a real one, so the estimate would cost more than it saves. True or False
+            trials run cheaply on the host. Where the trials are counted (the virtual device,
+            the CPU, MPS) their traces, operator by operator, predict the ceiling from the
+            first trial, so three trials (the fewest that verify a ceiling) are the rule and
+            fake trials (each costs several real steps of a small model) save nothing. True or False
             forces it. When it gives no guess (the model cannot be deep-copied, the step needs
             tensor values, nothing fits), a note says why and the search starts as without it.
         extra_state: more state your ``train_step`` changes, restored in place after every
@@ -142,6 +154,11 @@ def find_batch_size(
             sizes, and a size fits only if it fit on every rank; all return the same result.
             None (default): when a group with more than one rank is initialised; True: require
             one; False: this process alone. ``global_batch`` is then over all ranks.
+        cache: look the answer up in the result cache (:mod:`maxbatch.cache`, under
+            ``$XDG_CACHE_HOME/maxbatch``) and store it there; a hit is checked by running the
+            cached ceiling and the size above it. Default False here (the CLI caches by
+            default); not used under ``torch.distributed``.
+        trust_cache: use a hit without the check.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -256,6 +273,39 @@ def find_batch_size(
         lower = min_b or 1
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
+        store = ResultCache() if cache and ranks.world_size == 1 else None
+        if store is not None:
+            description = describe_step(
+                model,
+                make_batch(start),
+                opt,
+                {"forward_fn": forward_fn, "loss_fn": loss_fn, "train_step": train_step},
+                {
+                    "mode": run_mode.value,
+                    "precision": prec.value,
+                    "device": [info.kind, info.name, info.total_bytes],
+                    "memory": cap,
+                    "headroom": fixed_headroom,
+                    "grid": [lower, max_b, step],
+                    "pick": [profile, pick_rule.value, tolerance],
+                    "advice": [dataset_size, global_batch, base_batch, base_lr],
+                    "extra_state": len(extra_state),
+                },
+            )
+            key = key_of(description)
+            hit = store.get(key)
+            if hit is not None:
+                ok, check = True, None
+                if not trust_cache:
+                    ok, check = verified(
+                        hit,
+                        lambda b: _reported(run_trial(workload, meter, b), on_trial),
+                        multiple_of=step,
+                        max_batch_size=max_b,
+                    )
+                if ok:
+                    return from_cache(hit, key, check, time.perf_counter() - started)
+                notes.append(f"the cached result did not hold ({check}): probed again")
         guess = None
         # Auto: only on CUDA, where the real trials it saves are the expensive ones.
         with_estimate = dev.type == "cuda" if estimate_first is None else estimate_first
@@ -274,29 +324,20 @@ def find_batch_size(
                     f"no first guess from fake tensors: {why}; the search started from "
                     f"batch size {start}"
                 )
-        try:
-            with ranks.quiet_step(model):
-                outcome = search(
-                    ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
-                    start=start,
-                    usable_bytes=usable,
-                    base_bytes=base,
-                    min_batch_size=lower,
-                    max_batch_size=max_b,
-                    multiple_of=step,
-                    time_budget=time_budget,
-                    on_trial=on_trial,
-                    first_guess=guess,
-                    clock=ranks.clock,
-                )
-        except WorkloadError as e:
-            if e.batch_size is not None and e.batch_size < start:
-                raise WorkloadError(
-                    f"{e} (the step worked at {start}; if the model rejects small batches, "
-                    f"e.g. batch norm in training, set min_batch_size)",
-                    batch_size=e.batch_size,
-                ) from e.__cause__
-            raise
+        with ranks.quiet_step(model):
+            outcome = search(
+                ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+                start=start,
+                usable_bytes=usable,
+                base_bytes=base,
+                min_batch_size=lower,
+                max_batch_size=max_b,
+                multiple_of=step,
+                time_budget=time_budget,
+                on_trial=on_trial,
+                first_guess=guess,
+                clock=ranks.clock,
+            )
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
         points: tuple[Throughput, ...] = ()
         prof = None
@@ -354,7 +395,7 @@ def find_batch_size(
         ).to_dict()
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
     plan = (advice or {}).get("accumulation") or {"micro_batch": chosen, "accumulation_steps": 1}
-    return BatchSizeResult(
+    result = BatchSizeResult(
         batch_size=chosen,
         ceiling=outcome.ceiling,
         device=device_label(dev),
@@ -382,3 +423,6 @@ def find_batch_size(
         global_batch_size=plan["micro_batch"] * ranks.world_size * plan["accumulation_steps"],
         data=None if scan is None else scan.to_dict(),
     )
+    if store is not None and result.complete and (not profile or (prof and prof.complete)):
+        store.put(key, result, description)
+    return result

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from datasets import LONGEST, Sequences, lengths, longest_batch, pad_collate
 from models import encoder
+from sequences import LONGEST, Sequences, lengths, longest_batch, pad_collate
 from torch.utils.data import DataLoader, IterableDataset, SubsetRandomSampler, TensorDataset
 
 import maxbatch

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +62,8 @@ class Watch(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         same = all(torch.equal(self.initial[k], v) for k, v in module.state_dict().items())
         no_grads = all(p.grad is None for p in module.parameters())
-        self.untouched = same and no_grads and not trainer.optimizers[0].state
+        no_state = not any(opt.state for opt in trainer.optimizers)
+        self.untouched = same and no_grads and no_state
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
         self.sizes.append(len(batch[0]))
@@ -173,6 +178,30 @@ def test_manual_optimization_probes_the_modules_own_step() -> None:
     assert watch.sizes == [tuner.result.ceiling] * 2
 
 
+class TwoOptimizers(Manual):
+    """Manual optimization with an optimizer per layer (as a GAN has one per network)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.net(x), y))
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        first, last = self.net[0], self.net[2]
+        return [torch.optim.AdamW(first.parameters()), torch.optim.Adam(last.parameters())]
+
+
+def test_every_optimizer_is_restored() -> None:
+    module = TwoOptimizers()
+    tuner, watch = MaxBatch(memory=MEMORY, profile=False), Watch(module)
+    trainer(tuner, watch, steps=4).fit(module)  # Lightning counts the steps of both optimizers
+    assert tuner.result is not None and watch.untouched is True
+    assert watch.sizes == [tuner.result.ceiling] * 2
+
+
 def test_mistakes_are_named() -> None:
     with pytest.raises(ConfigError, match="loss_fn=.*valid options: .*memory"):
         MaxBatch(loss_fn=None)
@@ -235,3 +264,31 @@ def test_the_standalone_pytorch_lightning_package() -> None:
         enable_progress_bar=False,
     ).fit(module)
     assert tuner.result is not None and module.batch_size == tuner.result.ceiling
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_keep_the_global_batch() -> None:
+    script = Path(__file__).parent / "lightning_ddp.py"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=root,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [
+        json.loads(line[9:]) for line in out.stdout.splitlines() if line.startswith("MAXBATCH ")
+    ]
+    assert sorted(row["rank"] for row in rows) == [0, 1]
+    first, second = rows
+    assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
+    for row in rows:
+        assert row["untouched"] is True
+        assert row["batch_size"] == first["batch_size"] <= row["ceiling"]
+        # 4096 samples per optimizer step = micro-batch x 2 ranks x accumulation.
+        assert row["batch_size"] * 2 * row["accumulate_grad_batches"] == 4096
+        assert row["sizes"] == [row["batch_size"]] * (2 * row["accumulate_grad_batches"])

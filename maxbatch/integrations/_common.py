@@ -48,23 +48,26 @@ def probe_options(options: dict[str, Any], owner: str) -> dict[str, Any]:
     return dict(options)
 
 
-def per_rank_global_batch(global_batch: int | None, world_size: int) -> int | None:
-    """The samples per optimizer step each of ``world_size`` ranks contributes.
+def with_extra_state(options: dict[str, Any], *state: Any) -> dict[str, Any]:
+    """``options`` with the framework's own stateful objects added to the user's ``extra_state``.
+
+    The probe restores them after every trial; ``None``s (a scaler that is not used) are left out.
+    """
+    ours = [obj for obj in state if obj is not None]
+    return {**options, "extra_state": [*ours, *options.get("extra_state", ())]}
+
+
+def check_global_batch(global_batch: int | None) -> int | None:
+    """Check ``global_batch`` when the integration is made, before the framework runs.
 
     Raises:
-        ConfigError: ``global_batch`` is not a positive integer, or not a multiple of the
-            world size.
+        ConfigError: it is not None or a positive integer.
     """
-    if global_batch is None:
-        return None
-    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+    if global_batch is not None and (
+        isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1
+    ):
         raise ConfigError(f"global_batch={global_batch!r} must be a positive integer")
-    if global_batch % world_size:
-        raise ConfigError(
-            f"global_batch={global_batch} is not a multiple of the world size {world_size}; "
-            f"use a multiple such as {world_size * max(1, global_batch // world_size)}"
-        )
-    return global_batch // world_size
+    return global_batch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

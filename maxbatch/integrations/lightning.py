@@ -28,10 +28,11 @@ from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.finder import find_batch_size
 from maxbatch.integrations._common import (
     Plan,
+    check_global_batch,
     first_batch,
-    per_rank_global_batch,
     plan_of,
     probe_options,
+    with_extra_state,
 )
 from maxbatch.results import BatchSizeResult
 
@@ -130,8 +131,7 @@ class MaxBatch(Callback):  # type: ignore[misc]
         **options: Any,
     ) -> None:
         super().__init__()
-        per_rank_global_batch(global_batch, 1)  # checks the value now; the world size comes later
-        self.global_batch = global_batch
+        self.global_batch = check_global_batch(global_batch)
         self.batch_arg_name = batch_arg_name
         self.options = probe_options(options, "MaxBatch")
         self.result: BatchSizeResult | None = None
@@ -156,22 +156,22 @@ class MaxBatch(Callback):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Probe the module's step, set the batch size and accumulation, reload the loaders."""
-        optimizers = trainer.optimizers
-        if len(optimizers) > 1:
-            raise ConfigError(
-                f"MaxBatch probes modules with one optimizer; configure_optimizers returned "
-                f"{len(optimizers)}"
-            )
+        optimizers = list(trainer.optimizers)
+        # More optimizers (manual optimization) and a 16-bit GradScaler: restored after each trial.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        options = with_extra_state(self.options, *optimizers[1:], scaler)
         device = trainer.strategy.root_device
         sample = first_batch(trainer.fit_loop._data_source.dataloader(), device)
+        # The strategy's model: the module itself, or its DDP wrapper, whose gradient buckets are
+        # real memory and whose collectives find_batch_size keeps out of the trials.
         result = find_batch_size(
-            pl_module,
+            trainer.strategy.model or pl_module,
             sample,
             optimizer=optimizers[0] if optimizers else "none",
             train_step=_train_step(trainer, pl_module),
             device=device,
-            global_batch=per_rank_global_batch(self.global_batch, trainer.world_size),
-            **self.options,
+            global_batch=self.global_batch,  # over all ranks: find_batch_size splits it
+            **options,
         )
         # What the probe's steps logged is not training: the first epoch starts with nothing.
         trainer._logger_connector.reset_results()

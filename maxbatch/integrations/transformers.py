@@ -11,8 +11,9 @@ with the optimizer and scheduler the Trainer would create (or the ones it was gi
 clipping it applies, and batches from its own train dataloader (its data collator, its column
 removal), on ``args.device``. Then it sets ``args.per_device_train_batch_size`` and, given
 ``global_batch``, ``args.gradient_accumulation_steps``, so that ``trainer.train()`` runs at the new
-size. The model's and a given optimizer's state are restored; an optimizer and scheduler that the
-probe created are dropped, so ``train()`` creates them for the real number of steps.
+size. The model's state and a given optimizer's and scheduler's are restored; an optimizer and
+scheduler that the probe created are dropped, so ``train()`` creates them for the real number of
+steps.
 
 The callback form, :class:`MaxBatchCallback`, does the same when the Trainer is built with it in
 ``callbacks=[...]``.
@@ -30,10 +31,11 @@ from maxbatch.errors import ConfigError
 from maxbatch.finder import find_batch_size
 from maxbatch.integrations._common import (
     Plan,
+    check_global_batch,
     first_batch,
-    per_rank_global_batch,
     plan_of,
     probe_options,
+    with_extra_state,
 )
 from maxbatch.results import BatchSizeResult
 
@@ -80,14 +82,14 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
             f"tune() probes one device per process, but this Trainer uses DataParallel over "
             f"{args.n_gpu} GPUs; launch with torchrun (one process per GPU) instead"
         )
-    per_rank = per_rank_global_batch(global_batch, args.world_size)
     sample = first_batch(trainer.get_train_dataloader(), args.device)
     own_optimizer = trainer.optimizer is None
     if own_optimizer:
         trainer.create_optimizer()
         trainer.create_scheduler(num_training_steps=_PROBE_SCHEDULE_STEPS)
     scheduler = trainer.lr_scheduler
-    scheduler_state = None if own_optimizer or scheduler is None else scheduler.state_dict()
+    # The scheduler and fp16's GradScaler step with the optimizer: restored after every trial.
+    options = with_extra_state(options, scheduler, getattr(trainer.accelerator, "scaler", None))
     # training_step divides the loss by this; the training loop sets it per accumulation group.
     had_steps = hasattr(trainer, "current_gradient_accumulation_steps")
     if not had_steps:
@@ -99,14 +101,12 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
             optimizer=trainer.optimizer,
             train_step=_train_step(trainer, scheduler),
             device=args.device,
-            global_batch=per_rank,
+            global_batch=global_batch,  # over all ranks: find_batch_size splits it
             **options,
         )
     finally:
         if own_optimizer:
             trainer.optimizer, trainer.lr_scheduler = None, None
-        elif scheduler is not None and scheduler_state is not None:
-            scheduler.load_state_dict(scheduler_state)
         if not had_steps:
             del trainer.current_gradient_accumulation_steps
 
@@ -141,6 +141,7 @@ def tune(trainer: Trainer, global_batch: int | None = None, **options: Any) -> B
         DoesNotFitError: not even the smallest batch fits.
         WorkloadError: the training step failed for a reason other than memory.
     """
+    check_global_batch(global_batch)
     opts = probe_options(options, "tune()")
     result = _probe(trainer, global_batch, opts)
     _apply(trainer, plan_of(result), accumulate=global_batch is not None)
@@ -175,8 +176,7 @@ class MaxBatchCallback(TrainerCallback):  # type: ignore[misc]
     """
 
     def __init__(self, *, global_batch: int | None = None, **options: Any) -> None:
-        per_rank_global_batch(global_batch, 1)  # checks the value now
-        self.global_batch = global_batch
+        self.global_batch = check_global_batch(global_batch)
         self.options = probe_options(options, "MaxBatchCallback")
         self.result: BatchSizeResult | None = None
 
