@@ -173,6 +173,8 @@ class BatchSizeResult:
         memory: peak bytes of each size that fit in the probe, by batch size.
         advice: what follows from the pick (accumulation plan, learning rates, epoch length),
             as plain data, or None when no input for it was given.
+        noise_scale: the gradient noise scale (``NoiseScale.to_dict()``: ``b_simple``,
+            ``std_error``, ``critical_batch``, ...) when it was asked for, else None.
         profile_stop_reason: why the profiler stopped timing (None when it did not run).
         profile_skipped: the candidate sizes the profiler did not time, and why.
         pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
@@ -210,6 +212,7 @@ class BatchSizeResult:
     throughput: tuple[Throughput, ...] = ()
     memory: tuple[MemoryPoint, ...] = ()
     advice: dict[str, Any] | None = None
+    noise_scale: dict[str, Any] | None = None
     profile_stop_reason: str | None = None
     profile_skipped: tuple[Skipped, ...] = ()
     pick_confidence: str | None = None
