@@ -2,6 +2,7 @@
 
 from maxbatch.data import DataSource
 from maxbatch.errors import (
+    BatchSizeMismatchError,
     ConfigError,
     DeviceError,
     DoesNotFitError,
@@ -12,10 +13,15 @@ from maxbatch.errors import (
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.microbatch import MicroBatcher
+from maxbatch.noise import noise_scale
+from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
+from maxbatch.schedule import SchedulePhase, batch_schedule
+from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
+    "BatchSizeMismatchError",
     "BatchSizeResult",
     "ConfigError",
     "DataSource",
@@ -27,12 +33,17 @@ __all__ = [
     "MemoryModel",
     "MicroBatcher",
     "ModelFileError",
+    "NoiseScale",
+    "NoiseScaleTracker",
     "ProbeResult",
+    "SchedulePhase",
     "Trial",
     "VirtualDevice",
     "WorkloadError",
+    "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
+    "noise_scale",
     "virtual_device",
 ]
 

@@ -216,6 +216,11 @@ def main() -> None:
 @click.option("--base-batch", type=int, default=None, help="batch size BASE_LR was tuned at")
 @click.option("--base-lr", type=float, default=None, help="a tuned learning rate to scale")
 @click.option(
+    "--noise-scale",
+    is_flag=True,
+    help="measure the gradient noise scale (the critical batch) and advise a global batch near it",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False),
@@ -242,6 +247,7 @@ def probe(
     global_batch: int | None,
     base_batch: int | None,
     base_lr: float | None,
+    noise_scale: bool,
     report_dir: str | None,
     as_json: bool,
     verbose: int,
@@ -299,6 +305,7 @@ def probe(
             global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
+            noise_scale=noise_scale,
             extra_state=extra,
             cache=not no_cache,
             trust_cache=trust_cache,
