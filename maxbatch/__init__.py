@@ -3,13 +3,16 @@
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
+    DistributedError,
     DoesNotFitError,
     MaxbatchError,
     ModelFileError,
+    RankFailedError,
     WorkloadError,
 )
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
+from maxbatch.isolate import probe_file
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
 from maxbatch.virtual import VirtualDevice, virtual_device
 
@@ -17,6 +20,7 @@ __all__ = [
     "BatchSizeResult",
     "ConfigError",
     "DeviceError",
+    "DistributedError",
     "DoesNotFitError",
     "Estimate",
     "EstimateError",
@@ -24,11 +28,13 @@ __all__ = [
     "MemoryModel",
     "ModelFileError",
     "ProbeResult",
+    "RankFailedError",
     "Trial",
     "VirtualDevice",
     "WorkloadError",
     "estimate_batch_size",
     "find_batch_size",
+    "probe_file",
     "virtual_device",
 ]
 
