@@ -1,6 +1,8 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
+from maxbatch.data import DataSource
 from maxbatch.errors import (
+    BatchSizeMismatchError,
     ConfigError,
     DeviceError,
     DistributedError,
@@ -13,12 +15,19 @@ from maxbatch.errors import (
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.isolate import probe_file
+from maxbatch.microbatch import MicroBatcher
+from maxbatch.noise import noise_scale
+from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
+from maxbatch.schedule import SchedulePhase, batch_schedule
+from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
+    "BatchSizeMismatchError",
     "BatchSizeResult",
     "ConfigError",
+    "DataSource",
     "DeviceError",
     "DistributedError",
     "DoesNotFitError",
@@ -26,14 +35,20 @@ __all__ = [
     "EstimateError",
     "MaxbatchError",
     "MemoryModel",
+    "MicroBatcher",
     "ModelFileError",
+    "NoiseScale",
+    "NoiseScaleTracker",
     "ProbeResult",
     "RankFailedError",
+    "SchedulePhase",
     "Trial",
     "VirtualDevice",
     "WorkloadError",
+    "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
+    "noise_scale",
     "probe_file",
     "virtual_device",
 ]

@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from maxbatch.memtrace import TraceRecorder
 from maxbatch.units import format_bytes
 
 #: The CUDA caching allocator rounds every block up to a multiple of 512 bytes.
@@ -130,6 +131,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         self.paused = 0
         #: the cap while lifted (:meth:`lift_cap`): the peak never records more than it
         self.lifted_cap: int | None = None
+        #: records the live bytes operator by operator while set (a trial's trace)
+        self.recorder: TraceRecorder | None = None
 
     def _rounded(self, nbytes: int) -> int:
         return -(-nbytes // self.round_to) * self.round_to
@@ -140,6 +143,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
             self._finalizers.pop(key, None)
             if size is not None:
                 self.live_bytes -= size
+                if self.recorder is not None:
+                    self.recorder.freed(key, size)
 
     def _track_storage(self, storage: torch.UntypedStorage) -> int:
         """Start counting ``storage``; return the bytes added (0 if already counted)."""
@@ -178,7 +183,10 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
             if isinstance(leaf, torch.Tensor):
                 storage = leaf.untyped_storage()
                 if storage._cdata not in given:
-                    added += self._track_storage(storage)
+                    size = self._track_storage(storage)
+                    if size and self.recorder is not None:
+                        self.recorder.allocated(storage._cdata, size, leaf.shape)
+                    added += size
         return added
 
     def counted_bytes(self, tensors: Iterable[Any]) -> int:
@@ -242,6 +250,8 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         if func in self.NO_ALLOCATION or self.paused:
             return out
         added = self._track_outputs(out, (args, kwargs))
+        if self.recorder is not None:
+            self.recorder.after_op(self.live_bytes)
         if self.cap_bytes is not None and self.live_bytes > self.cap_bytes:
             attempted = self.refused_bytes = self.live_bytes
             # Drop the new storages now: a traceback kept by the caller keeps this frame alive.

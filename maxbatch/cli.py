@@ -221,6 +221,11 @@ def main() -> None:
 @click.option("--base-batch", type=int, default=None, help="batch size BASE_LR was tuned at")
 @click.option("--base-lr", type=float, default=None, help="a tuned learning rate to scale")
 @click.option(
+    "--noise-scale",
+    is_flag=True,
+    help="measure the gradient noise scale (the critical batch) and advise a global batch near it",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False),
@@ -248,6 +253,7 @@ def probe(
     global_batch: int | None,
     base_batch: int | None,
     base_lr: float | None,
+    noise_scale: bool,
     report_dir: str | None,
     as_json: bool,
     verbose: int,
@@ -301,6 +307,7 @@ def probe(
         "global_batch": global_batch,
         "base_batch": base_batch,
         "base_lr": base_lr,
+        "noise_scale": noise_scale,
     }
     with _interruptible(trials):
         if isolate:
@@ -347,6 +354,8 @@ def _isolated(
     """``--isolate``: every trial in a fresh process (the file's own hooks are loaded there)."""
     from maxbatch.isolate import probe_file
 
+    if not options.get("noise_scale"):
+        options = {k: v for k, v in options.items() if k != "noise_scale"}
     return probe_file(
         model_file,
         isolate=True,
