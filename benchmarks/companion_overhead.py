@@ -6,6 +6,9 @@ example, measured side by side in alternating rounds:
 - ``plain``: the step as a training loop runs it;
 - ``virtual_device``: the same step inside ``maxbatch.virtual_device(capacity)`` (every storage
   counted, no cap hit);
+- ``MicroBatcher``: ``MicroBatcher.step(batch)`` with the whole batch in one micro-batch (no OOM):
+  what the slicing, the loss weighting, the saved buffers and RNG state and the out-of-memory guard
+  cost when nothing goes wrong.
 
 Run from the repository root::
 
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 
 import maxbatch
-from maxbatch.batching import make_batch_fn
+from maxbatch.batching import batch_size_of, make_batch_fn
 from maxbatch.modelfile import load_model_file
 from maxbatch.workload import Workload, make_optimizer, to_device
 
@@ -56,9 +59,23 @@ def _virtual(work: Workload, batch: Any) -> Runner:
     return device, lambda: work.step(batch)
 
 
+def _micro(work: Workload, batch: Any) -> Runner:
+    # The whole batch in one micro-batch: no OOM, so what is measured is the guard's cost.
+    assert work.optimizer is not None
+    mb = maxbatch.MicroBatcher(
+        work.model,
+        work.optimizer,
+        micro_batch_size=batch_size_of(batch),
+        loss_fn=work.loss_fn,
+        forward_fn=work.forward_fn,
+    )
+    return contextlib.nullcontext, lambda: mb.step(batch)
+
+
 VARIANTS: dict[str, Variant] = {
     "plain": _plain,
     "virtual_device": _virtual,
+    "MicroBatcher": _micro,
 }
 
 

@@ -7,6 +7,7 @@ Exit codes: 0 an answer; 1 nothing fits or the workload failed; 2 usage errors a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -192,6 +193,10 @@ def main() -> None:
 @click.option("--memory", default=None, help="cap live tensor bytes, e.g. 300MiB or 24GiB")
 @click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
 @click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
+@click.option("--no-cache", is_flag=True, help="neither read nor write the result cache")
+@click.option(
+    "--trust-cache", is_flag=True, help="use a cached answer without running its ceiling again"
+)
 @click.option(
     "--pick",
     type=click.Choice(["within", "fastest"]),
@@ -229,6 +234,8 @@ def probe(
     memory: str | None,
     time_budget: float | None,
     no_profile: bool,
+    no_cache: bool,
+    trust_cache: bool,
     pick: str,
     tolerance: float,
     dataset_size: int | None,
@@ -293,6 +300,8 @@ def probe(
             base_batch=base_batch,
             base_lr=base_lr,
             extra_state=extra,
+            cache=not no_cache,
+            trust_cache=trust_cache,
             **_step_kwargs(spec, **step),
         )
     distributed.leave()
@@ -409,3 +418,37 @@ def devices(as_json: bool) -> None:
         click.echo(json.dumps([d.to_dict() for d in found], indent=2))
     else:
         click.echo(devices_table(found))
+
+
+@main.group()
+def cache() -> None:
+    """The result cache ($XDG_CACHE_HOME/maxbatch, default ~/.cache/maxbatch)."""
+
+
+@cache.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print the entries as JSON")
+def cache_list(as_json: bool) -> None:
+    """List the cached results, newest first."""
+    from maxbatch.cache import ResultCache
+
+    store = ResultCache()
+    found = store.entries()
+    if as_json:
+        rows = [{**dataclasses.asdict(e), "path": str(e.path)} for e in found]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{len(found)} cached result(s) in {store.directory}")
+    for e in found:
+        click.echo(
+            f"{e.key[:12]}  {e.created}  {e.model}  {e.device}  "
+            f"ceiling {e.ceiling}, batch size {e.batch_size}"
+        )
+
+
+@cache.command("clear")
+def cache_clear() -> None:
+    """Remove every cached result."""
+    from maxbatch.cache import ResultCache
+
+    store = ResultCache()
+    click.echo(f"removed {store.clear()} cached result(s) from {store.directory}")

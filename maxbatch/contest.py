@@ -71,16 +71,15 @@ def contenders(
 ) -> list[int]:
     """The sizes the pick ``chosen`` hinges on: the best, the pick and its closest rival.
 
-    Each throughput may be off by its relative IQR. A rival is a timed size that may then be
-    more than the tolerance faster than the pick (``"fastest"``: a smaller difference leaves
-    both within the tolerance of each other, so it is not worth a round); for ``"within"``, the
+    Each throughput may be off by its relative IQR. A rival is, first, a timed size that may
+    then be more than the tolerance faster than the pick (a smaller difference leaves both
+    within the tolerance of each other, so it is not worth a round); for ``"within"``, then the
     next larger timed size when the pick may be more than half the tolerance short of its
-    threshold, else the largest smaller size that may be within it after all. Empty when
-    there is none.
+    threshold, else the largest smaller size that may be within it after all. Empty when there
+    is none.
     """
     best = _best(points)
     me = points[chosen]
-    slack = 1 + (tolerance if rule is PickRule.FASTEST else tolerance / 2)
 
     def lo(p: Throughput) -> float:
         return p.samples_per_second * (1 - _relative_iqr(p))
@@ -88,16 +87,16 @@ def contenders(
     def hi(p: Throughput) -> float:
         return p.samples_per_second * (1 + _relative_iqr(p))
 
-    if rule is PickRule.FASTEST:  # may another size be more than the tolerance faster?
-        rivals = [b for b, p in points.items() if b != chosen and hi(p) > lo(me) * slack]
-        rival = max(rivals, key=lambda b: points[b].samples_per_second, default=None)
-    elif chosen != best.batch_size and lo(me) * slack < (1 - tolerance) * hi(best):
+    faster = [b for b, p in points.items() if b != chosen and hi(p) > lo(me) * (1 + tolerance)]
+    rival = max(faster, key=lambda b: points[b].samples_per_second, default=None)
+    if rival is not None or rule is PickRule.FASTEST:
+        pass
+    elif chosen != best.batch_size and lo(me) * (1 + tolerance / 2) < (1 - tolerance) * hi(best):
         # the pick may not be within the tolerance after all
         rival = min((b for b in points if b > chosen), default=None)
     else:  # a smaller size may be within after all
         floor = (1 - tolerance) * lo(best)
-        smaller = [b for b, p in points.items() if b < chosen and hi(p) >= floor]
-        rival = max(smaller, default=None)
+        rival = max((b for b, p in points.items() if b < chosen and hi(p) >= floor), default=None)
     if rival is None:
         return []
     return list(dict.fromkeys([best.batch_size, chosen, rival]))

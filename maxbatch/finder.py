@@ -11,6 +11,8 @@ import torch
 
 from maxbatch.advise import advise
 from maxbatch.batching import make_batch_fn
+from maxbatch.cache import ResultCache, from_cache, key_of, verified
+from maxbatch.cache import describe as describe_step
 from maxbatch.data import DataSource, as_batch_source
 from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exported
 from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
@@ -56,6 +58,12 @@ def _model_device(model: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None) -> Trial:
+    if on_trial is not None:
+        on_trial(trial)
+    return trial
+
+
 def find_batch_size(
     model: torch.nn.Module,
     sample: Any,
@@ -85,6 +93,8 @@ def find_batch_size(
     estimate_first: bool | None = None,
     extra_state: Sequence[Any] = (),
     distributed: bool | None = None,
+    cache: bool = False,
+    trust_cache: bool = False,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -142,6 +152,11 @@ def find_batch_size(
             sizes, and a size fits only if it fit on every rank; all return the same result.
             None (default): when a group with more than one rank is initialised; True: require
             one; False: this process alone. ``global_batch`` is then over all ranks.
+        cache: look the answer up in the result cache (:mod:`maxbatch.cache`, under
+            ``$XDG_CACHE_HOME/maxbatch``) and store it there; a hit is checked by running the
+            cached ceiling and the size above it. Default False here (the CLI caches by
+            default); not used under ``torch.distributed``.
+        trust_cache: use a hit without the check.
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -256,6 +271,39 @@ def find_batch_size(
         lower = min_b or 1
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
+        store = ResultCache() if cache and ranks.world_size == 1 else None
+        if store is not None:
+            description = describe_step(
+                model,
+                make_batch(start),
+                opt,
+                {"forward_fn": forward_fn, "loss_fn": loss_fn, "train_step": train_step},
+                {
+                    "mode": run_mode.value,
+                    "precision": prec.value,
+                    "device": [info.kind, info.name, info.total_bytes],
+                    "memory": cap,
+                    "headroom": fixed_headroom,
+                    "grid": [lower, max_b, step],
+                    "pick": [profile, pick_rule.value, tolerance],
+                    "advice": [dataset_size, global_batch, base_batch, base_lr],
+                    "extra_state": len(extra_state),
+                },
+            )
+            key = key_of(description)
+            hit = store.get(key)
+            if hit is not None:
+                ok, check = True, None
+                if not trust_cache:
+                    ok, check = verified(
+                        hit,
+                        lambda b: _reported(run_trial(workload, meter, b), on_trial),
+                        multiple_of=step,
+                        max_batch_size=max_b,
+                    )
+                if ok:
+                    return from_cache(hit, key, check, time.perf_counter() - started)
+                notes.append(f"the cached result did not hold ({check}): probed again")
         guess = None
         # Auto: only on CUDA, where the real trials it saves are the expensive ones.
         with_estimate = dev.type == "cuda" if estimate_first is None else estimate_first
@@ -354,7 +402,7 @@ def find_batch_size(
         ).to_dict()
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
     plan = (advice or {}).get("accumulation") or {"micro_batch": chosen, "accumulation_steps": 1}
-    return BatchSizeResult(
+    result = BatchSizeResult(
         batch_size=chosen,
         ceiling=outcome.ceiling,
         device=device_label(dev),
@@ -382,3 +430,6 @@ def find_batch_size(
         global_batch_size=plan["micro_batch"] * ranks.world_size * plan["accumulation_steps"],
         data=None if scan is None else scan.to_dict(),
     )
+    if store is not None and result.complete and (not profile or (prof and prof.complete)):
+        store.put(key, result, description)
+    return result

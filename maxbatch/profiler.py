@@ -177,14 +177,12 @@ def profile(
         stop += f"; {search.refine(chosen, tolerance)}"
     if search.oom:
         stop += f"; batch size {min(search.oom)} ran out of memory while being timed"
-    contest: Contest | None = None
-    if search.points:
-        batch_size, _ = pick(list(search.points.values()), rule=chosen, tolerance=tolerance)
-        doubt = contenders(search.points, batch_size, chosen, tolerance)
-        if doubt:
-            contest = run_rounds(search.points, search.seconds, doubt, search.time_again, noisy)
-            search.points.update(contest.points)
-            stop += f"; interleaved rounds of {sizes_text(sorted(doubt))}, within their spread"
+    contest = _contest(search, chosen, tolerance, noisy)
+    if contest is not None:
+        stop += (
+            f"; then interleaved rounds of {sizes_text(sorted(contest.contenders))}: the pick "
+            "hinged on sizes within their measured spread"
+        ) + (f" ({contest.blocked})" if contest.blocked else "")
     points = tuple(search.points[b] for b in sorted(search.points))
     if points:
         spread = contest.spread if contest is not None else None
@@ -213,6 +211,19 @@ def profile(
         sure,
         tuple(contest.rounds) if contest is not None else (),
     )
+
+
+def _contest(search: Search, rule: PickRule, tolerance: float, noisy: float) -> Contest | None:
+    """Interleaved rounds when the pick hinges on sizes within their spread; None without."""
+    if not search.points:
+        return None
+    chosen, _ = pick(list(search.points.values()), rule=rule, tolerance=tolerance)
+    doubt = contenders(search.points, chosen, rule, tolerance)
+    if not doubt:
+        return None
+    contest = run_rounds(search.points, search.seconds, doubt, search.time_again, noisy)
+    search.points.update(contest.points)
+    return contest
 
 
 def profile_workload(

@@ -174,6 +174,8 @@ class BatchSizeResult:
         pick_confidence_reason: why, in words.
         world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
         accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
+        from_cache: True when the answer came from the result cache (:mod:`maxbatch.cache`):
+            the notes say how it was checked.
         global_batch_size: samples per optimizer step over all ranks:
             ``micro-batch × world_size × accumulation_steps`` (the micro-batch is the advice's
             plan's when there is one, else ``batch_size``).
@@ -209,6 +211,7 @@ class BatchSizeResult:
     world_size: int = 1
     accumulation_steps: int = 1
     global_batch_size: int | None = None
+    from_cache: bool = False
     data: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
