@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from probe_models import MODELS as BUILT
+from probe_models import forward, loss
 
 import maxbatch
 from maxbatch.batching import make_batch_fn
@@ -53,7 +55,8 @@ from maxbatch.units import format_bytes, parse_bytes
 from maxbatch.workload import Workload, make_optimizer
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-MODELS = ("mlp", "cnn", "transformer")
+#: The bundled examples, then the models built in code (``probe_models.py``) whose peak bends.
+MODELS = ("mlp", "cnn", "transformer", *BUILT)
 #: The smallest cap leaves every example's ceiling 5x (cnn: 80 for 16) to 12x (mlp: 382 for 32)
 #: its sample size; the largest keeps the default run to a few minutes on 2 cores.
 CAPS = ("64MiB", "150MiB", "300MiB", "600MiB")
@@ -81,7 +84,10 @@ class Workbench:
 
 
 def load_example(name: str) -> Workbench:
-    """Load ``examples/<name>.py`` with maxbatch's own model-file loader."""
+    """Load ``examples/<name>.py`` with maxbatch's own model-file loader, or a built model."""
+    if name in BUILT:
+        model, sample = BUILT[name]()
+        return Workbench(name=name, model=model, sample=sample, forward_fn=forward, loss_fn=loss)
     spec = load_model_file(EXAMPLES_DIR / f"{name}.py")
     return Workbench(
         name=name,
@@ -491,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    unknown = [n for n in names if not (EXAMPLES_DIR / f"{n}.py").is_file()]
+    unknown = [n for n in names if n not in BUILT and not (EXAMPLES_DIR / f"{n}.py").is_file()]
     if unknown:
         parser.error(f"no example {', '.join(unknown)}; choose from {', '.join(MODELS)}")
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.errors import BatchSizeMismatchError, ConfigError, WorkloadError
 
-__all__ = ["batch_size_of", "make_batch_fn", "map_tensors", "resize_batch"]
+__all__ = ["batch_size_of", "check_rows", "make_batch_fn", "map_tensors", "resize_batch"]
 
 
 def _is_dataclass_instance(obj: Any) -> bool:
@@ -122,6 +122,31 @@ def batch_size_of(sample: Any) -> int:
     if sizes[0] == 0:
         raise WorkloadError("the sample's batch is empty (dimension 0 has size 0)")
     return int(sizes[0])
+
+
+def check_rows(batch: Any, batch_size: int) -> None:
+    """Check that every tensor with a batch dimension in ``batch`` has ``batch_size`` rows.
+
+    Raises:
+        BatchSizeMismatchError: a tensor has another number of rows (or none has a dimension).
+    """
+    found = list(_batched_tensors(batch, "batch"))
+    wrong = [(path, int(t.shape[0])) for path, t in found if t.shape[0] != batch_size]
+    if found and not wrong:
+        return
+    returned = wrong[0][1] if wrong else 0
+    where = (
+        ", ".join(f"{path} has {rows}" for path, rows in wrong[:3])
+        if wrong
+        else "no tensor has a batch dimension"
+    )
+    raise BatchSizeMismatchError(
+        f"make_batch({batch_size}) returned a batch of {returned} rows ({where}); "
+        f"make_batch(batch_size) must return batch_size rows in every tensor with a batch "
+        "dimension (dimension 0)",
+        asked=batch_size,
+        returned=returned,
+    )
 
 
 def resize_batch(sample: Any, batch_size: int) -> Any:

@@ -11,6 +11,20 @@ class ConfigError(MaxbatchError, ValueError):
     """An option has a value maxbatch cannot use (the message names the value and the choices)."""
 
 
+class BatchSizeMismatchError(ConfigError):
+    """``make_batch(b)`` returned a batch whose rows are not ``b``.
+
+    Attributes:
+        asked: the batch size asked for.
+        returned: the rows of the batch returned (of the first tensor that disagrees).
+    """
+
+    def __init__(self, message: str, *, asked: int, returned: int):
+        super().__init__(message)
+        self.asked = asked
+        self.returned = returned
+
+
 class DeviceError(MaxbatchError):
     """The requested device does not exist or cannot be used."""
 
@@ -29,6 +43,29 @@ class DoesNotFitError(MaxbatchError):
         self.batch_size = batch_size
         self.needed_bytes = needed_bytes
         self.available_bytes = available_bytes
+
+
+class HostMemoryError(MaxbatchError):
+    """This machine cannot hold what a virtual device's capacity asks for.
+
+    Attributes:
+        capacity_bytes: the virtual device's capacity.
+        host_bytes: what this process could hold for the probe, when known.
+        batch_size: the batch size at which the host ran out, when it did.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        capacity_bytes: int,
+        host_bytes: int | None = None,
+        batch_size: int | None = None,
+    ):
+        super().__init__(message)
+        self.capacity_bytes = capacity_bytes
+        self.host_bytes = host_bytes
+        self.batch_size = batch_size
 
 
 class WorkloadError(MaxbatchError):

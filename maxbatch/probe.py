@@ -26,7 +26,8 @@ import math
 import time
 from collections.abc import Callable
 
-from maxbatch.errors import ConfigError, DoesNotFitError
+from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
+from maxbatch.memtrace import predict_ceiling
 from maxbatch.results import MemoryModel, Trial
 from maxbatch.units import format_bytes
 
@@ -91,6 +92,8 @@ class _Search:
         self.misses = 0  # model guesses that did not fit
         self.guess_basis: tuple[int, ...] = ()  # the sizes the last guess was fitted from
         self.bad_bases: set[tuple[int, ...]] = set()  # fits whose guesses did not fit
+        self.trace_target: int | None = None  # the last size the traces predicted
+        self.trace_misses = 0  # trace predictions that did not fit
         self.t0 = clock()
 
     def snap_down(self, b: float) -> int:
@@ -123,6 +126,56 @@ class _Search:
         return b > self.lo and (self.hi is None or b < self.hi) and b not in self.done
 
     def next_size(self) -> int:
+        """The next size to run; never a third failure in a row one grid step below the last."""
+        b = self._next_size()
+        last = self.trials[-2:]
+        if (
+            self.hi is not None
+            and b == self.hi - self.m
+            and len(last) == 2
+            and not last[0].fits
+            and not last[1].fits
+            and last[0].batch_size - last[1].batch_size == self.m
+        ):
+            assert self.lo is not None
+            mid = self.snap_down((self.lo + self.hi) / 2)
+            if self.inside(mid):
+                return mid
+        return b
+
+    def traced_guess(self) -> int | None:
+        """The ceiling that the counted trials' traces predict; None without traces."""
+        fits = [t.trace for t in self.trials if t.fits and t.trace is not None]
+        failed = [t.trace for t in self.trials if t.trace is not None and not t.trace.complete]
+        guess, lines = predict_ceiling(fits, failed, self.usable)
+        # The shape split is a guess; the safe jump is sure to fit where memory is affine.
+        return guess if guess is None or lines else max(guess, self.safe_jump())
+
+    def _traced_size(self) -> int | None:
+        """The size the traces say to run next, or None to leave it to the peak's fit."""
+        assert self.lo is not None
+        last, self.trace_target = self.trace_target, None
+        if last is not None and not self.done[last]:
+            self.trace_misses += 1
+        if self.trace_misses >= 2:
+            return None  # the traces are not affine here: bisect
+        guess = self.traced_guess()
+        if guess is None:
+            return None
+        target = self.snap_down(guess)
+        if self.upper is not None:
+            target = min(target, self.upper)
+        if self.inside(target):
+            self.trace_target = target
+            return target
+        if target <= self.lo and self.inside(self.lo + self.m):
+            return self.lo + self.m  # the traces say lo is the ceiling: check its neighbour
+        return None
+
+    def _next_size(self) -> int:
+        traced = self._traced_size()
+        if traced is not None:
+            return traced
         lo, hi, m = self.lo, self.hi, self.m
         assert lo is not None
         guess, self.guess = self.guess, None
@@ -177,6 +230,61 @@ class _Search:
         if self.upper is not None and self.lo >= self.upper:
             return True
         return self.hi is not None and self.hi - self.lo <= self.m
+
+
+def _does_not_fit(s: _Search, failure: WorkloadError | None = None) -> DoesNotFitError:
+    """The error when nothing fits.
+
+    It names the smallest size that ran out of memory and what it needed, and the non-memory
+    failure below it (a model that rejects small batches) when there was one.
+    """
+    t = min((t for t in s.trials if not t.fits), key=lambda t: t.batch_size)
+    below = ""
+    if failure is not None:
+        cause = failure.__cause__
+        why = str(failure) if cause is None else f"{type(cause).__name__}: {cause}"
+        below = (
+            f"; below it, at batch size {failure.batch_size}, the step failed for a reason "
+            f"other than memory ({why}): the model may reject small batches (batch norm in "
+            "training needs 2 or more)"
+        )
+    return DoesNotFitError(
+        f"batch size {t.batch_size} does not fit: the step needs at least "
+        f"{format_bytes(t.peak_bytes)} but {format_bytes(s.usable)} are usable{below}; free "
+        "memory, lower the headroom, use a smaller model, shorter inputs or lower precision",
+        batch_size=t.batch_size,
+        needed_bytes=t.peak_bytes,
+        available_bytes=s.usable,
+    )
+
+
+def _first_fit(s: _Search, b: int) -> None:
+    """Run ``b``, halving while it does not fit, until a size fits.
+
+    Raises:
+        DoesNotFitError: the smallest size does not fit, or a size below one that ran out of
+            memory failed for another reason, or the time budget ran out first.
+        WorkloadError: the first size failed for a reason other than memory.
+    """
+    start = b
+    while True:
+        try:
+            if s.run(b).fits:
+                return
+        except WorkloadError as e:
+            if b == start:
+                raise
+            raise _does_not_fit(s, e) from e.__cause__
+        if b == s.lower:
+            raise _does_not_fit(s)
+        if s.over_budget():
+            raise DoesNotFitError(
+                f"time budget spent before any batch size fitted (smallest tried: {b})",
+                batch_size=b,
+                needed_bytes=s.trials[-1].peak_bytes,
+                available_bytes=s.usable,
+            )
+        b = s.snap_down(b / 2)
 
 
 def search(
@@ -246,26 +354,8 @@ def search(
                 s.guess, settled = g, True  # next_size() verifies it from above
             elif g - m > b and s.run(g - m).fits:
                 settled = True  # a near miss: its neighbour below fits
-    while not settled and not s.run(b).fits:
-        if b == lower:
-            t = s.trials[-1]
-            raise DoesNotFitError(
-                f"batch size {b} does not fit: the step needs at least "
-                f"{format_bytes(t.peak_bytes)} "
-                f"but {format_bytes(usable_bytes)} are usable; free memory, lower the headroom, "
-                "use a smaller model, shorter inputs or lower precision",
-                batch_size=b,
-                needed_bytes=t.peak_bytes,
-                available_bytes=usable_bytes,
-            )
-        if s.over_budget():
-            raise DoesNotFitError(
-                f"time budget spent before any batch size fitted (smallest tried: {b})",
-                batch_size=b,
-                needed_bytes=s.trials[-1].peak_bytes,
-                available_bytes=usable_bytes,
-            )
-        b = s.snap_down(b / 2)
+    if not settled:
+        _first_fit(s, b)
     complete, reason = True, ""
     while not s.finished():
         if s.over_budget():
@@ -286,4 +376,6 @@ def search(
             reason = f"reached the maximum batch size {s.upper}"
         else:
             reason = f"{s.lo} fits and {s.hi} does not"
-    return SearchOutcome(s.lo, tuple(s.trials), fit_memory_model(s.trials), complete, reason)
+    # The traces served the search; a result keeps none (they hold an entry per operator).
+    trials = tuple(dataclasses.replace(t, trace=None) for t in s.trials)
+    return SearchOutcome(s.lo, trials, fit_memory_model(s.trials), complete, reason)

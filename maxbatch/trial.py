@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from maxbatch.accounting import MemoryCounter, default_rounding
+from maxbatch.batching import check_rows
 from maxbatch.device import CudaPeak, synchronize
-from maxbatch.errors import MaxbatchError, WorkloadError
+from maxbatch.errors import HostMemoryError, MaxbatchError, WorkloadError
+from maxbatch.memtrace import TraceRecorder
 from maxbatch.oom import STEP_FAILURES, failure_text, is_oom, release_memory
 from maxbatch.results import Trial
+from maxbatch.units import format_bytes
 from maxbatch.workload import Workload
 
 #: Steps per trial: the first creates lazily allocated state (optimizer moments, workspaces), the
@@ -34,8 +39,11 @@ class Meter:
         counting: bool,
         round_to: int | None = None,
         label: str = "virtual",
+        virtual: bool = False,
     ):
         self.device = device
+        #: the cap is a virtual device's, not this machine's: a real OOM below it is the host's
+        self.virtual = virtual
         self.usable_bytes: int | None = None
         self.counter: MemoryCounter | None = None
         self.cuda: CudaPeak | None = None
@@ -82,21 +90,27 @@ def run_trial(
     oom = False
     reserved = retries = None
     start = clock()
+    recorder = None
     if counter is not None:
         counter.track(workload.state_tensors())
         counter.refused_bytes = 0
         counter.reset_peak()
-        context = counter
+        fixed = {tuple(t.shape) for t in workload.state_tensors(grads=False)}
+        recorder = counter.recorder = TraceRecorder(batch_size, fixed)
+        context: contextlib.AbstractContextManager[Any] = counter
     else:
         assert cuda is not None
         cuda.start()
-        context = None
+        context = contextlib.nullcontext()
+
+    def built(batch: Any) -> None:
+        check_rows(batch, batch_size)
+        if recorder is not None:
+            recorder.steps_start()  # the same operators run from here on at every size
+
     try:
-        if context is not None:
-            with context:
-                workload.run(batch_size, REPEATS)
-        else:
-            workload.run(batch_size, REPEATS)
+        with context:
+            workload.run(batch_size, REPEATS, on_batch=built)
         synchronize(meter.device)
     except MaxbatchError:
         raise
@@ -108,10 +122,14 @@ def run_trial(
                 batch_size=batch_size,
             ) from exc
         oom = True
+    finally:
+        if counter is not None:
+            counter.recorder = None
     # Recovery happens here, outside the except block: no exception (and so no traceback holding
     # the failed batch's tensors) is alive any more.
     seconds = clock() - start
     state = workload.state_bytes()
+    host_oom = oom and meter.virtual and counter is not None and not counter.refused_bytes
     if counter is not None:
         peak = max(counter.peak_bytes, counter.refused_bytes)
     else:
@@ -120,5 +138,16 @@ def run_trial(
     workload.reset()
     release_memory(meter.device)
     usable = meter.usable_bytes
+    if host_oom:
+        # The allocator refused below the virtual cap: this machine gave out, not the device.
+        assert usable is not None
+        raise HostMemoryError(
+            f"this machine ran out of memory at batch size {batch_size} with "
+            f"{format_bytes(peak)} live on the virtual device of {format_bytes(usable)}: it "
+            "cannot hold what --memory asks; lower --memory or use `maxbatch estimate`",
+            capacity_bytes=usable,
+            batch_size=batch_size,
+        )
     fits = not oom and (usable is None or peak <= usable)
-    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries, state)
+    trace = None if recorder is None else recorder.trace(complete=not oom)
+    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries, state, trace)

@@ -159,9 +159,16 @@ class Workload:
         # ``output`` and ``loss`` stay referenced until here, as in a user's training loop.
         del output, loss
 
-    def run(self, batch_size: int, repeats: int) -> None:
-        """Build a batch of ``batch_size`` on the device and run ``repeats`` steps on it."""
+    def run(
+        self, batch_size: int, repeats: int, *, on_batch: Callable[[Any], None] | None = None
+    ) -> None:
+        """Build a batch of ``batch_size`` on the device and run ``repeats`` steps on it.
+
+        ``on_batch(batch)`` is called once the batch is on the device, before the first step.
+        """
         batch = to_device(self.make_batch(batch_size), self.device)
+        if on_batch is not None:
+            on_batch(batch)
         for _ in range(repeats):
             self.step(batch)
 

@@ -12,7 +12,12 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @contextlib.contextmanager
 def benchmark_script(name: str) -> Iterator[ModuleType]:
-    """Load ``benchmarks/<name>.py`` by its path, registered while in use so dataclasses work."""
+    """Load ``benchmarks/<name>.py`` by its path, registered while in use so dataclasses work.
+
+    ``benchmarks/`` is on ``sys.path`` from then on: its scripts import each other.
+    """
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     path = BENCHMARKS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_maxbatch_bench_{name}", path)
     assert spec is not None and spec.loader is not None
