@@ -300,7 +300,7 @@ def find_batch_size(
                     "headroom": fixed_headroom,
                     "grid": [lower, max_b, step],
                     "pick": [profile, pick_rule.value, tolerance],
-                    "advice": [dataset_size, global_batch, base_batch, base_lr],
+                    "advice": [dataset_size, global_batch, base_batch, base_lr, noise_scale],
                     "extra_state": len(extra_state),
                 },
             )
