@@ -6,13 +6,16 @@ from maxbatch.errors import (
     BatchSizeMismatchError,
     ConfigError,
     DeviceError,
+    DistributedError,
     DoesNotFitError,
     MaxbatchError,
     ModelFileError,
+    RankFailedError,
     WorkloadError,
 )
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
+from maxbatch.isolate import probe_file
 from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
@@ -28,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DataSource",
     "DeviceError",
+    "DistributedError",
     "DoesNotFitError",
     "Estimate",
     "EstimateError",
@@ -38,6 +42,7 @@ __all__ = [
     "NoiseScale",
     "NoiseScaleTracker",
     "ProbeResult",
+    "RankFailedError",
     "SchedulePhase",
     "Trial",
     "VirtualDevice",
@@ -47,6 +52,7 @@ __all__ = [
     "estimate_batch_size",
     "find_batch_size",
     "noise_scale",
+    "probe_file",
     "virtual_device",
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from maxbatch.memtrace import MemoryTrace
@@ -226,6 +227,24 @@ class BatchSizeResult:
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
         return _asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BatchSizeResult:
+        """The result back from its :meth:`to_dict` (a saved report, a cache entry).
+
+        Raises:
+            KeyError, TypeError: ``data`` is not a result's dict.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in data.items() if k in names}
+        d["trials"] = tuple(Trial(**t) for t in d["trials"])
+        mm = d.get("memory_model")
+        d["memory_model"] = None if mm is None else MemoryModel(**mm)
+        d["throughput"] = tuple(Throughput(**p) for p in d.get("throughput", ()))
+        d["memory"] = tuple(MemoryPoint(**p) for p in d.get("memory", ()))
+        d["profile_skipped"] = tuple(Skipped(**x) for x in d.get("profile_skipped", ()))
+        d["notes"] = tuple(d.get("notes", ()))
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
