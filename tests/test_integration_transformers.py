@@ -18,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from rank_rows import rank_rows  # noqa: E402
 from sequences import LONGEST, Sequences, lengths, pad_collate  # noqa: E402
 
 import maxbatch  # noqa: E402
@@ -210,3 +211,15 @@ def test_the_example_trains_at_the_size_it_finds() -> None:
     assert info["per_device_train_batch_size"] * info["gradient_accumulation_steps"] == 64
     assert info["per_device_train_batch_size"] <= info["ceiling"]
     assert info["global_step"] == 1
+
+
+def test_torchrun_ranks_agree_and_keep_the_global_batch() -> None:
+    rows = rank_rows("-m", "torch.distributed.run", "--nproc-per-node", "2", "tests/hf_ddp.py")
+    assert [row["rank"] for row in rows] == [0, 1]
+    first, second = rows
+    assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
+    for row in rows:
+        micro, steps = row["per_device_train_batch_size"], row["gradient_accumulation_steps"]
+        assert micro == first["per_device_train_batch_size"] and micro <= row["ceiling"]
+        assert micro * 2 * steps == 128  # per device x ranks x accumulation
+        assert row["global_step"] == 2
