@@ -257,6 +257,12 @@ class Ranks:
             return elapsed
         return float(self.exchange(_Kind.CLOCK, (elapsed,)).max())
 
+    def least(self, value: float | None) -> float | None:
+        """The smallest of the ranks' values (None stays None: every rank has None then)."""
+        if value is None or self.group is None:
+            return value
+        return float(self.exchange(_Kind.CLOCK, (value,)).min())
+
     @contextlib.contextmanager
     def quiet_step(self, model: torch.nn.Module) -> Iterator[None]:
         """Run a DDP model's trial steps without its collectives; restored afterwards.

@@ -355,6 +355,7 @@ def find_batch_size(
         prof = None
         if profile:
             left = None if time_budget is None else time_budget - (time.perf_counter() - started)
+            left = ranks.least(left)  # one decision for all ranks
             if left is not None and left <= 0:
                 reason = "the ceiling: the time budget was spent before any size could be timed"
             else:
