@@ -285,6 +285,23 @@ class Ranks:
             model.forward_sync_buffers = buffers
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a ``DTensor`` this process holds (its storage reports the global size)."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()  # type: ignore[no-any-return]
+
+
+def sharded_note(model: torch.nn.Module) -> str | None:
+    """What to know about a model with ``DTensor`` parameters (FSDP2), or None without them."""
+    if not any(local_shard(p) is not p for p in model.parameters()):
+        return None
+    return (
+        "FSDP (DTensor) parameters: each rank's shard is counted, but the probe does not put "
+        "the shards' values back exactly (the trials' optimizer steps stay); probe before "
+        "loading weights or reload them afterwards"
+    )
+
+
 def _trial_row(trial: Trial, usable: int) -> tuple[float, ...]:
     def maybe(value: int | None) -> float:
         return -1.0 if value is None else float(value)
