@@ -26,7 +26,7 @@ from maxbatch.capacity import (
 )
 from maxbatch.data import DataSource
 from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
-from maxbatch.distributed import Ranks, join
+from maxbatch.distributed import Ranks, join, sharded_note
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.grid import Grid
@@ -465,6 +465,7 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
     if not settings.enabled:
         return Picked(batch_size=outcome.ceiling, reason="the ceiling (profile=False)")
     left = None if budget is None else budget - (time.perf_counter() - request.started)
+    left = request.ranks.least(left)  # one decision for all ranks
     if left is not None and left <= 0:
         return Picked(
             batch_size=outcome.ceiling,
@@ -515,6 +516,7 @@ def _assemble(request: Request, measured: Measured, noise: NoiseScale | None) ->
         "no optimizer given: the step used AdamW, whose state is real memory"
         if step.optimizer is None and measured.optimizer is not None
         else None,
+        sharded_note(step.model),
         capacity.note,
         None if measured.lookup is None else measured.lookup.note,
         measured.guess_note,
