@@ -5,15 +5,22 @@ from maxbatch.errors import (
     BatchSizeMismatchError,
     ConfigError,
     DeviceError,
+    DistributedError,
     DoesNotFitError,
     MaxbatchError,
     ModelFileError,
+    RankFailedError,
     WorkloadError,
 )
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
+from maxbatch.isolate import probe_file
 from maxbatch.microbatch import MicroBatcher
+from maxbatch.noise import noise_scale
+from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
+from maxbatch.schedule import SchedulePhase, batch_schedule
+from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
@@ -22,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DataSource",
     "DeviceError",
+    "DistributedError",
     "DoesNotFitError",
     "Estimate",
     "EstimateError",
@@ -29,12 +37,19 @@ __all__ = [
     "MemoryModel",
     "MicroBatcher",
     "ModelFileError",
+    "NoiseScale",
+    "NoiseScaleTracker",
     "ProbeResult",
+    "RankFailedError",
+    "SchedulePhase",
     "Trial",
     "VirtualDevice",
     "WorkloadError",
+    "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
+    "noise_scale",
+    "probe_file",
     "virtual_device",
 ]
 

@@ -76,6 +76,7 @@ class Advice:
         accumulation: the plan for a global batch, when one was asked for.
         learning_rates: the scaled learning rates, when a base was given.
         notes: the advice in words.
+        critical_batch: the critical batch estimate (the noise scale), when it was measured.
     """
 
     batch_size: int
@@ -85,6 +86,7 @@ class Advice:
     accumulation: AccumulationPlan | None = None
     learning_rates: LearningRates | None = None
     notes: tuple[str, ...] = ()
+    critical_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the advice as a JSON-ready dict."""
@@ -175,6 +177,7 @@ def advise(
     global_batch: int | None = None,
     base_batch: int | None = None,
     base_lr: float | None = None,
+    critical_batch: int | None = None,
 ) -> Advice:
     """Everything that follows from ``batch_size``: accumulation, learning rates, epoch length.
 
@@ -186,6 +189,9 @@ def advise(
             accumulation when it is above the ceiling.
         base_batch: the batch size ``base_lr`` was tuned at.
         base_lr: a tuned learning rate, scaled to the effective batch.
+        critical_batch: the critical batch estimate (:func:`maxbatch.noise_scale`); without a
+            ``global_batch``, the global batch suggested is near it (a multiple of
+            ``batch_size`` above it, itself below), and the rest of the advice follows from it.
 
     Raises:
         ConfigError: a value is invalid, or only one of ``base_batch`` and ``base_lr`` is given.
@@ -197,7 +203,22 @@ def advise(
         missing = "base_lr" if base_lr is None else "base_batch"
         raise ConfigError(f"scaling a learning rate needs base_batch and base_lr; give {missing}")
     notes: list[str] = []
-    plan = None if global_batch is None else accumulation_plan(global_batch, c, b)
+    target = b
+    if critical_batch is not None:
+        crit = _positive(critical_batch, "critical_batch")
+        if global_batch is None:
+            global_batch = crit if crit < b else round(crit / b) * b
+            target = min(b, global_batch)  # below the pick: one micro-batch of it
+            notes.append(
+                f"suggested global batch {global_batch}, near the critical batch {crit}: larger "
+                "batches buy little progress per step, smaller ones take needlessly many steps"
+            )
+        else:
+            notes.append(
+                f"the global batch {global_batch} is {global_batch / crit:.2g}x the critical "
+                f"batch {crit}"
+            )
+    plan = None if global_batch is None else accumulation_plan(global_batch, c, target)
     effective = b if plan is None else plan.effective_batch
     if plan is not None:
         notes.append(plan.note)
@@ -216,4 +237,4 @@ def advise(
             f"learning rate for batch {effective} (tuned {base_lr:g} at {base_batch}): "
             f"{rates.linear:.3g} linear (SGD), {rates.square_root:.3g} square root (Adam family)"
         )
-    return Advice(b, c, effective, iterations, plan, rates, tuple(notes))
+    return Advice(b, c, effective, iterations, plan, rates, tuple(notes), critical_batch)

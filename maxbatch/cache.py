@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from maxbatch.results import BatchSizeResult, MemoryModel, MemoryPoint, Skipped, Throughput, Trial
+from maxbatch.results import BatchSizeResult, Trial
 
 #: Bump when the entry format or the meaning of a key changes: old entries are then ignored.
 FORMAT = 1
@@ -143,19 +143,6 @@ class CacheEntry:
     batch_size: int
 
 
-def _revive(data: Mapping[str, Any]) -> BatchSizeResult:
-    """A :class:`BatchSizeResult` from its ``to_dict()``."""
-    fields = {f.name for f in dataclasses.fields(BatchSizeResult)}
-    d = {k: v for k, v in data.items() if k in fields}
-    d["trials"] = tuple(Trial(**t) for t in d["trials"])
-    d["memory_model"] = None if d.get("memory_model") is None else MemoryModel(**d["memory_model"])
-    d["throughput"] = tuple(Throughput(**p) for p in d.get("throughput", ()))
-    d["memory"] = tuple(MemoryPoint(**p) for p in d.get("memory", ()))
-    d["profile_skipped"] = tuple(Skipped(**s) for s in d.get("profile_skipped", ()))
-    d["notes"] = tuple(d.get("notes", ()))
-    return BatchSizeResult(**d)
-
-
 class ResultCache:
     """The results stored in one directory (default :func:`cache_dir`)."""
 
@@ -171,7 +158,7 @@ class ResultCache:
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError("not a maxbatch cache entry of this version")
-            _revive(data["result"])  # every record must come back
+            BatchSizeResult.from_dict(data["result"])  # every record must come back
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -186,7 +173,7 @@ class ResultCache:
     def get(self, key: str) -> BatchSizeResult | None:
         """The stored result of ``key``, or None (missing, or unreadable: with a warning)."""
         data = self._read(self.path(key))
-        return None if data is None else _revive(data["result"])
+        return None if data is None else BatchSizeResult.from_dict(data["result"])
 
     def put(self, key: str, result: BatchSizeResult, description: Mapping[str, Any]) -> Path | None:
         """Store ``result`` under ``key`` atomically: a reader sees the old entry or the new one.

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from maxbatch import distributed
-from maxbatch.device import list_devices, resolve_device
+from maxbatch.device import device_label, list_devices, resolve_device
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
@@ -195,6 +195,11 @@ def main() -> None:
 @click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
 @click.option("--no-cache", is_flag=True, help="neither read nor write the result cache")
 @click.option(
+    "--isolate",
+    is_flag=True,
+    help="run each trial in a fresh process that loads MODEL_FILE (a killed one does not fit)",
+)
+@click.option(
     "--trust-cache", is_flag=True, help="use a cached answer without running its ceiling again"
 )
 @click.option(
@@ -216,6 +221,11 @@ def main() -> None:
 @click.option("--base-batch", type=int, default=None, help="batch size BASE_LR was tuned at")
 @click.option("--base-lr", type=float, default=None, help="a tuned learning rate to scale")
 @click.option(
+    "--noise-scale",
+    is_flag=True,
+    help="measure the gradient noise scale (the critical batch) and advise a global batch near it",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False),
@@ -235,6 +245,7 @@ def probe(
     time_budget: float | None,
     no_profile: bool,
     no_cache: bool,
+    isolate: bool,
     trust_cache: bool,
     pick: str,
     tolerance: float,
@@ -242,6 +253,7 @@ def probe(
     global_batch: int | None,
     base_batch: int | None,
     base_lr: float | None,
+    noise_scale: bool,
     report_dir: str | None,
     as_json: bool,
     verbose: int,
@@ -259,7 +271,8 @@ def probe(
     if report_dir is not None:
         _run(debug, lambda: _check_report(report_dir))
     dev = _run(debug, lambda: resolve_device(distributed.rank_device(device)))
-    spec.model.to(dev)
+    if not isolate:  # isolated: only the children touch the device
+        spec.model.to(dev)
     count = 0
 
     tty = sys.stderr.isatty()
@@ -283,27 +296,36 @@ def probe(
     def trials() -> str:
         return f"after {count} trial{'' if count == 1 else 's'}"
 
+    options = {
+        "time_budget": time_budget,
+        "on_trial": progress,
+        "profile": not no_profile,
+        "pick": pick,
+        "tolerance": tolerance,
+        "on_point": timed,
+        "dataset_size": dataset_size,
+        "global_batch": global_batch,
+        "base_batch": base_batch,
+        "base_lr": base_lr,
+        "noise_scale": noise_scale,
+    }
     with _interruptible(trials):
-        result = _probe(
-            debug,
-            spec,
-            device=dev,
-            memory=memory,
-            time_budget=time_budget,
-            on_trial=progress,
-            profile=not no_profile,
-            pick=pick,
-            tolerance=tolerance,
-            on_point=timed,
-            dataset_size=dataset_size,
-            global_batch=global_batch,
-            base_batch=base_batch,
-            base_lr=base_lr,
-            extra_state=extra,
-            cache=not no_cache,
-            trust_cache=trust_cache,
-            **_step_kwargs(spec, **step),
-        )
+        if isolate:
+            result = _run(
+                debug, lambda: _isolated(model_file, device_label(dev), memory, options, step)
+            )
+        else:
+            result = _probe(
+                debug,
+                spec,
+                device=dev,
+                memory=memory,
+                extra_state=extra,
+                cache=not no_cache,
+                trust_cache=trust_cache,
+                **options,
+                **_step_kwargs(spec, **step),
+            )
     distributed.leave()
     if _rank:
         return
@@ -320,6 +342,34 @@ def probe(
 
 def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
     return _run(debug, lambda: find_batch_size(spec.model, spec.batch_source(scanned), **kwargs))
+
+
+def _isolated(
+    model_file: str,
+    device: str,
+    memory: str | None,
+    options: dict[str, Any],
+    step: dict[str, Any],
+) -> Any:
+    """``--isolate``: every trial in a fresh process (the file's own hooks are loaded there)."""
+    from maxbatch.isolate import probe_file
+
+    if not options.get("noise_scale"):
+        options = {k: v for k, v in options.items() if k != "noise_scale"}
+    return probe_file(
+        model_file,
+        isolate=True,
+        device=device,
+        memory=memory,
+        headroom=step["headroom"],
+        mode="inference" if step["inference"] else "train",
+        precision=step["precision"],
+        optimizer=step["optimizer"],
+        min_batch_size=step["min_batch"],
+        max_batch_size=step["max_batch"],
+        multiple_of=step["multiple_of"],
+        **options,
+    )
 
 
 def _check_report(report_dir: str) -> None:

@@ -22,6 +22,7 @@ from maxbatch.distributed import join
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.extrastate import ExtraState
+from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
 from maxbatch.probe import search
@@ -91,6 +92,7 @@ def find_batch_size(
     base_batch: int | None = None,
     base_lr: float | None = None,
     estimate_first: bool | None = None,
+    noise_scale: bool = False,
     extra_state: Sequence[Any] = (),
     distributed: bool | None = None,
     cache: bool = False,
@@ -145,6 +147,10 @@ def find_batch_size(
             fake trials (each costs several real steps of a small model) save nothing. True or False
             forces it. When it gives no guess (the model cannot be deep-copied, the step needs
             tensor values, nothing fits), a note says why and the search starts as without it.
+        noise_scale: also measure the gradient noise scale (:func:`maxbatch.noise_scale`, on
+            ``sample``, micro-batches at most the pick; the loss must be a mean over samples):
+            the result's ``noise_scale``, and advice for a global batch near the critical batch.
+            It depends on the weights, which the result cache does not key: no cache with it.
         extra_state: more state your ``train_step`` changes, restored in place after every
             trial: tensors, modules (an EMA copy), optimizers, ``GradScaler`` objects, and objects
             with ``state_dict()`` and ``load_state_dict()``. A ``GradScaler`` that ``train_step``
@@ -197,6 +203,11 @@ def find_batch_size(
         raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
     if (base_batch is None) != (base_lr is None):
         raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
+    if noise_scale and (run_mode is Mode.INFERENCE or (train_step is not None and not loss_fn)):
+        raise ConfigError(
+            "noise_scale needs the training loss: not in inference mode, and with a train_step "
+            "pass loss_fn too"
+        )
     extra = ExtraState(extra_state).with_scalers(train_step)
 
     ranks = join(distributed)
@@ -273,7 +284,8 @@ def find_batch_size(
         lower = min_b or 1
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
-        store = ResultCache() if cache and ranks.world_size == 1 else None
+        # A noise scale holds for the current weights, which the cache's key does not see.
+        store = ResultCache() if cache and ranks.world_size == 1 and not noise_scale else None
         if store is not None:
             description = describe_step(
                 model,
@@ -288,7 +300,7 @@ def find_batch_size(
                     "headroom": fixed_headroom,
                     "grid": [lower, max_b, step],
                     "pick": [profile, pick_rule.value, tolerance],
-                    "advice": [dataset_size, global_batch, base_batch, base_lr],
+                    "advice": [dataset_size, global_batch, base_batch, base_lr, noise_scale],
                     "extra_state": len(extra_state),
                 },
             )
@@ -383,8 +395,13 @@ def find_batch_size(
     scan = sample.report(outcome.ceiling) if isinstance(sample, DataSource) else None
     if scan is not None:
         notes.append(scan.note)
+    noise = None
+    if noise_scale:
+        noise = measure_noise_scale(model, sample, loss_fn, forward_fn, max_batch_size=chosen)
+    # The critical batch is over all ranks; the advice is per rank, as for global_batch.
+    critical = None if noise is None else noise.critical_batch
     advice = None
-    if dataset_size is not None or global_batch is not None or base_batch is not None:
+    if noise or dataset_size is not None or global_batch is not None or base_batch is not None:
         advice = advise(
             chosen,
             outcome.ceiling,
@@ -392,6 +409,7 @@ def find_batch_size(
             global_batch=None if global_batch is None else global_batch // ranks.world_size,
             base_batch=base_batch,
             base_lr=base_lr,
+            critical_batch=None if critical is None else max(1, critical // ranks.world_size),
         ).to_dict()
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
     plan = (advice or {}).get("accumulation") or {"micro_batch": chosen, "accumulation_steps": 1}
@@ -417,6 +435,7 @@ def find_batch_size(
         throughput=tuple(points),
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
         advice=advice,
+        noise_scale=None if noise is None else noise.to_dict(),
         **({} if prof is None else profile_fields(prof)),
         world_size=ranks.world_size,
         accumulation_steps=plan["accumulation_steps"],

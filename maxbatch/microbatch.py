@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from maxbatch.accounting import enclosing_counters
 from maxbatch.batching import batch_size_of, map_tensors
-from maxbatch.device import CudaPeak
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
 from maxbatch.oom import is_oom, release_memory
 from maxbatch.results import BatchSizeResult, MemoryModel
@@ -84,8 +82,8 @@ class MicroBatcher:
         on_micro_batch: called with a :class:`MicroStep` after each micro-batch's backward: the
             hook for statistics over micro-batch gradients (such as the gradient noise scale).
         memory_model: the probe's memory model (``fixed + per_sample * b``): after an
-            out-of-memory error the new size is the one the model, corrected by the bytes the
-            failed micro-batch needed, says fits in ``usable_bytes``; without it, halving.
+            out-of-memory error at a size above the model's largest fitting size, that size;
+            otherwise (and without a model) half.
         usable_bytes: the bytes a step may use (the probe's ``usable_bytes``), for the model.
 
     Raises:
@@ -173,17 +171,15 @@ class MicroBatcher:
         attempt = 0
         while True:
             size = self.micro_batch_size
-            peak = self._start_peak()
             loss = self._attempt(batch, n, size, attempt)
             if loss is not None:
                 break
             # Out of memory: no exception is alive here, so the failed micro-batch's tensors are
             # gone once its gradients are thrown away and garbage is collected.
-            needed = self._needed_bytes(peak)
             self.optimizer.zero_grad(set_to_none=True)
             self._restore(saved)
             release_memory(self.device)
-            self._change(size, self._lower(size, needed), "out of memory")
+            self._change(size, self._lower(size), "out of memory")
             attempt += 1
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -273,38 +269,26 @@ class MicroBatcher:
 
     # -- the size -------------------------------------------------------------------------------
 
-    def _start_peak(self) -> CudaPeak | None:
-        """Start measuring the bytes an attempt needs (only for the memory model)."""
-        for counter in enclosing_counters(self.device):
-            counter.refused_bytes = 0
-        if self.memory_model is None or self.device.type != "cuda":
-            return None
-        peak = CudaPeak(self.device)
-        peak.start()
-        return peak
+    def _lower(self, size: int) -> int:
+        """The next size after ``size`` ran out of memory.
 
-    def _needed_bytes(self, peak: CudaPeak | None) -> int | None:
-        """Bytes the failed attempt needed: exact on a virtual device, a lower bound on CUDA."""
-        refused = [c.refused_bytes for c in enclosing_counters(self.device) if c.refused_bytes]
-        if refused:
-            return max(refused)
-        return None if peak is None else peak.read()[0]
-
-    def _lower(self, size: int, needed: int | None) -> int:
-        """The next size after ``size`` ran out of memory: the memory model's, else half."""
+        The memory model's largest size when it is below ``size`` (a size above what the probe
+        measured to fit); else half: the model did not foresee this batch (longer inputs, memory
+        held elsewhere), and an out-of-memory error says only that more was needed, not how much.
+        """
+        model, usable = self.memory_model, self.usable_bytes
         if size == 1:
             raise DoesNotFitError(
                 "a micro-batch of 1 sample runs out of memory; the model does not fit this device",
                 batch_size=1,
-                needed_bytes=needed or 0,
-                available_bytes=self.usable_bytes or 0,
+                needed_bytes=0 if model is None else int(model.peak(1)),
+                available_bytes=usable or 0,
             )
         new = size // 2
-        model, usable = self.memory_model, self.usable_bytes
-        if model is not None and usable is not None and needed is not None:
-            per_sample = max(model.bytes_per_sample, (needed - model.fixed_bytes) / size)
-            if per_sample > 0:
-                new = int((usable - model.fixed_bytes) // per_sample)
+        if model is not None and usable is not None and model.bytes_per_sample > 0:
+            fits = int((usable - model.fixed_bytes) // model.bytes_per_sample)
+            if fits < size:
+                new = fits
         return max(1, min(new, size - 1))
 
     def _change(self, old: int, new: int, reason: str) -> None:

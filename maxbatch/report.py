@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from maxbatch.device import DeviceInfo
+from maxbatch.noisestats import GROWS_NOTE
 from maxbatch.results import Estimate, Throughput, Trial
 from maxbatch.units import format_bytes
 
@@ -92,6 +93,7 @@ def _summary(r: Result) -> list[str]:
             f"global batch: {r['global_batch_size']} = {micro} per rank x {world} rank(s) "
             f"x {steps} accumulation step(s)"
         )
+    lines.extend(_noise_lines(r.get("noise_scale")))
     advice = r.get("advice") or {}
     lines.extend(f"advice: {n}" for n in advice.get("notes", ()))
     lines.extend(f"note: {n}" for n in r.get("notes", ()))
@@ -111,6 +113,21 @@ def profile_lines(r: Result) -> list[str]:
     for reason, sizes in by_reason.items():
         lines.append(f"not timed: {', '.join(map(str, sizes))}: {reason}")
     return lines
+
+
+def _noise_lines(ns: Mapping[str, Any] | None) -> list[str]:
+    if not ns:
+        return []
+    if ns["b_simple"] is None:
+        value = "not resolved (the gradient was not above its noise)"
+    else:
+        value = f"B_simple ≈ {ns['b_simple']:.4g} ± {ns['std_error']:.2g}"
+    return [
+        f"noise scale: {value}; tr(Σ) {ns['trace_cov']:.4g}, |G|² {ns['grad_sq_norm']:.4g} "
+        f"({ns['draws']} draws of {ns['b_big'] // ns['b_small']} x {ns['b_small']} samples)",
+        f"critical batch ≈ {ns['critical_batch'] or 'unknown'}: {GROWS_NOTE}",
+        *(f"noise scale: {n}" for n in ns.get("notes", ())),
+    ]
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:

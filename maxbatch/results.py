@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from maxbatch.memtrace import MemoryTrace
@@ -173,6 +174,8 @@ class BatchSizeResult:
         memory: peak bytes of each size that fit in the probe, by batch size.
         advice: what follows from the pick (accumulation plan, learning rates, epoch length),
             as plain data, or None when no input for it was given.
+        noise_scale: the gradient noise scale (``NoiseScale.to_dict()``: ``b_simple``,
+            ``std_error``, ``critical_batch``, ...) when it was asked for, else None.
         profile_stop_reason: why the profiler stopped timing (None when it did not run).
         profile_skipped: the candidate sizes the profiler did not time, and why.
         pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
@@ -210,6 +213,7 @@ class BatchSizeResult:
     throughput: tuple[Throughput, ...] = ()
     memory: tuple[MemoryPoint, ...] = ()
     advice: dict[str, Any] | None = None
+    noise_scale: dict[str, Any] | None = None
     profile_stop_reason: str | None = None
     profile_skipped: tuple[Skipped, ...] = ()
     pick_confidence: str | None = None
@@ -223,6 +227,24 @@ class BatchSizeResult:
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
         return _asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BatchSizeResult:
+        """The result back from its :meth:`to_dict` (a saved report, a cache entry).
+
+        Raises:
+            KeyError, TypeError: ``data`` is not a result's dict.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in data.items() if k in names}
+        d["trials"] = tuple(Trial(**t) for t in d["trials"])
+        mm = d.get("memory_model")
+        d["memory_model"] = None if mm is None else MemoryModel(**mm)
+        d["throughput"] = tuple(Throughput(**p) for p in d.get("throughput", ()))
+        d["memory"] = tuple(MemoryPoint(**p) for p in d.get("memory", ()))
+        d["profile_skipped"] = tuple(Skipped(**x) for x in d.get("profile_skipped", ()))
+        d["notes"] = tuple(d.get("notes", ()))
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""The gradient noise scale's record and estimators (pure arithmetic on squared norms).
+
+``B_simple = tr(Σ) / |G|²`` (Σ: the per-sample gradient covariance, G: the true gradient), from
+McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", appendix A: gradients at a
+small and a big batch size give unbiased estimates of ``|G|²`` and ``tr(Σ)``. Here a draw is
+``k`` micro-batches of ``b_small`` samples; their gradients give the small-batch norm (the mean of
+their squared norms) and their mean the big-batch norm (``b_big = k * b_small``), in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from maxbatch.errors import ConfigError
+
+#: Micro-batches per draw by default: the big batch is this many small ones.
+ACCUMULATION = 8
+
+#: The statement every report of the noise scale carries.
+GROWS_NOTE = (
+    "B_simple is measured at the current weights; it grows as training proceeds (often by "
+    "10x or more), so measure it again later in training (maxbatch.NoiseScaleTracker)"
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoiseScale:
+    """The simple noise scale and the two estimates it is the ratio of.
+
+    Attributes:
+        b_simple: ``trace_cov / grad_sq_norm``, the critical batch size estimate: ``inf`` when
+            the gradient could not be told from noise (``grad_sq_norm <= 0``).
+        std_error: its standard error, by the delta method over the draws (or, for the
+            tracker, over the effective number of steps in its moving average).
+        trace_cov: ``tr(Σ)``, the trace of the per-sample gradient covariance.
+        grad_sq_norm: ``|G|²``, the squared norm of the true gradient.
+        b_small: the small batch size (one micro-batch).
+        b_big: the big batch size (all micro-batches of a draw).
+        draws: draws averaged (optimizer steps, for the tracker).
+        method: how ``std_error`` was computed.
+        notes: what the user should know about this estimate.
+    """
+
+    b_simple: float
+    std_error: float
+    trace_cov: float
+    grad_sq_norm: float
+    b_small: int
+    b_big: int
+    draws: int
+    method: str = "delta method over draws"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def critical_batch(self) -> int | None:
+        """``b_simple`` rounded: the batch size beyond which more samples per step help little.
+
+        None when ``b_simple`` is not finite.
+        """
+        return max(1, round(self.b_simple)) if math.isfinite(self.b_simple) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the estimate as a JSON-ready dict (non-finite numbers become None)."""
+        data = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in dataclasses.asdict(self).items()
+        }
+        data["critical_batch"] = self.critical_batch
+        return data
+
+
+Num = TypeVar("Num", float, torch.Tensor)
+
+
+def two_batch_estimates(
+    small_sq: Num, big_sq: Num, b_small: float, b_big: float
+) -> tuple[Num, Num]:
+    """The unbiased ``(|G|², tr(Σ))`` from squared gradient norms at two batch sizes.
+
+    ``E|G_B|² = |G|² + tr(Σ)/B`` for a mean over ``B`` independent samples, so (appendix A)
+    ``|G|² ≈ (b_big·|G_big|² − b_small·|G_small|²) / (b_big − b_small)`` and
+    ``tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/b_small − 1/b_big)``.
+
+    Args:
+        small_sq: ``|G_small|²`` (or the mean of several, which is as unbiased); a float or a
+            0-dim tensor (then the estimates are too).
+        big_sq: ``|G_big|²``, of the same type.
+        b_small: the small batch size (for unequal micro-batches: their harmonic mean).
+        b_big: the big batch size, larger than ``b_small``.
+
+    Returns:
+        The estimates of ``|G|²`` and ``tr(Σ)``.
+    """
+    grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    trace = (small_sq - big_sq) / (1 / b_small - 1 / b_big)
+    return grad_sq, trace
+
+
+def ratio_with_error(
+    trace: float, grad_sq: float, var_trace: float, var_grad: float, cov: float, n: float
+) -> tuple[float, float]:
+    """``trace / grad_sq`` and its delta-method standard error from ``n`` draws' moments.
+
+    Args:
+        trace: the mean of the ``tr(Σ)`` estimates.
+        grad_sq: the mean of the ``|G|²`` estimates.
+        var_trace: the variance of one draw's ``tr(Σ)`` estimate.
+        var_grad: the variance of one draw's ``|G|²`` estimate.
+        cov: their covariance.
+        n: the number of draws (or the effective number).
+
+    Returns:
+        The ratio (``inf`` when ``grad_sq <= 0``) and its standard error.
+    """
+    if not grad_sq > 0:
+        return math.inf, math.inf
+    r = trace / grad_sq
+    var = (var_trace - 2 * r * cov + r * r * var_grad) / (grad_sq * grad_sq * n)
+    return r, math.sqrt(max(var, 0.0))
+
+
+def combine(
+    grad_sqs: Sequence[float],
+    traces: Sequence[float],
+    *,
+    b_small: int,
+    b_big: int,
+    notes: Sequence[str] = (),
+) -> NoiseScale:
+    """Average the draws' estimates and take the ratio of the averages, as the paper does.
+
+    Args:
+        grad_sqs: each draw's ``|G|²`` estimate.
+        traces: each draw's ``tr(Σ)`` estimate.
+        b_small: the small batch size.
+        b_big: the big batch size.
+        notes: notes to carry.
+
+    Returns:
+        The :class:`NoiseScale`, with a delta-method standard error over the draws.
+
+    Raises:
+        ConfigError: fewer than two draws, or the two sequences differ in length.
+    """
+    n = len(grad_sqs)
+    if n < 2 or len(traces) != n:
+        raise ConfigError(f"the noise scale needs at least 2 draws of both estimates, got {n}")
+    g = sum(grad_sqs) / n
+    s = sum(traces) / n
+    var_g = sum((x - g) ** 2 for x in grad_sqs) / (n - 1)
+    var_s = sum((x - s) ** 2 for x in traces) / (n - 1)
+    cov = sum((x - s) * (y - g) for x, y in zip(traces, grad_sqs, strict=True)) / (n - 1)
+    ratio, error = ratio_with_error(s, g, var_s, var_g, cov, n)
+    extra = () if g > 0 else (_NO_SIGNAL,)
+    return NoiseScale(
+        b_simple=ratio,
+        std_error=error,
+        trace_cov=s,
+        grad_sq_norm=g,
+        b_small=b_small,
+        b_big=b_big,
+        draws=n,
+        notes=tuple(notes) + extra,
+    )
+
+
+_NO_SIGNAL = (
+    "the gradient's squared norm was not above its noise (estimate <= 0): the noise scale is "
+    "larger than these draws can resolve; use more batches or a larger b_big"
+)
+
+
+def norm(t: torch.Tensor) -> torch.Tensor:
+    """The norm of ``t`` in one kernel (float32 for half precision: its square would overflow)."""
+    result: torch.Tensor = torch.linalg.vector_norm(
+        t, dtype=torch.float32 if t.element_size() < 4 else None
+    )
+    return result
+
+
+def sum_of_squares(norms: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``Σ n²`` over 0-dim ``norms`` as one ``dtype`` scalar: a stack per dtype, no host sync."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for n in norms:
+        by_dtype.setdefault(n.dtype, []).append(n)
+    parts = [torch.stack(ns).to(dtype).square().sum() for ns in by_dtype.values()]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def squared_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the squared norms of ``tensors`` as one ``dtype`` scalar (no host sync)."""
+    return sum_of_squares([norm(t) for t in tensors], dtype)
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the norms' sums, except on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def check_positive(value: Any, name: str, *, minimum: int = 1) -> int:
+    """Return ``value`` if it is an integer of at least ``minimum``, else raise a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer of at least {minimum}")
+    return value

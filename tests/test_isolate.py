@@ -1,0 +1,133 @@
+"""Isolated trials: each trial in a real child process; killed children and RLIMIT_AS on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from maxbatch.errors import ConfigError, ModelFileError, WorkloadError
+from maxbatch.isolate import probe_file
+from maxbatch.results import Trial
+
+ROOT = Path(__file__).resolve().parent.parent
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, RLIMIT_AS")
+
+# A step that kills its own process from a batch size on, as the kernel's OOM killer would.
+KILLED = textwrap.dedent(
+    """
+    import os, signal
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    sample = torch.randn(4, 8)
+
+    def forward(model, batch):
+        if batch.shape[0] > 12:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return model(batch)
+    """
+)
+
+
+@pytest.fixture(autouse=True)
+def importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The children import this checkout's maxbatch."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@LINUX
+@pytest.mark.slow
+def test_a_killed_child_counts_as_not_fitting_with_a_note(tmp_path: Path) -> None:
+    path = tmp_path / "killed.py"
+    path.write_text(KILLED)
+    trials: list[Trial] = []
+    result = probe_file(
+        path,
+        isolate=True,
+        memory="1MiB",
+        optimizer="sgd",
+        profile=False,
+        max_batch_size=16,
+        on_trial=trials.append,
+    )
+    assert result.ceiling == 12
+    fits = {t.batch_size: t.fits for t in result.trials}
+    assert fits[12] is True and fits[13] is False
+    assert [t.batch_size for t in trials] == [t.batch_size for t in result.trials]
+    killed = "batch size 13: the trial's process was killed by SIGKILL"
+    assert any(killed in n for n in result.notes)
+    assert result.notes[0].startswith("isolated")
+
+
+CAPPED = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    torch.set_num_threads(1)
+    from maxbatch.isolate import probe_file
+
+    def vm_bytes():
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+
+    torch.nn.Linear(4, 4)(torch.randn(2, 4)).sum().backward()  # warm the allocator, autograd
+    # Each child inherits the cap: a fresh process with torch imported, plus some room.
+    limit = vm_bytes() + 400 * 1024**2
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    result = probe_file(sys.argv[1], isolate=True, headroom=0, optimizer="sgd", profile=False)
+    print(json.dumps(result.to_dict()))
+    """
+)
+
+
+@LINUX
+@pytest.mark.slow
+def test_children_under_rlimit_as_find_a_verified_ceiling() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CAPPED, str(ROOT / "examples" / "mlp.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    fits = {t["batch_size"]: t["fits"] for t in result["trials"]}
+    ceiling = result["ceiling"]
+    assert fits[ceiling] is True and fits[ceiling + 1] is False
+    assert ceiling > 32  # above the sample: the cap, not the sample, stopped it
+    assert any(not t["fits"] and t["oom"] for t in result["trials"])
+
+
+def test_a_bad_model_file_fails_before_any_child(tmp_path: Path) -> None:
+    path = tmp_path / "broken.py"
+    path.write_text("model = 3\nsample = 4\n")
+    with pytest.raises(ModelFileError, match="`model`"):
+        probe_file(path, isolate=True)
+
+
+def test_options_a_child_cannot_take_are_refused() -> None:
+    with pytest.raises(ConfigError, match="isolated trials cannot take loss_fn"):
+        probe_file(ROOT / "examples" / "mlp.py", isolate=True, loss_fn=lambda o, b: o.sum())
+
+
+@pytest.mark.slow
+def test_a_non_oom_error_in_a_child_is_a_workload_error(tmp_path: Path) -> None:
+    path = tmp_path / "fails.py"
+    path.write_text(
+        "import torch\nmodel = torch.nn.Linear(8, 2)\nsample = torch.randn(4, 8)\n"
+        "def loss(output, batch):\n    raise ValueError('no loss today')\n"
+    )
+    with pytest.raises(WorkloadError, match="no loss today") as info:
+        probe_file(path, isolate=True, memory="1MiB", profile=False)
+    assert info.value.batch_size == 4
