@@ -66,7 +66,9 @@ def cuda_lines(path: Path) -> set[int]:
             if any(word in node.name.lower() for word in _WORDS):
                 body_lines(node.body)
         elif isinstance(node, ast.If) and _mentions_cuda(node.test):
-            body_lines(node.body)
+            # ``if device.type != "cuda":`` guards the other devices: its ``else`` is CUDA's.
+            negated = any(isinstance(op, ast.NotEq) for op in ast.walk(node.test))
+            body_lines(node.orelse if negated else node.body)
         elif isinstance(node, ast.IfExp) and _mentions_cuda(node.test):
             lines.add(node.body.lineno)
         elif isinstance(node, ast.stmt) and not isinstance(node, _COMPOUND):

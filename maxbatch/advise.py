@@ -212,6 +212,12 @@ def advise(
             notes.append(
                 f"suggested global batch {global_batch}, near the critical batch {crit}: larger "
                 "batches buy little progress per step, smaller ones take needlessly many steps"
+                + (
+                    f"; the pick {b} is above it: its extra samples per step buy little, and "
+                    "the critical batch grows as training proceeds"
+                    if crit < b
+                    else ""
+                )
             )
         else:
             notes.append(

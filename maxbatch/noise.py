@@ -14,6 +14,7 @@ from collections.abc import Callable, Sized
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from maxbatch.batching import batch_size_of, map_tensors
@@ -76,6 +77,17 @@ def _sampler(data: Any, generator: torch.Generator) -> tuple[Draw, int | None]:
         return map_tensors(sample, lambda t: t.index_select(0, index.to(t.device)))
 
     return from_sample, rows
+
+
+def _check_random(make_batch: Draw) -> None:
+    """Raise when ``make_batch`` gives the same batch twice: it has no noise to measure."""
+    first, second = (tree_flatten(make_batch(2))[0] for _ in range(2))
+    tensors = [(a, b) for a, b in zip(first, second, strict=False) if isinstance(a, torch.Tensor)]
+    if tensors and all(a.shape == b.shape and torch.equal(a, b) for a, b in tensors):
+        raise ConfigError(
+            "make_batch returned the same batch twice: the noise scale needs random samples; "
+            "draw them at random from your data (e.g. torch.randint over its indices)"
+        )
 
 
 def _loss(model: torch.nn.Module, batch: Any, forward: ForwardFn, loss_fn: LossFn) -> torch.Tensor:
@@ -227,6 +239,9 @@ def noise_scale(
             torch.manual_seed(seed)
         draw, rows = _sampler(data, generator)
         device = next(p for p in model.parameters() if p.requires_grad).device
+        if draw is data:  # on forked RNGs: the draws are those of a run without the check
+            with torch.random.fork_rng([device] if device.type == "cuda" else []):
+                _check_random(draw)
         notes: list[str] = []
         if rows is not None and rows < big:
             notes.append(

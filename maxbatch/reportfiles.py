@@ -98,6 +98,7 @@ _NUMBER = "number"
 _INT = "int"
 _BOOL = "bool"
 _STR = "str"
+_COUNT = "count"  # an int of at least 1
 
 
 def _optional(kind: Any) -> tuple[str, Any]:
@@ -135,6 +136,19 @@ _OPTIONAL: dict[str, Any] = {
     "memory_model": {"fixed_bytes": _NUMBER, "bytes_per_sample": _NUMBER},
     "notes": [_STR],
     "advice": {"notes": _optional([_STR])},
+    "pick_confidence": _STR,
+    "pick_confidence_reason": _STR,
+    "profile_stop_reason": _STR,
+    "profile_skipped": [{"batch_size": _INT, "reason": _STR}],
+    "world_size": _COUNT,
+    "accumulation_steps": _COUNT,
+    "global_batch_size": _INT,
+}
+# Keys the renderers read only together with another one.
+_TOGETHER = {
+    "pick_confidence": "pick_confidence_reason",
+    "world_size": "global_batch_size",  # when above 1
+    "accumulation_steps": "global_batch_size",  # when above 1
 }
 _LARGEST = 2.0**63  # bytes and seconds beyond this are not a measurement
 
@@ -169,6 +183,10 @@ def _checked(value: Any, kind: Any, where: str) -> Any:
     if kind == _BOOL and isinstance(value, bool):
         return value
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _COUNT and isinstance(value, int) and not isinstance(value, bool):
+        if 1 <= value < _LARGEST:
+            return value
+        raise ConfigError(f"{where} should be at least 1")
     if numeric and (kind == _NUMBER or (kind == _INT and isinstance(value, int))):
         if math.isfinite(value) and abs(value) < _LARGEST:
             return value
@@ -205,6 +223,10 @@ def load_report(path: str) -> dict[str, Any]:
         raise ConfigError(f"{shown}: not a maxbatch report (missing the keys {missing})")
     schema = {**_REQUIRED, **{key: _optional(kind) for key, kind in _OPTIONAL.items()}}
     try:
-        return _checked(data, schema, "report")  # type: ignore[no-any-return]
+        out: dict[str, Any] = _checked(data, schema, "report")
+        for key, needs in _TOGETHER.items():
+            if out.get(key) not in (None, 1) and needs not in out:
+                raise ConfigError(f"report.{needs} is missing (report.{key} needs it)")
     except ConfigError as e:
         raise ConfigError(f"{shown}: not a maxbatch report ({e})") from None
+    return out

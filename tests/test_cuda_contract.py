@@ -139,9 +139,9 @@ class ScriptedGpu:
         extra = self.workspace if b >= self.workspace_from else 0
         return self.fixed + b * self.per_sample + extra
 
-    def step(self, model: torch.nn.Module, batch: int, optimizer: Any) -> None:
-        """The user's step on the scripted GPU (the batch is its size)."""
-        self.batch = batch
+    def step(self, model: torch.nn.Module, batch: Any, optimizer: Any) -> None:
+        """The user's step on the scripted GPU (the batch: its rows, or their number)."""
+        self.batch = batch = batch if isinstance(batch, int) else int(batch.shape[0])
         need = self.need(batch)
         if need > self.free + self.reserved:
             raise torch.OutOfMemoryError(
@@ -155,6 +155,26 @@ class ScriptedGpu:
     def milliseconds(self) -> float:
         """The scripted GPU time of one step: 2 ms plus 0.25 ms per sample."""
         return 2.0 + 0.25 * self.batch
+
+
+class OnGpu(torch.Tensor):
+    """A batch of ``b`` empty rows standing in for one on the GPU: ``.to(cuda)`` keeps it."""
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if func is torch.Tensor.to:
+            return args[0]
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def rows(b: int) -> torch.Tensor:
+    """A batch of ``b`` rows and no bytes, "on the GPU" (fake, as it is, for the estimate)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    batch = torch.empty(b, 0)
+    return batch if isinstance(batch, FakeTensor) else batch.as_subclass(OnGpu)
 
 
 @pytest.fixture
@@ -264,8 +284,8 @@ def test_memory_cap_on_cuda_counts_like_the_caching_allocator(gpu: ScriptedGpu) 
 
 
 def _workload(gpu: ScriptedGpu) -> Workload:
-    # The batch is its own size: the scripted step needs no tensor on the (absent) GPU.
-    work = Workload(torch.nn.Module(), lambda b: b, CUDA0, train_step=gpu.step)
+    # The scripted step needs no bytes on the (absent) GPU, only the batch's rows.
+    work = Workload(torch.nn.Module(), rows, CUDA0, train_step=gpu.step)
     work.save()
     work.prepare()
     return work
@@ -287,7 +307,7 @@ def test_a_cuda_oom_is_recovered_outside_the_except_block(gpu: ScriptedGpu) -> N
 def test_probe_on_cuda_finds_the_exact_ceiling_through_an_oom(gpu: ScriptedGpu) -> None:
     result = find_batch_size(
         torch.nn.Module(),
-        lambda b: b,
+        rows,
         device="cuda",
         optimizer="none",
         train_step=gpu.step,
@@ -316,7 +336,13 @@ def test_cli_memory_on_cuda_is_the_virtual_device(gpu: ScriptedGpu, tmp_path: Pa
     model = tmp_path / "model.py"
     model.write_text(
         "import torch\nmodel = torch.nn.Module()\n"
-        "def make_batch(batch_size):\n    return batch_size\n"
+        "class OnGpu(torch.Tensor):\n"
+        "    @classmethod\n"
+        "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n"
+        "        if func is torch.Tensor.to:\n            return args[0]\n"
+        "        return super().__torch_function__(func, types, args, kwargs or {})\n"
+        "def make_batch(batch_size):\n"
+        "    return torch.empty(batch_size, 0).as_subclass(OnGpu)\n"
         "def train_step(model, batch, optimizer):\n    return None\n"
     )
     args = ["probe", str(model), "--device", "cuda", "--memory", "1GiB", "--max-batch", "16"]
@@ -333,7 +359,7 @@ def test_the_first_guess_on_cuda_comes_from_fake_tensors(gpu: ScriptedGpu) -> No
     # Auto on CUDA: the scripted step raises the CUDA OOM past 48 samples on fake tensors too,
     # so the guess is 48; the real trials then find the exact ceiling below it.
     result = find_batch_size(
-        torch.nn.Module(), lambda b: b, device="cuda", optimizer="none", train_step=gpu.step
+        torch.nn.Module(), rows, device="cuda", optimizer="none", train_step=gpu.step
     )
     assert result.trials[0].batch_size == 48 and not result.trials[0].fits
     assert result.ceiling == 44
@@ -381,3 +407,33 @@ def test_torchrun_on_cuda_adds_nccl_for_cuda_tensors(
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     assert distributed.rank_device("cuda") == distributed.rank_device(None) == "cuda:1"
     assert distributed.rank_device("cpu") == "cpu"
+
+
+def test_micro_batches_on_cuda_shrink_after_a_cuda_oom(gpu: ScriptedGpu) -> None:
+    from maxbatch import MicroBatcher
+    from maxbatch.results import MemoryModel
+
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def forward(m: torch.nn.Module, part: torch.Tensor) -> torch.Tensor:
+        gpu.step(m, part, None)  # 100 samples need 124 GiB: the scripted allocator refuses
+        return m(part)
+
+    model_of_memory = MemoryModel(fixed_bytes=4 * GiB, bytes_per_sample=GiB)
+    micro = MicroBatcher(
+        model,
+        opt,
+        micro_batch_size=100,
+        forward_fn=forward,
+        memory_model=model_of_memory,
+        usable_bytes=68 * GiB,
+    )
+    micro.device = CUDA0  # the model "on the GPU"
+    micro.step(torch.randn(100, 4))
+    # After each scripted CUDA OOM a smaller size (the memory model's 64, then half of it),
+    # with the CUDA generator and the cache put back in between.
+    assert micro.micro_batch_size < 100 and gpu.need(micro.micro_batch_size) <= 72 * GiB
+    gpu.mocks["get_rng_state"].assert_called_with(CUDA0)
+    gpu.mocks["set_rng_state"].assert_called()
+    gpu.mocks["empty_cache"].assert_called()

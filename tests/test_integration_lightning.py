@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
+
+from models import TinyEncoder  # noqa: E402
+from rank_rows import rank_rows  # noqa: E402
+from sequences import LONGEST, Sequences, lengths, pad_collate  # noqa: E402
 
 import maxbatch  # noqa: E402
 from maxbatch import ConfigError  # noqa: E402
@@ -129,6 +129,53 @@ def test_global_batch_sets_accumulation() -> None:
     assert module.hparams.batch_size == tuner.plan.batch_size
     # Two optimizer steps of 4096 samples: 2 x accumulation batches of the micro-batch.
     assert watch.sizes == [tuner.plan.batch_size] * (2 * tuner.plan.accumulation_steps)
+
+
+class Tokens(pl.LightningModule):
+    """Variable-length sequences (mostly short, three of the longest length), padded per batch."""
+
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = TinyEncoder()
+        self.data = Sequences(lengths())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss: torch.Tensor = self.net(**batch)["loss"]
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters())
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(
+            self.data, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=pad_collate
+        )
+
+
+def test_the_worst_case_of_the_train_data_survives_an_epoch() -> None:
+    capacity = 2_000_000
+    module = Tokens()
+    tuner = MaxBatch(memory=capacity, profile=False)
+    trainer(tuner, steps=1).fit(module)
+    assert tuner.result is not None and tuner.result.data is not None
+    # The probe's batches were the longest sequences, padded as the loader pads them.
+    longest = [i for i, n in enumerate(module.data.sizes) if n == LONGEST]
+    assert sorted(tuner.result.data["indices"][:3]) == longest
+    # A whole shuffled epoch at the ceiling, on a device of the probe's capacity.
+    module = Tokens(batch_size=tuner.result.ceiling)
+    with maxbatch.virtual_device(capacity) as device:
+        device.track(module)
+        pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(module)
+    assert module.trainer.fit_loop.epoch_progress.current.completed == 1
 
 
 class Data(pl.LightningDataModule):
@@ -268,22 +315,8 @@ def test_the_standalone_pytorch_lightning_package() -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_and_keep_the_global_batch() -> None:
-    script = Path(__file__).parent / "lightning_ddp.py"
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=root,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [
-        json.loads(line[9:]) for line in out.stdout.splitlines() if line.startswith("MAXBATCH ")
-    ]
-    assert sorted(row["rank"] for row in rows) == [0, 1]
+    rows = rank_rows("tests/lightning_ddp.py")
+    assert [row["rank"] for row in rows] == [0, 1]
     first, second = rows
     assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
     for row in rows:

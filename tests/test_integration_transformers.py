@@ -18,6 +18,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from rank_rows import rank_rows  # noqa: E402
+from sequences import LONGEST, Sequences, lengths, pad_collate  # noqa: E402
+
 import maxbatch  # noqa: E402
 from maxbatch import ConfigError  # noqa: E402
 from maxbatch.integrations.transformers import MaxBatchCallback, tune  # noqa: E402
@@ -72,7 +75,8 @@ def arguments(tmp_path: Path, max_steps: int = 1, bf16: bool = False) -> Any:
     return transformers.TrainingArguments(
         str(tmp_path),
         per_device_train_batch_size=2,
-        max_steps=max_steps,
+        max_steps=max_steps,  # -1: num_train_epochs (1)
+        num_train_epochs=1,
         use_cpu=True,
         report_to=[],
         save_strategy="no",
@@ -112,6 +116,24 @@ def test_tune_sets_the_arguments_and_training_runs_at_them(tmp_path: Path) -> No
     trainer.train()
     assert trainer.state.global_step == 1
     assert sizes == [args.per_device_train_batch_size] * args.gradient_accumulation_steps
+
+
+def test_the_worst_case_of_the_train_data_survives_an_epoch(tmp_path: Path) -> None:
+    model, data = gpt2(), Sequences(lengths())  # mostly short, three of 64 tokens
+    args = arguments(tmp_path, max_steps=-1)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, data_collator=pad_collate
+    )
+    result = tune(trainer, memory=MEMORY, profile=False)
+    assert result.data is not None
+    longest = [i for i, n in enumerate(data.sizes) if n == LONGEST]
+    assert sorted(result.data["indices"][:3]) == longest
+    assert args.per_device_train_batch_size == result.ceiling
+    # One whole shuffled epoch at the ceiling, on a device of the probe's capacity.
+    with maxbatch.virtual_device(MEMORY) as device:
+        device.track(model)
+        trainer.train()
+    assert trainer.state.epoch == 1
 
 
 def test_the_callback_tunes_when_the_trainer_is_built(tmp_path: Path) -> None:
@@ -189,3 +211,15 @@ def test_the_example_trains_at_the_size_it_finds() -> None:
     assert info["per_device_train_batch_size"] * info["gradient_accumulation_steps"] == 64
     assert info["per_device_train_batch_size"] <= info["ceiling"]
     assert info["global_step"] == 1
+
+
+def test_torchrun_ranks_agree_and_keep_the_global_batch() -> None:
+    rows = rank_rows("-m", "torch.distributed.run", "--nproc-per-node", "2", "tests/hf_ddp.py")
+    assert [row["rank"] for row in rows] == [0, 1]
+    first, second = rows
+    assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
+    for row in rows:
+        micro, steps = row["per_device_train_batch_size"], row["gradient_accumulation_steps"]
+        assert micro == first["per_device_train_batch_size"] and micro <= row["ceiling"]
+        assert micro * 2 * steps == 128  # per device x ranks x accumulation
+        assert row["global_step"] == 2

@@ -199,3 +199,9 @@ def test_invalid_options(kwargs, match) -> None:
 def test_micro_batch_defaults_to_32_under_the_ceiling() -> None:
     ns = maxbatch.noise_scale(nn.Linear(3, 1), torch.randn(8, 3), batches=2, max_batch_size=12)
     assert (ns.b_small, ns.b_big) == (12, 96)
+
+
+def test_a_make_batch_without_randomness_is_refused() -> None:
+    rows = torch.randn(64, 3)
+    with pytest.raises(ConfigError, match="same batch twice"):
+        maxbatch.noise_scale(nn.Linear(3, 1), lambda b: rows[:b])

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from maxbatch.errors import ConfigError
 from maxbatch.finder import find_batch_size
@@ -106,3 +107,20 @@ def first_batch(loader: Iterable[Any], device: torch.device) -> Any:
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         return next(iter(loader))
+
+
+def probe_data(loader: Iterable[Any], device: torch.device) -> Any:
+    """What the probe builds its batches from: the loader's worst case, where it can be found.
+
+    A ``DataLoader`` over a map-style data set goes to :func:`~maxbatch.find_batch_size` as it is,
+    which builds each trial's batch from the largest items with the loader's ``collate_fn`` (so a
+    padding collate pads to the longest sequences); an iterable data set, or a loader that does not
+    batch, gives its first batch.
+    """
+    if (
+        isinstance(loader, DataLoader)
+        and loader.batch_sampler is not None
+        and not isinstance(loader.dataset, IterableDataset)
+    ):
+        return loader
+    return first_batch(loader, device)

@@ -7,7 +7,8 @@ Add it to the trainer and fit as usual::
 
 At fit start (the model is on its device, ``configure_optimizers`` has run) it probes the
 LightningModule's own ``training_step`` with the trainer's optimizer and precision on the trainer's
-device, using a batch from the train dataloader. Then it sets the batch size where Lightning's own
+device, with the worst case of the train dataloader (batches of its largest items, collated by the
+loader; the first batch of an iterable data set). Then it sets the batch size where Lightning's own
 batch-size finder sets it (the ``batch_size`` attribute of the module or datamodule, or their
 ``hparams``), makes the trainer load the dataloaders again, and, given ``global_batch``, sets
 ``trainer.accumulate_grad_batches`` so that each optimizer step still sees ``global_batch`` samples.
@@ -29,8 +30,8 @@ from maxbatch.finder import find_batch_size
 from maxbatch.integrations._common import (
     Plan,
     check_global_batch,
-    first_batch,
     plan_of,
+    probe_data,
     probe_options,
     with_extra_state,
 )
@@ -161,12 +162,12 @@ class MaxBatch(Callback):  # type: ignore[misc]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         options = with_extra_state(self.options, *optimizers[1:], scaler)
         device = trainer.strategy.root_device
-        sample = first_batch(trainer.fit_loop._data_source.dataloader(), device)
+        data = probe_data(trainer.fit_loop._data_source.dataloader(), device)
         # The strategy's model: the module itself, or its DDP wrapper, whose gradient buckets are
         # real memory and whose collectives find_batch_size keeps out of the trials.
         result = find_batch_size(
             trainer.strategy.model or pl_module,
-            sample,
+            data,
             optimizer=optimizers[0] if optimizers else "none",
             train_step=_train_step(trainer, pl_module),
             device=device,

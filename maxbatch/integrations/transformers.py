@@ -8,12 +8,12 @@ Call it between building the Trainer and training::
 
 It probes the Trainer's own ``training_step`` (its ``compute_loss``, mixed precision and backward),
 with the optimizer and scheduler the Trainer would create (or the ones it was given), the gradient
-clipping it applies, and batches from its own train dataloader (its data collator, its column
-removal), on ``args.device``. Then it sets ``args.per_device_train_batch_size`` and, given
-``global_batch``, ``args.gradient_accumulation_steps``, so that ``trainer.train()`` runs at the new
-size. The model's state and a given optimizer's and scheduler's are restored; an optimizer and
-scheduler that the probe created are dropped, so ``train()`` creates them for the real number of
-steps.
+clipping it applies, and the worst case of its train data set (its largest items, through its data
+collator and column removal; the first batch of an iterable data set), on ``args.device``. Then it
+sets ``args.per_device_train_batch_size`` and, given ``global_batch``,
+``args.gradient_accumulation_steps``, so that ``trainer.train()`` runs at the new size. The model's
+state and a given optimizer's and scheduler's are restored; an optimizer and scheduler that the
+probe created are dropped, so ``train()`` creates them for the real number of steps.
 
 The callback form, :class:`MaxBatchCallback`, does the same when the Trainer is built with it in
 ``callbacks=[...]``.
@@ -26,14 +26,15 @@ import warnings
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from maxbatch.errors import ConfigError
 from maxbatch.finder import find_batch_size
 from maxbatch.integrations._common import (
     Plan,
     check_global_batch,
-    first_batch,
     plan_of,
+    probe_data,
     probe_options,
     with_extra_state,
 )
@@ -72,6 +73,17 @@ def _train_step(trainer: Trainer, scheduler: Any) -> Any:
     return step
 
 
+def _probe_data(trainer: Trainer) -> Any:
+    """The Trainer's data set (its unused columns removed) with its collator, for the worst case.
+
+    A plain loader over them, not the Trainer's own, whose batches may be sharded over processes.
+    """
+    loader = trainer.get_train_dataloader()
+    if isinstance(loader.dataset, IterableDataset):
+        return probe_data(loader, trainer.args.device)  # no worst case: the first batch
+    return DataLoader(loader.dataset, collate_fn=loader.collate_fn)
+
+
 def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) -> BatchSizeResult:
     """Run the probe on the Trainer's step; leave its optimizer and scheduler as they were."""
     args, model = trainer.args, trainer.model
@@ -82,7 +94,7 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
             f"tune() probes one device per process, but this Trainer uses DataParallel over "
             f"{args.n_gpu} GPUs; launch with torchrun (one process per GPU) instead"
         )
-    sample = first_batch(trainer.get_train_dataloader(), args.device)
+    data = _probe_data(trainer)
     own_optimizer = trainer.optimizer is None
     if own_optimizer:
         trainer.create_optimizer()
@@ -97,7 +109,7 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
     try:
         return find_batch_size(
             model,
-            sample,
+            data,
             optimizer=trainer.optimizer,
             train_step=_train_step(trainer, scheduler),
             device=args.device,
