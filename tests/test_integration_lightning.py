@@ -256,6 +256,11 @@ def test_mistakes_are_named() -> None:
         MaxBatch(global_batch=0)
     with pytest.raises(ConfigError, match="no 'batch_size'"):
         trainer(MaxBatch(memory=MEMORY)).fit(NoBatchSize())
+    with pytest.raises(ConfigError, match="one train DataLoader; .* returned a list"):
+        two = Net()
+        loader = two.train_dataloader()
+        two.train_dataloader = lambda: [loader, loader]  # type: ignore[method-assign]
+        trainer(MaxBatch(memory=MEMORY)).fit(two)
     with pytest.raises(ConfigError, match="passed to fit"):
         trainer(MaxBatch(memory=MEMORY)).fit(Net(), train_dataloaders=DataLoader(dataset(64)))
 
