@@ -55,6 +55,8 @@ class Capacity:
         base_bytes: live before any trial (the model and its state), for the search's first jump.
         virtual: True when the capacity is a ``memory=`` cap enforced by counting.
         note: how the capacity was found, when the user should know it.
+        beyond_host: why a virtual capacity cannot be probed on this machine (it holds less), or
+            None: the ceiling is then estimated on fake tensors.
     """
 
     kind: str
@@ -64,6 +66,7 @@ class Capacity:
     base_bytes: int = 0
     virtual: bool
     note: str | None = None
+    beyond_host: str | None = None
 
     @property
     def usable_bytes(self) -> int:

@@ -30,6 +30,7 @@ from maxbatch.distributed import Ranks, join, sharded_note
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.grid import Grid
+from maxbatch.hostmem import beyond_host, estimate_beyond_host
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.oom import release_memory
@@ -108,7 +109,7 @@ class Measured:
     optimizer: str | None
     capacity: Capacity
     outcome: SearchOutcome
-    guess_note: str | None
+    search_notes: tuple[str, ...]
     picked: Picked
     lookup: Lookup | None = None
 
@@ -303,19 +304,28 @@ def _measure(request: Request) -> Measured | BatchSizeResult:
     """
     dev, limits = request.device, request.memory
     info = describe(dev)
-    counting = counts_live_bytes(dev.type, is_virtual(dev, limits))
+    virtual = is_virtual(dev, limits)
+    meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
     try:
-        with Meter(dev, counting=counting) as meter, build_workload(request.step, dev) as workload:
+        with meter, build_workload(request.step, dev) as workload:
             base = meter.live_bytes(workload)
             with enclosing_room(dev, workload.state_tensors()) as room:
                 local = probe_capacity(info, limits, base, room)
                 meter.set_usable(local.usable_bytes)  # this rank's; the search sees the tightest
-                capacity = _agree(request.ranks, local)
+                capacity = _agree(request.ranks, local, dev)
                 lookup = _look_up(request, info, workload, meter)
                 if lookup is not None and lookup.hit is not None:
                     return lookup.hit
-                outcome, guess_note = _search(request, workload, meter, capacity)
-                picked = _profile(request, workload, outcome)
+                outcome, search_notes = _search(request, workload, meter, capacity)
+                picked = (
+                    _profile(request, workload, outcome)
+                    if capacity.beyond_host is None
+                    else Picked(
+                        batch_size=outcome.ceiling,
+                        reason="the estimated ceiling: no size near it can run on this machine "
+                        "to be timed",
+                    )
+                )
     finally:
         release_memory(dev, full=True)
     opt = workload.optimizer
@@ -324,19 +334,23 @@ def _measure(request: Request) -> Measured | BatchSizeResult:
         optimizer=None if opt is None else type(opt).__name__,
         capacity=capacity,
         outcome=outcome,
-        guess_note=guess_note,
+        search_notes=search_notes,
         picked=picked,
         lookup=lookup,
     )
 
 
-def _agree(ranks: Ranks, local: Capacity) -> Capacity:
-    """The tightest rank's capacity, with the base against it (alone: this rank's)."""
+def _agree(ranks: Ranks, local: Capacity, device: torch.device) -> Capacity:
+    """The tightest rank's capacity, with the base against it (alone: this rank's).
+
+    A virtual capacity this machine cannot hold is said up front (:attr:`Capacity.beyond_host`).
+    """
     capacity, headroom, _, base = ranks.plan(
         local.capacity_bytes, local.headroom_bytes, local.usable_bytes, local.base_bytes
     )
+    beyond = beyond_host(capacity, base, device) if local.virtual else None
     return dataclasses.replace(
-        local, capacity_bytes=capacity, headroom_bytes=headroom, base_bytes=base
+        local, capacity_bytes=capacity, headroom_bytes=headroom, base_bytes=base, beyond_host=beyond
     )
 
 
@@ -414,11 +428,12 @@ def _store(request: Request, measured: Measured, result: BatchSizeResult) -> Non
 
 def _search(
     request: Request, workload: Workload, meter: Meter, capacity: Capacity
-) -> tuple[SearchOutcome, str | None]:
+) -> tuple[SearchOutcome, tuple[str, ...]]:
     """The ceiling search, from the fake step's first guess when asked (auto: on CUDA only).
 
     Returns:
-        The outcome, and a note when a first guess was asked for and could not be made.
+        The outcome, and notes: why a first guess asked for could not be made, and that the
+        ceiling was estimated when this machine cannot hold the virtual capacity.
 
     Raises:
         DoesNotFitError: the smallest size does not fit.
@@ -426,7 +441,8 @@ def _search(
     """
     settings, grid = request.search, request.search.grid
     start = grid.start(request.step.sample_size)
-    guess, note = None, None
+    guess: int | None = None
+    notes: tuple[str, ...] = ()
     # Auto: only on CUDA, where the real trials it saves are the expensive ones.
     cuda = capacity.kind == "cuda"
     if cuda if settings.estimate_first is None else settings.estimate_first:
@@ -438,10 +454,23 @@ def _search(
             target=Target.CUDA if cuda else Target.CPU,
         )
         if guess is None:
-            note = (
+            notes = (
                 f"no first guess from fake tensors: {why}; the search started from "
-                f"batch size {start}"
+                f"batch size {start}",
             )
+    if capacity.beyond_host is not None:
+        beyond = (
+            f"{capacity.beyond_host}: the ceiling is estimated on fake tensors, nothing was timed"
+        )
+        outcome = estimate_beyond_host(
+            request.step.with_optimizer(workload.optimizer),
+            capacity.usable_bytes,
+            capacity.beyond_host,
+            start=start,
+            grid=grid,
+            target=Target.CUDA if cuda else Target.CPU,
+        )
+        return outcome, (*notes, beyond)
     ranks, local_usable = request.ranks, meter.usable_bytes
     assert local_usable is not None  # set from this rank's capacity
     with ranks.quiet_step(request.step.model):
@@ -456,7 +485,7 @@ def _search(
             first_guess=guess,
             clock=ranks.clock,
         )
-    return outcome, note
+    return outcome, notes
 
 
 def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
@@ -519,7 +548,7 @@ def _assemble(request: Request, measured: Measured, noise: NoiseScale | None) ->
         sharded_note(step.model),
         capacity.note,
         None if measured.lookup is None else measured.lookup.note,
-        measured.guess_note,
+        *measured.search_notes,
         picked.note,
         None if outcome.complete else outcome.stop_reason,
         None if scan is None else scan.note,
@@ -528,6 +557,7 @@ def _assemble(request: Request, measured: Measured, noise: NoiseScale | None) ->
     return BatchSizeResult(
         batch_size=picked.batch_size,
         ceiling=outcome.ceiling,
+        ceiling_source="measured" if capacity.beyond_host is None else "estimated",
         device=measured.info.device,
         device_name=measured.info.name,
         mode=step.mode.value,
