@@ -333,7 +333,8 @@ def probe(
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
     if report_dir is not None:
-        _run(debug, lambda: _write_report(data, Path(report_dir), model_file))
+        with _interruptible(trials):  # the temporary folder goes, no partial report stays
+            _run(debug, lambda: _write_report(data, Path(report_dir), model_file))
     if as_json:
         click.echo(result_json(data))
     else:

@@ -257,6 +257,12 @@ class Ranks:
             return elapsed
         return float(self.exchange(_Kind.CLOCK, (elapsed,)).max())
 
+    def least(self, value: float | None) -> float | None:
+        """The smallest of the ranks' values (None stays None: every rank has None then)."""
+        if value is None or self.group is None:
+            return value
+        return float(self.exchange(_Kind.CLOCK, (value,)).min())
+
     @contextlib.contextmanager
     def quiet_step(self, model: torch.nn.Module) -> Iterator[None]:
         """Run a DDP model's trial steps without its collectives; restored afterwards.
@@ -277,6 +283,23 @@ class Ranks:
                 yield
         finally:
             model.forward_sync_buffers = buffers
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a ``DTensor`` this process holds (its storage reports the global size)."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()  # type: ignore[no-any-return]
+
+
+def sharded_note(model: torch.nn.Module) -> str | None:
+    """What to know about a model with ``DTensor`` parameters (FSDP2), or None without them."""
+    if not any(local_shard(p) is not p for p in model.parameters()):
+        return None
+    return (
+        "FSDP (DTensor) parameters: each rank's shard is counted, but the probe does not put "
+        "the shards' values back exactly (the trials' optimizer steps stay); probe before "
+        "loading weights or reload them afterwards"
+    )
 
 
 def _trial_row(trial: Trial, usable: int) -> tuple[float, ...]:

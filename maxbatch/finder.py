@@ -18,7 +18,7 @@ from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exporte
 from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
 from maxbatch.device import default_headroom as default_headroom  # re-exported
 from maxbatch.device import describe, device_label, resolve_device
-from maxbatch.distributed import join
+from maxbatch.distributed import join, sharded_note
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.extrastate import ExtraState
@@ -242,6 +242,8 @@ def find_batch_size(
     if optimizer is None and opt is not None:
         notes.append("no optimizer given: the step used AdamW, whose state is real memory")
     opt_name = None if opt is None else type(opt).__name__
+    if (sharded := sharded_note(model)) is not None:
+        notes.append(sharded)
     info = describe(dev)
     virtual = cap is not None or EnclosingDevices.present(dev)
     meter = Meter(dev, counting=virtual or dev.type != "cuda")
@@ -355,6 +357,7 @@ def find_batch_size(
         prof = None
         if profile:
             left = None if time_budget is None else time_budget - (time.perf_counter() - started)
+            left = ranks.least(left)  # one decision for all ranks
             if left is not None and left <= 0:
                 reason = "the ceiling: the time budget was spent before any size could be timed"
             else:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from maxbatch.distributed import local_shard
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.extrastate import ExtraState
 from maxbatch.snapshot import Snapshot
@@ -175,7 +176,15 @@ class Workload:
     # -- state ----------------------------------------------------------------------------------
 
     def state_tensors(self, *, grads: bool = True) -> Iterator[torch.Tensor]:
-        """Every tensor the model and optimizer hold between steps."""
+        """Every tensor the model and optimizer hold between steps.
+
+        Of a ``DTensor`` (FSDP's sharded parameters, gradients and optimizer state) it is the
+        shard this process holds: that is what takes its device's memory.
+        """
+        for t in self._state_tensors(grads):
+            yield local_shard(t)
+
+    def _state_tensors(self, grads: bool) -> Iterator[torch.Tensor]:
         for p in self.model.parameters():
             yield p
             if grads and p.grad is not None:

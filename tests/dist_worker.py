@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from maxbatch import MaxbatchError, find_batch_size
+from maxbatch.distributed import local_shard
 
 torch.set_num_threads(1)
 
@@ -52,12 +53,22 @@ def run(scenario: str, caps: list[str]) -> dict[str, object]:
         model = Failing(model, rank=1, at=40)
     if scenario == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
-    before = [p.detach().clone() for p in model.parameters()]
+    if scenario == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+    before = [local_shard(p.detach()).clone() for p in model.parameters()]
     try:
         result = find_batch_size(
             model,
             torch.randn(8, 256),
-            memory=caps[rank],
+            # FSDP gathers parameters inside the step: its ranks must run out of memory alike.
+            memory=min(caps, key=lambda c: int(c.removesuffix("MiB")))
+            if scenario == "fsdp"
+            else caps[rank],
             optimizer="sgd",
             profile=scenario == "profile",
             global_batch=64 if scenario == "profile" else None,
@@ -65,7 +76,8 @@ def run(scenario: str, caps: list[str]) -> dict[str, object]:
         )
     except MaxbatchError as e:
         return {"rank": rank, "error": type(e).__name__, "message": str(e)}
-    same = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    after = [local_shard(p.detach()) for p in model.parameters()]
+    same = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     synced = None
     if scenario == "ddp":  # training goes on with DDP's gradient all-reduce as before
         model(torch.randn(4, 256) * (rank + 1)).sum().backward()
@@ -75,6 +87,7 @@ def run(scenario: str, caps: list[str]) -> dict[str, object]:
         dist.all_gather(grads, grad)
         synced = all(torch.equal(g, grads[0]) for g in grads)
     keys = ("ceiling", "batch_size", "world_size", "global_batch_size", "usable_bytes", "trials")
+    keys += ("notes",)
     data = {k: result.to_dict()[k] for k in keys}
     return {"rank": rank, "unchanged": same, "synced": synced, **data}
 

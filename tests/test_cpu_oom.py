@@ -9,19 +9,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from rlimit import CAP
 
-CHILD = textwrap.dedent(
+CHILD = CAP + textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     torch.set_num_threads(1)
     from maxbatch import find_batch_size
-
-    def vm_bytes():
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
 
     model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.ReLU(),
                                 torch.nn.Linear(2048, 10))
@@ -29,8 +24,7 @@ CHILD = textwrap.dedent(
     # Warm the allocator and the autograd machinery before the address space is capped.
     model(sample).sum().backward()
     model.zero_grad(set_to_none=True)
-    limit = vm_bytes() + 160 * 1024**2
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    cap(160 * 1024**2)
     # No --memory cap and no headroom: only the kernel's limit stops a trial, with the CPU
     # allocator's own error ("DefaultCPUAllocator: can't allocate memory").
     result = find_batch_size(model, sample, headroom=0, optimizer="sgd", device="cpu")

@@ -85,7 +85,7 @@ def single_ceiling(cap: str) -> int:
 @pytest.fixture(scope="module")
 def two_ranks() -> list[dict]:
     """One group of two ranks (40 and 20 MiB) runs every two-rank scenario once."""
-    return launch("caps,profile,ddp,fail", ["40MiB", "20MiB"])
+    return launch("caps,profile,ddp,fsdp,fail", ["40MiB", "20MiB"])
 
 
 def scenario(results: list[dict], name: str) -> list[dict]:
@@ -148,6 +148,15 @@ def test_a_ddp_model_is_probed_as_passed_and_trains_on_afterwards(two_ranks: lis
     results = scenario(two_ranks, "ddp")
     assert [r.get("ceiling") for r in results] == [single_ceiling("20MiB")] * 2, results
     assert all(r["unchanged"] and r["synced"] for r in results)
+
+
+@pytest.mark.slow
+def test_an_fsdp_model_counts_the_shard_each_rank_holds(two_ranks: list[dict]) -> None:
+    plain, sharded = scenario(two_ranks, "caps"), scenario(two_ranks, "fsdp")
+    assert len({r["ceiling"] for r in sharded}) == 1, sharded
+    # Parameters and momentum split evenly over two ranks: each holds half after the first trial.
+    assert sharded[0]["trials"][0]["state_bytes"] == plain[0]["trials"][0]["state_bytes"] // 2
+    assert any("FSDP" in n for n in sharded[0]["notes"])  # what is not restored, said
 
 
 def test_distributed_true_without_a_group_is_a_config_error() -> None:

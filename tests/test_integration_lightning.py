@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 pl = pytest.importorskip("lightning.pytorch")
 
 from models import TinyEncoder  # noqa: E402
+from rank_rows import rank_rows  # noqa: E402
 from sequences import LONGEST, Sequences, lengths, pad_collate  # noqa: E402
 
 import maxbatch  # noqa: E402
@@ -259,6 +256,11 @@ def test_mistakes_are_named() -> None:
         MaxBatch(global_batch=0)
     with pytest.raises(ConfigError, match="no 'batch_size'"):
         trainer(MaxBatch(memory=MEMORY)).fit(NoBatchSize())
+    with pytest.raises(ConfigError, match="one train DataLoader; .* returned a list"):
+        two = Net()
+        loader = two.train_dataloader()
+        two.train_dataloader = lambda: [loader, loader]  # type: ignore[method-assign]
+        trainer(MaxBatch(memory=MEMORY)).fit(two)
     with pytest.raises(ConfigError, match="passed to fit"):
         trainer(MaxBatch(memory=MEMORY)).fit(Net(), train_dataloaders=DataLoader(dataset(64)))
 
@@ -318,22 +320,8 @@ def test_the_standalone_pytorch_lightning_package() -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_and_keep_the_global_batch() -> None:
-    script = Path(__file__).parent / "lightning_ddp.py"
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=root,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [
-        json.loads(line[9:]) for line in out.stdout.splitlines() if line.startswith("MAXBATCH ")
-    ]
-    assert sorted(row["rank"] for row in rows) == [0, 1]
+    rows = rank_rows("tests/lightning_ddp.py")
+    assert [row["rank"] for row in rows] == [0, 1]
     first, second = rows
     assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
     for row in rows:

@@ -18,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from rank_rows import rank_rows  # noqa: E402
 from sequences import LONGEST, Sequences, lengths, pad_collate  # noqa: E402
 
 import maxbatch  # noqa: E402
@@ -117,6 +118,26 @@ def test_tune_sets_the_arguments_and_training_runs_at_them(tmp_path: Path) -> No
     assert sizes == [args.per_device_train_batch_size] * args.gradient_accumulation_steps
 
 
+def test_the_ceiling_is_the_ceiling_of_the_trainers_loop(tmp_path: Path) -> None:
+    trainer = transformers.Trainer(model=gpt2(), args=arguments(tmp_path), train_dataset=LMTokens())
+    ceiling = tune(trainer, memory=MEMORY, profile=False).ceiling
+
+    def train_at(batch_size: int) -> None:
+        model, args = gpt2(), arguments(tmp_path, max_steps=2)
+        args.per_device_train_batch_size = batch_size
+        fresh = transformers.Trainer(model=model, args=args, train_dataset=LMTokens())
+        with maxbatch.virtual_device(MEMORY) as device:
+            device.track(model)
+            fresh.train()
+
+    # A fresh Trainer's own loop, on a device of the probe's capacity. On the CPU the loop also
+    # holds the next input batch (accelerate's loader fetches one ahead; on CUDA it stays in host
+    # memory), which the probe leaves out: here it fits in what the ceiling leaves free.
+    train_at(ceiling)
+    with pytest.raises(torch.OutOfMemoryError):
+        train_at(ceiling + 1)
+
+
 def test_the_worst_case_of_the_train_data_survives_an_epoch(tmp_path: Path) -> None:
     model, data = gpt2(), Sequences(lengths())  # mostly short, three of 64 tokens
     args = arguments(tmp_path, max_steps=-1)
@@ -210,3 +231,15 @@ def test_the_example_trains_at_the_size_it_finds() -> None:
     assert info["per_device_train_batch_size"] * info["gradient_accumulation_steps"] == 64
     assert info["per_device_train_batch_size"] <= info["ceiling"]
     assert info["global_step"] == 1
+
+
+def test_torchrun_ranks_agree_and_keep_the_global_batch() -> None:
+    rows = rank_rows("-m", "torch.distributed.run", "--nproc-per-node", "2", "tests/hf_ddp.py")
+    assert [row["rank"] for row in rows] == [0, 1]
+    first, second = rows
+    assert first["world_size"] == 2 and first["ceiling"] == second["ceiling"]
+    for row in rows:
+        micro, steps = row["per_device_train_batch_size"], row["gradient_accumulation_steps"]
+        assert micro == first["per_device_train_batch_size"] and micro <= row["ceiling"]
+        assert micro * 2 * steps == 128  # per device x ranks x accumulation
+        assert row["global_step"] == 2

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.finder import find_batch_size
@@ -162,7 +163,13 @@ class MaxBatch(Callback):  # type: ignore[misc]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         options = with_extra_state(self.options, *optimizers[1:], scaler)
         device = trainer.strategy.root_device
-        data = probe_data(trainer.fit_loop._data_source.dataloader(), device)
+        loader = trainer.fit_loop._data_source.dataloader()
+        if not isinstance(loader, DataLoader):
+            raise ConfigError(
+                f"MaxBatch probes one train DataLoader; train_dataloader() returned a "
+                f"{type(loader).__name__} (several loaders, or a CombinedLoader)"
+            )
+        data = probe_data(loader, device)
         # The strategy's model: the module itself, or its DDP wrapper, whose gradient buckets are
         # real memory and whose collectives find_batch_size keeps out of the trials.
         result = find_batch_size(
