@@ -22,6 +22,7 @@ from maxbatch.distributed import join, sharded_note
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
 from maxbatch.extrastate import ExtraState
+from maxbatch.hostmem import beyond_host, estimate_beyond_host
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE, check_pick
@@ -246,7 +247,7 @@ def find_batch_size(
         notes.append(sharded)
     info = describe(dev)
     virtual = cap is not None or EnclosingDevices.present(dev)
-    meter = Meter(dev, counting=virtual or dev.type != "cuda")
+    meter = Meter(dev, counting=virtual or dev.type != "cuda", virtual=virtual)
     workload.save()
     enclosing = None
     try:
@@ -283,6 +284,7 @@ def find_batch_size(
         # This rank's meter keeps its own usable bytes; the search sees the tightest rank's.
         local_usable = usable
         capacity, room, usable, base = ranks.plan(capacity, room, usable, base)
+        beyond = beyond_host(capacity, base, dev) if virtual else None  # said up front
         lower = min_b or 1
         start = sample_size if sample_size is not None else max(lower, 2)
         start = max(start, lower)
@@ -338,21 +340,37 @@ def find_batch_size(
                     f"no first guess from fake tensors: {why}; the search started from "
                     f"batch size {start}"
                 )
-        with ranks.quiet_step(model):
-            outcome = search(
-                ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+        if beyond is not None:
+            notes.append(f"{beyond}: the ceiling is estimated on fake tensors, nothing was timed")
+            outcome = estimate_beyond_host(
+                workload,
+                sample,
+                usable,
+                beyond,
                 start=start,
-                usable_bytes=usable,
-                base_bytes=base,
                 min_batch_size=lower,
                 max_batch_size=max_b,
                 multiple_of=step,
-                time_budget=time_budget,
-                on_trial=on_trial,
-                first_guess=guess,
-                clock=ranks.clock,
             )
+            profile = False
+        else:
+            with ranks.quiet_step(model):
+                outcome = search(
+                    ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+                    start=start,
+                    usable_bytes=usable,
+                    base_bytes=base,
+                    min_batch_size=lower,
+                    max_batch_size=max_b,
+                    multiple_of=step,
+                    time_budget=time_budget,
+                    on_trial=on_trial,
+                    first_guess=guess,
+                    clock=ranks.clock,
+                )
         chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
+        if beyond is not None:
+            reason = "the estimated ceiling: no size near it can run on this machine to be timed"
         points: tuple[Throughput, ...] = ()
         prof = None
         if profile:
@@ -419,6 +437,7 @@ def find_batch_size(
     result = BatchSizeResult(
         batch_size=chosen,
         ceiling=outcome.ceiling,
+        ceiling_source="measured" if beyond is None else "estimated",
         device=device_label(dev),
         device_name=info.name,
         mode=run_mode.value,
