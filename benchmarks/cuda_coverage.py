@@ -78,7 +78,7 @@ def cuda_lines(path: Path) -> set[int]:
 
 
 def main() -> int:
-    import coverage  # noqa: PLC0415 - an optional tool, only this script needs it
+    import coverage
     import pytest
 
     cov = coverage.Coverage(include=[str(PACKAGE / "*")])

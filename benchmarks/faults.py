@@ -266,7 +266,7 @@ def run(case: Case, fault: str) -> str:
     try:
         find_batch_size(case.model, case.sample, **kwargs)
         return "answer"
-    except (Exception, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the fault matrix records any
         return type(e).__name__
     finally:
         if handle is not None:

@@ -28,32 +28,27 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from peers.workbench import Workbench, machine, virtual_device
+from peers.workloads import adamw
 from probe_models import MODELS as BUILT
 from probe_models import forward, loss
 
 import maxbatch
 from maxbatch.batching import make_batch_fn
-from maxbatch.device import describe
 from maxbatch.errors import DoesNotFitError
 from maxbatch.modelfile import load_model_file
-from maxbatch.oom import release_memory
 from maxbatch.results import Trial
-from maxbatch.spec import StepSpec
-from maxbatch.trial import Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
-from maxbatch.workload import build_workload
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 #: The bundled examples, then the models built in code (``probe_models.py``) whose peak bends.
@@ -62,26 +57,6 @@ MODELS = ("mlp", "cnn", "transformer", *BUILT)
 #: its sample size; the largest keeps the default run to a few minutes on 2 cores.
 CAPS = ("64MiB", "150MiB", "300MiB", "600MiB")
 QUICK_CAPS = ("64MiB", "150MiB")
-
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
-
-
-def adamw(parameters: Any) -> torch.optim.Optimizer:
-    """The optimizer used when a model file defines none (maxbatch's default too)."""
-    return torch.optim.AdamW(parameters)
-
-
-@dataclasses.dataclass(frozen=True)
-class Workbench:
-    """One model with everything needed to build its step (what a model file defines)."""
-
-    name: str
-    model: torch.nn.Module
-    sample: Any  # a sample batch, or make_batch(batch_size)
-    optimizer: OptimizerFactory = adamw
-    forward_fn: Callable[[torch.nn.Module, Any], Any] | None = None
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
-    train_step: Callable[..., Any] | None = None
 
 
 def load_example(name: str) -> Workbench:
@@ -159,31 +134,6 @@ def start_size(sample: Any) -> int:
     """Where both searches start: the sample's batch size (2 for a ``make_batch`` function)."""
     _, size = make_batch_fn(sample)
     return size if size is not None else 2
-
-
-@contextlib.contextmanager
-def virtual_device(bench: Workbench, cap_bytes: int) -> Iterator[Callable[[int], Trial]]:
-    """Yield ``run(b) -> Trial`` on a virtual device of ``cap_bytes``, set up as maxbatch does.
-
-    A fresh optimizer is built; the model and optimizer state, training flags and RNG states are
-    restored on leaving, as ``find_batch_size`` restores them.
-    """
-    model = bench.model
-    device = next(model.parameters()).device
-    step = StepSpec.build(
-        model,
-        bench.sample,
-        optimizer=bench.optimizer,
-        forward_fn=bench.forward_fn,
-        loss_fn=bench.loss_fn,
-        train_step=bench.train_step,
-    )
-    try:
-        with Meter(device, counting=True) as meter, build_workload(step, device) as workload:
-            meter.set_usable(cap_bytes)
-            yield lambda b: run_trial(workload, meter, b)
-    finally:
-        release_memory(device, full=True)  # as find_batch_size does at the end
 
 
 def doubling_bisection(
@@ -456,18 +406,6 @@ def summary(rows: Sequence[Row]) -> str:
         f"median ratio: trials x{statistics.median(r.trials_ratio for r in rows):.1f}, "
         f"time x{statistics.median(r.time_ratio for r in rows):.1f}"
     )
-
-
-def machine() -> dict[str, Any]:
-    """The machine and software the figures were taken on."""
-    return {
-        "cpu": describe(torch.device("cpu")).name,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "maxbatch": maxbatch.__version__,
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

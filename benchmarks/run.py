@@ -32,8 +32,8 @@ from peers import chart, report
 from peers.core import Row, measure, summarize
 from peers.tools import INSTALL, LIGHTNING_MAX_TRIALS, START, STEPS, TOOLS, available
 from peers.truth import REPLICATES, WARMUP
+from peers.workbench import machine
 from peers.workloads import WORKLOADS
-from probe_trials import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("maxbatch", "torch", "lightning", "accelerate", "torch-max-mem", "toma", "matplotlib")

@@ -20,7 +20,7 @@ from maxbatch.isolate import probe_file
 from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
-from maxbatch.results import BatchSizeResult, MemoryModel, ProbeResult, Trial
+from maxbatch.results import BatchSizeResult, MemoryModel, Trial
 from maxbatch.schedule import SchedulePhase, batch_schedule
 from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
@@ -43,7 +43,6 @@ __all__ = [
     "ModelFileError",
     "NoiseScale",
     "NoiseScaleTracker",
-    "ProbeResult",
     "RankFailedError",
     "SchedulePhase",
     "Trial",

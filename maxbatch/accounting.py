@@ -72,6 +72,9 @@ def _tensors(obj: Any, found: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors in an operator's arguments or results (tuples, lists, dicts of them).
 
     Faster than a general pytree flatten, which costs more than counting itself on small ops.
+
+    Returns:
+        ``found``, with the tensors appended.
     """
     if isinstance(obj, torch.Tensor):
         found.append(obj)
@@ -101,7 +104,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
-class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
+class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Counts live storage bytes created under it and enforces an optional cap.
 
     Args:
@@ -201,6 +204,9 @@ class MemoryCounter(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         An output that shares its storage with an input (a view, an in-place result) allocated
         nothing, also when the input was made before counting began (the user's sample). Only
         operators whose schema says an output may alias an input need the inputs looked at.
+
+        Returns:
+            The bytes the new storages added (rounded).
         """
         outputs = _tensors(out, [])
         if not outputs:

@@ -103,6 +103,9 @@ def _positive(value: Any, name: str) -> int:
 def iterations_per_epoch(dataset_size: int, batch_size: int, *, drop_last: bool = False) -> int:
     """Steps in one pass over ``dataset_size`` samples (a last partial batch counts unless dropped).
 
+    Returns:
+        The optimizer steps per epoch.
+
     Raises:
         ConfigError: a size is not a positive integer.
     """
@@ -122,6 +125,9 @@ def accumulation_plan(global_batch: int, ceiling: int, pick: int | None = None) 
         global_batch: samples per optimizer step wanted.
         ceiling: the largest micro-batch that fits.
         pick: the batch size picked for throughput.
+
+    Returns:
+        The plan: micro-batch, accumulation steps, effective batch, and a note.
 
     Raises:
         ConfigError: a size is not a positive integer, or ``pick`` is above ``ceiling``.
@@ -156,6 +162,9 @@ def accumulation_plan(global_batch: int, ceiling: int, pick: int | None = None) 
 
 def scale_lr(base_lr: float, base_batch: int, new_batch: int) -> LearningRates:
     """Scale a learning rate tuned at ``base_batch`` to ``new_batch``: linear and square root.
+
+    Returns:
+        The linear and square-root scaled learning rates.
 
     Raises:
         ConfigError: ``base_lr`` is not a positive number or a batch is not a positive integer.
@@ -193,6 +202,9 @@ def advise(
         critical_batch: the critical batch estimate (:func:`maxbatch.noise_scale`); without a
             ``global_batch``, the global batch suggested is near it (a multiple of
             ``batch_size`` above it, itself below), and the rest of the advice follows from it.
+
+    Returns:
+        The :class:`Advice`.
 
     Raises:
         ConfigError: a value is invalid, or only one of ``base_batch`` and ``base_lr`` is given.
@@ -249,6 +261,9 @@ def advise(
 
 def per_rank(global_batch: int | None, world_size: int) -> int | None:
     """The part of ``global_batch`` (over all ranks) that each of ``world_size`` ranks takes.
+
+    Returns:
+        Each rank's share, or None without a global batch.
 
     Raises:
         ConfigError: ``global_batch`` is not a multiple of ``world_size``.

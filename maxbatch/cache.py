@@ -94,6 +94,9 @@ def describe(
         optimizer: the step's optimizer.
         functions: the user's step functions by role (``forward_fn``, ``train_step``...).
         settings: the rest: mode, precision, device, capacity, headroom, search settings.
+
+    Returns:
+        The description: modules, parameters, batch, optimizer, step code and settings.
     """
     from maxbatch import __version__
 
@@ -180,6 +183,9 @@ class ResultCache:
 
         A cache that cannot be written (permissions, a full disk) warns and stores nothing:
         the answer itself stands.
+
+        Returns:
+            The entry's file, or None when the cache could not be written.
         """
         params = sum(math.prod(p[1]) for p in description.get("parameters", ()))
         top = (description.get("modules") or [["", "?"]])[0][1]
@@ -261,6 +267,9 @@ def verified(
 
     Above the maximum batch size nothing is run. Returns whether the hit holds and, in words,
     what the check found.
+
+    Returns:
+        Whether the hit holds, and what the check found, in words.
     """
     ceiling = hit.ceiling
     if not run(ceiling).fits:

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from maxbatch.device import DeviceInfo
 from maxbatch.errors import ConfigError
+from maxbatch.results import DeviceInfo
 from maxbatch.spec import MemorySettings, Target
 from maxbatch.units import format_bytes
 from maxbatch.virtual import EnclosingDevices
@@ -93,7 +93,10 @@ def is_virtual(device: torch.device, limits: MemorySettings) -> bool:
 def enclosing_room(device: torch.device, state: Iterable[torch.Tensor]) -> Iterator[int | None]:
     """Lend the user's enclosing virtual devices to the probe; yield the room they leave.
 
-    Yields None outside any. Their caps are lifted inside and put back on leaving.
+    Their caps are lifted inside and put back on leaving.
+
+    Yields:
+        The bytes the enclosing counters leave the probe, or None outside any.
     """
     lent = EnclosingDevices(device, state)
     try:
@@ -112,6 +115,9 @@ def probe_capacity(
         limits: the cap and the headroom asked for.
         base_bytes: what the model and its state hold before any trial.
         enclosing_bytes: the room the user's enclosing virtual devices leave, or None.
+
+    Returns:
+        The capacity, headroom and base bytes on this device.
 
     Raises:
         ConfigError: nothing is usable above what the model and optimizer already hold.

@@ -108,6 +108,9 @@ def _workload_options(
 
     Each option reaches the command as the keyword argument of the same name; :func:`_start`
     and :func:`_step_kwargs` turn them into the library's arguments.
+
+    Returns:
+        A decorator that adds the shared options to a command.
     """
     options = [
         click.option("--headroom", default=None, help=headroom_help),

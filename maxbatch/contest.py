@@ -77,6 +77,9 @@ def contenders(
     next larger timed size when the pick may be more than half the tolerance short of its
     threshold, else the largest smaller size that may be within it after all. Empty when there
     is none.
+
+    Returns:
+        The contenders, the best first; empty when there is no rival.
     """
     best = _best(points)
     me = points[chosen]
@@ -112,6 +115,9 @@ def run_rounds(
     """Time ``sizes`` (the best first) in :data:`ROUNDS` interleaved rounds; pool and compare.
 
     ``seconds`` holds each size's replicates so far, the first round.
+
+    Returns:
+        The rounds, the pooled points and what blocked a round, if anything.
     """
     pooled = {b: list(seconds[b]) for b in sizes}
     rounds = [{b: points[b].samples_per_second for b in sizes}]
@@ -166,6 +172,9 @@ def confidence(
     when the pick's or the best's timing is noisy; ``"medium"`` when some size is within its
     measured spread of the rule's threshold (too little throughput at stake for a round);
     else ``"high"``.
+
+    Returns:
+        The level and why.
     """
     if len(points) == 1:
         return Confidence("low", f"only batch size {chosen} was timed: nothing to compare it with")

@@ -181,6 +181,9 @@ class DataSource:
     def scan(self) -> DataScan:
         """Read the items' sizes once (later calls return the first scan's report).
 
+        Returns:
+            The scan's report.
+
         Raises:
             ConfigError: the data set is empty, or no item has a size.
             WorkloadError: reading an item failed.
@@ -244,6 +247,9 @@ class DataSource:
 
         A batch's size is its items times its largest item's size: the elements of the batch a
         padding collate makes, and of a stacking one (its items are all the same size).
+
+        Returns:
+            The indices of the largest batch.
         """
         assert self._batch_sampler is not None
         best: list[int] = []
@@ -259,6 +265,9 @@ class DataSource:
         """The items of the worst-case batch of ``batch_size``, largest first.
 
         When the pool (the items read, or the largest bucket) holds fewer, they repeat, cycling.
+
+        Returns:
+            ``batch_size`` indices.
         """
         self.scan()
         assert self._ranking is not None
@@ -281,6 +290,9 @@ class DataSource:
 
         The items are read as host data, outside any dispatch mode (a virtual device's counter,
         the estimate's fake tensors); the collated batch is made inside them.
+
+        Returns:
+            The batch.
 
         Raises:
             WorkloadError: reading or collating the items failed for a reason other than memory.
@@ -305,6 +317,9 @@ def as_batch_source(sample: Any) -> Any:
     """A :class:`DataSource` for a map-style dataset or a ``DataLoader``; anything else as given.
 
     Scans the data now, at the entry, before any device work.
+
+    Returns:
+        The data source (scanned), or ``sample`` unchanged.
     """
     if isinstance(sample, (Dataset, DataLoader)):
         sample = DataSource(sample)

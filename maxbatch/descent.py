@@ -100,6 +100,9 @@ class Search:
 
         The prior's costs, scaled by what the timed sizes really cost against it, fill in
         where nothing was timed; with neither, 0.
+
+        Returns:
+            The predicted seconds.
         """
         known = dict(self.cost)
         if self.prior:
@@ -114,6 +117,9 @@ class Search:
 
         The budget always applies; the cost rule (``shared``) allows ``factor`` times the
         larger of ``share`` of timing every candidate and :data:`PROBE_RATIO` times the probe.
+
+        Returns:
+            Why, in words, or None when ``b`` may be timed.
         """
         cost, spent = self.predict(b), sum(self.cost.values())
         why = None
@@ -188,6 +194,9 @@ class Search:
         a rung below ``keep`` of the best and no faster than the rung above it: from there down
         the curve only falls away. After a size runs out of memory, the next one is the
         candidate just below it.
+
+        Returns:
+            Why the descent stopped, in words.
         """
         b: int | None = self.first_rung()
         above: int | None = None
@@ -224,6 +233,9 @@ class Search:
         the region just below it is timed whatever it costs (only the budget can stop it):
         the ``"within"`` pick may be there, and it tells whether the curve still rises at the
         top. Returns a clause for the stop reason, or "".
+
+        Returns:
+            A clause for the stop reason, or "".
         """
         if not self.points:
             return ""

@@ -7,7 +7,6 @@ NVML is read only here.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 from typing import Any
@@ -16,45 +15,7 @@ import psutil
 import torch
 
 from maxbatch.errors import DeviceError
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceInfo:
-    """Memory and identity of one device, read when asked.
-
-    Attributes:
-        device: canonical name, e.g. ``"cuda:0"``, ``"mps"``, ``"cpu"``.
-        kind: ``"cuda"``, ``"mps"`` or ``"cpu"``.
-        name: a readable name (GPU model, CPU model).
-        total_bytes: physical memory of the device.
-        free_bytes: memory not in use by anyone (CUDA: ``mem_get_info``; CPU: psutil ``available``).
-        process_bytes: memory this process holds on it (CUDA: reserved by the caching allocator).
-        other_processes_bytes: memory other processes hold (CUDA with NVML only), else None.
-    """
-
-    device: str
-    kind: str
-    name: str
-    total_bytes: int
-    free_bytes: int
-    process_bytes: int
-    other_processes_bytes: int | None = None
-
-    @property
-    def capacity_bytes(self) -> int:
-        """Bytes a step of this process may use: what is free plus what the process already holds.
-
-        On the CPU the process's own resident memory is not added back: it is not free for tensors.
-        """
-        if self.kind == "cuda":
-            return self.free_bytes + self.process_bytes
-        return self.free_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the info as a JSON-ready dict."""
-        d = dataclasses.asdict(self)
-        d["capacity_bytes"] = self.capacity_bytes
-        return d
+from maxbatch.results import DeviceInfo
 
 
 def _mps_available() -> bool:
@@ -72,6 +33,9 @@ def default_device() -> torch.device:
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
     """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or None into a usable ``torch.device``.
+
+    Returns:
+        The resolved device.
 
     Raises:
         DeviceError: the spec is not a device name, or the device is not present.

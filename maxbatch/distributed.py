@@ -91,6 +91,9 @@ class Ranks:
     ) -> torch.Tensor:
         """All-gather one row per rank: ``(world_size, len(payload))`` float64 payloads.
 
+        Returns:
+            The rows, one per rank (alone: this rank's).
+
         Raises:
             RankFailedError: another rank failed (its message is in this one).
             DistributedError: a rank did not answer (it died or stalled past the timeout), or the
@@ -199,6 +202,9 @@ class Ranks:
         ``usable`` is this rank's usable bytes; the agreed trial's ``peak_bytes`` is the
         tightest rank's margin added to the smallest usable bytes, so that it fits exactly when it
         fit on every rank.
+
+        Returns:
+            The wrapped ``run`` (``run`` itself alone).
         """
         if self.group is None:
             return run
@@ -227,6 +233,9 @@ class Ranks:
         """Wrap the profiler's ``time_step(b)``: the slowest rank's seconds, replicate by replicate.
 
         An empty list (the size ran out of memory) on any rank is an empty list on all.
+
+        Returns:
+            The wrapped ``time_step``.
         """
         if self.group is None:
             return lambda b: list(time_step(b))
@@ -288,7 +297,7 @@ class Ranks:
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """The part of a ``DTensor`` this process holds (its storage reports the global size)."""
     to_local = getattr(tensor, "to_local", None)
-    return tensor if to_local is None else to_local()  # type: ignore[no-any-return]
+    return tensor if to_local is None else to_local()
 
 
 def sharded_note(model: torch.nn.Module) -> str | None:
@@ -344,8 +353,12 @@ def join(distributed: bool | None) -> Ranks:
         distributed: None (auto): agree when a process group with more than one rank is
             initialised; True: require one; False: probe this process alone.
 
+    Returns:
+        The ranks (this process alone without a group).
+
     Raises:
         ConfigError: ``distributed`` is not a bool or None, or True without a process group.
+        DistributedError: the agreement's own gloo group cannot be created.
     """
     if distributed is not None and not isinstance(distributed, bool):
         raise ConfigError(f"distributed={distributed!r} must be True, False or None (auto)")
@@ -374,6 +387,12 @@ def init_from_env() -> int:
     create the group: the command line does, with gloo on the CPU (and NCCL for CUDA tensors
     when CUDA is present). Without those variables, or when a group exists already, nothing is
     done.
+
+    Returns:
+        This process's rank (0 without a group).
+
+    Raises:
+        ConfigError: launched by torchrun on a torch build without torch.distributed.
     """
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():

@@ -244,6 +244,9 @@ def _memory_model(
 
     Memory is affine in ``b`` above a small crossover, so the points nearest the ceiling describe
     it best; a third point between them checks the fit.
+
+    Returns:
+        The fitted model, and whether a third point between them lies on it (within 1 %).
     """
     known = [c for c in ceilings if c is not None] + sizes
     high = max(known) if known else 8 * start

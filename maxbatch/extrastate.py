@@ -226,6 +226,9 @@ def referenced_scalers(fn: Callable[..., Any] | None, depth: int = 3) -> list[to
     """The ``GradScaler`` objects among the global and closure variables ``fn`` uses.
 
     Functions it uses are searched too, ``depth`` calls deep (a step that calls a helper).
+
+    Returns:
+        The scalers, each once.
     """
     found: dict[int, torch.amp.GradScaler] = {}
     seen: set[int] = set()

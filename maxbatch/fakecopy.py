@@ -30,6 +30,9 @@ def fake_like(t: torch.Tensor) -> torch.Tensor:
 def fake_model(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, Any]]:
     """A copy of ``model`` whose tensors are fake, and the memo from real tensor ids to fakes.
 
+    Returns:
+        The fake copy and the memo.
+
     Raises:
         EstimateError: the model cannot be deep-copied (it holds a lock, a file, a process...).
     """
@@ -54,6 +57,9 @@ def fake_model(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, Any]]
 
 def fake_optimizer(optimizer: torch.optim.Optimizer, memo: dict[int, Any]) -> torch.optim.Optimizer:
     """The same optimizer class and hyperparameters over the fake parameters in ``memo``.
+
+    Returns:
+        The optimizer over the fake parameters (its state is not copied).
 
     Raises:
         ConfigError: the optimizer holds tensors that are not the model's parameters, or its

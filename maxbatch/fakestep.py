@@ -61,7 +61,7 @@ def _why(error: Exception) -> str:
     return "has no fake (meta) implementation in this torch version"
 
 
-class _CpuBatchNorm(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
+class _CpuBatchNorm(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Batch norm whose saved statistics have the CPU kernel's dtype.
 
     The meta kernel saves them in the input's dtype; the CPU kernel saves them in float32 when a
@@ -85,16 +85,16 @@ class _CpuBatchNorm(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         return out
 
 
-def _estimate_error(cause: Exception) -> EstimateError:
-    """Name the operation that fake tensors cannot run, and why."""
+def _not_fakeable(cause: Exception) -> dict[str, str]:
+    """The keywords of the :class:`EstimateError` naming the operation fake tensors cannot run."""
     op = str(getattr(cause, "func", "an operation"))
-    return EstimateError(
-        f"the step cannot run on fake tensors: {op} {_why(cause)}; estimates need a step "
-        "whose shapes do not depend on tensor values. Use `maxbatch probe` (or "
+    return {
+        "message": f"the step cannot run on fake tensors: {op} {_why(cause)}; estimates need a "
+        "step whose shapes do not depend on tensor values. Use `maxbatch probe` (or "
         "find_batch_size) to measure on a real device instead",
-        operation=op,
-        reason=f"the step calls {op}, which {_why(cause)}",
-    )
+        "operation": op,
+        "reason": f"the step calls {op}, which {_why(cause)}",
+    }
 
 
 def storage_bytes(tensors: Iterable[Any], round_to: int) -> int:
@@ -200,8 +200,12 @@ def fake_step(step: StepSpec, target: Target) -> Iterator[FakeStep]:
     The optimizer is chosen as the probe chooses it (an instance is rebuilt over the fake
     parameters); for a CUDA target it takes the foreach implementation, as torch does there.
 
+    Yields:
+        The fake step, saved and prepared; restored on leaving.
+
     Raises:
         EstimateError: the step cannot run on fake tensors.
+        WorkloadError: the step failed for a reason fake tensors do not explain.
     """
     # Fallback kernels would run ops without a meta kernel on real zeros: real memory.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
@@ -232,4 +236,4 @@ def fake_step(step: StepSpec, target: Target) -> Iterator[FakeStep]:
             cause = e.__cause__ if isinstance(e, WorkloadError) else e
             if not isinstance(cause, _NOT_FAKEABLE):
                 raise
-            raise _estimate_error(cause) from cause
+            raise EstimateError(**_not_fakeable(cause)) from cause

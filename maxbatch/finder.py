@@ -25,7 +25,7 @@ from maxbatch.capacity import (
     probe_capacity,
 )
 from maxbatch.data import DataSource
-from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
+from maxbatch.device import describe, device_label, resolve_device
 from maxbatch.distributed import Ranks, join, sharded_note
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
@@ -37,7 +37,7 @@ from maxbatch.oom import release_memory
 from maxbatch.pick import TOLERANCE
 from maxbatch.probe import SearchOutcome, search
 from maxbatch.profiler import Profile, profile_fields, profile_workload
-from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
+from maxbatch.results import BatchSizeResult, DeviceInfo, MemoryPoint, Throughput, Trial
 from maxbatch.spec import (
     AdviceSettings,
     ForwardFn,
@@ -281,6 +281,9 @@ def find_batch_size(
 def _device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
     """The device to probe: ``device``, else where the model is; the model must be there.
 
+    Returns:
+        The device, resolved.
+
     Raises:
         ConfigError: the model is on another device.
         DeviceError: the device is not available.
@@ -344,6 +347,9 @@ def _agree(ranks: Ranks, local: Capacity, device: torch.device) -> Capacity:
     """The tightest rank's capacity, with the base against it (alone: this rank's).
 
     A virtual capacity this machine cannot hold is said up front (:attr:`Capacity.beyond_host`).
+
+    Returns:
+        The agreed capacity.
     """
     capacity, headroom, _, base = ranks.plan(
         local.capacity_bytes, local.headroom_bytes, local.usable_bytes, local.base_bytes

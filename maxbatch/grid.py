@@ -68,6 +68,9 @@ class Grid:
     ) -> Grid:
         """The grid from the public keywords (``min_batch_size=None``: 1).
 
+        Returns:
+            The grid.
+
         Raises:
             ConfigError: as the grid itself.
         """
@@ -107,6 +110,9 @@ class Grid:
         """Where a search starts: the user's own sample size (2 without one), at least the minimum.
 
         A sample shows that size works (batch norm in training rejects a batch of 1).
+
+        Returns:
+            The first size the search runs.
         """
         return max(self.min_batch_size, sample_size if sample_size is not None else 2)
 

@@ -105,6 +105,9 @@ def host_room(base_bytes: int, limit: HostLimit) -> int:
     Args:
         base_bytes: what the model and its state hold already (they are resident).
         limit: what this process can still allocate.
+
+    Returns:
+        The bytes.
     """
     return base_bytes + int((1 - HOST_MARGIN) * limit.free_bytes)
 

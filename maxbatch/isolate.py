@@ -174,6 +174,9 @@ def probe_isolated(
         on_point: called with each timed size once the profiling child finished.
         **options: :func:`~maxbatch.find_batch_size` options from :data:`CHILD_OPTIONS`.
 
+    Returns:
+        The result, as :func:`~maxbatch.find_batch_size` gives it.
+
     Raises:
         ConfigError: an option cannot be passed to a child.
         DoesNotFitError: the smallest size does not fit (or its process was killed).
@@ -282,6 +285,9 @@ def probe_file(
             ``on_point``.
         **options: :func:`~maxbatch.find_batch_size` options; ``optimizer`` defaults to the
             file's ``optimizer()``.
+
+    Returns:
+        The result.
 
     Raises:
         ModelFileError: the file does not load or follow the conventions.

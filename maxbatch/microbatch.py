@@ -207,7 +207,7 @@ class MicroBatcher:
                 total = weighted if total is None else total + weighted
                 if self.on_micro_batch is not None:
                     self._report(attempt, index, len(starts), min(size, n - start), n, loss)
-        except Exception as e:  # noqa: BLE001 - classified right here, never swallowed
+        except Exception as e:
             if not is_oom(e):
                 raise
             return None  # the traceback (and the failed micro-batch's frame) dies with ``e``
@@ -221,6 +221,12 @@ class MicroBatcher:
 
         Its own frame holds the micro-batch's output: an out-of-memory error's traceback keeps
         it, and it is gone with the exception.
+
+        Returns:
+            The weighted loss and the micro-batch's own loss, detached.
+
+        Raises:
+            WorkloadError: the loss is not a scalar tensor.
         """
         part = map_tensors(batch, lambda t: t[start:stop])
         output = self.forward_fn(self.model, part)
@@ -276,6 +282,12 @@ class MicroBatcher:
         The memory model's largest size when it is below ``size`` (a size above what the probe
         measured to fit); else half: the model did not foresee this batch (longer inputs, memory
         held elsewhere), and an out-of-memory error says only that more was needed, not how much.
+
+        Returns:
+            The smaller size.
+
+        Raises:
+            DoesNotFitError: a micro-batch of one sample ran out of memory.
         """
         model, usable = self.memory_model, self.usable_bytes
         if size == 1:

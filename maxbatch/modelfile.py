@@ -79,6 +79,9 @@ class ModelSpec:
     def extra_state_items(self) -> list[Any]:
         """Call the file's ``extra_state()`` (an empty list without one).
 
+        Returns:
+            The items, as a list.
+
         Raises:
             ModelFileError: it raised, or returned something other than a list or tuple.
         """
@@ -103,6 +106,9 @@ class ModelSpec:
 
         Args:
             on_progress: called as ``on_progress(done, total)`` while a ``dataset`` is scanned.
+
+        Returns:
+            The sample, the ``make_batch`` function, or a :class:`~maxbatch.data.DataSource`.
         """
         if self.dataset is not None:
             return DataSource(self.dataset, collate_fn=self.collate_fn, on_progress=on_progress)

@@ -21,6 +21,9 @@ class PickRule(str, enum.Enum):
 def check_pick(rule: PickRule | str, tolerance: float) -> PickRule:
     """Validate the pick rule and tolerance at the boundary, before touching the device.
 
+    Returns:
+        The rule.
+
     Raises:
         ConfigError: the rule is not ``"within"`` or ``"fastest"``, or the tolerance is not a
             number in ``[0, 1)``.

@@ -62,6 +62,9 @@ def fit_memory_model(trials: list[Trial] | tuple[Trial, ...]) -> MemoryModel | N
     a constant peak such as the optimizer step's dominates), so the points nearest the ceiling
     describe it best. Returns None with fewer than two distinct fitting sizes or a slope that is
     not positive.
+
+    Returns:
+        The fitted model, or None.
     """
     points = sorted({t.batch_size: t.peak_bytes for t in trials if t.fits}.items())
     if len(points) < 2:
@@ -240,6 +243,9 @@ def _does_not_fit(s: _Search, failure: WorkloadError | None = None) -> DoesNotFi
 
     It names the smallest size that ran out of memory and what it needed, and the non-memory
     failure below it (a model that rejects small batches) when there was one.
+
+    Returns:
+        The error.
     """
     t = min((t for t in s.trials if not t.fits), key=lambda t: t.batch_size)
     below = ""
@@ -268,7 +274,7 @@ def _first_fit(s: _Search, b: int) -> None:
         DoesNotFitError: the smallest size does not fit, or a size below one that ran out of
             memory failed for another reason, or the time budget ran out first.
         WorkloadError: the first size failed for a reason other than memory.
-    """
+    """  # noqa: DOC501 - DoesNotFitError, raised through _does_not_fit()
     start = b
     while True:
         try:
@@ -316,6 +322,9 @@ def search(
         first_guess: a predicted ceiling (the fake-tensor estimate's) above ``start``: it is run
             first, then its neighbour (above if it fit, below if not), so that a right guess
             takes two trials; a wrong one falls back to the search from ``start``.
+
+    Returns:
+        The ceiling, every trial, the memory model, and why the search ended.
 
     Raises:
         DoesNotFitError: the smallest size does not fit.

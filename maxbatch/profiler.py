@@ -94,6 +94,9 @@ def candidates(ceiling: int, *, min_batch_size: int = 1, multiple_of: int = 1) -
     Every size is a multiple of ``multiple_of`` from ``min_batch_size`` to ``ceiling``; the
     smallest such size and the largest (the ceiling when it is a multiple) are always included.
 
+    Returns:
+        The sizes, ascending.
+
     Raises:
         ConfigError: an argument is not a positive integer, or no such size exists.
     """
@@ -149,6 +152,9 @@ def profile(
     Returns:
         The timed points, the pick and why, why the search stopped, what it skipped and why,
         and how sure the pick is.
+
+    Raises:
+        ConfigError: the rule or the tolerance is invalid, or there are no candidates.
     """
     chosen = check_pick(rule, tolerance)
     ordered = sorted(set(sizes))
@@ -282,6 +288,9 @@ def profile_fields(prof: Profile) -> dict[str, Any]:
     """The profile's account for :class:`~maxbatch.results.BatchSizeResult`.
 
     Why the profiler stopped, what it skipped and why, how sure the pick is.
+
+    Returns:
+        The result's profiler fields, by name.
     """
     return {
         "profile_stop_reason": prof.stop_reason,

@@ -10,9 +10,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from maxbatch.device import DeviceInfo
 from maxbatch.noisestats import GROWS_NOTE
-from maxbatch.results import Estimate, Throughput, Trial
+from maxbatch.results import DeviceInfo, Estimate, Throughput, Trial
 from maxbatch.units import format_bytes
 
 Result = Mapping[str, Any]
@@ -167,6 +166,9 @@ def result_markdown(result: Result, *, title: str = "maxbatch report", images: b
     """The result as a Markdown report.
 
     With ``images``, it links ``memory.png`` and ``throughput.png`` written beside it.
+
+    Returns:
+        The Markdown text.
     """
     trials, points = _rows(result)
     lines = [

@@ -30,6 +30,9 @@ REPORT_FILES = ("report.json", "report.md", "memory.png", "throughput.png")
 def check_report_dir(path: str | os.PathLike[str]) -> Path:
     """Check that the report can be written to ``path`` (a folder, made if missing).
 
+    Returns:
+        The folder, as a path.
+
     Raises:
         ConfigError: ``path`` or one of the report files in it is a symbolic link (also a
             dangling one), ``path`` is a file, a report file name in it is taken by a folder, or
@@ -68,6 +71,9 @@ def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
     ``write(folder)`` writes the files into a fresh temporary folder. A new ``out`` is that
     folder renamed; in an existing ``out`` each file is renamed into place (replacing a file of
     the same name, never following a link). Any error removes the temporary folder.
+
+    Returns:
+        The names of the files written.
     """
     check_report_dir(out)
     existing = out.is_dir()
@@ -196,6 +202,9 @@ def _checked(value: Any, kind: Any, where: str) -> Any:
 
 def load_report(path: str) -> dict[str, Any]:
     """Read a ``report.json`` for rendering: checked, reduced to what renders, control-free.
+
+    Returns:
+        The report, checked and cleaned.
 
     Raises:
         ConfigError: the file cannot be read, is not UTF-8 JSON, nests too deeply, or lacks a

@@ -118,36 +118,6 @@ class Skipped:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeResult:
-    """The verified ceiling and every trial that led to it.
-
-    Attributes:
-        ceiling: largest batch size that was run and fit.
-        trials: every trial, in order.
-        capacity_bytes: the device capacity the probe used.
-        headroom_bytes: the margin subtracted from the capacity.
-        usable_bytes: ``capacity_bytes - headroom_bytes``.
-        memory_model: the fitted model, or None when fewer than two sizes fit.
-        complete: False when the probe stopped early (time budget) before verifying the size above
-            ``ceiling``.
-        stop_reason: why the search ended, in words.
-    """
-
-    ceiling: int
-    trials: tuple[Trial, ...]
-    capacity_bytes: int
-    headroom_bytes: int
-    usable_bytes: int
-    memory_model: MemoryModel | None
-    complete: bool
-    stop_reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the result as a JSON-ready dict."""
-        return _asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
 class BatchSizeResult:
     """What :func:`maxbatch.find_batch_size` returns.
 
@@ -234,6 +204,9 @@ class BatchSizeResult:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BatchSizeResult:
         """The result back from its :meth:`to_dict` (a saved report, a cache entry).
+
+        Returns:
+            The result.
 
         Raises:
             KeyError, TypeError: ``data`` is not a result's dict.
@@ -360,3 +333,42 @@ class Estimate:
         if len(self.capacities) == 1:
             data["ceiling"] = self.capacities[0].ceiling
         return data
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """Memory and identity of one device, read when asked.
+
+    Attributes:
+        device: canonical name, e.g. ``"cuda:0"``, ``"mps"``, ``"cpu"``.
+        kind: ``"cuda"``, ``"mps"`` or ``"cpu"``.
+        name: a readable name (GPU model, CPU model).
+        total_bytes: physical memory of the device.
+        free_bytes: memory not in use by anyone (CUDA: ``mem_get_info``; CPU: psutil ``available``).
+        process_bytes: memory this process holds on it (CUDA: reserved by the caching allocator).
+        other_processes_bytes: memory other processes hold (CUDA with NVML only), else None.
+    """
+
+    device: str
+    kind: str
+    name: str
+    total_bytes: int
+    free_bytes: int
+    process_bytes: int
+    other_processes_bytes: int | None = None
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes a step of this process may use: what is free plus what the process already holds.
+
+        On the CPU the process's own resident memory is not added back: it is not free for tensors.
+        """
+        if self.kind == "cuda":
+            return self.free_bytes + self.process_bytes
+        return self.free_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the info as a JSON-ready dict."""
+        d = _asdict(self)
+        d["capacity_bytes"] = self.capacity_bytes
+        return d

@@ -184,6 +184,9 @@ class Snapshot:
 
         The copies are host memory even on the CPU: a virtual device the probe runs in does not
         count them.
+
+        Returns:
+            The snapshot.
         """
         with uncounted():
             return cls._take(model, optimizer, extra if extra is not None else ExtraState(()))

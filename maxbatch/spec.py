@@ -119,6 +119,9 @@ class StepSpec:
     ) -> StepSpec:
         """Validate the public keywords of the step (see :func:`~maxbatch.find_batch_size`).
 
+        Returns:
+            The step, validated.
+
         Raises:
             ConfigError: the model is not a module, the mode or precision is unknown, or an
                 ``extra_state`` item cannot be saved.
@@ -174,6 +177,9 @@ class MemorySettings:
     @classmethod
     def build(cls, *, memory: str | int | None, headroom: str | int | None) -> MemorySettings:
         """Parse ``memory`` and ``headroom`` (``"24GiB"``, bytes).
+
+        Returns:
+            The settings.
 
         Raises:
             ConfigError: a size cannot be parsed, or ``memory`` is 0.
@@ -246,6 +252,9 @@ class ProfileSettings:
         on_point: Callable[[Throughput], None] | None,
     ) -> ProfileSettings:
         """Validate the pick rule and tolerance.
+
+        Returns:
+            The settings.
 
         Raises:
             ConfigError: the rule or the tolerance is invalid.

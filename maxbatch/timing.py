@@ -75,6 +75,7 @@ def time_workload(
 
     Raises:
         WorkloadError: the step failed for a reason other than memory.
+        MaxbatchError: raised by maxbatch inside the step (a virtual device's own error), unchanged.
     """
     oom, seconds = False, []
     try:

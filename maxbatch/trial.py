@@ -112,6 +112,14 @@ def run_trial(
     An out-of-memory error ends the trial as not fitting; the model and optimizer are reset and the
     memory of the failed trial is released before returning. Any other error is raised as a
     :class:`WorkloadError` chained to the original (a ``KeyboardInterrupt`` passes through).
+
+    Returns:
+        The :class:`~maxbatch.results.Trial`.
+
+    Raises:
+        WorkloadError: the step failed for a reason other than memory.
+        MaxbatchError: raised by maxbatch inside the step, unchanged.
+        HostMemoryError: this machine ran out of memory below a virtual device's cap.
     """
     counter, cuda = meter.counter, meter.cuda
     oom = False

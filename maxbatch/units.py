@@ -34,6 +34,9 @@ def parse_bytes(value: str | int | float, *, name: str = "size") -> int:
             a number of bytes.
         name: what the value is, for the error message.
 
+    Returns:
+        The size in bytes.
+
     Raises:
         ConfigError: the value is not a non-negative size.
     """

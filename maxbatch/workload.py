@@ -159,6 +159,9 @@ class Workload:
 
         Of a ``DTensor`` (FSDP's sharded parameters, gradients and optimizer state) it is the
         shard this process holds: that is what takes its device's memory.
+
+        Yields:
+            Each tensor (of a DTensor, its local shard).
         """
         for t in self._state_tensors(grads):
             yield local_shard(t)
@@ -199,6 +202,9 @@ class Workload:
 
         Between trials gradients are dropped (every step starts with ``zero_grad``); with
         ``final=True`` gradients (the same objects) and training flags are restored too.
+
+        Raises:
+            RuntimeError: called before :meth:`save`.
         """
         if self._snapshot is None:
             raise RuntimeError("Workload.reset() called before save()")
@@ -266,6 +272,9 @@ def build_workload(
     In inference mode there is no optimizer. In training, an optimizer instance is used as it is
     (or passed through ``adopt``: the estimate rebuilds it over fake parameters), and anything
     else goes to :func:`make_optimizer` over the model (None: AdamW).
+
+    Returns:
+        The workload (not yet saved: use it in a ``with`` block).
 
     Raises:
         ConfigError: the optimizer cannot be made.

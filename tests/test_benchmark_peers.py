@@ -11,10 +11,10 @@ from torch import nn
 
 sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is not installed: its modules import each other
 
-from peers import report, tools  # noqa: E402
-from peers.core import measure, summarize  # noqa: E402
-from peers.truth import sweep_sizes  # noqa: E402
-from peers.workloads import Spec  # noqa: E402
+from peers import report, tools
+from peers.core import measure, summarize
+from peers.truth import sweep_sizes
+from peers.workloads import Spec
 
 #: Every peer and the module it needs; each test skips cleanly when its peer is not installed.
 PEERS = [(t, tools.MODULES[t]) for t in tools.TOOLS if t != "maxbatch"]

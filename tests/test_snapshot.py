@@ -50,7 +50,7 @@ def test_an_lr_scheduler_sees_no_optimizer_step() -> None:
     assert not hasattr(opt, "_opt_called")
 
 
-def _ema_step(ema: torch.nn.Module, scaler: torch.amp.GradScaler, counter: torch.Tensor):  # noqa: ANN202
+def _ema_step(ema: torch.nn.Module, scaler: torch.amp.GradScaler, counter: torch.Tensor):
     def train_step(model: torch.nn.Module, batch: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         opt.zero_grad(set_to_none=True)
         scaler.scale(model(batch).square().mean()).backward()

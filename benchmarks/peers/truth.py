@@ -1,7 +1,7 @@
 """The reference answers: the true ceiling by brute force, and throughput over a sweep of sizes.
 
 The ceiling is scanned with maxbatch's own trial (``Workload`` + counting ``Meter`` +
-``run_trial``, through ``probe_trials.virtual_device``), at the same cap, so "fits" means the
+``run_trial``, through :func:`.workbench.virtual_device`), at the same cap, so "fits" means the
 same thing as for every tool: the step, run twice, never has more live bytes than the cap.
 Throughput is timed outside any counter, with no counting overhead.
 """
@@ -15,11 +15,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from probe_trials import Workbench, virtual_device
-
 from maxbatch.batching import batch_size_of, make_batch_fn
 from maxbatch.errors import DoesNotFitError
 
+from .workbench import Workbench, virtual_device
 from .workloads import Spec, adamw, train_step
 
 WARMUP = 2  #: untimed steps per size (the first creates AdamW's state)

@@ -53,6 +53,9 @@ def with_extra_state(options: dict[str, Any], *state: Any) -> dict[str, Any]:
     """``options`` with the framework's own stateful objects added to the user's ``extra_state``.
 
     The probe restores them after every trial; ``None``s (a scaler that is not used) are left out.
+
+    Returns:
+        The options, with ``extra_state`` extended.
     """
     ours = [obj for obj in state if obj is not None]
     return {**options, "extra_state": [*ours, *options.get("extra_state", ())]}
@@ -60,6 +63,9 @@ def with_extra_state(options: dict[str, Any], *state: Any) -> dict[str, Any]:
 
 def check_global_batch(global_batch: int | None) -> int | None:
     """Check ``global_batch`` when the integration is made, before the framework runs.
+
+    Returns:
+        ``global_batch``.
 
     Raises:
         ConfigError: it is not None or a positive integer.
@@ -103,6 +109,9 @@ def first_batch(loader: Iterable[Any], device: torch.device) -> Any:
 
     A shuffling loader draws its order from the global generator; the probe's batch must not
     shift the order (or the seeds) that training then sees.
+
+    Returns:
+        The batch.
     """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -116,6 +125,9 @@ def probe_data(loader: Iterable[Any], device: torch.device) -> Any:
     which builds each trial's batch from the largest items with the loader's ``collate_fn`` (so a
     padding collate pads to the longest sequences); an iterable data set, or a loader that does not
     batch, gives its first batch.
+
+    Returns:
+        The loader itself, or its first batch.
     """
     if (
         isinstance(loader, DataLoader)

@@ -43,12 +43,12 @@ try:
     from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
 except ImportError:  # pragma: no cover - depends on what is installed
     try:
-        from pytorch_lightning import (  # type: ignore[assignment, no-redef]
+        from pytorch_lightning import (  # type: ignore[assignment, no-redef, unused-ignore]
             Callback,
             LightningModule,
             Trainer,
         )
-        from pytorch_lightning.utilities.parsing import (  # type: ignore[assignment, no-redef]
+        from pytorch_lightning.utilities.parsing import (  # type: ignore[assignment, no-redef, unused-ignore]
             lightning_hasattr,
             lightning_setattr,
         )
@@ -103,7 +103,7 @@ def _train_step(trainer: Trainer, pl_module: LightningModule) -> Any:
     return step
 
 
-class MaxBatch(Callback):  # type: ignore[misc]
+class MaxBatch(Callback):  # type: ignore[misc, unused-ignore]
     """Set the batch size (and gradient accumulation) that maxbatch finds, at fit start.
 
     Args:

@@ -77,6 +77,9 @@ def _probe_data(trainer: Trainer) -> Any:
     """The Trainer's data set (its unused columns removed) with its collator, for the worst case.
 
     A plain loader over them, not the Trainer's own, whose batches may be sharded over processes.
+
+    Returns:
+        A loader over the data set, or the first batch of an iterable one.
     """
     loader = trainer.get_train_dataloader()
     if isinstance(loader.dataset, IterableDataset):
@@ -172,7 +175,7 @@ def _calling_trainer() -> Trainer | None:
     return None
 
 
-class MaxBatchCallback(TrainerCallback):  # type: ignore[misc]
+class MaxBatchCallback(TrainerCallback):  # type: ignore[misc, unused-ignore]  # Any without it
     """:func:`tune` as a ``TrainerCallback``: pass it in ``Trainer(callbacks=[...])``.
 
     It tunes when the Trainer is built (``on_init_end``), so ``train()`` runs at the new size.
