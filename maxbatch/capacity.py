@@ -73,11 +73,6 @@ class Capacity:
         """The bytes a trial may peak at: capacity minus the reserve and the headroom."""
         return self.capacity_bytes - self.reserved_bytes - self.headroom_bytes
 
-    @property
-    def counting(self) -> bool:
-        """True when the meter counts live bytes (a cap, or a device without peak counters)."""
-        return counts_live_bytes(self.kind, self.virtual)
-
 
 def counts_live_bytes(kind: str, virtual: bool) -> bool:
     """Whether a probe on a device of ``kind`` counts live bytes (else CUDA's own counters)."""
