@@ -50,9 +50,10 @@ from maxbatch.errors import DoesNotFitError
 from maxbatch.modelfile import load_model_file
 from maxbatch.oom import release_memory
 from maxbatch.results import Trial
+from maxbatch.spec import StepSpec
 from maxbatch.trial import Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
-from maxbatch.workload import Workload, make_optimizer
+from maxbatch.workload import build_workload
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 #: The bundled examples, then the models built in code (``probe_models.py``) whose peak bends.
@@ -169,24 +170,19 @@ def virtual_device(bench: Workbench, cap_bytes: int) -> Iterator[Callable[[int],
     """
     model = bench.model
     device = next(model.parameters()).device
-    make_batch, _ = make_batch_fn(bench.sample)
-    workload = Workload(
+    step = StepSpec.build(
         model,
-        make_batch,
-        device,
-        optimizer=make_optimizer(bench.optimizer, model),
+        bench.sample,
+        optimizer=bench.optimizer,
         forward_fn=bench.forward_fn,
         loss_fn=bench.loss_fn,
         train_step=bench.train_step,
     )
-    meter = Meter(device, counting=True)
-    workload.save()
     try:
-        workload.prepare()
-        meter.set_usable(cap_bytes)
-        yield lambda b: run_trial(workload, meter, b)
+        with Meter(device, counting=True) as meter, build_workload(step, device) as workload:
+            meter.set_usable(cap_bytes)
+            yield lambda b: run_trial(workload, meter, b)
     finally:
-        workload.reset(final=True)
         release_memory(device, full=True)  # as find_batch_size does at the end
 
 
@@ -254,6 +250,8 @@ def run_maxbatch(
 
     ``estimate_first=None`` is maxbatch's default (on the CPU: no estimate); with True the search
     starts from the fake-tensor estimate's predicted ceiling and the time includes the fake trials.
+    The profiler is off (``profile=False``): this benchmark times the search for the ceiling,
+    as the baseline's time is; ``benchmarks/run.py`` times the whole call.
     """
     t0 = time.perf_counter()
     result = maxbatch.find_batch_size(
@@ -265,6 +263,7 @@ def run_maxbatch(
         train_step=bench.train_step,
         memory=cap_bytes,
         estimate_first=estimate_first,
+        profile=False,
     )
     return ToolRun(result.ceiling, result.trials, time.perf_counter() - t0)
 
@@ -508,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("virtual device on the CPU; training step with the model file's optimizer (or AdamW)")
     print(
-        "maxbatch: its defaults (on the CPU no fake-tensor estimate); + estimate: "
+        "maxbatch: its defaults without the profiler (on the CPU no fake-tensor estimate); "
+        "+ estimate: "
         "estimate_first=True"
     )
     print()

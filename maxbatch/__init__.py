@@ -1,5 +1,6 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
+from maxbatch.advise import Advice, advice_for
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -7,6 +8,7 @@ from maxbatch.errors import (
     DeviceError,
     DistributedError,
     DoesNotFitError,
+    HostMemoryError,
     MaxbatchError,
     ModelFileError,
     RankFailedError,
@@ -24,6 +26,7 @@ from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
+    "Advice",
     "BatchSizeMismatchError",
     "BatchSizeResult",
     "ConfigError",
@@ -33,6 +36,7 @@ __all__ = [
     "DoesNotFitError",
     "Estimate",
     "EstimateError",
+    "HostMemoryError",
     "MaxbatchError",
     "MemoryModel",
     "MicroBatcher",
@@ -45,6 +49,7 @@ __all__ = [
     "Trial",
     "VirtualDevice",
     "WorkloadError",
+    "advice_for",
     "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",

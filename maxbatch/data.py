@@ -27,6 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.oom import is_oom
+from maxbatch.snapshot import rng_kept
 
 __all__ = ["SCAN_LIMIT", "DataScan", "DataSource", "as_batch_source"]
 
@@ -186,6 +187,13 @@ class DataSource:
         """
         if self._scan is not None:
             return self._scan
+        # Reading items (augmentations) and a batch sampler (shuffling) may draw random numbers:
+        # the scan runs before the probe saves the RNG states, so it keeps them itself.
+        with rng_kept():
+            self._scan = self._read_sizes()
+        return self._scan
+
+    def _read_sizes(self) -> DataScan:
         started = time.perf_counter()
         total = len(self._indices)
         if total == 0:
@@ -219,7 +227,7 @@ class DataSource:
         bucket = self._largest_bucket(sizes) if self._batch_sampler is not None else None
         pool = bucket if bucket is not None else list(sizes)
         self._ranking = sorted(((i, sizes[i]) for i in pool), key=lambda p: (-p[1], p[0]))
-        self._scan = DataScan(
+        return DataScan(
             items=total,
             scanned=len(sizes),
             sampled=limit < total,
@@ -230,7 +238,6 @@ class DataSource:
             indices=(),
             sizes=(),
         )
-        return self._scan
 
     def _largest_bucket(self, sizes: dict[int, int]) -> list[int]:
         """The batch sampler's largest batch (over the items read).

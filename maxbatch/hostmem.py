@@ -1,13 +1,28 @@
-"""What this process can really hold on the host: free memory, the cgroup's limit, RLIMIT_AS."""
+"""What this process can really hold on the host: free memory, the cgroup's limit, RLIMIT_AS.
+
+A virtual device on the CPU holds real tensors in host memory. Its capacity can be more than this
+process can hold (a small container, ``ulimit -v``): then a trial near the ceiling would exhaust
+the host, and an out-of-memory error from the host is no answer for the virtual device. Such a
+capacity is said up front and answered by the fake-tensor estimate (no real trial), or refused.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import psutil
+import torch
 
+from maxbatch.errors import HostMemoryError
+from maxbatch.estimate import first_guess
+from maxbatch.grid import Grid
+from maxbatch.probe import SearchOutcome
+from maxbatch.spec import StepSpec, Target
 from maxbatch.units import format_bytes
+
+log = logging.getLogger(__name__)
 
 #: Share of the host's room kept for what the counter does not see (the allocator's slack,
 #: Python objects, the snapshot's host copies, the fake step of an estimate).
@@ -92,3 +107,57 @@ def host_room(base_bytes: int, limit: HostLimit) -> int:
         limit: what this process can still allocate.
     """
     return base_bytes + int((1 - HOST_MARGIN) * limit.free_bytes)
+
+
+def beyond_host(capacity_bytes: int, base_bytes: int, device: torch.device) -> str | None:
+    """Say so when a virtual capacity on the CPU is more than this process can hold, else None."""
+    if device.type != "cpu":
+        return None
+    limit = host_limit()
+    room = host_room(base_bytes, limit)
+    if capacity_bytes <= room:
+        return None
+    return (
+        f"the capacity {format_bytes(capacity_bytes)} is more than this machine can hold for the "
+        f"probe ({limit.describe()}: about {format_bytes(room)} with the model)"
+    )
+
+
+def estimate_beyond_host(
+    step: StepSpec, usable_bytes: int, why_not: str, *, start: int, grid: Grid, target: Target
+) -> SearchOutcome:
+    """The ceiling from the fake-tensor estimate, for a capacity this machine cannot hold.
+
+    Args:
+        step: the probe's step, with the optimizer its workload chose.
+        usable_bytes: the virtual device's usable bytes.
+        why_not: :func:`beyond_host`'s sentence.
+        start: the size the probe starts at.
+        grid: the sizes the probe may try.
+        target: how to count (the device's kind).
+
+    Returns:
+        The estimated ceiling as the search's outcome, without trials.
+
+    Raises:
+        HostMemoryError: the step cannot run on fake tensors (or nothing fits): one line naming
+            this machine's memory.
+    """
+    log.warning("%s: the ceiling is estimated on fake tensors", why_not)
+    guess, why = first_guess(step, usable_bytes, start=start, grid=grid, target=target)
+    if guess is None:
+        raise HostMemoryError(
+            f"{why_not}, and `maxbatch estimate` cannot answer for it ({why}); lower --memory "
+            "to what this machine holds",
+            capacity_bytes=usable_bytes,
+        )
+    return SearchOutcome(
+        ceiling=guess,
+        trials=(),
+        memory_model=None,
+        complete=True,
+        stop_reason=(
+            f"estimated on fake tensors, not measured ({why} there): no trial near the "
+            "capacity can run on this machine"
+        ),
+    )

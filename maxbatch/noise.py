@@ -10,7 +10,7 @@ restored afterwards (:mod:`maxbatch.snapshot`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -31,7 +31,8 @@ from maxbatch.noisestats import (
 )
 from maxbatch.oom import is_oom, release_memory
 from maxbatch.snapshot import Snapshot
-from maxbatch.workload import ForwardFn, LossFn, default_forward, default_loss, to_device
+from maxbatch.spec import ForwardFn, LossFn
+from maxbatch.workload import default_forward, default_loss, to_device
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +125,21 @@ def _draw(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter],
     total: list[torch.Tensor],
-    batches: list[Any],
+    batches: Iterator[Any],
     forward: ForwardFn,
     loss_fn: LossFn,
 ) -> tuple[float, float]:
-    """The mean squared norm of the micro-batch gradients and the squared norm of their mean."""
+    """The mean squared norm of the micro-batch gradients and the squared norm of their mean.
+
+    ``batches`` is drawn lazily: one micro-batch is on the device at a time.
+    """
     dtype = accumulator_dtype(total[0].device)
     small = torch.zeros((), dtype=dtype, device=total[0].device)
     for t in total:
         t.zero_()
+    k = 0
     for batch in batches:
+        k += 1
         for p in params:
             p.grad = None
         _loss(model, batch, forward, loss_fn).backward()  # type: ignore[no-untyped-call]
@@ -142,7 +148,7 @@ def _draw(
         for p, t in zip(params, total, strict=True):
             if p.grad is not None:
                 t.add_(p.grad)
-    k = len(batches)
+        del batch
     return float(small) / k, float(squared_norm(total, dtype)) / (k * k)
 
 
@@ -160,9 +166,8 @@ def _measure(
     total = [torch.zeros_like(p) for p in params]
     grad_sqs, traces = [], []
     for i in range(batches):
-        micro = [to_device(draw(b_small), device) for _ in range(k)]
+        micro = (to_device(draw(b_small), device) for _ in range(k))
         small_sq, big_sq = _draw(model, params, total, micro, forward, loss_fn)
-        del micro
         g, s = two_batch_estimates(small_sq, big_sq, b_small, k * b_small)
         log.debug("noise scale draw %s: |G|^2 %.4g, tr(S) %.4g", i + 1, g, s)
         grad_sqs.append(g)

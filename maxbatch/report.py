@@ -83,7 +83,8 @@ def _summary(r: Result) -> list[str]:
             f"memory model: {format_bytes(mm['fixed_bytes'])} + "
             f"{format_bytes(mm['bytes_per_sample'])} per sample"
         )
-    lines.append(f"ceiling: {r['ceiling']} ({r['stop_reason']})")
+    source = ", estimated" if r.get("ceiling_source") == "estimated" else ""
+    lines.append(f"ceiling: {r['ceiling']}{source} ({r['stop_reason']})")
     lines.append(f"batch size: {r['batch_size']} ({r['pick_reason']})")
     lines.extend(profile_lines(r))
     world, steps = r.get("world_size", 1), r.get("accumulation_steps", 1)

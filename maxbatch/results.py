@@ -190,6 +190,8 @@ class BatchSizeResult:
             plan's when there is one, else ``batch_size``).
         data: the scan of the data set the batches came from (:class:`maxbatch.data.DataScan`,
             with the worst-case batch at the ceiling), or None for a sample or ``make_batch``.
+        ceiling_source: ``"measured"`` (trials ran and verified it), or ``"estimated"`` (a
+            virtual capacity larger than this machine can hold: the fake-tensor estimate's).
     """
 
     batch_size: int
@@ -223,6 +225,7 @@ class BatchSizeResult:
     global_batch_size: int | None = None
     from_cache: bool = False
     data: dict[str, Any] | None = None
+    ceiling_source: str = "measured"
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""

@@ -11,6 +11,7 @@ would take the memory being measured.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import random
@@ -41,6 +42,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """Run a block and put the RNG states (torch, CUDA, Python, NumPy) back as they were."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
 
 
 def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from models import encoder
 from sequences import LONGEST, Sequences, lengths, longest_batch, pad_collate
-from torch.utils.data import DataLoader, IterableDataset, SubsetRandomSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
 import maxbatch
 from maxbatch.data import DataSource, elements
@@ -225,3 +233,26 @@ def test_cli_probe_and_estimate_take_a_model_file_s_dataset() -> None:
     estimate = CliRunner().invoke(main, ["estimate", str(EXAMPLE), "--memory", "16MiB", "--json"])
     assert estimate.exit_code == 0, estimate.output
     assert json.loads(estimate.stdout)["capacities"][0]["ceiling"] == result["ceiling"]
+
+
+class Augmented(Dataset[torch.Tensor]):
+    """Items drawn with random augmentation from torch, Python and NumPy."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        shift = random.random() + float(np.random.rand())
+        return torch.randn(8) + shift
+
+
+def test_reading_the_data_leaves_the_random_states_as_they_were() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    loader = DataLoader(Augmented(), batch_size=4, shuffle=True)
+    maxbatch.find_batch_size(model, loader, memory="1MiB", profile=False)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    after = np.random.get_state()
+    assert all(np.array_equal(a, b) for a, b in zip(after, states[2], strict=True))

@@ -53,6 +53,7 @@ def test_no_signal_gives_an_infinite_noise_scale_and_json_nulls() -> None:
     assert ns.to_dict()["b_simple"] is None and "more batches" in ns.notes[-1]
 
 
+@pytest.mark.slow
 def test_linear_regression_closed_form_agrees_with_per_sample_gradients(bench) -> None:
     problem = bench.linear_regression()
     torch.manual_seed(0)

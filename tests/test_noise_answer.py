@@ -19,6 +19,7 @@ from maxbatch.report import result_markdown
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "noise_scale.py"
 
 
+@pytest.mark.slow
 def test_probe_with_noise_scale_json_text_and_markdown() -> None:
     args = ["probe", str(EXAMPLE), "--memory", "200MiB", "--max-batch", "256", "--no-profile"]
     res = CliRunner().invoke(

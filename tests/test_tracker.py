@@ -35,6 +35,7 @@ def accumulate(problem, tracker, *, steps: int, micro: int, k: int, seed: int = 
         problem.model.zero_grad()
 
 
+@pytest.mark.slow
 def test_tracks_the_brute_force_noise_scale(bench) -> None:
     problem = bench.classifier()
     with maxbatch.NoiseScaleTracker(problem.model, beta=0.99) as tracker:
@@ -131,3 +132,30 @@ def test_follows_a_micro_batcher(bench, reduction) -> None:
     assert ns is not None and ns.draws == 300 and (ns.b_small, ns.b_big) == (32, 128)
     assert abs(ns.b_simple / problem.b_simple - 1) < 0.10
     assert abs(ns.grad_sq_norm / problem.grad_sq_norm - 1) < 0.10
+
+
+@pytest.mark.slow
+def test_follows_a_micro_batcher_through_out_of_memory_restarts(bench) -> None:
+    problem = bench.classifier()
+    x, y = problem.data
+    optimizer = torch.optim.SGD(problem.model.parameters(), lr=0.0)
+    changes = []
+    with maxbatch.NoiseScaleTracker(problem.model) as tracker:
+        batcher = maxbatch.MicroBatcher(
+            problem.model,
+            optimizer,
+            micro_batch_size=128,
+            loss_fn=bench._cross_entropy,
+            forward_fn=problem.forward,
+            on_micro_batch=tracker.on_micro_batch,
+            on_change=lambda old, new, reason: changes.append((old, new)),
+        )
+        gen = torch.Generator().manual_seed(1)
+        with maxbatch.virtual_device("24KiB"):  # 128 and then 64 samples run out of memory
+            for _ in range(300):
+                index = torch.randint(len(x), (256,), generator=gen)
+                batcher.step((x[index], y[index]))
+        ns = tracker.estimate()
+    assert changes == [(128, 64), (64, 32)]
+    assert ns is not None and ns.draws == 300 and (ns.b_small, ns.b_big) == (32, 256)
+    assert abs(ns.b_simple / problem.b_simple - 1) < 0.10

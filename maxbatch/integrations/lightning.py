@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from maxbatch.errors import ConfigError, WorkloadError
-from maxbatch.finder import find_batch_size
+from maxbatch import BatchSizeResult, ConfigError, WorkloadError, find_batch_size
 from maxbatch.integrations._common import (
     Plan,
     check_global_batch,
@@ -36,7 +35,6 @@ from maxbatch.integrations._common import (
     probe_options,
     with_extra_state,
 )
-from maxbatch.results import BatchSizeResult
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -121,8 +119,8 @@ class MaxBatch(Callback):  # type: ignore[misc]
 
     Raises:
         ConfigError: an option is invalid (at construction), or, at fit start, the batch size is
-            not an attribute Lightning can set or the dataloaders were passed to ``fit``
-            directly (so their batch size cannot change).
+            not an attribute Lightning can set, the dataloaders were passed to ``fit`` directly
+            (so their batch size cannot change), or there are several train dataloaders.
     """
 
     def __init__(
