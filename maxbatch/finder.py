@@ -303,6 +303,9 @@ def _measure(request: Request) -> Measured | BatchSizeResult:
         What the stages found, or a cached answer that held.
     """
     dev, limits = request.device, request.memory
+    # Before any step: a trial that runs out of memory inside FSDP's forward leaves its modules
+    # unsharded, with plain tensors where the DTensors were.
+    sharded = sharded_note(request.step.model)
     info = describe(dev)
     virtual = is_virtual(dev, limits)
     meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
@@ -334,7 +337,7 @@ def _measure(request: Request) -> Measured | BatchSizeResult:
         optimizer=None if opt is None else type(opt).__name__,
         capacity=capacity,
         outcome=outcome,
-        search_notes=search_notes,
+        search_notes=search_notes if sharded is None else (sharded, *search_notes),
         picked=picked,
         lookup=lookup,
     )
@@ -545,7 +548,6 @@ def _assemble(request: Request, measured: Measured, noise: NoiseScale | None) ->
         "no optimizer given: the step used AdamW, whose state is real memory"
         if step.optimizer is None and measured.optimizer is not None
         else None,
-        sharded_note(step.model),
         capacity.note,
         None if measured.lookup is None else measured.lookup.note,
         *measured.search_notes,
