@@ -93,20 +93,18 @@ def load(name: str) -> tuple[Workload, Any]:
         loss_fn=spec.loss,
         train_step=spec.train_step,
     )
-    work.prepare()
     return work, to_device(make_batch(size or 32), work.device)
 
 
 def measure(name: str, rounds: int, steps: int) -> dict[str, list[float]]:
     """Seconds per step of every variant, one median per round, the variants interleaved."""
     work, batch = load(name)
-    work.save()
-    steppers = {v: make(work, batch) for v, make in VARIANTS.items()}
-    for context, step in steppers.values():  # warm-up: optimizer state, allocator, kernels
-        with context():
-            step()
-    times: dict[str, list[float]] = {v: [] for v in steppers}
-    try:
+    with work:  # saved and prepared; restored at the end
+        steppers = {v: make(work, batch) for v, make in VARIANTS.items()}
+        for context, step in steppers.values():  # warm-up: optimizer state, allocator, kernels
+            with context():
+                step()
+        times: dict[str, list[float]] = {v: [] for v in steppers}
         for r in range(rounds):
             order = list(steppers) if r % 2 == 0 else list(reversed(steppers))
             for v in order:
@@ -118,8 +116,6 @@ def measure(name: str, rounds: int, steps: int) -> dict[str, list[float]]:
                         step()
                         per_step.append(time.perf_counter() - start)
                 times[v].append(statistics.median(per_step))
-    finally:
-        work.reset(final=True)
     return times
 
 

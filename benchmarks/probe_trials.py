@@ -50,9 +50,10 @@ from maxbatch.errors import DoesNotFitError
 from maxbatch.modelfile import load_model_file
 from maxbatch.oom import release_memory
 from maxbatch.results import Trial
+from maxbatch.spec import StepSpec
 from maxbatch.trial import Meter, run_trial
 from maxbatch.units import format_bytes, parse_bytes
-from maxbatch.workload import Workload, make_optimizer
+from maxbatch.workload import build_workload
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 #: The bundled examples, then the models built in code (``probe_models.py``) whose peak bends.
@@ -169,24 +170,19 @@ def virtual_device(bench: Workbench, cap_bytes: int) -> Iterator[Callable[[int],
     """
     model = bench.model
     device = next(model.parameters()).device
-    make_batch, _ = make_batch_fn(bench.sample)
-    workload = Workload(
+    step = StepSpec.build(
         model,
-        make_batch,
-        device,
-        optimizer=make_optimizer(bench.optimizer, model),
+        bench.sample,
+        optimizer=bench.optimizer,
         forward_fn=bench.forward_fn,
         loss_fn=bench.loss_fn,
         train_step=bench.train_step,
     )
-    meter = Meter(device, counting=True)
-    workload.save()
     try:
-        workload.prepare()
-        meter.set_usable(cap_bytes)
-        yield lambda b: run_trial(workload, meter, b)
+        with Meter(device, counting=True) as meter, build_workload(step, device) as workload:
+            meter.set_usable(cap_bytes)
+            yield lambda b: run_trial(workload, meter, b)
     finally:
-        workload.reset(final=True)
         release_memory(device, full=True)  # as find_batch_size does at the end
 
 

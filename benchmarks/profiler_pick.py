@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 from maxbatch import find_batch_size
-from maxbatch.batching import make_batch_fn
 from maxbatch.modelfile import load_model_file
 from maxbatch.pick import TOLERANCE
 from maxbatch.profiler import candidates, profile
+from maxbatch.spec import StepSpec
 from maxbatch.timing import REPLICATES, WARMUP, time_workload
 from maxbatch.trial import REPEATS
-from maxbatch.workload import Workload, make_optimizer
+from maxbatch.workload import build_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["mlp", "cnn", "transformer"]
@@ -167,20 +167,12 @@ def sweep_example(name: str, cap: str, sweeps: int) -> dict:
     # As in find_batch_size: the probe's trials (REPEATS steps each) predict what timing costs.
     prior = {t.batch_size: t.seconds / REPEATS * STEPS for t in probe.trials if t.fits}
     probe_seconds = probe.seconds  # the cost rule's scale, as in find_batch_size
-    make_batch, _ = make_batch_fn(sample)
-    work = Workload(
-        spec.model,
-        make_batch,
-        torch.device("cpu"),
-        optimizer=make_optimizer(optimizer, spec.model),
-        forward_fn=spec.forward,
-        loss_fn=spec.loss,
+    step = StepSpec.build(
+        spec.model, sample, optimizer=optimizer, forward_fn=spec.forward, loss_fn=spec.loss
     )
-    work.save()
-    work.prepare()
     sizes = candidates(ceiling)
     runs: list[dict[int, tuple[list[float], float]]] = []
-    try:
+    with build_workload(step, torch.device("cpu")) as work:
         for k in range(sweeps):
             run: dict[int, tuple[list[float], float]] = {}
             for b in sizes if k % 2 == 0 else reversed(sizes):
@@ -188,8 +180,6 @@ def sweep_example(name: str, cap: str, sweeps: int) -> dict:
                 seconds = time_workload(work, b)
                 run[b] = (seconds, time.perf_counter() - started)
             runs.append(run)
-    finally:
-        work.reset(final=True)
     return {
         "model": name,
         "cap": cap,

@@ -1,5 +1,6 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
+from maxbatch.advise import Advice, advice_for
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -25,6 +26,7 @@ from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
 
 __all__ = [
+    "Advice",
     "BatchSizeMismatchError",
     "BatchSizeResult",
     "ConfigError",
@@ -47,6 +49,7 @@ __all__ = [
     "Trial",
     "VirtualDevice",
     "WorkloadError",
+    "advice_for",
     "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",

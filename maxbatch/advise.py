@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from maxbatch.errors import ConfigError
+from maxbatch.results import BatchSizeResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,3 +245,62 @@ def advise(
             f"{rates.linear:.3g} linear (SGD), {rates.square_root:.3g} square root (Adam family)"
         )
     return Advice(b, c, effective, iterations, plan, rates, tuple(notes), critical_batch)
+
+
+def per_rank(global_batch: int | None, world_size: int) -> int | None:
+    """The part of ``global_batch`` (over all ranks) that each of ``world_size`` ranks takes.
+
+    Raises:
+        ConfigError: ``global_batch`` is not a multiple of ``world_size``.
+    """
+    if global_batch is None:
+        return None
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global_batch={global_batch} is not a multiple of the {world_size} ranks"
+        )
+    return global_batch // world_size
+
+
+def advice_for(
+    result: BatchSizeResult,
+    *,
+    dataset_size: int | None = None,
+    global_batch: int | None = None,
+    base_batch: int | None = None,
+    base_lr: float | None = None,
+    critical_batch: int | None = None,
+) -> Advice:
+    """The advice for a result of :func:`~maxbatch.find_batch_size`: :func:`advise` at its pick.
+
+    ``find_batch_size(..., dataset_size=..., global_batch=..., base_batch=..., base_lr=...)``
+    puts the same advice, as plain data, in its result's ``advice``. Under ``torch.distributed``
+    ``global_batch`` is over all the result's ranks; each rank's share is planned.
+
+    Args:
+        result: a probe's result (its pick and its ceiling).
+        dataset_size: samples in the training set, for the steps per epoch.
+        global_batch: the batch per optimizer step wanted, over all ranks.
+        base_batch: the batch size ``base_lr`` was tuned at.
+        base_lr: a tuned learning rate, scaled to the effective batch.
+        critical_batch: the critical batch (the noise scale), over all ranks; without a
+            ``global_batch``, the suggested global batch is near it.
+
+    Returns:
+        The :class:`Advice`.
+
+    Raises:
+        ConfigError: a value is invalid, only one of ``base_batch`` and ``base_lr`` is given, or
+            ``global_batch`` is not a multiple of the ranks.
+    """
+    return advise(
+        result.batch_size,
+        result.ceiling,
+        dataset_size=dataset_size,
+        global_batch=per_rank(global_batch, result.world_size),
+        base_batch=base_batch,
+        base_lr=base_lr,
+        critical_batch=None
+        if critical_batch is None
+        else max(1, critical_batch // result.world_size),
+    )

@@ -1,6 +1,8 @@
 """What a device offers: memory, name, peak counters, synchronisation (CUDA, MPS, CPU).
 
-This is the only module that calls the ``torch.cuda`` memory APIs and NVML.
+What a step may use of it is :mod:`maxbatch.capacity`'s policy. Besides this module, only
+:func:`maxbatch.oom.release_memory` calls the ``torch.cuda`` memory API (to empty the cache);
+NVML is read only here.
 """
 
 from __future__ import annotations
@@ -14,19 +16,6 @@ import psutil
 import torch
 
 from maxbatch.errors import DeviceError
-
-#: Default headroom on a real device: this share of the capacity, at least ``MIN_HEADROOM`` bytes.
-#: It covers what counting live tensors cannot see: allocator fragmentation and rounding, the
-#: CUDA context, cuBLAS/cuDNN workspaces, and other processes growing meanwhile.
-HEADROOM_FRACTION = 0.05
-MIN_HEADROOM = 256 * 1024**2
-
-
-def default_headroom(capacity_bytes: int, *, virtual: bool) -> int:
-    """The headroom used when none is given: 0 under a ``memory=`` cap, else 5 % (>= 256 MiB)."""
-    if virtual:
-        return 0
-    return min(capacity_bytes // 2, max(MIN_HEADROOM, int(HEADROOM_FRACTION * capacity_bytes)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,22 +23,24 @@ from typing import Any
 import torch
 
 from maxbatch.accounting import CUDA_ROUNDING
-from maxbatch.data import DataSource, as_batch_source
-from maxbatch.device import default_headroom
+from maxbatch.capacity import CUDA_CONTEXT_BYTES, Capacity, estimate_capacity
+from maxbatch.data import DataSource
 from maxbatch.errors import ConfigError, EstimateError
-from maxbatch.fakestep import FakeStep, Target, fake_step
+from maxbatch.fakestep import FakeStep, fake_step
+from maxbatch.grid import Grid, positive_int
 from maxbatch.results import Breakdown, CapacityEstimate, Estimate, MemoryModel
-from maxbatch.units import format_bytes, parse_bytes
-from maxbatch.workload import (
+from maxbatch.spec import (
     ForwardFn,
     LossFn,
     Mode,
     OptimizerArg,
     Precision,
+    StepSpec,
+    Target,
     TrainStepFn,
-    Workload,
     parse_enum,
 )
+from maxbatch.units import format_bytes, parse_bytes
 
 __all__ = [
     "CUDA_CONTEXT_BYTES",
@@ -53,10 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Memory a CUDA context takes on the device before any tensor: an assumption (it is 300 MiB to
-#: over 1 GiB, by GPU, driver, CUDA version and lazy module loading), subtracted for a CUDA target.
-CUDA_CONTEXT_BYTES = 500 * 1024**2
-
 
 def _capacities(memory: Any) -> list[int]:
     if memory is None:
@@ -68,18 +66,6 @@ def _capacities(memory: Any) -> list[int]:
     if any(s == 0 for s in sizes):
         raise ConfigError("memory=0 leaves no room for anything; give a size such as 24GiB")
     return sizes
-
-
-def _positive(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
-    return value
-
-
-def _headroom(capacity: int, headroom: int | None, target: Target) -> int:
-    if headroom is not None:
-        return headroom
-    return default_headroom(capacity, virtual=target is Target.CPU)
 
 
 def _notes(target: Target, foreach: bool) -> list[str]:
@@ -166,74 +152,51 @@ def estimate_batch_size(
         WorkloadError: the step fails for another reason, as it would in a probe.
     """
     started = time.perf_counter()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    run_mode: Mode = parse_enum(Mode, mode, "mode")
-    prec: Precision = parse_enum(Precision, precision or "fp32", "precision")
     tgt: Target = parse_enum(Target, target, "target")
     caps = _capacities(memory)
     room = None if headroom is None else parse_bytes(headroom, name="headroom")
-    step = _positive(multiple_of, "multiple_of")
-    lower = 1 if min_batch_size is None else _positive(min_batch_size, "min_batch_size")
-    upper = None if max_batch_size is None else _positive(max_batch_size, "max_batch_size")
-    if upper is not None and lower > upper:
-        raise ConfigError(f"min_batch_size={lower} is larger than max_batch_size={upper}")
-    sizes = [_positive(b, "batch_sizes") for b in batch_sizes]
-    sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
-
-    rows: list[CapacityEstimate] = []
-    with fake_step(
+    grid = Grid.build(
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
+    )
+    sizes = [positive_int(b, "batch_sizes") for b in batch_sizes]
+    # Last: a data set or loader is scanned here, for its worst case.
+    step = StepSpec.build(
         model,
         sample,
         optimizer=optimizer,
-        forward_fn=forward_fn,
         loss_fn=loss_fn,
+        forward_fn=forward_fn,
         train_step=train_step,
-        mode=run_mode,
-        precision=prec,
-        target=tgt,
-    ) as fake:
-        start = max(lower, fake.sample_size if fake.sample_size is not None else 2)
-        for cap in caps:
-            reserved = CUDA_CONTEXT_BYTES if tgt is Target.CUDA else 0
-            kept = _headroom(cap, room, tgt)
-            usable = cap - reserved - kept
-            ceiling, reason = (
-                fake.ceiling(usable, start=start, lower=lower, upper=upper, multiple_of=step)
-                if usable > 0
-                else (None, "nothing is usable after the reserve and the headroom")
-            )
-            peak = None if ceiling is None else fake.peak(ceiling)
-            rows.append(CapacityEstimate(cap, reserved, kept, usable, ceiling, peak, reason))
+        mode=mode,
+        precision=precision,
+    )
+    with fake_step(step, tgt) as fake:
+        start = grid.start(fake.sample_size)
+        rows = [_row(fake, estimate_capacity(cap, room, tgt), start, grid) for cap in caps]
         for b in sizes:
             fake.peak(b)
         model_fit, affine = _memory_model(fake, [r.ceiling for r in rows], sizes, start)
         state = fake.state(start)
         inputs = (fake.input_bytes(2 * start) - fake.input_bytes(start)) / start
-        optimizer_name = (
-            None if fake.workload.optimizer is None else type(fake.workload.optimizer).__name__
+        breakdown = Breakdown(
+            inputs_bytes_per_sample=inputs,
+            activations_bytes_per_sample=model_fit.bytes_per_sample - inputs,
+            **state,
         )
-        foreach = any(
-            g.get("foreach") for g in getattr(fake.workload.optimizer, "param_groups", [])
-        )
-    notes = _notes(tgt, tgt is Target.CUDA and foreach)
+        optimizer_name = _optimizer_name(fake)
+        notes = _notes(tgt, tgt is Target.CUDA and _foreach(fake))
     if not affine:
         notes.append(
             "the peak is not affine in the batch size near the ceiling: the memory model is "
             "approximate there (the ceilings come from exact fake steps)"
         )
-    if isinstance(sample, DataSource):
+    if isinstance(step.sample, DataSource):
         largest = max((r.ceiling for r in rows if r.ceiling is not None), default=start)
-        notes.append(sample.report(largest).note)
-    breakdown = Breakdown(
-        inputs_bytes_per_sample=inputs,
-        activations_bytes_per_sample=model_fit.bytes_per_sample - inputs,
-        **state,
-    )
+        notes.append(step.sample.report(largest).note)
     return Estimate(
         target=tgt.value,
-        mode=run_mode.value,
-        precision=None if prec is Precision.FP32 else prec.value,
+        mode=step.mode.value,
+        precision=step.precision_name,
         optimizer=optimizer_name,
         capacities=tuple(rows),
         memory_model=model_fit,
@@ -243,6 +206,35 @@ def estimate_batch_size(
         notes=tuple(notes),
         seconds=time.perf_counter() - started,
     )
+
+
+def _row(fake: FakeStep, plan: Capacity, start: int, grid: Grid) -> CapacityEstimate:
+    """The predicted ceiling for one capacity."""
+    usable = plan.usable_bytes
+    ceiling, reason = (
+        fake.ceiling(usable, start=start, grid=grid)
+        if usable > 0
+        else (None, "nothing is usable after the reserve and the headroom")
+    )
+    peak = None if ceiling is None else fake.peak(ceiling)
+    return CapacityEstimate(
+        plan.capacity_bytes,
+        plan.reserved_bytes,
+        plan.headroom_bytes,
+        usable,
+        ceiling,
+        peak,
+        reason,
+    )
+
+
+def _optimizer_name(fake: FakeStep) -> str | None:
+    opt = fake.workload.optimizer
+    return None if opt is None else type(opt).__name__
+
+
+def _foreach(fake: FakeStep) -> bool:
+    return any(g.get("foreach") for g in getattr(fake.workload.optimizer, "param_groups", []))
 
 
 def _memory_model(
@@ -268,55 +260,29 @@ def _memory_model(
 
 
 def first_guess(
-    workload: Workload,
-    sample: Any,
-    usable_bytes: int,
-    *,
-    start: int,
-    min_batch_size: int = 1,
-    max_batch_size: int | None = None,
-    multiple_of: int = 1,
+    step: StepSpec, usable_bytes: int, *, start: int, grid: Grid, target: Target
 ) -> tuple[int | None, str]:
     """The ceiling the fake step predicts for ``usable_bytes``: the probe's first guess.
 
-    Counted as on ``workload.device``'s kind (CUDA: 512-byte rounding and the foreach optimizer).
     Never raises.
 
     Args:
-        workload: the probe's workload (model, optimizer, step functions, mode, precision).
-        sample: what the user passed as the sample (a batch or ``make_batch``).
+        step: the probe's step, with the optimizer its workload chose
+            (:meth:`~maxbatch.spec.StepSpec.with_optimizer`).
         usable_bytes: the bytes a trial may peak at.
         start: the size the probe starts at.
-        min_batch_size: the smallest size to try.
-        max_batch_size: the largest size to try, or None.
-        multiple_of: only multiples of this.
+        grid: the sizes the probe may try.
+        target: how to count (CUDA: 512-byte rounding and the foreach optimizer).
 
     Returns:
         The guess and how the search over fake trials ended; or None and why there is no guess:
         nothing fits, or the step cannot run on fake tensors (a model that cannot be
         deep-copied, an operation that needs data, any other error).
     """
-    target = Target.CUDA if workload.device.type == "cuda" else Target.CPU
     started = time.perf_counter()
     try:
-        with fake_step(
-            workload.model,
-            sample,
-            optimizer="none" if workload.optimizer is None else workload.optimizer,
-            forward_fn=workload.forward_fn,
-            loss_fn=workload.loss_fn,
-            train_step=workload.train_step,
-            mode=workload.mode,
-            precision=workload.precision,
-            target=target,
-        ) as fake:
-            guess, reason = fake.ceiling(
-                usable_bytes,
-                start=start,
-                lower=min_batch_size,
-                upper=max_batch_size,
-                multiple_of=multiple_of,
-            )
+        with fake_step(step, target) as fake:
+            guess, reason = fake.ceiling(usable_bytes, start=start, grid=grid)
     except Exception as e:  # noqa: BLE001 - a guess must never stop the probe
         log.info("no first guess from fake tensors: %s: %s", type(e).__name__, e)
         return None, e.reason if isinstance(e, EstimateError) else f"{type(e).__name__}: {e}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,24 +25,18 @@ from torch._subclasses.fake_tensor import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
+from maxbatch.accounting import CUDA_ROUNDING
 from maxbatch.batching import make_batch_fn, map_tensors
 from maxbatch.errors import DoesNotFitError, EstimateError, WorkloadError
+from maxbatch.extrastate import ExtraState
 from maxbatch.fakecopy import CPU, fake_like, fake_model, fake_optimizer, like_cuda
+from maxbatch.grid import Grid
 from maxbatch.probe import search
 from maxbatch.results import Trial
+from maxbatch.spec import StepSpec, Target
 from maxbatch.trial import Meter, run_trial
 from maxbatch.units import format_bytes
-from maxbatch.workload import (
-    ForwardFn,
-    LossFn,
-    Mode,
-    OptimizerArg,
-    Precision,
-    TrainStepFn,
-    Workload,
-    build_workload,
-)
+from maxbatch.workload import Workload, build_workload
 
 _BATCH_NORM = torch.ops.aten.native_batch_norm.default
 _REDUCED = (torch.bfloat16, torch.float16)
@@ -52,13 +45,6 @@ _NOT_FAKEABLE = (
     DynamicOutputShapeException,
     UnsupportedOperatorException,
 )
-
-
-class Target(str, enum.Enum):
-    """The platform an estimate is for: the virtual device's counting, or adjusted for CUDA."""
-
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 def _why(error: Exception) -> str:
@@ -129,9 +115,10 @@ class FakeStep:
         self.target = target
         self.sample_size = sample_size
         self.round_to = CUDA_ROUNDING if target is Target.CUDA else 1
-        self.meter = Meter(CPU, counting=True, label="estimated")
         # Fake tensors' storages are on the meta device: count every storage, not only the CPU's.
-        self.meter.counter = MemoryCounter(None, round_to=self.round_to, label="estimated")
+        self.meter = Meter(
+            CPU, counting=True, round_to=self.round_to, label="estimated", every_device=True
+        )
         self.base = 0
         self.exact: dict[int, Trial] = {}  # trials that ran to the end: their peak is exact
         self.refused: dict[tuple[int, int], Trial] = {}  # out of memory at that usable size
@@ -144,9 +131,7 @@ class FakeStep:
             return known
         if usable is not None and (batch_size, usable) in self.refused:
             return self.refused[batch_size, usable]
-        self.meter.usable_bytes = usable
-        assert self.meter.counter is not None
-        self.meter.counter.cap_bytes = usable
+        self.meter.set_usable(usable)
         trial = run_trial(self.workload, self.meter, batch_size)
         self.steps += 1
         if trial.oom:
@@ -160,9 +145,7 @@ class FakeStep:
         """The exact peak bytes of a trial at ``batch_size``."""
         return self.trial(batch_size, None).peak_bytes
 
-    def ceiling(
-        self, usable: int, *, start: int, lower: int, upper: int | None, multiple_of: int
-    ) -> tuple[int | None, str]:
+    def ceiling(self, usable: int, *, start: int, grid: Grid) -> tuple[int | None, str]:
         """The probe's search over fake trials: the ceiling for ``usable`` bytes and why."""
         if usable <= self.base:
             return None, (
@@ -175,9 +158,7 @@ class FakeStep:
                 start=start,
                 usable_bytes=usable,
                 base_bytes=self.base,
-                min_batch_size=lower,
-                max_batch_size=upper,
-                multiple_of=multiple_of,
+                grid=grid,
             )
         except DoesNotFitError as e:
             # A fake step costs nothing: say what the smallest size needs, not where it stopped.
@@ -213,60 +194,42 @@ class FakeStep:
 
 
 @contextlib.contextmanager
-def fake_step(
-    model: torch.nn.Module,
-    sample: Any,
-    *,
-    optimizer: OptimizerArg,
-    forward_fn: ForwardFn | None,
-    loss_fn: LossFn | None,
-    train_step: TrainStepFn | None,
-    mode: Mode,
-    precision: Precision,
-    target: Target,
-) -> Iterator[FakeStep]:
-    """Build the fake workload; inside, every tensor operation runs on fake tensors.
+def fake_step(step: StepSpec, target: Target) -> Iterator[FakeStep]:
+    """Build the fake workload of ``step``; inside, every tensor operation runs on fake tensors.
 
     The optimizer is chosen as the probe chooses it (an instance is rebuilt over the fake
     parameters); for a CUDA target it takes the foreach implementation, as torch does there.
+
+    Raises:
+        EstimateError: the step cannot run on fake tensors.
     """
-    _, sample_size = make_batch_fn(sample)  # validates the sample; its batches are never built
     # Fallback kernels would run ops without a meta kernel on real zeros: real memory.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
     # The counter, entered for each trial, sits above the batch-norm fix, which sits above the
     # fake mode: it counts the storages the CPU's kernels would make.
     with fake_mode, _CpuBatchNorm():  # type: ignore[no-untyped-call]
-        model_copy, memo = fake_model(model)
-        if sample_size is None:
-            make_batch = sample  # make_batch(b) runs under the fake mode: its tensors are fake
+        model_copy, memo = fake_model(step.model)
+        if step.sample_size is None:
+            make_batch = step.sample  # make_batch(b) runs under the fake mode: its tensors are fake
         else:
-            make_batch, _ = make_batch_fn(map_tensors(sample, fake_like))
+            make_batch, _ = make_batch_fn(map_tensors(step.sample, fake_like))
         workload = build_workload(
-            model_copy,
-            make_batch,
+            dataclasses.replace(
+                step, model=model_copy, make_batch=make_batch, extra_state=ExtraState(())
+            ),
             CPU,
-            optimizer=optimizer,
-            mode=mode,
-            precision=precision,
-            forward_fn=forward_fn,
-            loss_fn=loss_fn,
-            train_step=train_step,
             adopt=lambda opt: fake_optimizer(opt, memo),
         )
         if workload.optimizer is not None and target is Target.CUDA:
             like_cuda(workload.optimizer)
-        step = FakeStep(workload, target, sample_size)
-        workload.save()
+        fake = FakeStep(workload, target, step.sample_size)
         try:
-            workload.prepare()
-            step.base = step.meter.live_bytes(workload)
-            yield step
+            with fake.meter, workload:
+                fake.base = fake.meter.live_bytes(workload)
+                yield fake
         except (WorkloadError, *_NOT_FAKEABLE) as e:
             # The fake mode's own error, or the trial's WorkloadError chained to it.
             cause = e.__cause__ if isinstance(e, WorkloadError) else e
             if not isinstance(cause, _NOT_FAKEABLE):
                 raise
             raise _estimate_error(cause) from cause
-        finally:
-            workload.reset(final=True)
-            step.meter.close()

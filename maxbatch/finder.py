@@ -1,69 +1,117 @@
-"""``find_batch_size``: validate once, build the workload, probe the ceiling, pick a size."""
+"""``find_batch_size``: a short list of stages over records (see :mod:`maxbatch.spec`).
+
+validate (the keywords become records) -> capacity (:mod:`maxbatch.capacity`) -> search
+(:mod:`maxbatch.probe`, from the fake step's first guess on CUDA) -> profile
+(:mod:`maxbatch.profiler`) -> assemble (the result, then the advice over it).
+"""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from maxbatch.advise import advise
-from maxbatch.batching import make_batch_fn
+from maxbatch.advise import advice_for, per_rank
 from maxbatch.cache import ResultCache, from_cache, key_of, verified
 from maxbatch.cache import describe as describe_step
-from maxbatch.data import DataSource, as_batch_source
-from maxbatch.device import HEADROOM_FRACTION as HEADROOM_FRACTION  # re-exported
-from maxbatch.device import MIN_HEADROOM as MIN_HEADROOM  # re-exported
-from maxbatch.device import default_headroom as default_headroom  # re-exported
-from maxbatch.device import describe, device_label, resolve_device
-from maxbatch.distributed import join, sharded_note
+from maxbatch.capacity import (
+    Capacity,
+    counts_live_bytes,
+    enclosing_room,
+    is_virtual,
+    probe_capacity,
+)
+from maxbatch.data import DataSource
+from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
+from maxbatch.distributed import Ranks, join, sharded_note
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import first_guess
-from maxbatch.extrastate import ExtraState
+from maxbatch.grid import Grid
 from maxbatch.hostmem import beyond_host, estimate_beyond_host
 from maxbatch.noise import noise_scale as measure_noise_scale
+from maxbatch.noisestats import NoiseScale
 from maxbatch.oom import release_memory
-from maxbatch.pick import TOLERANCE, check_pick
-from maxbatch.probe import search
-from maxbatch.profiler import profile_fields, profile_workload
+from maxbatch.pick import TOLERANCE
+from maxbatch.probe import SearchOutcome, search
+from maxbatch.profiler import Profile, profile_fields, profile_workload
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
-from maxbatch.trial import REPEATS, Meter, run_trial
-from maxbatch.units import format_bytes, parse_bytes
-from maxbatch.virtual import EnclosingDevices
-from maxbatch.workload import (
+from maxbatch.spec import (
+    AdviceSettings,
     ForwardFn,
     LossFn,
+    MemorySettings,
     Mode,
     OptimizerArg,
     Precision,
+    ProfileSettings,
+    SearchSettings,
+    StepSpec,
+    Target,
     TrainStepFn,
-    build_workload,
-    parse_enum,
 )
-
-log = logging.getLogger(__name__)
-
-
-def _positive_int(value: Any, name: str, *, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
-    return value
+from maxbatch.trial import REPEATS, Meter, run_trial
+from maxbatch.workload import Workload, build_workload
 
 
-def _model_device(model: torch.nn.Module) -> torch.device | None:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return None
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """Everything a probe was asked, validated: the records its stages take."""
+
+    started: float  #: ``time.perf_counter()`` at the call: the time budget counts from here
+    search: SearchSettings
+    memory: MemorySettings
+    profile: ProfileSettings
+    advice: AdviceSettings
+    step: StepSpec
+    device: torch.device
+    ranks: Ranks  #: the ranks that agree under ``torch.distributed`` (one rank: alone)
 
 
-def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None) -> Trial:
-    if on_trial is not None:
-        on_trial(trial)
-    return trial
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Picked:
+    """What the profile stage chose, and why."""
+
+    batch_size: int
+    reason: str
+    profile: Profile | None = None
+
+    @property
+    def points(self) -> tuple[Throughput, ...]:
+        """The timed sizes."""
+        return () if self.profile is None else self.profile.points
+
+    @property
+    def note(self) -> str | None:
+        """Why the profiler stopped early, if it did."""
+        prof = self.profile
+        return None if prof is None or prof.complete else f"profiler: {prof.stop_reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Lookup:
+    """A look-up in the result cache: where to store the answer, and what was found."""
+
+    store: ResultCache
+    key: str
+    description: dict[str, Any]
+    hit: BatchSizeResult | None = None  #: a cached answer that held (checked or trusted)
+    note: str | None = None  #: why a cached answer was not used
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Measured:
+    """What the stages on the device found."""
+
+    info: DeviceInfo
+    optimizer: str | None
+    capacity: Capacity
+    outcome: SearchOutcome
+    search_notes: tuple[str, ...]
+    picked: Picked
+    lookup: Lookup | None = None
 
 
 def find_batch_size(
@@ -104,9 +152,7 @@ def find_batch_size(
     Args:
         model: the model, on the device to probe.
         sample: one batch from your loader (batch dimension first; tensors in tuples, lists, dicts,
-            dataclasses, nested), a callable ``make_batch(batch_size)`` returning a batch, or the
-            data itself: a map-style ``Dataset``, a ``DataLoader`` or a
-            :class:`~maxbatch.data.DataSource`, whose largest items make each trial's batch.
+            dataclasses, nested), or a callable ``make_batch(batch_size)`` returning a batch.
         optimizer: an optimizer over the model's parameters (its state is restored afterwards), a
             factory ``optimizer(parameters)``, or ``"adamw"``, ``"adam"``, ``"sgd"``, ``"none"``.
             Default in train mode: AdamW over the trainable parameters.
@@ -131,7 +177,7 @@ def find_batch_size(
             the pick is the ceiling.
         pick: ``"within"`` (default): the smallest size within ``tolerance`` of the best
             throughput measured; ``"fastest"``: the best outright.
-        tolerance: share of the best throughput the ``"within"`` pick may give up (default 3 %).
+        tolerance: share of the best throughput the ``"within"`` pick may give up (default 2 %).
         on_point: called with each :class:`~maxbatch.results.Throughput` as it is measured.
         dataset_size: samples per epoch, for the iterations per epoch at the pick.
         global_batch: the batch per optimizer step you want; the advice gives the micro-batch
@@ -178,292 +224,379 @@ def find_batch_size(
         DistributedError: another rank failed (:class:`~maxbatch.errors.RankFailedError`, with
             its message), died, or did not answer within the process group's timeout.
     """
-    started = time.perf_counter()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    run_mode: Mode = parse_enum(Mode, mode, "mode")
-    prec: Precision = parse_enum(Precision, precision or "fp32", "precision")
-    step = _positive_int(multiple_of, "multiple_of", allow_none=False) or 1
-    min_b = _positive_int(min_batch_size, "min_batch_size")
-    max_b = _positive_int(max_batch_size, "max_batch_size")
-    if min_b is not None and max_b is not None and min_b > max_b:
-        raise ConfigError(f"min_batch_size={min_b} is larger than max_batch_size={max_b}")
-    if time_budget is not None and not time_budget > 0:
-        raise ConfigError(f"time_budget={time_budget!r} must be a positive number of seconds")
-    cap = None if memory is None else parse_bytes(memory, name="memory")
-    if cap == 0:
-        raise ConfigError("memory=0 leaves no room for anything; give a size such as 300MiB")
-    fixed_headroom = None if headroom is None else parse_bytes(headroom, name="headroom")
-    pick_rule = check_pick(pick, tolerance)
-    if estimate_first is not None and not isinstance(estimate_first, bool):
-        raise ConfigError(f"estimate_first={estimate_first!r} must be True, False or None (auto)")
-    for name, value in (("dataset_size", dataset_size), ("global_batch", global_batch)):
-        _positive_int(value, name)
-    _positive_int(base_batch, "base_batch")
-    if base_lr is not None and (isinstance(base_lr, bool) or not float(base_lr) > 0):
-        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
-    if (base_batch is None) != (base_lr is None):
-        raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
-    if noise_scale and (run_mode is Mode.INFERENCE or (train_step is not None and not loss_fn)):
-        raise ConfigError(
-            "noise_scale needs the training loss: not in inference mode, and with a train_step "
-            "pass loss_fn too"
-        )
-    extra = ExtraState(extra_state).with_scalers(train_step)
-
-    ranks = join(distributed)
-    if global_batch is not None and global_batch % ranks.world_size:
-        raise ConfigError(
-            f"global_batch={global_batch} is not a multiple of the {ranks.world_size} ranks"
-        )
-    sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
-    make_batch, sample_size = make_batch_fn(sample)
-    here = _model_device(model)
-    dev = resolve_device(device) if device is not None else (here or resolve_device("cpu"))
-    if here is not None and device_label(here) != device_label(dev):
-        raise ConfigError(
-            f"the model is on {device_label(here)} but device={device!r}; move it first "
-            f"(model.to({device_label(dev)!r}))"
-        )
-
-    workload = build_workload(
-        model,
-        make_batch,
-        dev,
-        optimizer=optimizer,
-        mode=run_mode,
-        precision=prec,
-        forward_fn=forward_fn,
-        loss_fn=loss_fn,
-        train_step=train_step,
-        extra_state=extra,
-    )
-    notes: list[str] = []
-    opt = workload.optimizer
-    if optimizer is None and opt is not None:
-        notes.append("no optimizer given: the step used AdamW, whose state is real memory")
-    opt_name = None if opt is None else type(opt).__name__
-    if (sharded := sharded_note(model)) is not None:
-        notes.append(sharded)
-    info = describe(dev)
-    virtual = cap is not None or EnclosingDevices.present(dev)
-    meter = Meter(dev, counting=virtual or dev.type != "cuda", virtual=virtual)
-    workload.save()
-    enclosing = None
-    try:
-        workload.prepare()
-        base = meter.live_bytes(workload)
-        # Inside a user's virtual_device the smaller cap wins (theirs counts what ours does not).
-        enclosing = EnclosingDevices(dev, workload.state_tensors())
-        outer = enclosing.capacity_bytes
-        if outer is not None:
-            capacity = outer if cap is None else min(cap, outer)
-            notes.append(f"inside a virtual device: capacity {format_bytes(capacity)}")
-        elif cap is not None:
-            capacity = cap
-        elif dev.type == "cuda":
-            capacity = info.capacity_bytes
-        else:
-            capacity = info.capacity_bytes + base
-            notes.append(
-                f"capacity is the host's available memory plus the model: {format_bytes(capacity)}"
-            )
-        room = (
-            fixed_headroom
-            if fixed_headroom is not None
-            else default_headroom(capacity, virtual=virtual)
-        )
-        usable = capacity - room
-        if usable <= base:
-            raise ConfigError(
-                f"the usable memory ({format_bytes(usable)} = capacity {format_bytes(capacity)} - "
-                f"headroom {format_bytes(room)}) is not more than the model and optimizer state "
-                f"already hold ({format_bytes(base)}); raise memory or lower headroom"
-            )
-        meter.set_usable(usable)
-        # This rank's meter keeps its own usable bytes; the search sees the tightest rank's.
-        local_usable = usable
-        capacity, room, usable, base = ranks.plan(capacity, room, usable, base)
-        beyond = beyond_host(capacity, base, dev) if virtual else None  # said up front
-        lower = min_b or 1
-        start = sample_size if sample_size is not None else max(lower, 2)
-        start = max(start, lower)
-        # A noise scale holds for the current weights, which the cache's key does not see.
-        store = ResultCache() if cache and ranks.world_size == 1 and not noise_scale else None
-        if store is not None:
-            description = describe_step(
-                model,
-                make_batch(start),
-                opt,
-                {"forward_fn": forward_fn, "loss_fn": loss_fn, "train_step": train_step},
-                {
-                    "mode": run_mode.value,
-                    "precision": prec.value,
-                    "device": [info.kind, info.name, info.total_bytes],
-                    "memory": cap,
-                    "headroom": fixed_headroom,
-                    "grid": [lower, max_b, step],
-                    "pick": [profile, pick_rule.value, tolerance],
-                    "advice": [dataset_size, global_batch, base_batch, base_lr, noise_scale],
-                    "extra_state": len(extra_state),
-                },
-            )
-            key = key_of(description)
-            hit = store.get(key)
-            if hit is not None:
-                ok, check = True, None
-                if not trust_cache:
-                    ok, check = verified(
-                        hit,
-                        lambda b: _reported(run_trial(workload, meter, b), on_trial),
-                        multiple_of=step,
-                        max_batch_size=max_b,
-                    )
-                if ok:
-                    return from_cache(hit, key, check, time.perf_counter() - started)
-                notes.append(f"the cached result did not hold ({check}): probed again")
-        guess = None
-        # Auto: only on CUDA, where the real trials it saves are the expensive ones.
-        with_estimate = dev.type == "cuda" if estimate_first is None else estimate_first
-        if with_estimate:
-            guess, why = first_guess(
-                workload,
-                sample,
-                usable,
-                start=start,
-                min_batch_size=lower,
-                max_batch_size=max_b,
-                multiple_of=step,
-            )
-            if guess is None:
-                notes.append(
-                    f"no first guess from fake tensors: {why}; the search started from "
-                    f"batch size {start}"
-                )
-        if beyond is not None:
-            notes.append(f"{beyond}: the ceiling is estimated on fake tensors, nothing was timed")
-            outcome = estimate_beyond_host(
-                workload,
-                sample,
-                usable,
-                beyond,
-                start=start,
-                min_batch_size=lower,
-                max_batch_size=max_b,
-                multiple_of=step,
-            )
-            profile = False
-        else:
-            with ranks.quiet_step(model):
-                outcome = search(
-                    ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
-                    start=start,
-                    usable_bytes=usable,
-                    base_bytes=base,
-                    min_batch_size=lower,
-                    max_batch_size=max_b,
-                    multiple_of=step,
-                    time_budget=time_budget,
-                    on_trial=on_trial,
-                    first_guess=guess,
-                    clock=ranks.clock,
-                )
-        chosen, reason = outcome.ceiling, "the ceiling (profile=False)"
-        if beyond is not None:
-            reason = "the estimated ceiling: no size near it can run on this machine to be timed"
-        points: tuple[Throughput, ...] = ()
-        prof = None
-        if profile:
-            left = None if time_budget is None else time_budget - (time.perf_counter() - started)
-            left = ranks.least(left)  # one decision for all ranks
-            if left is not None and left <= 0:
-                reason = "the ceiling: the time budget was spent before any size could be timed"
-            else:
-                # Timed without the counter: its per-operator bookkeeping would skew the timings,
-                # and the sizes timed are at or below the verified ceiling.
-                prof = profile_workload(
-                    workload,
-                    outcome.ceiling,
-                    min_batch_size=lower,
-                    multiple_of=step,
-                    rule=pick_rule,
-                    tolerance=tolerance,
-                    budget=left,
-                    on_point=on_point,
-                    # The trials' steps (counted ones are slower) predict what timing costs.
-                    step_seconds={
-                        t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits
-                    },
-                    probe_seconds=time.perf_counter() - started,
-                    agree=ranks.timings,
-                    search_clock=ranks.clock,
-                )
-                chosen, reason, points = prof.batch_size, prof.pick_reason, prof.points
-                if not prof.complete:
-                    notes.append(f"profiler: {prof.stop_reason}")
-    except BaseException as e:
-        ranks.share(e)  # before raising, so that no other rank waits for this one
-        raise
-    finally:
-        if enclosing is not None:
-            enclosing.restore()
-        workload.reset(final=True)
-        meter.close()
-        release_memory(dev, full=True)
-    ranks.done()
-    if not outcome.complete:
-        notes.append(outcome.stop_reason)
-    scan = sample.report(outcome.ceiling) if isinstance(sample, DataSource) else None
-    if scan is not None:
-        notes.append(scan.note)
-    noise = None
-    if noise_scale:
-        noise = measure_noise_scale(model, sample, loss_fn, forward_fn, max_batch_size=chosen)
-    # The critical batch is over all ranks; the advice is per rank, as for global_batch.
-    critical = None if noise is None else noise.critical_batch
-    advice = None
-    if noise or dataset_size is not None or global_batch is not None or base_batch is not None:
-        advice = advise(
-            chosen,
-            outcome.ceiling,
+    request = Request(
+        started=time.perf_counter(),
+        search=SearchSettings(
+            grid=Grid.build(
+                min_batch_size=min_batch_size,
+                max_batch_size=max_batch_size,
+                multiple_of=multiple_of,
+            ),
+            time_budget=time_budget,
+            estimate_first=estimate_first,
+            on_trial=on_trial,
+            cache=cache,
+            trust_cache=trust_cache,
+        ),
+        memory=MemorySettings.build(memory=memory, headroom=headroom),
+        profile=ProfileSettings.build(
+            enabled=profile, pick=pick, tolerance=tolerance, on_point=on_point
+        ),
+        advice=AdviceSettings(
             dataset_size=dataset_size,
-            global_batch=None if global_batch is None else global_batch // ranks.world_size,
+            global_batch=global_batch,
             base_batch=base_batch,
             base_lr=base_lr,
-            critical_batch=None if critical is None else max(1, critical // ranks.world_size),
-        ).to_dict()
+            noise_scale=noise_scale,
+        ),
+        step=StepSpec.build(  # last of the options: a data set is scanned here
+            model,
+            sample,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            forward_fn=forward_fn,
+            train_step=train_step,
+            mode=mode,
+            precision=precision,
+            extra_state=extra_state,
+        ),
+        device=_device(model, device),
+        ranks=join(distributed),
+    )
+    try:
+        per_rank(global_batch, request.ranks.world_size)
+        request.advice.check_step(request.step)
+        measured = _measure(request)
+    except BaseException as e:
+        request.ranks.share(e)  # before raising, so that no other rank waits for this one
+        raise
+    if isinstance(measured, BatchSizeResult):
+        return measured  # a cached answer that held
+    request.ranks.done()
+    result = _advise(request, _assemble(request, measured, _noise(request, measured)))
+    _store(request, measured, result)
+    return result
+
+
+def _device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """The device to probe: ``device``, else where the model is; the model must be there.
+
+    Raises:
+        ConfigError: the model is on another device.
+        DeviceError: the device is not available.
+    """
+    here = next(iter([*model.parameters(), *model.buffers()]), None)
+    where = None if here is None else here.device
+    dev = resolve_device(device) if device is not None else (where or resolve_device("cpu"))
+    if where is not None and device_label(where) != device_label(dev):
+        raise ConfigError(
+            f"the model is on {device_label(where)} but device={device!r}; move it first "
+            f"(model.to({device_label(dev)!r}))"
+        )
+    return dev
+
+
+def _measure(request: Request) -> Measured | BatchSizeResult:
+    """Open the workload on the device, plan the capacity, search and profile; restore.
+
+    Returns:
+        What the stages found, or a cached answer that held.
+    """
+    dev, limits = request.device, request.memory
+    info = describe(dev)
+    virtual = is_virtual(dev, limits)
+    meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
+    try:
+        with meter, build_workload(request.step, dev) as workload:
+            base = meter.live_bytes(workload)
+            with enclosing_room(dev, workload.state_tensors()) as room:
+                local = probe_capacity(info, limits, base, room)
+                meter.set_usable(local.usable_bytes)  # this rank's; the search sees the tightest
+                capacity = _agree(request.ranks, local, dev)
+                lookup = _look_up(request, info, workload, meter)
+                if lookup is not None and lookup.hit is not None:
+                    return lookup.hit
+                outcome, search_notes = _search(request, workload, meter, capacity)
+                picked = (
+                    _profile(request, workload, outcome)
+                    if capacity.beyond_host is None
+                    else Picked(
+                        batch_size=outcome.ceiling,
+                        reason="the estimated ceiling: no size near it can run on this machine "
+                        "to be timed",
+                    )
+                )
+    finally:
+        release_memory(dev, full=True)
+    opt = workload.optimizer
+    return Measured(
+        info=info,
+        optimizer=None if opt is None else type(opt).__name__,
+        capacity=capacity,
+        outcome=outcome,
+        search_notes=search_notes,
+        picked=picked,
+        lookup=lookup,
+    )
+
+
+def _agree(ranks: Ranks, local: Capacity, device: torch.device) -> Capacity:
+    """The tightest rank's capacity, with the base against it (alone: this rank's).
+
+    A virtual capacity this machine cannot hold is said up front (:attr:`Capacity.beyond_host`).
+    """
+    capacity, headroom, _, base = ranks.plan(
+        local.capacity_bytes, local.headroom_bytes, local.usable_bytes, local.base_bytes
+    )
+    beyond = beyond_host(capacity, base, device) if local.virtual else None
+    return dataclasses.replace(
+        local, capacity_bytes=capacity, headroom_bytes=headroom, base_bytes=base, beyond_host=beyond
+    )
+
+
+def _look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter) -> Lookup | None:
+    """The result cache's answer for this request, checked by two trials unless trusted.
+
+    Returns:
+        None without the cache (or under ``torch.distributed``); else the look-up.
+    """
+    step, search, grid, prof, advice = (
+        request.step,
+        request.search,
+        request.search.grid,
+        request.profile,
+        request.advice,
+    )
+    # A noise scale holds for the current weights, which the cache's key does not see.
+    if not search.cache or request.ranks.world_size != 1 or advice.noise_scale:
+        return None
+    description = describe_step(
+        step.model,
+        step.make_batch(grid.start(step.sample_size)),
+        workload.optimizer,
+        {"forward_fn": step.forward_fn, "loss_fn": step.loss_fn, "train_step": step.train_step},
+        {
+            "mode": step.mode.value,
+            "precision": step.precision.value,
+            "device": [info.kind, info.name, info.total_bytes],
+            "memory": request.memory.memory_bytes,
+            "headroom": request.memory.headroom_bytes,
+            "grid": [grid.min_batch_size, grid.max_batch_size, grid.multiple_of],
+            "pick": [prof.enabled, prof.rule.value, prof.tolerance],
+            "advice": [
+                advice.dataset_size,
+                advice.global_batch,
+                advice.base_batch,
+                advice.base_lr,
+                advice.noise_scale,
+            ],
+            "extra_state": len(step.extra_state.items),
+        },
+    )
+    lookup = Lookup(store=ResultCache(), key=key_of(description), description=description)
+    hit = lookup.store.get(lookup.key)
+    if hit is None:
+        return lookup
+    check = None
+    if not search.trust_cache:
+        ok, check = verified(
+            hit,
+            lambda b: _reported(run_trial(workload, meter, b), search.on_trial),
+            multiple_of=grid.multiple_of,
+            max_batch_size=grid.max_batch_size,
+        )
+        if not ok:
+            note = f"the cached result did not hold ({check}): probed again"
+            return dataclasses.replace(lookup, note=note)
+    seconds = time.perf_counter() - request.started
+    return dataclasses.replace(lookup, hit=from_cache(hit, lookup.key, check, seconds))
+
+
+def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None) -> Trial:
+    if on_trial is not None:
+        on_trial(trial)
+    return trial
+
+
+def _store(request: Request, measured: Measured, result: BatchSizeResult) -> None:
+    """Keep a complete answer (the profiler's too, when it ran) in the result cache."""
+    prof = measured.picked.profile
+    timed = not request.profile.enabled or (prof is not None and prof.complete)
+    if measured.lookup is not None and result.complete and timed:
+        measured.lookup.store.put(measured.lookup.key, result, measured.lookup.description)
+
+
+def _search(
+    request: Request, workload: Workload, meter: Meter, capacity: Capacity
+) -> tuple[SearchOutcome, tuple[str, ...]]:
+    """The ceiling search, from the fake step's first guess when asked (auto: on CUDA only).
+
+    Returns:
+        The outcome, and notes: why a first guess asked for could not be made, and that the
+        ceiling was estimated when this machine cannot hold the virtual capacity.
+
+    Raises:
+        DoesNotFitError: the smallest size does not fit.
+        WorkloadError: the step failed for another reason.
+    """
+    settings, grid = request.search, request.search.grid
+    start = grid.start(request.step.sample_size)
+    guess: int | None = None
+    notes: tuple[str, ...] = ()
+    # Auto: only on CUDA, where the real trials it saves are the expensive ones.
+    cuda = capacity.kind == "cuda"
+    if cuda if settings.estimate_first is None else settings.estimate_first:
+        guess, why = first_guess(
+            request.step.with_optimizer(workload.optimizer),
+            capacity.usable_bytes,
+            start=start,
+            grid=grid,
+            target=Target.CUDA if cuda else Target.CPU,
+        )
+        if guess is None:
+            notes = (
+                f"no first guess from fake tensors: {why}; the search started from "
+                f"batch size {start}",
+            )
+    if capacity.beyond_host is not None:
+        beyond = (
+            f"{capacity.beyond_host}: the ceiling is estimated on fake tensors, nothing was timed"
+        )
+        outcome = estimate_beyond_host(
+            request.step.with_optimizer(workload.optimizer),
+            capacity.usable_bytes,
+            capacity.beyond_host,
+            start=start,
+            grid=grid,
+            target=Target.CUDA if cuda else Target.CPU,
+        )
+        return outcome, (*notes, beyond)
+    ranks, local_usable = request.ranks, meter.usable_bytes
+    assert local_usable is not None  # set from this rank's capacity
+    with ranks.quiet_step(request.step.model):
+        outcome = search(
+            ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+            start=start,
+            usable_bytes=capacity.usable_bytes,
+            base_bytes=capacity.base_bytes,
+            grid=grid,
+            time_budget=settings.time_budget,
+            on_trial=settings.on_trial,
+            first_guess=guess,
+            clock=ranks.clock,
+        )
+    return outcome, notes
+
+
+def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
+    """Time the step at or below the ceiling and pick; without the profiler, the ceiling."""
+    settings, budget = request.profile, request.search.time_budget
+    if not settings.enabled:
+        return Picked(batch_size=outcome.ceiling, reason="the ceiling (profile=False)")
+    left = None if budget is None else budget - (time.perf_counter() - request.started)
+    left = request.ranks.least(left)  # one decision for all ranks
+    if left is not None and left <= 0:
+        return Picked(
+            batch_size=outcome.ceiling,
+            reason="the ceiling: the time budget was spent before any size could be timed",
+        )
+    # Timed without the counter: its per-operator bookkeeping would skew the timings, and the
+    # sizes timed are at or below the verified ceiling.
+    prof = profile_workload(
+        workload,
+        outcome.ceiling,
+        grid=request.search.grid,
+        settings=settings,
+        budget=left,
+        # The trials' steps (counted ones are slower) predict what timing costs.
+        step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
+        probe_seconds=time.perf_counter() - request.started,
+        agree=request.ranks.timings,
+        search_clock=request.ranks.clock,
+    )
+    return Picked(batch_size=prof.batch_size, reason=prof.pick_reason, profile=prof)
+
+
+def _noise(request: Request, measured: Measured) -> NoiseScale | None:
+    """The gradient noise scale at the pick, when asked for (None otherwise)."""
+    if not request.advice.noise_scale:
+        return None
+    step = request.step
+    return measure_noise_scale(
+        step.model,
+        step.sample,
+        step.loss_fn,
+        step.forward_fn,
+        max_batch_size=measured.picked.batch_size,
+    )
+
+
+def _assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> BatchSizeResult:
+    """The result record, with the notes in the order the stages made them."""
+    step, capacity, outcome, picked = (
+        request.step,
+        measured.capacity,
+        measured.outcome,
+        measured.picked,
+    )
+    sample = step.sample
+    scan = sample.report(outcome.ceiling) if isinstance(sample, DataSource) else None
+    notes = [
+        "no optimizer given: the step used AdamW, whose state is real memory"
+        if step.optimizer is None and measured.optimizer is not None
+        else None,
+        sharded_note(step.model),
+        capacity.note,
+        None if measured.lookup is None else measured.lookup.note,
+        *measured.search_notes,
+        picked.note,
+        None if outcome.complete else outcome.stop_reason,
+        None if scan is None else scan.note,
+    ]
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
-    plan = (advice or {}).get("accumulation") or {"micro_batch": chosen, "accumulation_steps": 1}
-    result = BatchSizeResult(
-        batch_size=chosen,
+    return BatchSizeResult(
+        batch_size=picked.batch_size,
         ceiling=outcome.ceiling,
-        ceiling_source="measured" if beyond is None else "estimated",
-        device=device_label(dev),
-        device_name=info.name,
-        mode=run_mode.value,
-        precision=None if prec is Precision.FP32 else prec.value,
-        optimizer=opt_name,
+        ceiling_source="measured" if capacity.beyond_host is None else "estimated",
+        device=measured.info.device,
+        device_name=measured.info.name,
+        mode=step.mode.value,
+        precision=step.precision_name,
+        optimizer=measured.optimizer,
         trials=outcome.trials,
-        capacity_bytes=capacity,
-        headroom_bytes=room,
-        usable_bytes=usable,
-        virtual=virtual,
+        capacity_bytes=capacity.capacity_bytes,
+        headroom_bytes=capacity.headroom_bytes,
+        usable_bytes=capacity.usable_bytes,
+        virtual=capacity.virtual,
         memory_model=outcome.memory_model,
         complete=outcome.complete,
         stop_reason=outcome.stop_reason,
-        pick_reason=reason,
-        notes=tuple(notes),
-        seconds=time.perf_counter() - started,
-        throughput=tuple(points),
+        pick_reason=picked.reason,
+        notes=tuple(n for n in notes if n is not None),
+        seconds=time.perf_counter() - request.started,
+        throughput=picked.points,
         memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
-        advice=advice,
         noise_scale=None if noise is None else noise.to_dict(),
-        **({} if prof is None else profile_fields(prof)),
-        world_size=ranks.world_size,
-        accumulation_steps=plan["accumulation_steps"],
-        global_batch_size=plan["micro_batch"] * ranks.world_size * plan["accumulation_steps"],
+        **({} if picked.profile is None else profile_fields(picked.profile)),
+        world_size=request.ranks.world_size,
         data=None if scan is None else scan.to_dict(),
     )
-    if store is not None and result.complete and (not profile or (prof and prof.complete)):
-        store.put(key, result, description)
-    return result
+
+
+def _advise(request: Request, result: BatchSizeResult) -> BatchSizeResult:
+    """The result with the advice over it, and the samples per optimizer step over all ranks."""
+    wanted, noise = request.advice, result.noise_scale
+    critical = None if noise is None else noise.get("critical_batch")
+    advice = (
+        advice_for(result, critical_batch=critical, **wanted.keywords()) if wanted.wanted else None
+    )
+    plan = None if advice is None else advice.accumulation
+    micro, steps = (
+        (result.batch_size, 1) if plan is None else (plan.micro_batch, plan.accumulation_steps)
+    )
+    return dataclasses.replace(
+        result,
+        advice=None if advice is None else advice.to_dict(),
+        accumulation_steps=steps,
+        global_batch_size=micro * result.world_size * steps,
+    )

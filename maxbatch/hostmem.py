@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import psutil
 import torch
 
 from maxbatch.errors import HostMemoryError
 from maxbatch.estimate import first_guess
+from maxbatch.grid import Grid
 from maxbatch.probe import SearchOutcome
+from maxbatch.spec import StepSpec, Target
 from maxbatch.units import format_bytes
-from maxbatch.workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -124,42 +124,27 @@ def beyond_host(capacity_bytes: int, base_bytes: int, device: torch.device) -> s
 
 
 def estimate_beyond_host(
-    workload: Workload,
-    sample: Any,
-    usable_bytes: int,
-    why_not: str,
-    *,
-    start: int,
-    min_batch_size: int,
-    max_batch_size: int | None,
-    multiple_of: int,
+    step: StepSpec, usable_bytes: int, why_not: str, *, start: int, grid: Grid, target: Target
 ) -> SearchOutcome:
     """The ceiling from the fake-tensor estimate, for a capacity this machine cannot hold.
 
     Args:
-        workload: the probe's workload.
-        sample: what the user passed as the sample (a batch or ``make_batch``).
+        step: the probe's step, with the optimizer its workload chose.
         usable_bytes: the virtual device's usable bytes.
         why_not: :func:`beyond_host`'s sentence.
         start: the size the probe starts at.
-        min_batch_size: the smallest size to try.
-        max_batch_size: the largest size to try, or None.
-        multiple_of: only multiples of this.
+        grid: the sizes the probe may try.
+        target: how to count (the device's kind).
+
+    Returns:
+        The estimated ceiling as the search's outcome, without trials.
 
     Raises:
         HostMemoryError: the step cannot run on fake tensors (or nothing fits): one line naming
             this machine's memory.
     """
     log.warning("%s: the ceiling is estimated on fake tensors", why_not)
-    guess, why = first_guess(
-        workload,
-        sample,
-        usable_bytes,
-        start=start,
-        min_batch_size=min_batch_size,
-        max_batch_size=max_batch_size,
-        multiple_of=multiple_of,
-    )
+    guess, why = first_guess(step, usable_bytes, start=start, grid=grid, target=target)
     if guess is None:
         raise HostMemoryError(
             f"{why_not}, and `maxbatch estimate` cannot answer for it ({why}); lower --memory "

@@ -34,6 +34,7 @@ from maxbatch.errors import (
     ModelFileError,
     WorkloadError,
 )
+from maxbatch.grid import Grid
 from maxbatch.probe import fit_memory_model, search
 from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
 
@@ -196,8 +197,11 @@ def probe_isolated(
 
     # The search needs the usable bytes before its first trial: take them from the first child
     # that reports them, halving as the search would after a killed one.
-    lower = max(multiple_of, -(-(min_batch_size or 1) // multiple_of) * multiple_of)
-    b = max(lower, start // multiple_of * multiple_of)
+    grid = Grid.build(
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
+    )
+    lower = grid.lower
+    b = grid.snap_down(start)
     killed: list[Trial] = []
     while (trial := run(b)) and children.usable is None:
         killed.append(trial)
@@ -210,16 +214,14 @@ def probe_isolated(
                 needed_bytes=trial.peak_bytes,
                 available_bytes=0,
             )
-        b = max(lower, b // 2 // multiple_of * multiple_of)
+        b = grid.snap_down(b / 2)
     assert children.usable is not None  # the loop ends when a child reported them
     outcome = search(
         run,
         start=b,
         usable_bytes=children.usable,
         base_bytes=(children.first.trials[0].state_bytes or 0) if children.first else 0,
-        min_batch_size=lower,
-        max_batch_size=max_batch_size,
-        multiple_of=multiple_of,
+        grid=grid,
         time_budget=time_budget,
         on_trial=on_trial,
     )

@@ -20,7 +20,8 @@ from maxbatch.batching import batch_size_of, map_tensors
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
 from maxbatch.oom import is_oom, release_memory
 from maxbatch.results import BatchSizeResult, MemoryModel
-from maxbatch.workload import ForwardFn, LossFn, default_forward, default_loss
+from maxbatch.spec import ForwardFn, LossFn
+from maxbatch.workload import default_forward, default_loss
 
 __all__ = ["MicroBatcher", "MicroStep"]
 

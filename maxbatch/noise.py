@@ -31,7 +31,8 @@ from maxbatch.noisestats import (
 )
 from maxbatch.oom import is_oom, release_memory
 from maxbatch.snapshot import Snapshot
-from maxbatch.workload import ForwardFn, LossFn, default_forward, default_loss, to_device
+from maxbatch.spec import ForwardFn, LossFn
+from maxbatch.workload import default_forward, default_loss, to_device
 
 log = logging.getLogger(__name__)
 

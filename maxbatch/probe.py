@@ -30,7 +30,8 @@ import math
 import time
 from collections.abc import Callable
 
-from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
+from maxbatch.errors import DoesNotFitError, WorkloadError
+from maxbatch.grid import ALL_SIZES, Grid
 from maxbatch.memtrace import predict_ceiling
 from maxbatch.results import MemoryModel, Trial
 from maxbatch.units import format_bytes
@@ -40,7 +41,16 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SearchOutcome:
-    """What the search found (see :class:`maxbatch.results.ProbeResult` for the fields)."""
+    """What the search found.
+
+    Attributes:
+        ceiling: the largest size that was run and fit.
+        trials: every trial, in order.
+        memory_model: the model fitted from the trials, or None when fewer than two sizes fit.
+        complete: False when the time budget stopped the search before the size above
+            ``ceiling`` was settled.
+        stop_reason: why the search ended, in words.
+    """
 
     ceiling: int
     trials: tuple[Trial, ...]
@@ -78,15 +88,13 @@ class _Search:
         *,
         usable_bytes: int,
         base_bytes: int,
-        lower: int,
-        upper: int | None,
-        step: int,
+        grid: Grid,
         time_budget: float | None,
         clock: Callable[[], float],
         on_trial: Callable[[Trial], None] | None,
     ):
         self.run_fn, self.usable, self.base = run, usable_bytes, base_bytes
-        self.lower, self.upper, self.m = lower, upper, step
+        self.grid, self.upper, self.multiple_of = grid, grid.upper, grid.multiple_of
         self.budget, self.clock, self.on_trial = time_budget, clock, on_trial
         self.trials: list[Trial] = []
         self.done: dict[int, bool] = {}
@@ -99,9 +107,6 @@ class _Search:
         self.trace_target: int | None = None  # the last size the traces predicted
         self.trace_misses = 0  # trace predictions that did not fit
         self.t0 = clock()
-
-    def snap_down(self, b: float) -> int:
-        return max(self.lower, int(b // self.m) * self.m)
 
     def run(self, b: int) -> Trial:
         trial = self.run_fn(b)
@@ -135,14 +140,14 @@ class _Search:
         last = self.trials[-2:]
         if (
             self.hi is not None
-            and b == self.hi - self.m
+            and b == self.hi - self.multiple_of
             and len(last) == 2
             and not last[0].fits
             and not last[1].fits
-            and last[0].batch_size - last[1].batch_size == self.m
+            and last[0].batch_size - last[1].batch_size == self.multiple_of
         ):
             assert self.lo is not None
-            mid = self.snap_down((self.lo + self.hi) / 2)
+            mid = self.grid.snap_down((self.lo + self.hi) / 2)
             if self.inside(mid):
                 return mid
         return b
@@ -166,21 +171,21 @@ class _Search:
         guess = self.traced_guess()
         if guess is None:
             return None
-        target = self.snap_down(guess)
-        if self.upper is not None:
-            target = min(target, self.upper)
+        target = self.grid.snap(guess)
         if self.inside(target):
             self.trace_target = target
             return target
-        if target <= self.lo and self.inside(self.lo + self.m):
-            return self.lo + self.m  # the traces say lo is the ceiling: check its neighbour
+        if target <= self.lo and self.inside(self.lo + self.multiple_of):
+            return (
+                self.lo + self.multiple_of
+            )  # the traces say lo is the ceiling: check its neighbour
         return None
 
     def _next_size(self) -> int:
         traced = self._traced_size()
         if traced is not None:
             return traced
-        lo, hi, m = self.lo, self.hi, self.m
+        lo, hi, multiple_of = self.lo, self.hi, self.multiple_of
         assert lo is not None
         guess, self.guess = self.guess, None
         if guess is not None and not self.done[guess]:
@@ -188,37 +193,36 @@ class _Search:
             self.bad_bases.add(self.guess_basis)
         # Verify a model guess from the side it landed on: its neighbour above if it fit; below if
         # it failed by little (a counting meter tells by how much; a failed CUDA trial cannot).
-        if guess is not None and self.done[guess] and self.inside(guess + m):
-            return guess + m
-        if guess is not None and self.misses == 1 and self.inside(guess - m):
+        if guess is not None and self.done[guess] and self.inside(guess + multiple_of):
+            return guess + multiple_of
+        if guess is not None and self.misses == 1 and self.inside(guess - multiple_of):
             failed = self.trials[-1]
             model = fit_memory_model(self.trials)
             near = (
-                model is None or failed.peak_bytes <= self.usable + 2 * m * model.bytes_per_sample
+                model is None
+                or failed.peak_bytes <= self.usable + 2 * multiple_of * model.bytes_per_sample
             )
             if near:
-                return guess - m
+                return guess - multiple_of
         # A fit is not trusted again once a guess from it failed; new points make a new fit.
         basis = tuple(sorted(t.batch_size for t in self.trials if t.fits)[-2:])
         model = fit_memory_model(self.trials) if basis not in self.bad_bases else None
         if model is not None:
-            target = self.snap_down(_predict(model, self.usable))
-            if self.upper is not None:
-                target = min(target, self.upper)
+            target = self.grid.snap(_predict(model, self.usable))
             if self.inside(target):
                 self.guess, self.guess_basis = target, basis
                 return target
-            if target <= lo and self.inside(lo + m) and guess is None:
-                return lo + m  # the model says lo is the ceiling: check its neighbour
+            if target <= lo and self.inside(lo + multiple_of) and guess is None:
+                return lo + multiple_of  # the model says lo is the ceiling: check its neighbour
         # A size sure to fit (if memory is affine and convex in b) refines the model from below.
         safe = self.safe_jump()
         if hi is None:
             target = 2 * lo if self.upper is None else min(2 * lo, self.upper)
-            return max(target, safe, lo + m)
-        mid = self.snap_down((lo + hi) / 2)
+            return max(target, safe, lo + multiple_of)
+        mid = self.grid.snap_down((lo + hi) / 2)
         if self.inside(safe) and safe - lo >= (hi - lo) / 4:
             return safe
-        return mid if self.inside(mid) else lo + m
+        return mid if self.inside(mid) else lo + multiple_of
 
     def safe_jump(self) -> int:
         """A size that fits if every byte above ``base`` of the largest success is per-sample."""
@@ -226,14 +230,13 @@ class _Search:
         best = max((t for t in self.trials if t.fits), key=lambda t: t.batch_size)
         fixed = max(self.base, max(t.state_bytes or 0 for t in self.trials))
         per_sample = max(1.0, (best.peak_bytes - fixed) / best.batch_size)
-        target = self.snap_down(best.batch_size + (self.usable - best.peak_bytes) / per_sample)
-        return target if self.upper is None else min(target, self.upper)
+        return self.grid.snap(best.batch_size + (self.usable - best.peak_bytes) / per_sample)
 
     def finished(self) -> bool:
         assert self.lo is not None
         if self.upper is not None and self.lo >= self.upper:
             return True
-        return self.hi is not None and self.hi - self.lo <= self.m
+        return self.hi is not None and self.hi - self.lo <= self.multiple_of
 
 
 def _does_not_fit(s: _Search, failure: WorkloadError | None = None) -> DoesNotFitError:
@@ -279,7 +282,7 @@ def _first_fit(s: _Search, b: int) -> None:
             if b == start:
                 raise
             raise _does_not_fit(s, e) from e.__cause__
-        if b == s.lower:
+        if b == s.grid.lower:
             raise _does_not_fit(s)
         if s.over_budget():
             raise DoesNotFitError(
@@ -288,7 +291,7 @@ def _first_fit(s: _Search, b: int) -> None:
                 needed_bytes=s.trials[-1].peak_bytes,
                 available_bytes=s.usable,
             )
-        b = s.snap_down(b / 2)
+        b = s.grid.snap_down(b / 2)
 
 
 def search(
@@ -297,9 +300,7 @@ def search(
     start: int,
     usable_bytes: int,
     base_bytes: int = 0,
-    min_batch_size: int = 1,
-    max_batch_size: int | None = None,
-    multiple_of: int = 1,
+    grid: Grid = ALL_SIZES,
     time_budget: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     on_trial: Callable[[Trial], None] | None = None,
@@ -312,9 +313,7 @@ def search(
         start: the first size to try (snapped into the grid).
         usable_bytes: the bytes a trial may peak at.
         base_bytes: bytes live before any trial (model and state), for the first jump.
-        min_batch_size: the smallest size to try.
-        max_batch_size: the largest size to try, or None.
-        multiple_of: only sizes that are multiples of this are tried.
+        grid: the sizes that may be tried.
         time_budget: seconds after which the search stops with the best verified size.
         clock: time source (seconds).
         on_trial: called after every trial.
@@ -325,38 +324,23 @@ def search(
     Raises:
         DoesNotFitError: the smallest size does not fit.
     """
-    m = multiple_of
-    lower = max(m, -(-min_batch_size // m) * m)
-    if max_batch_size is not None:
-        upper: int | None = (max_batch_size // m) * m
-        if upper is not None and upper < lower:
-            raise ConfigError(
-                f"no batch size between min_batch_size={min_batch_size} and "
-                f"max_batch_size={max_batch_size} is a multiple of {m}"
-            )
-    else:
-        upper = None
     s = _Search(
         run,
         usable_bytes=usable_bytes,
         base_bytes=base_bytes,
-        lower=lower,
-        upper=upper,
-        step=m,
+        grid=grid,
         time_budget=time_budget,
         clock=clock,
         on_trial=on_trial,
     )
-    b = s.snap_down(start)
-    if upper is not None:
-        b = min(b, upper)
+    b = grid.snap(start)
     settled = False
     if first_guess is not None:
-        g = s.snap_down(first_guess) if upper is None else min(s.snap_down(first_guess), upper)
+        g = grid.snap(first_guess)
         if g > b:
             if s.run(g).fits:
                 s.guess, settled = g, True  # next_size() verifies it from above
-            elif g - m > b and s.run(g - m).fits:
+            elif g - grid.multiple_of > b and s.run(g - grid.multiple_of).fits:
                 settled = True  # a near miss: its neighbour below fits
     if not settled:
         _first_fit(s, b)

@@ -35,8 +35,10 @@ from typing import Any
 from maxbatch.contest import Confidence, Contest, confidence, contenders, run_rounds
 from maxbatch.descent import ALIGN, Search, TimeStep
 from maxbatch.errors import ConfigError
+from maxbatch.grid import ALL_SIZES, Grid, positive_int
 from maxbatch.pick import TOLERANCE, PickRule, check_pick, pick, sizes_text
 from maxbatch.results import Skipped, Throughput
+from maxbatch.spec import ProfileSettings
 from maxbatch.timing import NOISY, REPLICATES, WARMUP, time_workload
 from maxbatch.workload import Workload
 
@@ -95,23 +97,17 @@ def candidates(ceiling: int, *, min_batch_size: int = 1, multiple_of: int = 1) -
     Raises:
         ConfigError: an argument is not a positive integer, or no such size exists.
     """
-    for name, value in (
-        ("ceiling", ceiling),
-        ("min_batch_size", min_batch_size),
-        ("multiple_of", multiple_of),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
-    low = -(-min_batch_size // multiple_of) * multiple_of
-    top = ceiling // multiple_of * multiple_of
+    positive_int(ceiling, "ceiling")
+    grid = Grid(min_batch_size=min_batch_size, multiple_of=multiple_of)
+    low, top = grid.lower, grid.floor(ceiling)
     if low > top:
         raise ConfigError(f"no multiple of {multiple_of} lies in [{min_batch_size}, {ceiling}]")
     sizes = {low, top} | {multiple_of << k for k in range(top.bit_length())}
-    step = math.lcm(ALIGN, multiple_of)
+    spacing = math.lcm(ALIGN, multiple_of)
     start = math.ceil(top * (1 - NEAR))
-    while (top - start) // step + 1 > MAX_NEAR:
-        step *= 2
-    sizes.update(range(-(-start // step) * step, top + 1, step))
+    while (top - start) // spacing + 1 > MAX_NEAR:
+        spacing *= 2
+    sizes.update(range(-(-start // spacing) * spacing, top + 1, spacing))
     return sorted(b for b in sizes if low <= b <= top)
 
 
@@ -230,15 +226,12 @@ def profile_workload(
     workload: Workload,
     ceiling: int,
     *,
-    min_batch_size: int = 1,
-    multiple_of: int = 1,
-    rule: PickRule | str = PickRule.WITHIN,
-    tolerance: float = TOLERANCE,
+    grid: Grid = ALL_SIZES,
+    settings: ProfileSettings | None = None,
     budget: float | None = None,
     warmup: int = WARMUP,
     replicates: int = REPLICATES,
     clock: Callable[[], float] = time.perf_counter,
-    on_point: Callable[[Throughput], None] | None = None,
     step_seconds: Mapping[int, float] | None = None,
     probe_seconds: float = 0.0,
     agree: Callable[[TimeStep], TimeStep] | None = None,
@@ -246,12 +239,26 @@ def profile_workload(
 ) -> Profile:
     """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size.
 
-    ``step_seconds`` (seconds of one step at some sizes, e.g. the probe's trials) predicts the
-    cost of the first sizes, so that ``budget`` holds from the start. ``probe_seconds``: what
-    the probe took, a scale for the cost rule (see :func:`profile`). ``agree`` wraps the timing
-    of one size and ``search_clock`` replaces ``clock`` for the search's own decisions (both are
-    the ranks' agreement under ``torch.distributed``, see :mod:`maxbatch.distributed`).
+    Args:
+        workload: the step, saved (inside ``with workload:``).
+        ceiling: the largest size to time.
+        grid: the sizes that may be timed (its minimum and multiple).
+        settings: the pick rule, its tolerance and the progress callback (default: within 2 %).
+        budget: seconds the search may take.
+        warmup: untimed steps before each size's replicates.
+        replicates: timed steps per size.
+        clock: seconds as a float.
+        step_seconds: seconds of one step at some sizes (e.g. the probe's trials), to predict
+            the cost of the first sizes, so that ``budget`` holds from the start.
+        probe_seconds: what the probe took, a scale for the cost rule (see :func:`profile`).
+        agree: wraps the timing of one size (the ranks' agreement under ``torch.distributed``,
+            see :mod:`maxbatch.distributed`).
+        search_clock: replaces ``clock`` for the search's own decisions (the ranks' clock).
+
+    Returns:
+        The timed points and the pick.
     """
+    chosen = settings if settings is not None else ProfileSettings()
     steps = warmup + replicates
     prior = {b: s * steps for b, s in (step_seconds or {}).items()}
 
@@ -260,12 +267,12 @@ def profile_workload(
 
     return profile(
         time_step if agree is None else agree(time_step),
-        candidates(ceiling, min_batch_size=min_batch_size, multiple_of=multiple_of),
-        rule=rule,
-        tolerance=tolerance,
+        candidates(ceiling, min_batch_size=grid.min_batch_size, multiple_of=grid.multiple_of),
+        rule=chosen.rule,
+        tolerance=chosen.tolerance,
         budget=budget,
         clock=clock if search_clock is None else search_clock,
-        on_point=on_point,
+        on_point=chosen.on_point,
         prior=prior,
         probe_seconds=probe_seconds,
     )

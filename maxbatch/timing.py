@@ -67,7 +67,7 @@ def time_workload(
     """Time ``replicates`` real steps at ``batch_size``, one by one, after ``warmup`` steps.
 
     One batch is built on the device and the device is synchronised before every clock read.
-    The workload is reset afterwards (the caller has called ``workload.save()``), so every size
+    The workload is reset afterwards (it is used inside ``with workload:``), so every size
     starts from the same state.
 
     Returns:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -30,6 +31,18 @@ class Meter:
     The counting meter (virtual device, CPU, MPS) enforces the cap itself with a
     :class:`~maxbatch.accounting.MemoryCounter`; on CUDA without a cap the caching allocator's own
     peak counters are read and the device raises its own out-of-memory errors.
+
+    ``with meter:`` closes it at the end.
+
+    Args:
+        device: where the trials run.
+        counting: count live bytes (else read CUDA's counters).
+        round_to: round each counted storage up to this (default: 512 B on CUDA, else 1).
+        label: the name the counter's out-of-memory errors give the device.
+        every_device: count storages on every device, not only ``device``'s (fake tensors'
+            storages are on the meta device).
+        virtual: the cap is a virtual device's, not this machine's (a real OOM below it is the
+            host's).
     """
 
     def __init__(
@@ -39,6 +52,7 @@ class Meter:
         counting: bool,
         round_to: int | None = None,
         label: str = "virtual",
+        every_device: bool = False,
         virtual: bool = False,
     ):
         self.device = device
@@ -49,12 +63,14 @@ class Meter:
         self.cuda: CudaPeak | None = None
         if counting:
             rounding = round_to if round_to is not None else default_rounding(device)
-            self.counter = MemoryCounter(None, round_to=rounding, label=label, device=device)
+            self.counter = MemoryCounter(
+                None, round_to=rounding, label=label, device=None if every_device else device
+            )
         else:
             self.cuda = CudaPeak(device)
 
-    def set_usable(self, usable_bytes: int) -> None:
-        """Set the bytes a trial may peak at; the counting meter raises an OOM past them."""
+    def set_usable(self, usable_bytes: int | None) -> None:
+        """Set the bytes a trial may peak at (None: no cap); counting raises an OOM past them."""
         self.usable_bytes = usable_bytes
         if self.counter is not None:
             self.counter.cap_bytes = usable_bytes
@@ -63,6 +79,17 @@ class Meter:
         """Release the counter's hold on the model's storages."""
         if self.counter is not None:
             self.counter.close()
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def live_bytes(self, workload: Workload) -> int:
         """Bytes live on the device now (counting: the model's state plus anything counted)."""

@@ -1,10 +1,18 @@
-"""One step at batch size ``b`` on the user's model (its state is saved by ``snapshot``)."""
+"""One step at batch size ``b`` on the user's model (its state is saved by ``snapshot``).
+
+A :class:`Workload` is the runtime form of a :class:`~maxbatch.spec.StepSpec` on one device
+(:func:`build_workload`), used as a context manager::
+
+    with build_workload(step, device) as workload:  # saved, then prepared (train/eval)
+        ...  # trials
+    # restored: parameters, buffers, gradients, optimizer state, flags, RNG
+"""
 
 from __future__ import annotations
 
 import contextlib
-import enum
 from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -14,38 +22,7 @@ from maxbatch.distributed import local_shard
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.extrastate import ExtraState
 from maxbatch.snapshot import Snapshot
-
-
-class Mode(str, enum.Enum):
-    """What a step does: a training step or a forward pass in inference mode."""
-
-    TRAIN = "train"
-    INFERENCE = "inference"
-
-
-class Precision(str, enum.Enum):
-    """Autocast precision applied around the forward pass and loss."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-
-def parse_enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
-    """Turn a string into a member of ``kind`` or raise a ConfigError naming the choices."""
-    if isinstance(value, kind):
-        return value
-    try:
-        return kind(str(value).lower())
-    except ValueError:
-        choices = ", ".join(str(m.value) for m in kind)
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {choices}") from None
-
-
-ForwardFn = Callable[[torch.nn.Module, Any], Any]
-LossFn = Callable[[Any, Any], torch.Tensor]
-TrainStepFn = Callable[[torch.nn.Module, Any, "torch.optim.Optimizer | None"], Any]
-OptimizerArg = torch.optim.Optimizer | str | Callable[..., torch.optim.Optimizer] | None
+from maxbatch.spec import ForwardFn, LossFn, Mode, Precision, StepSpec, TrainStepFn
 
 
 def default_forward(model: torch.nn.Module, batch: Any) -> Any:
@@ -85,6 +62,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 class Workload:
     """The user's model, batch maker, loss and optimizer, run as one step on one device.
+
+    ``with workload:`` saves its state, prepares the model and restores everything at the end.
 
     Args:
         model: the model, already on ``device``.
@@ -229,6 +208,23 @@ class Workload:
         """Set the model's mode for the step (``train()`` or ``eval()``)."""
         self.model.train(self.mode is Mode.TRAIN)
 
+    def __enter__(self) -> Workload:
+        self.save()
+        try:
+            self.prepare()
+        except BaseException:
+            self.reset(final=True)
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.reset(final=True)
+
 
 def make_optimizer(
     name_or_factory: str | Callable[..., torch.optim.Optimizer] | None,
@@ -260,40 +256,35 @@ def make_optimizer(
 
 
 def build_workload(
-    model: torch.nn.Module,
-    make_batch: Callable[[int], Any],
+    step: StepSpec,
     device: torch.device,
     *,
-    optimizer: OptimizerArg,
-    mode: Mode,
-    precision: Precision,
-    forward_fn: ForwardFn | None,
-    loss_fn: LossFn | None,
-    train_step: TrainStepFn | None,
-    extra_state: ExtraState | None = None,
     adopt: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
 ) -> Workload:
-    """The workload of the probe and of the estimate, with the step's optimizer chosen once.
+    """The workload of ``step`` on ``device``, with the step's optimizer chosen once.
 
     In inference mode there is no optimizer. In training, an optimizer instance is used as it is
     (or passed through ``adopt``: the estimate rebuilds it over fake parameters), and anything
-    else goes to :func:`make_optimizer` over ``model`` (None: AdamW).
+    else goes to :func:`make_optimizer` over the model (None: AdamW).
+
+    Raises:
+        ConfigError: the optimizer cannot be made.
     """
     opt: torch.optim.Optimizer | None = None
-    if mode is Mode.TRAIN:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            opt = optimizer if adopt is None else adopt(optimizer)
+    if step.mode is Mode.TRAIN:
+        if isinstance(step.optimizer, torch.optim.Optimizer):
+            opt = step.optimizer if adopt is None else adopt(step.optimizer)
         else:
-            opt = make_optimizer(optimizer, model)
+            opt = make_optimizer(step.optimizer, step.model)
     return Workload(
-        model,
-        make_batch,
+        step.model,
+        step.make_batch,
         device,
-        mode=mode,
-        precision=precision,
+        mode=step.mode,
+        precision=step.precision,
         optimizer=opt,
-        forward_fn=forward_fn,
-        loss_fn=loss_fn,
-        train_step=train_step,
-        extra_state=extra_state,
+        forward_fn=step.forward_fn,
+        loss_fn=step.loss_fn,
+        train_step=step.train_step,
+        extra_state=step.extra_state,
     )

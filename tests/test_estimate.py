@@ -16,7 +16,7 @@ from torch import nn
 
 from maxbatch import find_batch_size
 from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
-from maxbatch.batching import make_batch_fn
+from maxbatch.capacity import default_headroom
 from maxbatch.errors import ConfigError
 from maxbatch.estimate import (
     CUDA_CONTEXT_BYTES,
@@ -24,11 +24,12 @@ from maxbatch.estimate import (
     estimate_batch_size,
     first_guess,
 )
-from maxbatch.finder import default_headroom
+from maxbatch.grid import Grid
 from maxbatch.modelfile import ModelSpec, load_model_file
+from maxbatch.spec import StepSpec, Target
 from maxbatch.trial import Meter, run_trial
 from maxbatch.units import parse_bytes
-from maxbatch.workload import Mode, Precision, Workload, make_optimizer
+from maxbatch.workload import build_workload
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MiB = 1024**2
@@ -64,28 +65,20 @@ def measured_peaks(
     train_step: Any = None,
 ) -> dict[int, int]:
     """The virtual device's measured peak at each size, set up as find_batch_size sets it up."""
-    make_batch, _ = make_batch_fn(sample)
-    opt = make_optimizer(optimizer, model) if mode == "train" else None
-    workload = Workload(
+    step = StepSpec.build(
         model,
-        make_batch,
-        torch.device("cpu"),
-        mode=Mode(mode),
-        precision=Precision(precision),
-        optimizer=opt,
+        sample,
+        optimizer=optimizer,
         forward_fn=forward_fn,
         loss_fn=loss_fn,
         train_step=train_step,
+        mode=mode,
+        precision=precision,
     )
-    meter = Meter(torch.device("cpu"), counting=True)
-    workload.save()
-    try:
-        workload.prepare()
+    cpu = torch.device("cpu")
+    with Meter(cpu, counting=True) as meter, build_workload(step, cpu) as workload:
         meter.live_bytes(workload)
         return {b: run_trial(workload, meter, b).peak_bytes for b in sizes}
-    finally:
-        workload.reset(final=True)
-        meter.close()
 
 
 # -- accuracy: the virtual device's peaks and the probe's ceilings --------------------------------
@@ -170,17 +163,16 @@ def test_make_batch_function() -> None:
 def test_first_guess_is_the_probes_ceiling() -> None:
     spec = example("transformer")
     model, sample = spec.model, spec.sample
-    make_batch, size = make_batch_fn(sample)
-    opt = make_optimizer(spec.optimizer, model)
-    workload = Workload(
-        model,
-        make_batch,
-        torch.device("cpu"),
-        optimizer=opt,
-        forward_fn=spec.forward,
-        loss_fn=spec.loss,
-    )
-    guess, reason = first_guess(workload, sample, 64 * MiB, start=size or 2)
+    step = StepSpec.build(model, sample, **hooks(spec))
+    cpu = torch.device("cpu")
+    with build_workload(step, cpu) as workload:  # the probe's optimizer, as the probe passes it
+        guess, reason = first_guess(
+            step.with_optimizer(workload.optimizer),
+            64 * MiB,
+            start=Grid().start(step.sample_size),
+            grid=Grid(),
+            target=Target.CPU,
+        )
     assert guess == find_batch_size(model, sample, memory="64MiB", **hooks(spec)).ceiling
     assert reason == f"{guess} fits and {guess + 1} does not"
 
@@ -303,9 +295,8 @@ def test_data_dependent_steps_name_the_operation(module: Any, operation: str, wo
 
 
 def test_first_guess_is_none_where_fake_execution_fails() -> None:
-    model = ReadsItem()
-    workload = Workload(model, make_batch_fn(torch.randn(2, 4))[0], torch.device("cpu"))
-    guess, reason = first_guess(workload, torch.randn(2, 4), 1 * MiB, start=2)
+    step = StepSpec.build(ReadsItem(), torch.randn(2, 4), optimizer="none")
+    guess, reason = first_guess(step, 1 * MiB, start=2, grid=Grid(), target=Target.CPU)
     assert guess is None
     assert reason.startswith("the step calls aten._local_scalar_dense")
     assert "fake tensors have no values" in reason and "maxbatch probe" not in reason

@@ -22,9 +22,9 @@ from maxbatch import (
     find_batch_size,
 )
 from maxbatch.accounting import MemoryCounter
-from maxbatch.batching import make_batch_fn
+from maxbatch.spec import StepSpec
 from maxbatch.trial import Meter, run_trial
-from maxbatch.workload import Workload, default_forward, make_optimizer
+from maxbatch.workload import build_workload, default_forward
 
 
 def brute_force(
@@ -37,29 +37,18 @@ def brute_force(
     mode: str = "train",
 ) -> int:
     """The largest multiple of ``m`` that fits, scanning every size upward from ``m``."""
-    from maxbatch.workload import Mode
-
     model, sample = MODELS[name]()
-    make_batch, _ = make_batch_fn(sample)
-    work = Workload(
-        model,
-        make_batch,
-        torch.device("cpu"),
-        mode=Mode(mode),
-        optimizer=make_optimizer(optimizer, model) if mode == "train" else None,
-    )
-    work.save()
-    work.prepare()
-    meter = Meter(torch.device("cpu"), counting=True)
-    meter.set_usable(cap)
-    best, b, failures = 0, m, 0
-    while failures < 3 and (upper is None or b <= upper):
-        if run_trial(work, meter, b).fits:
-            best, failures = b, 0
-        else:
-            failures += 1
-        b += m
-    work.reset(final=True)
+    step = StepSpec.build(model, sample, optimizer=optimizer, mode=mode)
+    cpu = torch.device("cpu")
+    with build_workload(step, cpu) as work, Meter(cpu, counting=True) as meter:
+        meter.set_usable(cap)
+        best, b, failures = 0, m, 0
+        while failures < 3 and (upper is None or b <= upper):
+            if run_trial(work, meter, b).fits:
+                best, failures = b, 0
+            else:
+                failures += 1
+            b += m
     return best
 
 

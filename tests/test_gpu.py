@@ -60,12 +60,8 @@ def test_cuda_steps_are_timed_with_events_and_state_is_restored() -> None:
     params = [p.detach().clone() for p in model.parameters()]
     make_batch, _ = make_batch_fn(sample)
     work = Workload(model, make_batch, sample.device, optimizer=make_optimizer("adamw", model))
-    work.save()
-    work.prepare()
-    try:
+    with work:
         seconds = time_workload(work, 64)
-    finally:
-        work.reset(final=True)
     assert len(seconds) == 5 and all(0 < s < 5 for s in seconds)
     for p, q in zip(model.parameters(), params, strict=True):
         assert torch.equal(p, q)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.grid import Grid
 from maxbatch.pick import PickRule, check_pick, pick
 from maxbatch.profiler import candidates, profile, profile_workload
 from maxbatch.results import Throughput
@@ -379,7 +380,7 @@ def test_profile_of_a_real_step_is_sensible_and_leaves_state_bit_identical() -> 
     workload.save()
     before = state(workload)
     rng = torch.get_rng_state()
-    result = profile_workload(workload, 96, min_batch_size=2, warmup=1, replicates=3)
+    result = profile_workload(workload, 96, grid=Grid(min_batch_size=2), warmup=1, replicates=3)
     after = state(workload)
     assert len(after) == len(before)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from maxbatch.batching import batch_size_of, resize_batch
 from maxbatch.errors import ConfigError, DoesNotFitError
+from maxbatch.grid import Grid
 from maxbatch.probe import search
 from maxbatch.report import result_markdown, result_table
 from maxbatch.reportfiles import load_report
@@ -240,7 +241,9 @@ def test_the_search_is_exact_with_few_trials_on_any_monotone_curve(
 
     fitting = [b for b in range(m, top + 1, m) if peak(b) <= usable]
     try:
-        out = search(run, start=start, usable_bytes=usable, base_bytes=base, multiple_of=m)
+        out = search(
+            run, start=start, usable_bytes=usable, base_bytes=base, grid=Grid(multiple_of=m)
+        )
     except DoesNotFitError:
         assert not fitting
         return

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from maxbatch.errors import ConfigError, DoesNotFitError
+from maxbatch.grid import Grid
 from maxbatch.probe import fit_memory_model, search
 from maxbatch.results import Trial
 
@@ -50,8 +51,7 @@ def test_exact_and_verified(fixed, per, cap, start, m, upper) -> None:
         start=start,
         usable_bytes=int(cap),
         base_bytes=int(fixed * 0.3),
-        multiple_of=m,
-        max_batch_size=upper,
+        grid=Grid(multiple_of=m, max_batch_size=upper),
     )
     expected = truth(fixed, per, cap, m, upper)
     assert out.ceiling == expected
@@ -100,12 +100,14 @@ def test_nothing_fits() -> None:
 def test_min_batch_size_is_never_undercut() -> None:
     run = curve(5e6, 3000, 9e6)
     with pytest.raises(DoesNotFitError):
-        search(run, start=4096, usable_bytes=int(9e6), min_batch_size=2000)
+        search(run, start=4096, usable_bytes=int(9e6), grid=Grid(min_batch_size=2000))
     assert min(run.calls) == 2000
 
 
 def test_max_batch_size_stops_without_failure() -> None:
-    out = search(curve(1e6, 10, 1e12), start=4, usable_bytes=int(1e12), max_batch_size=100)
+    out = search(
+        curve(1e6, 10, 1e12), start=4, usable_bytes=int(1e12), grid=Grid(max_batch_size=100)
+    )
     assert out.ceiling == 100
     assert all(t.fits for t in out.trials)
     assert out.stop_reason == "reached the maximum batch size 100"
@@ -132,7 +134,12 @@ def test_time_budget_returns_best_verified() -> None:
 
 def test_bad_grid() -> None:
     with pytest.raises(ConfigError, match="multiple of 64"):
-        search(curve(1, 1, 100), start=1, usable_bytes=100, max_batch_size=50, multiple_of=64)
+        search(
+            curve(1, 1, 100),
+            start=1,
+            usable_bytes=100,
+            grid=Grid(max_batch_size=50, multiple_of=64),
+        )
 
 
 def test_fit_memory_model_uses_two_largest() -> None:
@@ -185,8 +192,7 @@ def test_a_first_guess_respects_the_grid_and_the_maximum() -> None:
         curve(fixed, per, cap),
         start=8,
         usable_bytes=int(cap),
-        multiple_of=64,
-        max_batch_size=5000,
+        grid=Grid(multiple_of=64, max_batch_size=5000),
         first_guess=truth(fixed, per, cap),
     )
     assert out.ceiling == (5000 // 64) * 64

@@ -127,17 +127,17 @@ def test_hundred_oom_trials_leak_nothing() -> None:
     model, sample = mlp()
     opt = torch.optim.AdamW(model.parameters())
     make_batch, _ = make_batch_fn(sample)
-    work = Workload(model, make_batch, torch.device("cpu"), optimizer=opt)
-    work.save()
-    work.prepare()
-    meter = Meter(torch.device("cpu"), counting=True)
-    base = meter.live_bytes(work)
-    meter.set_usable(base + 200_000)
-    for i in range(100):
-        trial = run_trial(work, meter, 2000 + i)
-        assert trial.oom and not trial.fits
-        assert meter.live_bytes(work) == base
-    work.reset(final=True)
+    cpu = torch.device("cpu")
+    with (
+        Workload(model, make_batch, cpu, optimizer=opt) as work,
+        Meter(cpu, counting=True) as meter,
+    ):
+        base = meter.live_bytes(work)
+        meter.set_usable(base + 200_000)
+        for i in range(100):
+            trial = run_trial(work, meter, 2000 + i)
+            assert trial.oom and not trial.fits
+            assert meter.live_bytes(work) == base
 
 
 def test_probe_leaves_no_counter_alive() -> None:

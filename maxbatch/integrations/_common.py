@@ -10,9 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from maxbatch.errors import ConfigError
-from maxbatch.finder import find_batch_size
-from maxbatch.results import BatchSizeResult
+from maxbatch import BatchSizeResult, ConfigError, find_batch_size
 
 # The arguments of find_batch_size that an integration fills in from the framework itself.
 _FROM_FRAMEWORK = frozenset(

@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from maxbatch.errors import ConfigError, WorkloadError
-from maxbatch.finder import find_batch_size
+from maxbatch import BatchSizeResult, ConfigError, WorkloadError, find_batch_size
 from maxbatch.integrations._common import (
     Plan,
     check_global_batch,
@@ -36,7 +35,6 @@ from maxbatch.integrations._common import (
     probe_options,
     with_extra_state,
 )
-from maxbatch.results import BatchSizeResult
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer

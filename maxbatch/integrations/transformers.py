@@ -28,8 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from maxbatch.errors import ConfigError
-from maxbatch.finder import find_batch_size
+from maxbatch import BatchSizeResult, ConfigError, find_batch_size
 from maxbatch.integrations._common import (
     Plan,
     check_global_batch,
@@ -38,7 +37,6 @@ from maxbatch.integrations._common import (
     probe_options,
     with_extra_state,
 )
-from maxbatch.results import BatchSizeResult
 
 try:
     from transformers import Trainer, TrainerCallback
