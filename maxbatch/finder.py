@@ -510,7 +510,8 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         budget=left,
         # The trials' steps (counted ones are slower) predict what timing costs.
         step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
-        probe_seconds=time.perf_counter() - request.started,
+        # The cost rule's scale: one value for all ranks, so that they time the same sizes.
+        probe_seconds=request.ranks.least(time.perf_counter() - request.started) or 0.0,
         agree=request.ranks.timings,
         search_clock=request.ranks.clock,
     )
