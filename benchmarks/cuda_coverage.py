@@ -82,7 +82,7 @@ def main() -> int:
     import coverage  # noqa: PLC0415 - an optional tool, only this script needs it
     import pytest
 
-    cov = coverage.Coverage(include=[str(PACKAGE / "*")])
+    cov = coverage.Coverage(data_file=None, include=[str(PACKAGE / "*")])  # no .coverage file
     cov.start()
     tests = [str(ROOT / "tests/test_cuda_contract.py"), *sys.argv[1:]]
     code = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not slow", *tests])
