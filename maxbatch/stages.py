@@ -17,6 +17,7 @@ import torch
 from maxbatch.advise import advice_for
 from maxbatch.capacity import (
     Capacity,
+    beyond_host,
     counts_live_bytes,
     enclosing_room,
     is_virtual,
@@ -25,8 +26,7 @@ from maxbatch.capacity import (
 from maxbatch.data import DataSource
 from maxbatch.device import describe
 from maxbatch.distributed import Ranks, sharded_note
-from maxbatch.estimate import first_guess
-from maxbatch.hostmem import beyond_host, estimate_beyond_host
+from maxbatch.estimate import estimate_beyond_host, first_guess
 from maxbatch.lookup import Lookup, look_up
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.noisestats import NoiseScale
@@ -100,6 +100,9 @@ def measure(request: Request) -> Measured | BatchSizeResult:
         What the stages found, or a cached answer that held.
     """
     dev, limits = request.device, request.memory
+    # Before any step: a trial that runs out of memory inside FSDP's forward leaves its modules
+    # unsharded, with plain tensors where the DTensors were.
+    sharded = sharded_note(request.step.model)
     info = describe(dev)
     virtual = is_virtual(dev, limits)
     meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
@@ -131,7 +134,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
         optimizer=None if opt is None else type(opt).__name__,
         capacity=capacity,
         outcome=outcome,
-        search_notes=search_notes,
+        search_notes=search_notes if sharded is None else (sharded, *search_notes),
         picked=picked,
         lookup=lookup,
     )
@@ -238,7 +241,8 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         budget=left,
         # The trials' steps (counted ones are slower) predict what timing costs.
         step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
-        probe_seconds=time.perf_counter() - request.started,
+        # The cost rule's scale: one value for all ranks, so that they time the same sizes.
+        probe_seconds=request.ranks.least(time.perf_counter() - request.started) or 0.0,
         agree=request.ranks.timings,
         search_clock=request.ranks.clock,
     )
@@ -273,7 +277,6 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         "no optimizer given: the step used AdamW, whose state is real memory"
         if step.optimizer is None and measured.optimizer is not None
         else None,
-        sharded_note(step.model),
         capacity.note,
         None if measured.lookup is None else measured.lookup.note,
         *measured.search_notes,
