@@ -49,6 +49,7 @@ def row():
         tools.START = saved
 
 
+@pytest.mark.slow
 def test_the_brute_force_ceiling_is_verified_and_maxbatch_finds_it(row):
     assert row.truth.verified
     assert 16 < row.truth.ceiling < 512  # room to search, and below where downward searches start
@@ -116,6 +117,7 @@ def test_sweep_sizes(ceiling, sample, extra, expected):
     assert sweep_sizes(ceiling, sample, extra) == expected
 
 
+@pytest.mark.slow
 def test_the_command_line_writes_json_markdown_and_a_chart(tmp_path):
     pytest.importorskip("matplotlib")
     argv = ["--quick", "--workloads", "tabular-dict", "--tools", "maxbatch", "--out", str(tmp_path)]

@@ -33,6 +33,7 @@ def row(bench_module, tiny):
     return result
 
 
+@pytest.mark.slow
 def test_both_find_the_same_ceiling_and_maxbatch_needs_no_more_trials(bench_module, row):
     assert row.ceiling == row.baseline_ceiling
     assert row.ceiling > 4 * 4  # well above the sample size: both searches have work to do

@@ -6,6 +6,7 @@ import pytest
 from scripts import benchmark_script
 
 
+@pytest.mark.slow
 def test_ooms_leak_nothing_and_every_real_oom_is_recognised() -> None:
     with benchmark_script("reliability") as bench:
         assert bench.leaks_after_ooms(trials=5) == (5, 0, 0)

@@ -117,6 +117,7 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+@pytest.mark.slow
 def test_the_cli_caches_by_default_and_says_so(own_cache_dir: Path) -> None:
     args = ["probe", str(EXAMPLES / "mlp.py"), "--memory", "64MiB", "--no-profile"]
     first = invoke(*args, "--json")

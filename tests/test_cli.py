@@ -17,6 +17,7 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+@pytest.mark.slow
 def test_probe_json_has_the_contract_keys() -> None:
     res = invoke("probe", str(EXAMPLES / "mlp.py"), "--memory", "64MiB", "--json")
     assert res.exit_code == 0, res.output
@@ -40,6 +41,7 @@ def test_probe_json_has_the_contract_keys() -> None:
         assert s["batch_size"] not in timed and s["reason"]
 
 
+@pytest.mark.slow
 def test_probe_table_and_options() -> None:
     res = invoke(
         "probe",
@@ -59,6 +61,7 @@ def test_probe_table_and_options() -> None:
     assert "\npick confidence: " in res.stdout and "\nprofiler stopped: " in res.stdout
 
 
+@pytest.mark.slow
 def test_inference_probe() -> None:
     res = invoke(
         "probe", str(EXAMPLES / "transformer.py"), "--memory", "64MiB", "--inference", "--json"
@@ -149,6 +152,7 @@ def test_public_api_imports() -> None:
     assert sorted(maxbatch.__all__) == maxbatch.__all__
 
 
+@pytest.mark.slow
 def test_library_import_does_not_import_click() -> None:
     import subprocess
     import sys
@@ -158,6 +162,7 @@ def test_library_import_does_not_import_click() -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_report_files_and_rerender(tmp_path: Path) -> None:
     out = tmp_path / "rep"
     res = invoke(

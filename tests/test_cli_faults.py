@@ -203,6 +203,7 @@ def _child(tmp_path: Path, fault: str, at: int = 8) -> subprocess.CompletedProce
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "code", "line"),
     [
@@ -220,6 +221,7 @@ def test_signals_restore_the_model_and_exit_with_their_code(
     assert out.stdout == "" and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_sys_exit_inside_the_step_is_a_failed_step(tmp_path: Path) -> None:
     out = _child(tmp_path, "exit", at=4)
     assert out.returncode == 1, out.stderr

@@ -33,6 +33,7 @@ CHILD = CAP + textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux")
 def test_real_cpu_oom_is_caught_and_the_probe_goes_on() -> None:
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)

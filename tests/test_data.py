@@ -54,6 +54,7 @@ def _epoch(model: torch.nn.Module, loader: DataLoader[Any]) -> tuple[int, int | 
     return steps, failed_at
 
 
+@pytest.mark.slow
 def test_the_data_sets_ceiling_survives_a_shuffled_epoch_where_the_first_batchs_does_not() -> None:
     ds = Sequences(lengths())
     model, _ = encoder()

@@ -82,6 +82,7 @@ def measured_peaks(
 # -- accuracy: the virtual device's peaks and the probe's ceilings --------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "options"),
     [
@@ -105,6 +106,7 @@ def test_peak_equals_the_virtual_devices_measured_peak(name: str, options: dict[
     assert {b: est.peak_bytes(b) for b in sizes} == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("build", "options"),
     [
@@ -122,6 +124,7 @@ def test_peak_equals_measured_for_test_models(build: Any, options: dict[str, Any
     assert {b: est.peak_bytes(b) for b in sizes} == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 def test_ceiling_equals_the_probes(name: str) -> None:
     spec = example(name)
@@ -138,6 +141,7 @@ def test_ceiling_equals_the_probes(name: str) -> None:
         assert row.peak_bytes is not None and row.peak_bytes <= row.usable_bytes
 
 
+@pytest.mark.slow
 def test_ceiling_with_options_equals_the_probes() -> None:
     model, sample = mlp()
     options: dict[str, Any] = {"memory": "2MiB", "multiple_of": 8, "max_batch_size": 4000}
@@ -150,6 +154,7 @@ def test_ceiling_with_options_equals_the_probes() -> None:
     assert opt.state == {}
 
 
+@pytest.mark.slow
 def test_make_batch_function() -> None:
     model, _ = mlp()
 
@@ -161,6 +166,7 @@ def test_make_batch_function() -> None:
     assert est.peak_bytes(5) == measured_peaks(model, make_batch, [5])[5]
 
 
+@pytest.mark.slow
 def test_first_guess_is_the_probes_ceiling() -> None:
     spec = example("transformer")
     model, sample = spec.model, spec.sample
@@ -194,6 +200,7 @@ def test_first_guess_without_an_optimizer_steps_without_one() -> None:
 # -- what a user reads -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_several_capacities_and_json() -> None:
     spec = example("cnn")
     est = estimate_batch_size(spec.model, spec.sample, memory="16MiB,64MiB,300MiB", **hooks(spec))
@@ -227,6 +234,7 @@ def test_memory_model_and_breakdown() -> None:
         assert mm.peak(size) == est.peak_bytes(size)
 
 
+@pytest.mark.slow
 def test_cuda_target_rounds_reserves_and_says_so() -> None:
     spec = example("transformer")
     cap = 2 * 1024 * MiB
@@ -377,6 +385,7 @@ def test_bundled_meta_example() -> None:
     assert est.breakdown.parameters_bytes > 24 * 1024**3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 def test_a_prediction_at_any_size_costs_no_memory(name: str) -> None:
     spec = example(name)
@@ -403,6 +412,7 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(main, ["estimate", *args])
 
 
+@pytest.mark.slow
 def test_cli_json_has_the_ceiling_for_one_capacity() -> None:
     res = invoke(str(EXAMPLES / "mlp.py"), "--memory", "64MiB", "--json")
     assert res.exit_code == 0, res.output
@@ -413,6 +423,7 @@ def test_cli_json_has_the_ceiling_for_one_capacity() -> None:
     assert {"memory_model", "breakdown", "capacities", "notes"} <= data.keys()
 
 
+@pytest.mark.slow
 def test_cli_table_for_several_capacities() -> None:
     res = invoke(
         str(EXAMPLES / "transformer.py"),

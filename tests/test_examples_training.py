@@ -6,6 +6,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 TRAINING = Path(__file__).resolve().parent.parent / "examples" / "training"
 
 
@@ -23,6 +25,7 @@ def test_virtual_device_example() -> None:
     assert not out["doubled_fits"]
 
 
+@pytest.mark.slow
 def test_micro_batching_example() -> None:
     out = run_example("micro_batching.py")
     assert out["ceiling"] < 128 and out["changes"][0] == (128, out["ceiling"], "out of memory")

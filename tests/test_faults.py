@@ -15,6 +15,7 @@ with benchmark_script("faults") as faults:
 ENDINGS = {"success": "answer", "error": "WorkloadError", "interrupt": "KeyboardInterrupt"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_state_is_bit_identical_after_every_fault(setup: str, fault: str) -> None:

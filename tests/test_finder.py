@@ -61,6 +61,7 @@ CAPS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "cap"), [(n, c) for n, caps in CAPS.items() for c in caps])
 def test_ceiling_equals_brute_force(name: str, cap: int) -> None:
     model, sample = MODELS[name]()

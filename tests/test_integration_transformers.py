@@ -233,6 +233,7 @@ def test_the_example_trains_at_the_size_it_finds() -> None:
     assert info["global_step"] == 1
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_agree_and_keep_the_global_batch() -> None:
     rows = rank_rows("-m", "torch.distributed.run", "--nproc-per-node", "2", "tests/hf_ddp.py")
     assert [row["rank"] for row in rows] == [0, 1]

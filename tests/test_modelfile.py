@@ -424,6 +424,7 @@ def collate_fn(items):
 # --- the shipped examples -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda path: path.name)
 def test_examples_load(path: Path) -> None:
     spec = load_model_file(path)
