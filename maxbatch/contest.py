@@ -6,8 +6,8 @@ difference from the rule's threshold is within their measured spread (the IQR of
 replicates) and more than the tolerance may be at stake, the pick, its rival and the best are
 timed again in interleaved rounds, the order reversed each round so that load hits
 them alike. Their replicates are pooled; each one's spread becomes the standard error of its
-per-round throughput ratio to the best, and the pick rule decides between sizes within that
-spread of its threshold (:func:`maxbatch.pick.pick`: the smaller).
+per-round throughput ratio to the best, and a size slower than the best by less than that spread
+is tied with it, which the pick rule decides (:func:`maxbatch.pick.pick`: the smaller).
 This module is pure: it sees the timed points and a ``time_again(b)`` function.
 """
 

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, default_collate
 
 from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.grid import positive_int
 from maxbatch.oom import is_oom
 from maxbatch.snapshot import rng_kept
 
@@ -152,10 +153,8 @@ class DataSource:
                 f"a {type(data).__name__} cannot be indexed: pass a map-style dataset (len and "
                 "data[i]), a DataLoader over one, one batch, or make_batch(batch_size)"
             )
-        if scan_limit is not None and (
-            isinstance(scan_limit, bool) or not isinstance(scan_limit, int) or scan_limit < 1
-        ):
-            raise ConfigError(f"scan_limit={scan_limit!r} must be a positive integer or None")
+        if scan_limit is not None:
+            positive_int(scan_limit, "scan_limit")
         self.dataset = data
         self.size_fn = size_fn
         self.collate_fn = collate_fn or default_collate

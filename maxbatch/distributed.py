@@ -297,8 +297,8 @@ def sharded_note(model: torch.nn.Module) -> str | None:
         return None
     return (
         "FSDP (DTensor) parameters: each rank's shard is counted, but the probe does not put "
-        "the shards' values back exactly (the trials' optimizer steps stay); probe before "
-        "loading weights or reload them afterwards"
+        "them back exactly (a trial that runs out of memory inside FSDP's forward leaves the "
+        "modules unsharded); probe before loading weights, or rebuild the model afterwards"
     )
 
 

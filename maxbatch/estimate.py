@@ -25,9 +25,10 @@ import torch
 from maxbatch.accounting import CUDA_ROUNDING
 from maxbatch.capacity import CUDA_CONTEXT_BYTES, Capacity, estimate_capacity
 from maxbatch.data import DataSource
-from maxbatch.errors import ConfigError, EstimateError
+from maxbatch.errors import ConfigError, EstimateError, HostMemoryError
 from maxbatch.fakestep import FakeStep, fake_step
 from maxbatch.grid import Grid, positive_int
+from maxbatch.probe import SearchOutcome
 from maxbatch.results import Breakdown, CapacityEstimate, Estimate, MemoryModel
 from maxbatch.spec import (
     ForwardFn,
@@ -50,6 +51,7 @@ __all__ = [
     "EstimateError",
     "Target",
     "estimate_batch_size",
+    "estimate_beyond_host",
     "first_guess",
 ]
 
@@ -293,3 +295,43 @@ def first_guess(
         time.perf_counter() - started,
     )
     return guess, reason
+
+
+def estimate_beyond_host(
+    step: StepSpec, usable_bytes: int, why_not: str, *, start: int, grid: Grid, target: Target
+) -> SearchOutcome:
+    """The ceiling from the fake-tensor estimate, for a capacity this machine cannot hold.
+
+    Args:
+        step: the probe's step, with the optimizer its workload chose.
+        usable_bytes: the virtual device's usable bytes.
+        why_not: :func:`~maxbatch.capacity.beyond_host`'s sentence.
+        start: the size the probe starts at.
+        grid: the sizes the probe may try.
+        target: how to count (the device's kind).
+
+    Returns:
+        The estimated ceiling as the search's outcome, without trials.
+
+    Raises:
+        HostMemoryError: the step cannot run on fake tensors (or nothing fits): one line naming
+            this machine's memory.
+    """
+    log.warning("%s: the ceiling is estimated on fake tensors", why_not)
+    guess, why = first_guess(step, usable_bytes, start=start, grid=grid, target=target)
+    if guess is None:
+        raise HostMemoryError(
+            f"{why_not}, and `maxbatch estimate` cannot answer for it ({why}); lower --memory "
+            "to what this machine holds",
+            capacity_bytes=usable_bytes,
+        )
+    return SearchOutcome(
+        ceiling=guess,
+        trials=(),
+        memory_model=None,
+        complete=True,
+        stop_reason=(
+            f"estimated on fake tensors, not measured ({why} there): no trial near the "
+            "capacity can run on this machine"
+        ),
+    )

@@ -19,6 +19,7 @@ from maxbatch.cache import ResultCache, from_cache, key_of, verified
 from maxbatch.cache import describe as describe_step
 from maxbatch.capacity import (
     Capacity,
+    beyond_host,
     counts_live_bytes,
     enclosing_room,
     is_virtual,
@@ -28,9 +29,8 @@ from maxbatch.data import DataSource
 from maxbatch.device import DeviceInfo, describe, device_label, resolve_device
 from maxbatch.distributed import Ranks, join, sharded_note
 from maxbatch.errors import ConfigError
-from maxbatch.estimate import first_guess
+from maxbatch.estimate import estimate_beyond_host, first_guess
 from maxbatch.grid import Grid
-from maxbatch.hostmem import beyond_host, estimate_beyond_host
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.oom import release_memory
@@ -303,6 +303,9 @@ def _measure(request: Request) -> Measured | BatchSizeResult:
         What the stages found, or a cached answer that held.
     """
     dev, limits = request.device, request.memory
+    # Before any step: a trial that runs out of memory inside FSDP's forward leaves its modules
+    # unsharded, with plain tensors where the DTensors were.
+    sharded = sharded_note(request.step.model)
     info = describe(dev)
     virtual = is_virtual(dev, limits)
     meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
@@ -334,7 +337,7 @@ def _measure(request: Request) -> Measured | BatchSizeResult:
         optimizer=None if opt is None else type(opt).__name__,
         capacity=capacity,
         outcome=outcome,
-        search_notes=search_notes,
+        search_notes=search_notes if sharded is None else (sharded, *search_notes),
         picked=picked,
         lookup=lookup,
     )
@@ -510,7 +513,8 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         budget=left,
         # The trials' steps (counted ones are slower) predict what timing costs.
         step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
-        probe_seconds=time.perf_counter() - request.started,
+        # The cost rule's scale: one value for all ranks, so that they time the same sizes.
+        probe_seconds=request.ranks.least(time.perf_counter() - request.started) or 0.0,
         agree=request.ranks.timings,
         search_clock=request.ranks.clock,
     )
@@ -545,7 +549,6 @@ def _assemble(request: Request, measured: Measured, noise: NoiseScale | None) ->
         "no optimizer given: the step used AdamW, whose state is real memory"
         if step.optimizer is None and measured.optimizer is not None
         else None,
-        sharded_note(step.model),
         capacity.note,
         None if measured.lookup is None else measured.lookup.note,
         *measured.search_notes,

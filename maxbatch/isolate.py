@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from maxbatch.distributed import is_distributed
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
@@ -203,7 +204,10 @@ def probe_isolated(
     lower = grid.lower
     b = grid.snap_down(start)
     killed: list[Trial] = []
-    while (trial := run(b)) and children.usable is None:
+    while True:
+        trial = run(b)
+        if children.usable is not None:
+            break
         killed.append(trial)
         if on_trial is not None:
             on_trial(trial)
@@ -215,7 +219,6 @@ def probe_isolated(
                 available_bytes=0,
             )
         b = grid.snap_down(b / 2)
-    assert children.usable is not None  # the loop ends when a child reported them
     outcome = search(
         run,
         start=b,
@@ -234,9 +237,12 @@ def probe_isolated(
     if want_answer:
         report = children.child(min_batch_size=min_batch_size, max_batch_size=outcome.ceiling)
         if "result" not in report:
-            raise WorkloadError(
-                f"the process that timed the sizes up to {outcome.ceiling} failed: {report}"
+            why = (
+                f"was killed by {_signal_name(report['killed'])}"
+                if "killed" in report
+                else f"failed: {report.get('error') or report.get('does_not_fit')}"
             )
+            raise WorkloadError(f"the process that timed the sizes up to {outcome.ceiling} {why}")
         final = BatchSizeResult.from_dict(report["result"])
         if on_point is not None:
             for point in final.throughput:
@@ -285,12 +291,18 @@ def probe_file(
 
     Raises:
         ModelFileError: the file does not load or follow the conventions.
+        ConfigError: ``isolate=True`` under an initialised ``torch.distributed`` group.
         MaxbatchError: as :func:`~maxbatch.find_batch_size`.
     """
     from maxbatch.batching import make_batch_fn
     from maxbatch.modelfile import load_model_file
 
     path = os.fspath(model_file)
+    if isolate and is_distributed():
+        raise ConfigError(
+            "isolated trials do not combine with torch.distributed: run without --isolate under "
+            "torchrun (the ranks then agree in one process each)"
+        )
     spec = load_model_file(path)  # checked here, in this process, before any child starts
     if not isolate:
         return _find_in_file(spec, options)

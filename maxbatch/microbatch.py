@@ -18,6 +18,7 @@ import torch
 
 from maxbatch.batching import batch_size_of, map_tensors
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
+from maxbatch.grid import positive_int
 from maxbatch.oom import is_oom, release_memory
 from maxbatch.results import BatchSizeResult, MemoryModel
 from maxbatch.spec import ForwardFn, LossFn
@@ -107,11 +108,9 @@ class MicroBatcher:
         memory_model: MemoryModel | None = None,
         usable_bytes: int | None = None,
     ):
-        for name, value in (("micro_batch_size", micro_batch_size), ("grow_after", grow_after)):
-            if value is None and name == "grow_after":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        positive_int(micro_batch_size, "micro_batch_size")
+        if grow_after is not None:
+            positive_int(grow_after, "grow_after")
         if loss_reduction not in ("mean", "sum"):
             raise ConfigError(f"loss_reduction={loss_reduction!r} is not valid; choose mean or sum")
         if (memory_model is None) != (usable_bytes is None):

@@ -5,14 +5,18 @@ unit tests and by real models on a device.
 
 Strategy:
 
-1. Run the start size (the user's own sample size). If it does not fit, halve until a size fits.
-2. With one success at ``b0`` peaking at ``p0``, and ``base`` bytes live through every step (the
-   parameters, buffers and optimizer state, measured after the trial), every byte above ``base``
-   is at most per-sample, so ``b0 + (usable - p0) / ((p0 - base) / b0)`` is a safe lower bound on
-   the ceiling: jump there.
-3. With two successes, fit ``peak(b) = fixed + per_sample * b`` through the two largest, predict
-   the ceiling, run the prediction, then its neighbour to verify.
-4. Where the model misses, bisect inside the bracket that is left; without a usable model, double.
+1. Run the start size (the user's own sample size). If it does not fit, halve until a size fits;
+   if none does, say which size ran out of memory and which failed for another reason below it.
+2. Where trials carry a trace (counting meters: the live bytes after every operator, see
+   :mod:`maxbatch.memtrace`), predict the ceiling from it (one trial: the batched tensors grow;
+   two: each operator's line), run the prediction, then its neighbour to verify.
+3. Otherwise, or after two trace predictions missed: with one success at ``b0`` peaking at
+   ``p0``, and ``base`` bytes live through every step, every byte above ``base`` is at most
+   per-sample, so ``b0 + (usable - p0) / ((p0 - base) / b0)`` is a safe lower bound on the
+   ceiling: jump there. With two successes, fit ``peak(b) = fixed + per_sample * b`` through the
+   two largest, predict the ceiling, run the prediction, then its neighbour.
+4. Where the model misses, bisect inside the bracket that is left (never a third failure in a
+   row one grid step below the last while other sizes are left); without a usable model, double.
 
 The answer ``ceiling`` always was run and fit, and ``ceiling + multiple_of`` was run and did not
 (unless ``ceiling`` is the maximum allowed).

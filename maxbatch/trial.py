@@ -171,7 +171,8 @@ def run_trial(
         raise HostMemoryError(
             f"this machine ran out of memory at batch size {batch_size} with "
             f"{format_bytes(peak)} live on the virtual device of {format_bytes(usable)}: it "
-            "cannot hold what --memory asks; lower --memory or use `maxbatch estimate`",
+            "cannot hold what the cap (memory=, --memory) asks; lower it or use "
+            "`maxbatch estimate`",
             capacity_bytes=usable,
             batch_size=batch_size,
         )

@@ -19,6 +19,7 @@ import torch
 from maxbatch.accounting import MemoryCounter, default_rounding, enclosing_counters
 from maxbatch.device import resolve_device
 from maxbatch.errors import ConfigError
+from maxbatch.grid import positive_int
 from maxbatch.units import format_bytes, parse_bytes
 
 __all__ = ["EnclosingDevices", "VirtualDevice", "virtual_device"]
@@ -142,10 +143,8 @@ def virtual_device(
     cap = parse_bytes(capacity, name="capacity")
     if cap < 1:
         raise ConfigError(f"capacity={capacity!r} leaves no room; give a size such as 24GiB")
-    if round_to is not None and (
-        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
-    ):
-        raise ConfigError(f"round_to={round_to!r} must be a positive integer")
+    if round_to is not None:
+        positive_int(round_to, "round_to")
     dev = resolve_device(device)
     handle = VirtualDevice(cap, dev, default_rounding(dev) if round_to is None else round_to)
     counter = handle._enter()

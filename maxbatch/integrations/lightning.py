@@ -119,8 +119,8 @@ class MaxBatch(Callback):  # type: ignore[misc]
 
     Raises:
         ConfigError: an option is invalid (at construction), or, at fit start, the batch size is
-            not an attribute Lightning can set or the dataloaders were passed to ``fit``
-            directly (so their batch size cannot change).
+            not an attribute Lightning can set, the dataloaders were passed to ``fit`` directly
+            (so their batch size cannot change), or there are several train dataloaders.
     """
 
     def __init__(
