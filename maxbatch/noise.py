@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from maxbatch.batching import batch_size_of, map_tensors
 from maxbatch.data import DataSource
 from maxbatch.errors import ConfigError, DoesNotFitError, MaxbatchError, WorkloadError
+from maxbatch.grid import positive_int
 from maxbatch.noisestats import (
     ACCUMULATION,
     NoiseScale,
     accumulator_dtype,
-    check_positive,
     combine,
     squared_norm,
     two_batch_estimates,
@@ -222,11 +222,12 @@ def noise_scale(
         DoesNotFitError: a micro-batch of one sample does not fit.
         WorkloadError: the forward pass or the loss failed (chained).
     """
-    batches = check_positive(batches, "batches", minimum=2)
-    cap = None if max_batch_size is None else check_positive(max_batch_size, "max_batch_size")
+    if positive_int(batches, "batches") < 2:
+        raise ConfigError(f"batches={batches} must be at least 2 (the standard error needs two)")
+    cap = None if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
     small = min(SMALL_BATCH, cap or SMALL_BATCH) if b_small is None else b_small
-    small = check_positive(small, "b_small")
-    big = check_positive(ACCUMULATION * small if b_big is None else b_big, "b_big", minimum=2)
+    small = positive_int(small, "b_small")
+    big = positive_int(ACCUMULATION * small if b_big is None else b_big, "b_big")
     if cap is not None and small > cap:
         raise ConfigError(f"b_small={small} is above max_batch_size={cap}, the largest that fits")
     if big % small or big < 2 * small:
