@@ -28,6 +28,12 @@ def random_batches(data: Any, generator: torch.Generator) -> tuple[Draw, int | N
     Samples are drawn independently and uniformly with replacement, so that the estimators are
     unbiased for the data given (a data set, or the rows of a sample batch); a ``make_batch``
     is trusted to draw random samples itself.
+
+    Returns:
+        The drawing function, and the number of rows (None for ``make_batch``).
+
+    Raises:
+        ConfigError: ``data`` is a module, or not a batch, ``make_batch`` or data set.
     """
     if isinstance(data, torch.nn.Module):
         raise ConfigError(f"data must be a batch, make_batch or data set, got the module {data}")
@@ -61,7 +67,11 @@ def random_batches(data: Any, generator: torch.Generator) -> tuple[Draw, int | N
 
 
 def check_random(make_batch: Draw) -> None:
-    """Raise when ``make_batch`` gives the same batch twice: it has no noise to measure."""
+    """Raise when ``make_batch`` gives the same batch twice: it has no noise to measure.
+
+    Raises:
+        ConfigError: the two batches are equal.
+    """
     first, second = (tree_flatten(make_batch(2))[0] for _ in range(2))
     tensors = [(a, b) for a, b in zip(first, second, strict=False) if isinstance(a, torch.Tensor)]
     if tensors and all(a.shape == b.shape and torch.equal(a, b) for a, b in tensors):

@@ -51,13 +51,17 @@ def _check_mean(
 ) -> str | None:
     """Raise when the loss doubles on the batch repeated twice: a sum, not a mean over samples.
 
-    Returns a note when the check could not be made.
+    Returns:
+        None, or a note when the check could not be made.
+
+    Raises:
+        ConfigError: the loss is a sum over samples.
     """
     twice = map_tensors(batch, lambda t: torch.cat([t, t]))
     try:  # with autograd on: a default loss looks for outputs that require grad
         once_value = float(_loss(model, batch, forward, loss_fn).detach())
         twice_value = float(_loss(model, twice, forward, loss_fn).detach())
-    except Exception as e:  # the check is a courtesy: a batch that cannot be doubled skips it
+    except Exception as e:  # noqa: BLE001 - a courtesy check: a batch that cannot be doubled skips it
         return f"could not check that the loss is a mean over samples ({type(e).__name__})"
     if once_value != 0 and abs(twice_value / once_value - 2) < abs(twice_value / once_value - 1):
         raise ConfigError(
@@ -79,6 +83,9 @@ def _draw(
     """The mean squared norm of the micro-batch gradients and the squared norm of their mean.
 
     ``batches`` is drawn lazily: one micro-batch is on the device at a time.
+
+    Returns:
+        The mean squared micro-batch gradient norm, and the squared norm of their mean.
     """
     dtype = accumulator_dtype(total[0].device)
     small = torch.zeros((), dtype=dtype, device=total[0].device)
@@ -229,6 +236,7 @@ def noise_scale(
             is a sum over samples.
         DoesNotFitError: a micro-batch of one sample does not fit.
         WorkloadError: the forward pass or the loss failed (chained).
+        MaxbatchError: raised by maxbatch inside the step, unchanged.
     """
     small, big = _sizes(batches, b_small, b_big, max_batch_size)
     if not any(p.requires_grad for p in model.parameters()):
