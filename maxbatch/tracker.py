@@ -201,6 +201,9 @@ class NoiseScaleTracker:
 
         The standard error treats the average as ``(1 + beta) / (1 - beta)`` independent steps
         (fewer early on); drift during training is part of its spread.
+
+        Returns:
+            The estimate, or None.
         """
         if self.steps == 0:
             return None
