@@ -195,7 +195,9 @@ def cost(problem: Problem, b_small: int, b_big: int, batches: int) -> tuple[floa
     return statistics.median(seconds), step
 
 
-def tracker_overhead(problem: Problem, micro: int, k: int, steps: int = 5) -> tuple[float, float]:
+def tracker_overhead(
+    problem: Problem, micro: int, k: int, steps: int = 5, every: int = 1
+) -> tuple[float, float]:
     """Seconds per optimizer step of an accumulation loop without the tracker, and the median
     ratio with/without over 25 rounds that alternate the two (pairs see the same load)."""
     x, y = problem.data
@@ -218,7 +220,7 @@ def tracker_overhead(problem: Problem, micro: int, k: int, steps: int = 5) -> tu
     plain, ratios = [], []
     for _ in range(25):
         plain.append(loop(None))
-        with maxbatch.NoiseScaleTracker(problem.model) as tracker:
+        with maxbatch.NoiseScaleTracker(problem.model, every=every) as tracker:
             ratios.append(loop(tracker) / plain[-1])
     return statistics.median(plain), statistics.median(ratios)
 
@@ -256,11 +258,13 @@ def main() -> None:
             )
     print("\nNoiseScaleTracker: CPU time per optimizer step of an accumulation loop")
     for problem in problems[2:]:
-        for micro, k in ((16, 4), (64, 8)):
-            plain, ratio = tracker_overhead(problem, micro, k)
+        for micro, k, every in ((16, 4, 1), (64, 8, 1), (64, 8, 10)):
+            plain, ratio = tracker_overhead(
+                problem, micro, k, steps=10 if every > 1 else 5, every=every
+            )
             print(
                 f"{problem.name:<40} {k} x {micro:<4} plain {plain * 1000:7.2f} ms, "
-                f"tracked {ratio - 1:+.1%} (median of 25 paired rounds)"
+                f"tracked (every={every}) {ratio - 1:+.1%} (median of 25 paired rounds)"
             )
 
 

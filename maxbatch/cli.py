@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from maxbatch import distributed
+from maxbatch import torchrun
 from maxbatch.device import device_label, list_devices, resolve_device
 from maxbatch.errors import (
     ConfigError,
@@ -268,12 +268,12 @@ def probe(
     Under torchrun every rank probes its own device and the ranks agree; rank 0 prints.
     """
     global _rank
-    _rank = _run(debug, distributed.init_from_env)
+    _rank = _run(debug, torchrun.init_from_env)
     spec = _start(model_file, verbose, debug)
     extra = _run(debug, spec.extra_state_items)
     if report_dir is not None:
         _run(debug, lambda: _check_report(report_dir))
-    dev = _run(debug, lambda: resolve_device(distributed.rank_device(device)))
+    dev = _run(debug, lambda: resolve_device(torchrun.rank_device(device)))
     if not isolate:  # isolated: only the children touch the device
         spec.model.to(dev)
     count = 0
@@ -329,7 +329,7 @@ def probe(
                 **options,
                 **_step_kwargs(spec, **step),
             )
-    distributed.leave()
+    torchrun.leave()
     if _rank:
         return
     if tty and result.throughput:

@@ -134,6 +134,10 @@ class _Children:
         if "error" in report:
             _raise(report["error"], self.model_file, b)
         result = BatchSizeResult.from_dict(report["result"])
+        if not result.trials:  # answered without running (a capacity beyond this machine)
+            raise ConfigError(
+                f"the isolated trial at batch size {b} ran no step: {'; '.join(result.notes)}"
+            )
         if self.first is None:
             self.first, self.usable = result, result.usable_bytes
         # What a trial cost here: its whole process, as for the trials that did not fit.

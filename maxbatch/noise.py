@@ -10,21 +10,19 @@ restored afterwards (:mod:`maxbatch.snapshot`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils.data import DataLoader, Dataset, default_collate
 
-from maxbatch.batching import batch_size_of, map_tensors
-from maxbatch.data import DataSource
+from maxbatch.batching import map_tensors
+from maxbatch.draws import Draw, check_random, random_batches
 from maxbatch.errors import ConfigError, DoesNotFitError, MaxbatchError, WorkloadError
+from maxbatch.grid import positive_int
 from maxbatch.noisestats import (
     ACCUMULATION,
     NoiseScale,
     accumulator_dtype,
-    check_positive,
     combine,
     squared_norm,
     two_batch_estimates,
@@ -39,63 +37,6 @@ log = logging.getLogger(__name__)
 #: The micro-batch size when none is given (capped by ``max_batch_size``).
 SMALL_BATCH = 32
 
-Draw = Callable[[int], Any]
-
-
-def _sampler(data: Any, generator: torch.Generator) -> tuple[Draw, int | None]:
-    """A function from a size to a batch of that many random samples, and the rows available.
-
-    Samples are drawn independently and uniformly with replacement, so that the estimators are
-    unbiased for the data given (a data set, or the rows of a sample batch); a ``make_batch``
-    is trusted to draw random samples itself.
-
-    Returns:
-        The drawing function, and the number of rows (None for ``make_batch``).
-
-    Raises:
-        ConfigError: ``data`` is a module, or not a batch, ``make_batch`` or data set.
-    """
-    if isinstance(data, torch.nn.Module):
-        raise ConfigError(f"data must be a batch, make_batch or data set, got the module {data}")
-    collate: Callable[[list[Any]], Any] = default_collate
-    if isinstance(data, DataSource):  # the probe's worst-case source: its data set, at random
-        collate, data = data.collate_fn, data.dataset
-    if isinstance(data, DataLoader):
-        collate, data = data.collate_fn, data.dataset
-    if isinstance(data, Dataset):
-        if not isinstance(data, Sized):
-            raise ConfigError(
-                "the noise scale draws random samples by index: give a map-style data set "
-                f"(with __len__), not the iterable {type(data).__name__}"
-            )
-        dataset, n = data, len(data)
-
-        def from_dataset(b: int) -> Any:
-            index = torch.randint(n, (b,), generator=generator).tolist()
-            return collate([dataset[i] for i in index])
-
-        return from_dataset, n
-    if callable(data) and not isinstance(data, torch.Tensor):
-        return data, None
-    sample, rows = data, batch_size_of(data)
-
-    def from_sample(b: int) -> Any:
-        index = torch.randint(rows, (b,), generator=generator)
-        return map_tensors(sample, lambda t: t.index_select(0, index.to(t.device)))
-
-    return from_sample, rows
-
-
-def _check_random(make_batch: Draw) -> None:
-    """Raise when ``make_batch`` gives the same batch twice: it has no noise to measure."""
-    first, second = (tree_flatten(make_batch(2))[0] for _ in range(2))
-    tensors = [(a, b) for a, b in zip(first, second, strict=False) if isinstance(a, torch.Tensor)]
-    if tensors and all(a.shape == b.shape and torch.equal(a, b) for a, b in tensors):
-        raise ConfigError(
-            "make_batch returned the same batch twice: the noise scale needs random samples; "
-            "draw them at random from your data (e.g. torch.randint over its indices)"
-        )
-
 
 def _loss(model: torch.nn.Module, batch: Any, forward: ForwardFn, loss_fn: LossFn) -> torch.Tensor:
     loss = loss_fn(forward(model, batch), batch)
@@ -109,8 +50,6 @@ def _check_mean(
     model: torch.nn.Module, batch: Any, forward: ForwardFn, loss_fn: LossFn
 ) -> str | None:
     """Raise when the loss doubles on the batch repeated twice: a sum, not a mean over samples.
-
-    Returns a note when the check could not be made.
 
     Returns:
         None, or a note when the check could not be made.
@@ -190,6 +129,67 @@ def _measure(
     return grad_sqs, traces
 
 
+def _sizes(
+    batches: int, b_small: int | None, b_big: int | None, max_batch_size: int | None
+) -> tuple[int, int]:
+    """The micro-batch and the draw's size, checked.
+
+    Returns:
+        ``(b_small, b_big)``.
+
+    Raises:
+        ConfigError: a size is invalid.
+    """
+    if positive_int(batches, "batches") < 2:
+        raise ConfigError(f"batches={batches} must be at least 2 (the standard error needs two)")
+    cap = None if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
+    small = min(SMALL_BATCH, cap or SMALL_BATCH) if b_small is None else b_small
+    small = positive_int(small, "b_small")
+    big = positive_int(ACCUMULATION * small if b_big is None else b_big, "b_big")
+    if cap is not None and small > cap:
+        raise ConfigError(f"b_small={small} is above max_batch_size={cap}, the largest that fits")
+    if big % small or big < 2 * small:
+        raise ConfigError(f"b_big={big} must be a multiple of b_small={small}, at least twice it")
+    return small, big
+
+
+def _attempt(
+    model: torch.nn.Module,
+    draw: Draw,
+    batches: int,
+    k: int,
+    small: int,
+    forward: ForwardFn,
+    loss: LossFn,
+) -> tuple[str | None, list[float], list[float]] | None:
+    """The mean-loss check and the draws at micro-batch ``small``; None after running out of memory.
+
+    Returns:
+        The check's note, and each draw's ``|G|²`` and ``tr(Σ)`` estimates; None on an OOM.
+
+    Raises:
+        MaxbatchError: raised inside (a sum loss, say), unchanged.
+        WorkloadError: the step failed for another reason than memory (chained).
+    """
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    try:
+        # Half a micro-batch, so that the batch repeated twice fits as the draws do.
+        half = to_device(draw(max(1, small // 2)), device)
+        check = _check_mean(model, half, forward, loss)
+        del half
+        return (check, *_measure(model, draw, batches, k, small, forward, loss))
+    except MaxbatchError:
+        raise
+    except Exception as e:
+        if not is_oom(e):
+            raise WorkloadError(
+                f"the step failed while measuring the noise scale at micro-batch {small}: "
+                f"{type(e).__name__}: {e}",
+                batch_size=small,
+            ) from e
+    return None  # the traceback (and the failed micro-batch) dies with ``e``
+
+
 def noise_scale(
     model: torch.nn.Module,
     data: Any,
@@ -238,15 +238,7 @@ def noise_scale(
         WorkloadError: the forward pass or the loss failed (chained).
         MaxbatchError: raised by maxbatch inside the step, unchanged.
     """
-    batches = check_positive(batches, "batches", minimum=2)
-    cap = None if max_batch_size is None else check_positive(max_batch_size, "max_batch_size")
-    small = min(SMALL_BATCH, cap or SMALL_BATCH) if b_small is None else b_small
-    small = check_positive(small, "b_small")
-    big = check_positive(ACCUMULATION * small if b_big is None else b_big, "b_big", minimum=2)
-    if cap is not None and small > cap:
-        raise ConfigError(f"b_small={small} is above max_batch_size={cap}, the largest that fits")
-    if big % small or big < 2 * small:
-        raise ConfigError(f"b_big={big} must be a multiple of b_small={small}, at least twice it")
+    small, big = _sizes(batches, b_small, b_big, max_batch_size)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters: there is no gradient to measure")
     k = big // small
@@ -258,11 +250,11 @@ def noise_scale(
     try:
         if seed is not None:
             torch.manual_seed(seed)
-        draw, rows = _sampler(data, generator)
+        draw, rows = random_batches(data, generator)
         device = next(p for p in model.parameters() if p.requires_grad).device
         if draw is data:  # on forked RNGs: the draws are those of a run without the check
             with torch.random.fork_rng([device] if device.type == "cuda" else []):
-                _check_random(draw)
+                check_random(draw)
         notes: list[str] = []
         if rows is not None and rows < big:
             notes.append(
@@ -270,26 +262,7 @@ def noise_scale(
                 "noise of those samples only; give a data set or make_batch for your data's"
             )
         model.train()
-        while True:
-            failed = False
-            try:
-                # Half a micro-batch, so that the batch repeated twice fits as the draws do.
-                half = to_device(draw(max(1, small // 2)), device)
-                check = _check_mean(model, half, forward, loss)
-                del half
-                grad_sqs, traces = _measure(model, draw, batches, k, small, forward, loss)
-            except MaxbatchError:
-                raise
-            except Exception as e:
-                if not is_oom(e):
-                    raise WorkloadError(
-                        f"the step failed while measuring the noise scale at micro-batch {small}: "
-                        f"{type(e).__name__}: {e}",
-                        batch_size=small,
-                    ) from e
-                failed = True
-            if not failed:
-                break
+        while (measured := _attempt(model, draw, batches, k, small, forward, loss)) is None:
             # Outside the except block: the exception's frames no longer hold the batch.
             release_memory(device)
             if small == 1:
@@ -301,6 +274,7 @@ def noise_scale(
                 )
             notes.append(f"micro-batch {small} ran out of memory; measured at {small // 2}")
             small //= 2
+        check, grad_sqs, traces = measured
         return combine(
             grad_sqs,
             traces,

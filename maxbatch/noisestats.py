@@ -200,10 +200,3 @@ def squared_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.T
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 for the norms' sums, except on MPS, which has none."""
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def check_positive(value: Any, name: str, *, minimum: int = 1) -> int:
-    """Return ``value`` if it is an integer of at least ``minimum``, else raise a ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} must be an integer of at least {minimum}")
-    return value

@@ -17,7 +17,7 @@ from typing import Any
 
 from maxbatch.advise import accumulation_plan
 from maxbatch.errors import ConfigError
-from maxbatch.noisestats import check_positive
+from maxbatch.grid import positive_int
 
 LrSchedule = Sequence[tuple[int, float]] | Callable[[int], float]
 
@@ -50,13 +50,14 @@ def _milestones(lr_schedule: LrSchedule, until: int | None) -> list[tuple[int, f
     if callable(lr_schedule):
         if until is None:
             raise ConfigError("an LR schedule given as a function needs until= (its length)")
-        points = [(t, lr_schedule(t)) for t in range(check_positive(until, "until"))]
+        points = [(t, lr_schedule(t)) for t in range(positive_int(until, "until"))]
     else:
         points = [tuple(p) for p in lr_schedule]  # type: ignore[misc]
     if not points:
         raise ConfigError("the LR schedule is empty; give (epoch, lr) pairs")
     for i, (at, lr) in enumerate(points):
-        check_positive(at, "an epoch or step of the LR schedule", minimum=0)
+        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+            raise ConfigError(f"the LR schedule's point {at!r} is not an epoch or step (int >= 0)")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
             raise ConfigError(f"the LR schedule's rate at {at} is {lr!r}: not a number")
         if lr <= 0:
@@ -102,12 +103,12 @@ def batch_schedule(
     Raises:
         ConfigError: a value is invalid.
     """
-    base = check_positive(base_batch, "base_batch")
-    cap = check_positive(ceiling, "ceiling")
-    prefer = cap if micro_batch is None else check_positive(micro_batch, "micro_batch")
+    base = positive_int(base_batch, "base_batch")
+    cap = positive_int(ceiling, "ceiling")
+    prefer = cap if micro_batch is None else positive_int(micro_batch, "micro_batch")
     if prefer > cap:
         raise ConfigError(f"micro_batch={prefer} is above the ceiling {cap}")
-    top = None if max_batch is None else check_positive(max_batch, "max_batch")
+    top = None if max_batch is None else positive_int(max_batch, "max_batch")
     if top is not None and top < base:
         raise ConfigError(f"max_batch={top} is below base_batch={base}")
     if unit not in ("epoch", "step"):

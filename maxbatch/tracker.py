@@ -56,17 +56,29 @@ class NoiseScaleTracker:
 
     Args:
         model: the model, or its parameters.
-        beta: the moving averages' decay per step (0.99: about the last 100 steps).
+        beta: the moving averages' decay per measured step (0.99: about the last 100).
+        every: measure one optimizer step in ``every`` (the first, then every ``every``-th):
+            the cost, one norm per parameter per micro-batch, falls by that factor; on the
+            other steps the hooks return at once.
 
     Raises:
-        ConfigError: ``beta`` is not in [0, 1), or there is no trainable parameter.
+        ConfigError: ``beta`` is not in [0, 1), ``every`` is not a positive integer, or there is
+            no trainable parameter.
     """
 
     def __init__(
-        self, model: torch.nn.Module | Iterable[torch.nn.Parameter], *, beta: float = BETA
+        self,
+        model: torch.nn.Module | Iterable[torch.nn.Parameter],
+        *,
+        beta: float = BETA,
+        every: int = 1,
     ):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             raise ConfigError(f"beta={beta!r} must be a number in [0, 1)")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"every={every!r} must be a positive integer")
+        self.every = every
+        self._calls = 0  # optimizer steps seen, measured or not
         source = model.parameters() if isinstance(model, torch.nn.Module) else model
         self.params = [p for p in source if p.requires_grad]
         if not self.params:
@@ -90,8 +102,13 @@ class NoiseScaleTracker:
             for i, p in enumerate(self.params)
         ]
 
+    @property
+    def _active(self) -> bool:
+        return self._calls % self.every == 0
+
     def _on_grad(self, index: int, grad: torch.Tensor) -> None:
-        self._norms[index] = norm(grad)  # one kernel per parameter per backward
+        if self._active:
+            self._norms[index] = norm(grad)  # one kernel per parameter per backward
 
     def micro_batch(self, batch_size: int, weight: float = 1.0) -> None:
         """Close the micro-batch whose backward just ran.
@@ -107,6 +124,8 @@ class NoiseScaleTracker:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ConfigError(f"weight={weight!r} must be a positive number")
+        if not self._active:
+            return
         if not self._norms:
             raise ConfigError("micro_batch() was called, but no gradient reached the parameters")
         self._micro.setdefault(float(weight), []).extend(self._norms.values())
@@ -117,13 +136,19 @@ class NoiseScaleTracker:
     def step(self) -> None:
         """Turn this optimizer step's micro-batches into one draw and update the averages.
 
+        On a step that ``every`` skips, only counts it.
+
         Raises:
             ConfigError: fewer than two micro-batches, or weights not proportional to sizes.
         """
+        active = self._active
+        self._calls += 1
         sizes, weights = self._sizes, self._weights
         self._sizes, self._weights = [], []
         micro, self._micro = self._micro, {}
         self._norms = {}
+        if not active:
+            return
         if len(sizes) < 2:
             raise ConfigError(
                 f"the tracker needs two micro-batches or more per optimizer step, got "
@@ -169,6 +194,7 @@ class NoiseScaleTracker:
                 self.step()
             else:
                 self._micro, self._sizes, self._weights = {}, [], []
+                self._calls += 1
 
     def estimate(self) -> NoiseScale | None:
         """The moving-average estimate (reads the device once), or None before the first step.

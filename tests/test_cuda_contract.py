@@ -392,7 +392,7 @@ def test_torchrun_on_cuda_adds_nccl_for_cuda_tensors(
 ) -> None:
     import torch.distributed as dist
 
-    from maxbatch import distributed
+    from maxbatch import torchrun
 
     init = mock.create_autospec(dist.init_process_group, side_effect=lambda *a, **k: None)
     rank = mock.create_autospec(dist.get_rank, side_effect=lambda group=None: 1)
@@ -400,13 +400,13 @@ def test_torchrun_on_cuda_adds_nccl_for_cuda_tensors(
     monkeypatch.setattr(dist, "get_rank", rank)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.init_from_env() == 1
+    assert torchrun.init_from_env() == 1
     init.assert_called_once_with("cpu:gloo,cuda:nccl")
     # Each rank probes its own GPU: cuda (or the default device) is cuda:LOCAL_RANK.
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    assert distributed.rank_device("cuda") == distributed.rank_device(None) == "cuda:1"
-    assert distributed.rank_device("cpu") == "cpu"
+    monkeypatch.setattr(torchrun, "is_distributed", lambda: True)
+    assert torchrun.rank_device("cuda") == torchrun.rank_device(None) == "cuda:1"
+    assert torchrun.rank_device("cpu") == "cpu"
 
 
 def test_micro_batches_on_cuda_shrink_after_a_cuda_oom(gpu: ScriptedGpu) -> None:

@@ -159,3 +159,13 @@ def test_follows_a_micro_batcher_through_out_of_memory_restarts(bench) -> None:
     assert changes == [(128, 64), (64, 32)]
     assert ns is not None and ns.draws == 300 and (ns.b_small, ns.b_big) == (32, 256)
     assert abs(ns.b_simple / problem.b_simple - 1) < 0.10
+
+
+@pytest.mark.slow
+def test_every_measures_one_step_in_n(bench) -> None:
+    problem = bench.classifier()
+    with maxbatch.NoiseScaleTracker(problem.model, every=2) as tracker:
+        accumulate(problem, tracker, steps=601, micro=32, k=4)
+        ns = tracker.estimate()
+    assert ns is not None and ns.draws == 301  # steps 0, 2, ..., 600
+    assert abs(ns.b_simple / problem.b_simple - 1) < 0.10
