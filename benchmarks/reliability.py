@@ -66,20 +66,16 @@ def leaks_after_ooms(trials: int = 100) -> tuple[int, int, int]:
     model, sample = cnn()
     make_batch, _ = make_batch_fn(sample)
     work = Workload(model, make_batch, torch.device("cpu"), optimizer=make_optimizer("adam", model))
-    work.save()
-    work.prepare()
-    meter = Meter(torch.device("cpu"), counting=True)
-    meter.set_usable(400_000)
-    run_trial(work, meter, 4)  # the optimizer's state exists from here on
-    outer = MemoryCounter()
-    outer.track(work.state_tensors())
-    before_bytes, before_tensors = outer.live_bytes, _live_tensors()
-    with outer:
-        ooms = sum(run_trial(work, meter, 512).oom for _ in range(trials))
-    outer.track(work.state_tensors())
-    leaked = outer.live_bytes - before_bytes, _live_tensors() - before_tensors
-    work.reset(final=True)
-    meter.close()
+    with work, Meter(torch.device("cpu"), counting=True) as meter:
+        meter.set_usable(400_000)
+        run_trial(work, meter, 4)  # the optimizer's state exists from here on
+        outer = MemoryCounter()
+        outer.track(work.state_tensors())
+        before_bytes, before_tensors = outer.live_bytes, _live_tensors()
+        with outer:
+            ooms = sum(run_trial(work, meter, 512).oom for _ in range(trials))
+        outer.track(work.state_tensors())
+        leaked = outer.live_bytes - before_bytes, _live_tensors() - before_tensors
     return ooms, *leaked
 
 
