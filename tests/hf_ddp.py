@@ -1,9 +1,8 @@
 """A two-process Trainer run on the CPU under torchrun with ``tune``: run by a test.
 
-Each rank prints one JSON line with what tune set and what training did.
+Each rank writes its row (what tune set and what training did) with ``rank_rows.write_row``.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -15,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
+from rank_rows import write_row  # noqa: E402
 from sequences import Sequences, lengths, pad_collate  # noqa: E402
 from test_integration_transformers import MEMORY, arguments, gpt2, transformers  # noqa: E402
 
@@ -38,4 +38,4 @@ if __name__ == "__main__":
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "global_step": trainer.state.global_step,
     }
-    print("MAXBATCH " + json.dumps(row), flush=True)
+    write_row(row)

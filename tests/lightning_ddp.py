@@ -1,10 +1,9 @@
 """A two-process Lightning DDP fit on the CPU with MaxBatch: run as a script by a test.
 
-Lightning's ``ddp`` strategy starts the second rank by running this script again; each rank prints
-one JSON line with what it was set to.
+Lightning's ``ddp`` strategy starts the second rank by running this script again; each rank writes
+its row (what it was set to) with ``rank_rows.write_row``.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 import lightning.pytorch as pl  # noqa: E402
+from rank_rows import write_row  # noqa: E402
 from test_integration_lightning import MEMORY, Net, Watch  # noqa: E402
 
 from maxbatch.integrations.lightning import MaxBatch  # noqa: E402
@@ -45,4 +45,4 @@ if __name__ == "__main__":
         "untouched": watch.untouched,
         "sizes": watch.sizes,
     }
-    print("MAXBATCH " + json.dumps(row), flush=True)
+    write_row(row)
