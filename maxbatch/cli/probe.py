@@ -1,0 +1,206 @@
+"""``maxbatch probe``: run the real step and find the largest batch size that fits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from maxbatch import torchrun
+from maxbatch.cli import exits
+from maxbatch.cli.exits import interruptible, run
+from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
+from maxbatch.cli.report import check_report, write_report_files
+from maxbatch.device import device_label, resolve_device
+from maxbatch.finder import find_batch_size
+from maxbatch.modelfile import ModelSpec
+from maxbatch.pick import TOLERANCE
+from maxbatch.report import point_line, result_json, result_table, trial_line
+from maxbatch.results import Throughput, Trial
+
+
+@click.command()
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]")
+@click.option("--memory", default=None, help="cap live tensor bytes, e.g. 300MiB or 24GiB")
+@click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
+@click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
+@click.option("--no-cache", is_flag=True, help="neither read nor write the result cache")
+@click.option(
+    "--isolate",
+    is_flag=True,
+    help="run each trial in a fresh process that loads MODEL_FILE (a killed one does not fit)",
+)
+@click.option(
+    "--trust-cache", is_flag=True, help="use a cached answer without running its ceiling again"
+)
+@click.option(
+    "--pick",
+    type=click.Choice(["within", "fastest"]),
+    default="within",
+    show_default=True,
+    help="within: smallest size within --tolerance of the best throughput; fastest: the best",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=TOLERANCE,
+    show_default=True,
+    help="share of the best throughput the within pick may give up",
+)
+@click.option("--dataset-size", type=int, default=None, help="samples per epoch (advice)")
+@click.option("--global-batch", type=int, default=None, help="wanted batch per optimizer step")
+@click.option("--base-batch", type=int, default=None, help="batch size BASE_LR was tuned at")
+@click.option("--base-lr", type=float, default=None, help="a tuned learning rate to scale")
+@click.option(
+    "--noise-scale",
+    is_flag=True,
+    help="measure the gradient noise scale (the critical batch) and advise a global batch near it",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="write report.json, report.md and PNG plots into this folder",
+)
+@workload_options(
+    headroom_help="bytes kept free [default: 0 with --memory, else 5%]",
+    inference_help="probe a forward pass under inference_mode",
+    json_help="print the result as JSON",
+    verbose_help="log each trial (-vv: debug)",
+)
+def probe(
+    model_file: str,
+    device: str | None,
+    memory: str | None,
+    time_budget: float | None,
+    no_profile: bool,
+    no_cache: bool,
+    isolate: bool,
+    trust_cache: bool,
+    pick: str,
+    tolerance: float,
+    dataset_size: int | None,
+    global_batch: int | None,
+    base_batch: int | None,
+    base_lr: float | None,
+    noise_scale: bool,
+    report_dir: str | None,
+    as_json: bool,
+    verbose: int,
+    debug: bool,
+    **step: Any,
+) -> None:
+    """Find the largest batch size whose real step fits, for the model in MODEL_FILE.
+
+    Under torchrun every rank probes its own device and the ranks agree; rank 0 prints.
+    """
+    rank = exits.rank = run(debug, torchrun.init_from_env)
+    spec = start(model_file, verbose, debug)
+    extra = run(debug, spec.extra_state_items)
+    if report_dir is not None:
+        run(debug, lambda: check_report(report_dir))
+    dev = run(debug, lambda: resolve_device(torchrun.rank_device(device)))
+    if not isolate:  # isolated: only the children touch the device
+        spec.model.to(dev)
+    count = 0
+
+    tty = sys.stderr.isatty()
+
+    def progress(trial: Trial) -> None:
+        nonlocal count
+        count += 1
+        if rank:
+            return
+        click.echo(trial_line(count, trial), err=True)
+
+    def timed(point: Throughput) -> None:
+        if rank:
+            return
+        # On a terminal the timing line rewrites itself; in a log, one line per size.
+        if tty:
+            click.echo("\r\033[K" + point_line(point), err=True, nl=False)
+        else:
+            click.echo(point_line(point), err=True)
+
+    def trials() -> str:
+        return f"after {count} trial{'' if count == 1 else 's'}"
+
+    options = {
+        "time_budget": time_budget,
+        "on_trial": progress,
+        "profile": not no_profile,
+        "pick": pick,
+        "tolerance": tolerance,
+        "on_point": timed,
+        "dataset_size": dataset_size,
+        "global_batch": global_batch,
+        "base_batch": base_batch,
+        "base_lr": base_lr,
+        "noise_scale": noise_scale,
+    }
+    with interruptible(trials):
+        if isolate:
+            result = run(
+                debug, lambda: _isolated(model_file, device_label(dev), memory, options, step)
+            )
+        else:
+            result = _probe(
+                debug,
+                spec,
+                device=dev,
+                memory=memory,
+                extra_state=extra,
+                cache=not no_cache,
+                trust_cache=trust_cache,
+                **options,
+                **step_kwargs(spec, **step),
+            )
+    torchrun.leave()
+    if rank:
+        return
+    if tty and result.throughput:
+        click.echo("", err=True)
+    data = {**result.to_dict(), "model_file": model_file}
+    if report_dir is not None:
+        with interruptible(trials):  # the temporary folder goes, no partial report stays
+            run(debug, lambda: write_report_files(data, Path(report_dir), model_file))
+    if as_json:
+        click.echo(result_json(data))
+    else:
+        click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
+
+
+def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
+    return run(debug, lambda: find_batch_size(spec.model, spec.batch_source(scanned), **kwargs))
+
+
+def _isolated(
+    model_file: str,
+    device: str,
+    memory: str | None,
+    options: dict[str, Any],
+    step: dict[str, Any],
+) -> Any:
+    """``--isolate``: every trial in a fresh process (the file's own hooks are loaded there)."""
+    from maxbatch.isolate import probe_file
+
+    if not options.get("noise_scale"):
+        options = {k: v for k, v in options.items() if k != "noise_scale"}
+    return probe_file(
+        model_file,
+        isolate=True,
+        device=device,
+        memory=memory,
+        headroom=step["headroom"],
+        mode="inference" if step["inference"] else "train",
+        precision=step["precision"],
+        optimizer=step["optimizer"],
+        min_batch_size=step["min_batch"],
+        max_batch_size=step["max_batch"],
+        multiple_of=step["multiple_of"],
+        **options,
+    )

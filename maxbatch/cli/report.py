@@ -1,0 +1,53 @@
+"""``maxbatch report`` and ``probe --report``: report folders written and rendered again."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import click
+
+from maxbatch.cli.exits import run
+from maxbatch.errors import ConfigError
+from maxbatch.report import result_json, result_markdown, result_table
+from maxbatch.reportfiles import check_report_dir, load_report, write_report
+
+
+@click.command()
+@click.argument("report_file", type=click.Path(dir_okay=False))
+@click.option("--markdown", is_flag=True, help="render as Markdown instead of text")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def report(report_file: str, markdown: bool, debug: bool) -> None:
+    """Render a saved report.json again."""
+    data = run(debug, lambda: load_report(report_file))
+    title = f"maxbatch: {data.get('model_file', report_file)}"
+    click.echo(result_markdown(data, title=title) if markdown else result_table(data, title=title))
+
+
+def check_report(report_dir: str) -> None:
+    """Check the report folder and the plotting extra before the first trial.
+
+    Raises:
+        ConfigError: matplotlib (the ``plot`` extra) is not installed.
+    """
+    check_report_dir(report_dir)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(
+            '--report draws plots, which need matplotlib: pip install "maxbatch[plot]"'
+        )
+
+
+def write_report_files(data: dict[str, Any], out: Path, model_file: str) -> None:
+    """Write report.json, report.md and the plots into ``out``, through a temporary folder."""
+    from maxbatch.plots import write_plots
+
+    def write(folder: Path) -> list[str]:
+        (folder / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")
+        images = write_plots(data, folder)
+        markdown = result_markdown(data, title=f"maxbatch: {model_file}", images=bool(images))
+        (folder / "report.md").write_text(markdown, encoding="utf-8")
+        return ["report.json", "report.md", *(p.name for p in images)]
+
+    written = write_report(out, write)
+    click.echo(f"report written to {out}: {', '.join(written)}", err=True)
