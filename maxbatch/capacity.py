@@ -7,7 +7,8 @@ and search and the estimate's rows all read them from a :class:`Capacity`.
 - CUDA: the free memory plus what this process already holds; 5 % headroom (at least 256 MiB)
   for what counting live tensors cannot see (fragmentation, the context, cuBLAS/cuDNN
   workspaces, other processes growing meanwhile).
-- CPU and MPS: the available memory plus the model (already resident), the same headroom.
+- CPU and MPS: the available memory (on the CPU, at most what a container's cgroup limit
+  leaves) plus the model (already resident), the same headroom.
 - Inside a user's :func:`~maxbatch.virtual_device` the smaller cap wins (theirs counts what
   ours does not): the probe is virtual, its capacity the room the enclosing counters leave.
 - An estimate for CUDA also reserves :data:`CUDA_CONTEXT_BYTES` for the context.
@@ -136,6 +137,18 @@ def probe_capacity(
         capacity = limits.memory_bytes
     elif info.kind == "cuda":
         capacity = info.capacity_bytes
+    elif info.kind == "cpu":
+        # A container's cgroup limit is enforced by the kernel's OOM killer (SIGKILL: no probe
+        # survives it), so it bounds the capacity. RLIMIT_AS is not taken here: past it the
+        # allocator fails cleanly, a real out-of-memory error the search catches and answers.
+        limit = host_limit(CGROUP, address_space=False)
+        capacity = limit.free_bytes + base_bytes
+        what = (
+            "the host's available memory"
+            if limit.limit_bytes is None
+            else f"what the container's limit leaves ({limit.describe()})"
+        )
+        note = f"capacity is {what} plus the model: {format_bytes(capacity)}"
     else:
         capacity = info.capacity_bytes + base_bytes
         note = f"capacity is the host's available memory plus the model: {format_bytes(capacity)}"
@@ -227,8 +240,16 @@ def _cgroup(root: Path) -> tuple[int, int, str] | None:
     return None
 
 
-def host_limit(cgroup_root: Path = CGROUP) -> HostLimit:
-    """The tightest of free host memory, the cgroup's limit and RLIMIT_AS, as bytes left."""
+def host_limit(cgroup_root: Path = CGROUP, *, address_space: bool = True) -> HostLimit:
+    """The tightest of free host memory, the cgroup's limit and RLIMIT_AS, as bytes left.
+
+    Args:
+        cgroup_root: where the cgroup's memory files are.
+        address_space: also take RLIMIT_AS (the soft limit less this process's virtual size).
+
+    Returns:
+        The tightest limit.
+    """
     found = [
         HostLimit(free_bytes=int(psutil.virtual_memory().available), source="free host memory")
     ]
@@ -240,7 +261,7 @@ def host_limit(cgroup_root: Path = CGROUP) -> HostLimit:
         import resource
     except ImportError:  # not on Windows
         resource = None  # type: ignore[assignment]
-    if resource is not None:
+    if resource is not None and address_space:
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
             used = int(psutil.Process().memory_info().vms)
