@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from maxbatch.errors import ConfigError
+from maxbatch.grid import positive_int
 from maxbatch.results import BatchSizeResult
 
 
@@ -94,12 +95,6 @@ class Advice:
         return dataclasses.asdict(self)
 
 
-def _positive(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer")
-    return value
-
-
 def iterations_per_epoch(dataset_size: int, batch_size: int, *, drop_last: bool = False) -> int:
     """Steps in one pass over ``dataset_size`` samples (a last partial batch counts unless dropped).
 
@@ -109,7 +104,7 @@ def iterations_per_epoch(dataset_size: int, batch_size: int, *, drop_last: bool 
     Raises:
         ConfigError: a size is not a positive integer.
     """
-    n, b = _positive(dataset_size, "dataset_size"), _positive(batch_size, "batch_size")
+    n, b = positive_int(dataset_size, "dataset_size"), positive_int(batch_size, "batch_size")
     return n // b if drop_last else -(-n // b)
 
 
@@ -132,8 +127,8 @@ def accumulation_plan(global_batch: int, ceiling: int, pick: int | None = None) 
     Raises:
         ConfigError: a size is not a positive integer, or ``pick`` is above ``ceiling``.
     """
-    g, c = _positive(global_batch, "global_batch"), _positive(ceiling, "ceiling")
-    if pick is not None and _positive(pick, "pick") > c:
+    g, c = positive_int(global_batch, "global_batch"), positive_int(ceiling, "ceiling")
+    if pick is not None and positive_int(pick, "pick") > c:
         raise ConfigError(f"pick={pick} is larger than the ceiling {c}")
     target = c if pick is None else pick
     divisors = {d for i in range(1, math.isqrt(g) + 1) if g % i == 0 for d in (i, g // i)}
@@ -173,7 +168,7 @@ def scale_lr(base_lr: float, base_batch: int, new_batch: int) -> LearningRates:
         raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
     if not (math.isfinite(base_lr) and base_lr > 0):
         raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
-    ratio = _positive(new_batch, "new_batch") / _positive(base_batch, "base_batch")
+    ratio = positive_int(new_batch, "new_batch") / positive_int(base_batch, "base_batch")
     return LearningRates(
         float(base_lr), base_batch, new_batch, base_lr * ratio, base_lr * math.sqrt(ratio)
     )
@@ -209,7 +204,7 @@ def advise(
     Raises:
         ConfigError: a value is invalid, or only one of ``base_batch`` and ``base_lr`` is given.
     """
-    b, c = _positive(batch_size, "batch_size"), _positive(ceiling, "ceiling")
+    b, c = positive_int(batch_size, "batch_size"), positive_int(ceiling, "ceiling")
     if b > c:
         raise ConfigError(f"batch_size={b} is larger than the ceiling {c}")
     if (base_batch is None) != (base_lr is None):
@@ -218,7 +213,7 @@ def advise(
     notes: list[str] = []
     target = b
     if critical_batch is not None:
-        crit = _positive(critical_batch, "critical_batch")
+        crit = positive_int(critical_batch, "critical_batch")
         if global_batch is None:
             global_batch = crit if crit < b else round(crit / b) * b
             target = min(b, global_batch)  # below the pick: one micro-batch of it
