@@ -8,11 +8,11 @@ from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from judged import CASES, Case  # noqa: E402
+import torch
+import transformers
+from judged import CASES, Case
 
-import maxbatch  # noqa: E402
+import maxbatch
 
 STEPS = 5  #: optimizer steps the judge trains for
 
@@ -23,7 +23,7 @@ def gpt2() -> torch.nn.Module:
 
 
 #: The MLP and the CNN with batch norm, and GPT-2, whose forward returns an output object.
-HF_CASES = [*CASES[:2], Case("gpt2-output-object", gpt2, (32,), 16 << 20, tokens=True)]
+HF_CASES = [*CASES[:2], Case("gpt2-output-object", gpt2, (32,), 16 << 20, 128, tokens=True)]
 
 
 def arguments(batch_size: int = 2, accumulate: int = 1, steps: int = STEPS) -> Any:

@@ -110,6 +110,7 @@ class Case:
     build: Factory
     shape: tuple[int, ...]
     cap: int
+    global_batch: int
     tokens: bool = False
 
     def model(self) -> nn.Module:
@@ -121,7 +122,7 @@ class Case:
 
 
 CASES = [
-    Case("mlp", MLP, (64,), 2 << 20),
-    Case("cnn-bn", CNN, (3, 16, 16), 12 << 20),
-    Case("output-object", WithOutput, (64,), 8 << 20),
+    Case("mlp", MLP, (64,), 2 << 20, 1024),
+    Case("cnn-bn", CNN, (3, 16, 16), 12 << 20, 512),
+    Case("output-object", WithOutput, (64,), 8 << 20, 1024),
 ]

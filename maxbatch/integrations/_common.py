@@ -62,6 +62,26 @@ def with_extra_state(options: dict[str, Any], *state: Any) -> dict[str, Any]:
     return {**options, "extra_state": [*ours, *options.get("extra_state", ())]}
 
 
+def with_steady_state(
+    result: BatchSizeResult, *, zero_grad: str | None, micro_batches: int
+) -> BatchSizeResult:
+    """``result`` whose ``steady_state`` says how the framework's own step ran in the trials.
+
+    Args:
+        result: the probe's result.
+        zero_grad: where the framework's loop clears gradients (None: the module's own step,
+            manual optimization).
+        micro_batches: micro-batches per optimizer step that each trial's steps ran.
+
+    Returns:
+        The result, its ``steady_state`` filled in (when the probe reported one).
+    """
+    if result.steady_state is None:
+        return result
+    state = {**result.steady_state, "zero_grad": zero_grad, "micro_batches": micro_batches}
+    return dataclasses.replace(result, steady_state=state)
+
+
 def check_global_batch(global_batch: int | None) -> int | None:
     """Check ``global_batch`` when the integration is made, before the framework runs.
 

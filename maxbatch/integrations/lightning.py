@@ -34,6 +34,7 @@ from maxbatch.integrations._common import (
     probe_data,
     probe_options,
     with_extra_state,
+    with_steady_state,
 )
 
 try:
@@ -214,7 +215,7 @@ class MaxBatch(Callback):  # type: ignore[misc, unused-ignore]
         try:
             # The strategy's model: the module itself, or its DDP wrapper, whose gradient buckets
             # are real memory and whose collectives find_batch_size keeps out of the trials.
-            return find_batch_size(
+            result = find_batch_size(
                 trainer.strategy.model or pl_module,
                 data,
                 optimizer=optimizers[0] if optimizers else "none",
@@ -225,3 +226,9 @@ class MaxBatch(Callback):  # type: ignore[misc, unused-ignore]
             )
         finally:
             trainer.accumulate_grad_batches = before
+        manual = not pl_module.automatic_optimization
+        return with_steady_state(
+            result,
+            zero_grad=None if manual else "before_backward",
+            micro_batches=1 if manual else accumulate,
+        )

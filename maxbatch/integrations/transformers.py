@@ -37,6 +37,7 @@ from maxbatch.integrations._common import (
     probe_data,
     probe_options,
     with_extra_state,
+    with_steady_state,
 )
 
 try:
@@ -51,6 +52,8 @@ __all__ = ["MaxBatchCallback", "tune"]
 
 # Steps of the schedule the probe steps through; the scheduler is dropped after the probe.
 _PROBE_SCHEDULE_STEPS = 1000
+#: Probes at most, each with the accumulation steps the plan of the one before needs.
+_MAX_PROBES = 3
 
 
 def probe_accumulation(trainer: Trainer, global_batch: int | None) -> int:
@@ -120,7 +123,9 @@ def _probe_data(trainer: Trainer) -> Any:
     return DataLoader(loader.dataset, collate_fn=loader.collate_fn)
 
 
-def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) -> BatchSizeResult:
+def _probe(
+    trainer: Trainer, global_batch: int | None, options: dict[str, Any], accumulate: int
+) -> BatchSizeResult:
     """Run the probe on the Trainer's step; leave its optimizer and scheduler as they were."""
     args, model = trainer.args, trainer.model
     if not isinstance(model, torch.nn.Module):
@@ -145,7 +150,7 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
             model,
             data,
             optimizer=trainer.optimizer,
-            train_step=_train_step(trainer, scheduler, probe_accumulation(trainer, global_batch)),
+            train_step=_train_step(trainer, scheduler, accumulate),
             device=args.device,
             global_batch=global_batch,  # over all ranks: find_batch_size splits it
             **options,
@@ -191,9 +196,17 @@ def tune(trainer: Trainer, global_batch: int | None = None, **options: Any) -> B
     """
     check_global_batch(global_batch)
     opts = probe_options(options, "tune()")
-    result = _probe(trainer, global_batch, opts)
-    _apply(trainer, plan_of(result, global_batch), accumulate=global_batch is not None)
-    return result
+    accumulate = probe_accumulation(trainer, global_batch)
+    for _ in range(_MAX_PROBES):
+        result = _probe(trainer, global_batch, opts, accumulate)
+        plan = plan_of(result, global_batch)
+        # The Trainer holds every batch of an accumulation group on the device: a plan of more
+        # micro-batches than the probe ran is probed again with that many.
+        if global_batch is None or plan.accumulation_steps <= accumulate:
+            break
+        accumulate = plan.accumulation_steps
+    _apply(trainer, plan, accumulate=global_batch is not None)
+    return with_steady_state(result, zero_grad="after_step", micro_batches=accumulate)
 
 
 def _calling_trainer() -> Trainer | None:
