@@ -13,7 +13,7 @@ from maxbatch.cli import exits
 from maxbatch.cli.exits import interruptible, run
 from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
 from maxbatch.cli.report import check_report, write_report_files
-from maxbatch.device import device_label, resolve_device
+from maxbatch.device import device_label, require_weights, resolve_device
 from maxbatch.finder import find_batch_size
 from maxbatch.modelfile import ModelSpec
 from maxbatch.pick import TOLERANCE
@@ -105,6 +105,7 @@ def probe(
         run(debug, lambda: check_report(report_dir))
     dev = run(debug, lambda: resolve_device(torchrun.rank_device(device)))
     if not isolate:  # isolated: only the children touch the device
+        run(debug, lambda: require_weights(spec.model))
         spec.model.to(dev)
     count = 0
 
