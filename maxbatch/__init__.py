@@ -3,6 +3,7 @@
 # First, before torch: in the maxbatch command, Ctrl-C and SIGTERM are one line from the start.
 from maxbatch import earlysignals  # noqa: F401 - installs its handlers on import (command only)
 from maxbatch.advise import Advice, advice_for
+from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -11,6 +12,7 @@ from maxbatch.errors import (
     DistributedError,
     DoesNotFitError,
     HostMemoryError,
+    LeakError,
     MaxbatchError,
     ModelFileError,
     RankFailedError,
@@ -31,6 +33,8 @@ __all__ = [
     "Advice",
     "BatchSizeMismatchError",
     "BatchSizeResult",
+    "Bucket",
+    "BucketProfile",
     "ConfigError",
     "DataSource",
     "DeviceError",
@@ -39,6 +43,9 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "HostMemoryError",
+    "LeakError",
+    "LengthMemoryModel",
+    "LengthTrial",
     "MaxbatchError",
     "MemoryModel",
     "MicroBatcher",
