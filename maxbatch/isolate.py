@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from maxbatch.device import require_weights
 from maxbatch.distributed import is_distributed
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
@@ -266,7 +267,8 @@ def probe_file(
 
     Raises:
         ModelFileError: the file does not load or follow the conventions.
-        ConfigError: ``isolate=True`` under an initialised ``torch.distributed`` group.
+        ConfigError: ``isolate=True`` under an initialised ``torch.distributed`` group, or the
+            model is on the meta device (no weights).
         MaxbatchError: as :func:`~maxbatch.find_batch_size`.
     """
     from maxbatch.batching import make_batch_fn
@@ -280,6 +282,7 @@ def probe_file(
             "torchrun (the ranks then agree in one process each)"
         )
     spec = load_model_file(path)  # checked here, in this process, before any child starts
+    require_weights(spec.model)
     if not isolate:
         return find_in_file(spec, options)
     sample_size = None if spec.sample is None else make_batch_fn(spec.sample)[1]

@@ -80,13 +80,17 @@ def test_a_model_partly_on_the_meta_device_is_refused() -> None:
         find_batch_size(model, torch.randn(2, 8), memory="1MiB", profile=False)
 
 
-def test_a_model_file_without_weights_exits_2_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolate", [[], ["--isolate"]])
+def test_a_model_file_without_weights_exits_2_with_one_line(
+    tmp_path: Path, isolate: list[str]
+) -> None:
     path = tmp_path / "meta.py"
     path.write_text(
         "import torch\nwith torch.device('meta'):\n    model = torch.nn.Linear(8, 2)\n"
         "sample = torch.randn(2, 8)\n"
     )
-    res = CliRunner().invoke(main, ["probe", str(path), "--memory", "1MiB", "--no-profile"])
+    argv = ["probe", str(path), "--memory", "1MiB", "--no-profile", *isolate]
+    res = CliRunner().invoke(main, argv)  # --isolate: refused before any child starts
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "meta device" in lines[0] and "maxbatch estimate" in lines[0]
