@@ -1,6 +1,7 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
 from maxbatch.advise import Advice, advice_for
+from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -29,6 +30,8 @@ __all__ = [
     "Advice",
     "BatchSizeMismatchError",
     "BatchSizeResult",
+    "Bucket",
+    "BucketProfile",
     "ConfigError",
     "DataSource",
     "DeviceError",
@@ -37,6 +40,8 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "HostMemoryError",
+    "LengthMemoryModel",
+    "LengthTrial",
     "MaxbatchError",
     "MemoryModel",
     "MicroBatcher",
