@@ -29,7 +29,7 @@ from maxbatch.batchstats import BatchStats, batch_stats
 from maxbatch.errors import ConfigError, MaxbatchError, WorkloadError
 from maxbatch.grid import positive_int
 
-__all__ = ["BucketBatchSampler", "SizeProfile", "read_lengths"]
+__all__ = ["BucketBatchSampler", "ItemOrder", "SizeProfile", "read_lengths"]
 
 #: An odd 64-bit constant (the golden ratio's) that spreads seeds apart from epochs.
 _MIX = 0x9E3779B97F4A7C15
@@ -134,6 +134,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self._groups = _groups(self.lengths, profile)
         self._len = len(self._rank_batches(self._epoch_batches(shuffle=False)))
+        # Lightning and Accelerate call set_epoch on ``loader.batch_sampler.sampler``.
+        self.sampler = ItemOrder(self)
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle the next epoch as ``epoch``: call it before each epoch, on every rank."""
@@ -195,6 +197,27 @@ class BucketBatchSampler(Sampler[list[int]]):
         elif extra:
             batches = batches + list(islice(cycle(batches), self.num_replicas - extra))
         return batches[self.rank :: self.num_replicas]
+
+
+class ItemOrder(Sampler[int]):
+    """A bucket sampler's items in the order of its batches: its ``sampler``, as a BatchSampler's.
+
+    ``set_epoch`` sets the bucket sampler's epoch, so frameworks that shuffle through
+    ``loader.batch_sampler.sampler.set_epoch`` (Lightning, Accelerate) shuffle it too.
+    """
+
+    def __init__(self, owner: BucketBatchSampler):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the owner's epoch."""
+        self.owner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for batch in self.owner for i in batch)
+
+    def __len__(self) -> int:
+        return sum(len(batch) for batch in self.owner)
 
 
 def _ranks(num_replicas: int | None, rank: int | None) -> tuple[int, int]:

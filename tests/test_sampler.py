@@ -21,17 +21,10 @@ from maxbatch.sampler import BucketBatchSampler, read_lengths
 TABLE = ((32, 48), (64, 20), (128, 9), (256, 4), (512, 1))
 
 
-class Profile:
-    """Batch size per length bucket, as a BucketProfile answers it."""
-
-    def __init__(self, table: tuple[tuple[int, int], ...] = TABLE):
-        self.table = table
-
-    def batch_size_for(self, length: int) -> int:
-        for upper, size in self.table:
-            if length <= upper:
-                return size
-        raise maxbatch.ConfigError(f"length {length} is past the longest bucket")
+def bucket_profile(table: tuple[tuple[int, int], ...] = TABLE) -> maxbatch.BucketProfile:
+    """A profile with these (upper length, ceiling) buckets, as find_bucket_sizes returns one."""
+    buckets = (maxbatch.Bucket(max_length=upper, ceiling=size) for upper, size in table)
+    return maxbatch.BucketProfile(buckets=tuple(buckets))
 
 
 def long_tailed(n: int = 3000, seed: int = 0) -> list[int]:
@@ -41,10 +34,11 @@ def long_tailed(n: int = 3000, seed: int = 0) -> list[int]:
 
 
 LENGTHS = long_tailed()
+PROFILE = bucket_profile()
 
 
 def test_every_item_once_every_batch_fits_and_len_is_exact() -> None:
-    profile = Profile()
+    profile = bucket_profile()
     sampler = BucketBatchSampler(LENGTHS, profile)
     for epoch in range(3):
         sampler.set_epoch(epoch)
@@ -58,7 +52,7 @@ def test_every_item_once_every_batch_fits_and_len_is_exact() -> None:
 
 
 def test_batches_hold_one_bucket_except_the_packed_leftovers() -> None:
-    profile = Profile()
+    profile = bucket_profile()
     batches = list(BucketBatchSampler(LENGTHS, profile, shuffle=False))
     sizes = Counter(profile.batch_size_for(n) for n in LENGTHS)
     mixed = [b for b in batches if len({profile.batch_size_for(LENGTHS[i]) for i in b}) > 1]
@@ -70,17 +64,17 @@ def test_batches_hold_one_bucket_except_the_packed_leftovers() -> None:
 
 
 def test_shuffled_within_buckets_and_across_batches_reproducibly() -> None:
-    a = BucketBatchSampler(LENGTHS, Profile(), seed=3)
-    b = BucketBatchSampler(LENGTHS, Profile(), seed=3)
+    a = BucketBatchSampler(LENGTHS, bucket_profile(), seed=3)
+    b = BucketBatchSampler(LENGTHS, bucket_profile(), seed=3)
     assert list(a) == list(b)
     a.set_epoch(1)
     assert list(a) != list(b)
     b.set_epoch(1)
     assert list(a) == list(b) == a.batches(1)
     assert a.batches(0) != a.batches(1) and a.epoch == 1
-    assert list(BucketBatchSampler(LENGTHS, Profile(), seed=4)) != list(b)
+    assert list(BucketBatchSampler(LENGTHS, bucket_profile(), seed=4)) != list(b)
     # Within a bucket the items are shuffled: the batches are not runs of the data set's order.
-    plain = list(BucketBatchSampler(LENGTHS, Profile(), shuffle=False))
+    plain = list(BucketBatchSampler(LENGTHS, bucket_profile(), shuffle=False))
     assert all(b == sorted(b) for b in plain[:-5])
     shuffled = list(a)
     assert sum(b == sorted(b) for b in shuffled if len(b) > 5) == 0
@@ -93,7 +87,7 @@ def test_shuffled_within_buckets_and_across_batches_reproducibly() -> None:
 @pytest.mark.parametrize("ranks", [1, 2, 3, 7])
 def test_every_rank_gets_the_same_number_of_batches(ranks: int, drop_last: bool) -> None:
     samplers = [
-        BucketBatchSampler(LENGTHS, Profile(), num_replicas=ranks, rank=r, drop_last=drop_last)
+        BucketBatchSampler(LENGTHS, PROFILE, num_replicas=ranks, rank=r, drop_last=drop_last)
         for r in range(ranks)
     ]
     for s in samplers:
@@ -101,7 +95,7 @@ def test_every_rank_gets_the_same_number_of_batches(ranks: int, drop_last: bool)
     per_rank = [list(s) for s in samplers]
     assert {len(b) for b in per_rank} == {len(s) for s in samplers} == {len(samplers[0])}
     seen = Counter(i for batches in per_rank for b in batches for i in b)
-    one = BucketBatchSampler(LENGTHS, Profile(), drop_last=drop_last)
+    one = BucketBatchSampler(LENGTHS, bucket_profile(), drop_last=drop_last)
     one.set_epoch(2)
     total = len(one)
     if drop_last:  # the batches that do not divide evenly are dropped: nothing twice
@@ -116,7 +110,7 @@ def test_every_rank_gets_the_same_number_of_batches(ranks: int, drop_last: bool)
 
 
 def test_drop_last_drops_the_one_short_batch() -> None:
-    profile = Profile(((8, 5),))
+    profile = bucket_profile(((8, 5),))
     kept = list(BucketBatchSampler([3] * 12, profile, shuffle=False))
     dropped = list(BucketBatchSampler([3] * 12, profile, shuffle=False, drop_last=True))
     assert [len(b) for b in kept] == [5, 5, 2]
@@ -127,7 +121,7 @@ def test_drop_last_drops_the_one_short_batch() -> None:
 def test_leftovers_pack_at_the_answer_for_their_longest_item() -> None:
     # 3 long items (batch 4) and 7 short ones (batch 8): one full short batch, then the long
     # leftovers with one short item padded to the long length, then the rest.
-    profile = Profile(((10, 8), (20, 4)))
+    profile = bucket_profile(((10, 8), (20, 4)))
     lengths = [20, 20, 20] + [5] * 15
     batches = list(BucketBatchSampler(lengths, profile, shuffle=False))
     assert [len(b) for b in batches] == [8, 4, 6]
@@ -138,13 +132,14 @@ def test_leftovers_pack_at_the_answer_for_their_longest_item() -> None:
 def test_a_plain_loop_over_a_data_loader() -> None:
     lengths = [n % 60 + 4 for n in range(150)]
     ds = Sequences(lengths)
-    sampler = BucketBatchSampler(DataSource(ds, size_fn=lambda it: len(it["input_ids"])), Profile())
+    source = DataSource(ds, size_fn=lambda it: len(it["input_ids"]))
+    sampler = BucketBatchSampler(source, bucket_profile())
     assert sampler.lengths == lengths
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=pad_collate)
     seen = 0
     for batch in loader:
         n, longest = batch["input_ids"].shape
-        assert n <= Profile().batch_size_for(longest)
+        assert n <= bucket_profile().batch_size_for(longest)
         seen += n
     assert seen == len(ds) and len(loader) == len(sampler)
 
@@ -171,12 +166,29 @@ def test_lengths_from_tensors_arrays_and_data_sets() -> None:
 )
 def test_mistakes_are_named(lengths: Any, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(maxbatch.ConfigError, match=match):
-        BucketBatchSampler(lengths, Profile(), **kwargs)
+        BucketBatchSampler(lengths, bucket_profile(), **kwargs)
+
+
+class Nothing:
+    """A profile (any object with batch_size_for) that answers 0 past 512."""
+
+    def batch_size_for(self, length: int) -> int:
+        return 0 if length > 512 else 1
 
 
 def test_a_profile_where_nothing_fits_is_refused() -> None:
     with pytest.raises(maxbatch.ConfigError, match="batch size 0 for length 600"):
-        BucketBatchSampler([600], Profile(((512, 1), (1024, 0))))
+        BucketBatchSampler([600], Nothing())
+
+
+def test_frameworks_set_the_epoch_through_the_batch_samplers_sampler() -> None:
+    sampler = BucketBatchSampler(LENGTHS, bucket_profile())
+    loader = DataLoader(Sequences([4] * 3), batch_sampler=sampler)
+    assert loader.batch_sampler is sampler
+    sampler.sampler.set_epoch(5)  # what Lightning and Accelerate call
+    assert sampler.epoch == 5
+    assert list(sampler.sampler) == [i for b in sampler.batches(5) for i in b]
+    assert len(sampler.sampler) == len(LENGTHS)
 
 
 def test_stats_report_batch_size_and_tokens_per_step() -> None:
@@ -185,7 +197,7 @@ def test_stats_report_batch_size_and_tokens_per_step() -> None:
     assert (stats.mean_batch_size, stats.min_batch_size, stats.max_batch_size) == (1.5, 1, 2)
     assert (stats.mean_tokens, stats.min_tokens, stats.max_tokens) == (9.0, 8, 10)
     assert stats.padded_tokens == 20 and stats.padding_share == pytest.approx(0.1)
-    sampler = BucketBatchSampler(LENGTHS, Profile())
+    sampler = BucketBatchSampler(LENGTHS, bucket_profile())
     figures = sampler.stats().to_dict()
     assert figures["steps"] == len(sampler) and figures["samples"] == len(LENGTHS)
     assert figures["min_batch_size"] == 1 and figures["max_batch_size"] == 48
