@@ -50,10 +50,10 @@ def parse_bytes(value: str | int | float, *, name: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not a size; use e.g. 300MiB or 24GiB")
     if isinstance(value, (int, float)):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name}={value!r} is not a finite size; give one such as 300MiB")
         if value < 0:
             raise ConfigError(f"{name}={value!r} is negative; give a size such as 300MiB")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} is not a size (not finite); give e.g. 300MiB")
         return _at_most_max(int(value), value, name)
     match = _SIZE.match(value)
     unit = match.group(2).lower() if match else None
@@ -69,7 +69,8 @@ def _at_most_max(size: int, value: str | int | float, name: str) -> int:
     if size > MAX_BYTES:
         shown = value if len(str(value)) <= 24 else f"{str(value)[:12]}...({len(str(value))} chars)"
         raise ConfigError(
-            f"{name}={shown!r} is larger than any device (at most 1 EiB); give a size such as 24GiB"
+            f"{name}={shown!r} is not a size any device has (more than 1 EiB); give one such "
+            "as 24GiB"
         )
     return size
 
