@@ -21,7 +21,7 @@ from typing import Any
 
 from maxbatch.errors import ConfigError
 
-__all__ = ["REPORT_FILES", "check_report_dir", "load_report", "write_report"]
+__all__ = ["REPORT_FILES", "check_report_dir", "check_result", "load_report", "write_report"]
 
 #: The files ``--report`` may write.
 REPORT_FILES = ("report.json", "report.md", "memory.png", "throughput.png")
@@ -111,7 +111,7 @@ def _optional(kind: Any) -> tuple[str, Any]:
     return ("optional", kind)
 
 
-_TRIAL = {"batch_size": _INT, "fits": _BOOL, "peak_bytes": _NUMBER, "seconds": _NUMBER}
+_TRIAL = {"batch_size": _COUNT, "fits": _BOOL, "peak_bytes": _NUMBER, "seconds": _NUMBER}
 _POINT = {
     "batch_size": _INT,
     "samples_per_second": _NUMBER,
@@ -120,8 +120,8 @@ _POINT = {
     "noisy": _BOOL,
 }
 _REQUIRED: dict[str, Any] = {
-    "ceiling": _INT,
-    "batch_size": _INT,
+    "ceiling": _COUNT,
+    "batch_size": _COUNT,
     "device": _STR,
     "device_name": _STR,
     "mode": _STR,
@@ -230,12 +230,28 @@ def load_report(path: str) -> dict[str, Any]:
     missing = sorted(k for k in _REQUIRED if data.get(k) is None)
     if missing:
         raise ConfigError(f"{shown}: not a maxbatch report (missing the keys {missing})")
-    schema = {**_REQUIRED, **{key: _optional(kind) for key, kind in _OPTIONAL.items()}}
     try:
-        out: dict[str, Any] = _checked(data, schema, "report")
-        for key, needs in _TOGETHER.items():
-            if out.get(key) not in (None, 1) and needs not in out:
-                raise ConfigError(f"report.{needs} is missing (report.{key} needs it)")
+        return check_result(data, "report")
     except ConfigError as e:
         raise ConfigError(f"{shown}: not a maxbatch report ({e})") from None
+
+
+def check_result(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A result's dict checked against its schema: reduced to what renders, control-free.
+
+    The ceiling, the pick and each trial's size must be integers of at least 1; numbers
+    finite; strings are cleaned of control characters (also a cache entry's: see
+    :mod:`maxbatch.cachefiles`).
+
+    Returns:
+        The keys the renderers read, checked and cleaned.
+
+    Raises:
+        ConfigError: a key is missing or has the wrong type or range (the message names it).
+    """
+    schema = {**_REQUIRED, **{key: _optional(kind) for key, kind in _OPTIONAL.items()}}
+    out: dict[str, Any] = _checked(data, schema, where)
+    for key, needs in _TOGETHER.items():
+        if out.get(key) not in (None, 1) and needs not in out:
+            raise ConfigError(f"{where}.{needs} is missing ({where}.{key} needs it)")
     return out
