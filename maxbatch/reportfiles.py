@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from maxbatch.errors import ConfigError
+from maxbatch.errors import ConfigError, ReportWriteError
 
 __all__ = ["REPORT_FILES", "check_report_dir", "check_result", "load_report", "write_report"]
 
@@ -62,7 +62,22 @@ def check_report_dir(path: str | os.PathLike[str]) -> Path:
             raise ConfigError(f"--report {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--report {out}: {parent} is not writable")
+    _try_creating(out, parent)
     return out
+
+
+def _try_creating(out: Path, parent: Path) -> None:
+    """Create (and remove) a folder in ``parent``: access rights alone do not say it can be.
+
+    ``/proc``, ``/sys`` and read-only mounts grant access to root and refuse every creation.
+
+    Raises:
+        ConfigError: the folder cannot be created, with the system's reason.
+    """
+    try:
+        Path(tempfile.mkdtemp(prefix=".maxbatch-check-", dir=parent)).rmdir()
+    except OSError as e:
+        raise ConfigError(f"--report {out}: cannot create files in {parent} ({e.strerror})") from e
 
 
 def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
@@ -74,13 +89,20 @@ def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
 
     Returns:
         The names of the files written.
+
+    Raises:
+        ReportWriteError: the files could not be written (a full disk, a file system that
+            refuses them): nothing of the report is left behind.
     """
     check_report_dir(out)
     existing = out.is_dir()
-    if not existing:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    where = out if existing else out.parent
-    temp = Path(tempfile.mkdtemp(prefix=".maxbatch-report-", dir=where))
+    try:
+        if not existing:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        where = out if existing else out.parent
+        temp = Path(tempfile.mkdtemp(prefix=".maxbatch-report-", dir=where))
+    except OSError as e:
+        raise ReportWriteError(out, e) from e
     try:
         names = write(temp)
         if existing:
@@ -92,8 +114,10 @@ def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
             os.umask(umask)
             temp.chmod(0o777 & ~umask)  # mkdtemp's folder is private
             os.rename(temp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ReportWriteError(out, e) from e
         raise
     return names
 
