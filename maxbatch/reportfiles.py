@@ -221,7 +221,8 @@ def _checked(value: Any, kind: Any, where: str) -> Any:
         if math.isfinite(value) and abs(value) < _LARGEST:
             return value
         raise ConfigError(f"{where} is out of range")
-    raise ConfigError(f"{where} should be {'a ' + kind}, not {type(value).__name__}")
+    what = "an integer of at least 1" if kind == _COUNT else f"a {kind}"
+    raise ConfigError(f"{where} should be {what}, not {type(value).__name__}")
 
 
 def load_report(path: str) -> dict[str, Any]:
