@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import threading
@@ -50,22 +51,47 @@ LIES: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    """One real probe's cache entry: its key and its data (the lies are made from it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+        probe()
+        (entry,) = ResultCache().directory.glob("*.json")
+    return entry.stem, json.loads(entry.read_text())
+
+
 @pytest.mark.parametrize("lie", LIES)
-def test_an_entry_that_breaks_the_schema_or_invariants_is_a_warning_and_a_fresh_probe(
-    own_cache_dir: Path, lie: str
+def test_an_entry_that_breaks_the_schema_or_invariants_is_ignored_with_a_warning(
+    tmp_path: Path, stored: tuple[str, dict[str, Any]], lie: str
 ) -> None:
+    key, data = stored
+    store = ResultCache(tmp_path)
+    assert store.get(key) is None
+    forged = copy.deepcopy(data)
+    LIES[lie](forged["result"])
+    store.path(key).write_text(json.dumps(forged))
+    with pytest.warns(UserWarning, match="ignoring the invalid cache entry"):
+        assert store.get(key) is None
+    with pytest.warns(UserWarning, match="ignoring the invalid cache entry"):
+        assert store.entries() == []
+    store.path(key).write_text(json.dumps(data))
+    assert store.get(key) is not None  # the entry as stored is valid
+
+
+def test_an_invalid_entry_means_a_fresh_probe_that_replaces_it(own_cache_dir: Path) -> None:
     first = probe()
     (entry,) = own_cache_dir.glob("*.json")
     data = json.loads(entry.read_text())
-    LIES[lie](data["result"])
+    LIES["pick 10 x the ceiling"](data["result"])
     entry.write_text(json.dumps(data))
     trials: list[Any] = []
-    with pytest.warns(UserWarning, match="ignoring the invalid cache entry"):
+    with pytest.warns(UserWarning, match="the pick .* is above the ceiling"):
         again = probe(on_trial=trials.append)
     assert not again.from_cache
     assert (again.ceiling, again.batch_size) == (first.ceiling, first.batch_size)
     assert len(trials) > 2  # a real search ran, not a check of the lie
-    assert json.loads(entry.read_text())["result"]["ceiling"] == first.ceiling  # replaced
+    assert json.loads(entry.read_text())["result"]["batch_size"] == first.batch_size  # replaced
 
 
 def test_an_entry_copied_under_another_key_is_not_used(own_cache_dir: Path) -> None:
