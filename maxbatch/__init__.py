@@ -1,5 +1,7 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
+# First, before torch: in the maxbatch command, Ctrl-C and SIGTERM are one line from the start.
+from maxbatch import earlysignals  # noqa: F401 - installs its handlers on import (command only)
 from maxbatch.advise import Advice, advice_for
 from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
 from maxbatch.data import DataSource
@@ -23,6 +25,7 @@ from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, Trial
+from maxbatch.sampler import BucketBatchSampler
 from maxbatch.schedule import SchedulePhase, batch_schedule
 from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
@@ -32,6 +35,7 @@ __all__ = [
     "BatchSizeMismatchError",
     "BatchSizeResult",
     "Bucket",
+    "BucketBatchSampler",
     "BucketProfile",
     "ConfigError",
     "DataSource",
