@@ -22,7 +22,7 @@ ALIGN_SLACK = 1 / 32  #: the descent starts at the largest multiple of ALIGN thi
 ALIGN = 8  #: sizes near the ceiling are multiples of this (tensor-core friendly)
 PROBE_RATIO = 2.0  #: the cost rule allows at least this many times the probe's own time
 CONTEST_RATIO = 2.0  #: the profiler's budget: this times the cost rule, rounds included
-SAFETY = 1.5  #: rounds allow for a step this much slower than its last warm timing
+SAFETY = 1.5  #: the profiler's budget allows for a step this much slower than its last warm one
 STEPS = 7  #: steps per timing of one size (2 warm-up, 5 timed), as :mod:`maxbatch.timing` runs
 
 TimeStep = Callable[[int], Sequence[float]]
@@ -175,7 +175,7 @@ class Search:
             Why, in words, or None when ``b`` may be timed.
         """
         cost, elapsed = self.predict(b), self.clock() - self.start
-        guarded = elapsed + (SAFETY if rounds else 1.0) * cost
+        guarded = elapsed + SAFETY * cost
         why = None
         if self.budget is not None and elapsed + cost >= self.budget:
             self.budget_hit = True
