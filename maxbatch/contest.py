@@ -29,7 +29,7 @@ from typing import Any
 
 from maxbatch.pick import PickRule, pick, sizes_text
 from maxbatch.results import Throughput
-from maxbatch.timing import measurement
+from maxbatch.timing import NOISY, measurement
 
 ROUNDS = 3  #: interleaved rounds of the contenders, after the search
 MAX_CONTENDERS = 4  #: at most this many sizes in the rounds (the likeliest winners first)
@@ -78,12 +78,12 @@ def _best(points: Mapping[int, Throughput]) -> Throughput:
     return max(points.values(), key=lambda p: (p.samples_per_second, -p.batch_size))
 
 
-def _lo(p: Throughput) -> float:
-    return p.samples_per_second * (1 - _relative_iqr(p))
+def _lo(p: Throughput, floor: float = 0.0) -> float:
+    return p.samples_per_second * (1 - max(_relative_iqr(p), floor))
 
 
-def _hi(p: Throughput) -> float:
-    return p.samples_per_second * (1 + _relative_iqr(p))
+def _hi(p: Throughput, floor: float = 0.0) -> float:
+    return p.samples_per_second * (1 + max(_relative_iqr(p), floor))
 
 
 def can_win(
@@ -96,26 +96,30 @@ def can_win(
     pick; every smaller size that may be within the tolerance of the best after all; and, when
     the pick itself may not be within it, every larger size that may be. Sizes whose spread
     cannot reach the rule's threshold are out: they cannot win. The best is always among them
-    (it sets the threshold) when there is more than one.
+    (it sets the threshold) when there is more than one. On a busy machine (some size timed
+    noisy) a size's spread is at least :data:`~maxbatch.timing.NOISY` of its throughput: load
+    that changes between timings moves whole timings, which no single timing's IQR shows.
 
     Returns:
         The sizes, the best first, then by optimistic throughput; just ``[chosen]`` (or the
         best and the pick) when the pick does not hinge on the spread.
     """
     best, me = _best(points), points[chosen]
+    busy = NOISY if any(p.noisy for p in points.values()) else 0.0
     if rule is PickRule.FASTEST:
-        out = [b for b, p in points.items() if b != chosen and _hi(p) > _lo(me) * (1 + tolerance)]
+        edge = _lo(me, busy) * (1 + tolerance)
+        out = [b for b, p in points.items() if b != chosen and _hi(p, busy) > edge]
     else:
-        floor = (1 - tolerance) * _lo(best)
-        unsure = chosen != best.batch_size and _lo(me) < (1 - tolerance) * _hi(best)
+        edge = (1 - tolerance) * _lo(best, busy)
+        unsure = chosen != best.batch_size and _lo(me, busy) < (1 - tolerance) * _hi(best, busy)
         out = [
             b
             for b, p in points.items()
-            if b != chosen and _hi(p) >= floor and (b < chosen or unsure)
+            if b != chosen and _hi(p, busy) >= edge and (b < chosen or unsure)
         ]
     if not out:
         return [chosen]
-    rest = sorted(out, key=lambda b: -_hi(points[b]))
+    rest = sorted(out, key=lambda b: -_hi(points[b], busy))
     return list(dict.fromkeys([best.batch_size, chosen, *rest]))
 
 

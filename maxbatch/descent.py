@@ -224,8 +224,7 @@ class Search:
         seconds: list[float] = []
         for attempt in range(2):
             if attempt and (
-                not measurement(b, seconds, self.noisy).noisy
-                or self.retime_blocked(b)
+                not measurement(b, seconds, self.noisy).noisy or self.retime_blocked(b)
             ):
                 break
             more = self.run(b)

@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from maxbatch.pick import sizes_text
+from maxbatch.contest import contenders
+from maxbatch.pick import PickRule, sizes_text
 from maxbatch.profiler import Profile, candidates, profile
+from maxbatch.results import Throughput
 
 PATTERN = [0.7, 1.0, 1.5, 0.8, 2.0]  # replicates around the median: IQR 70 %, every size noisy
 
@@ -155,3 +157,19 @@ def test_a_user_budget_caps_the_profilers_own() -> None:
     result = profile(step, candidates(2619, min_batch_size=32), clock=clock, budget=15.0)
     assert result.budget_seconds is not None and result.budget_seconds <= 15.0
     assert result.seconds <= 15.0
+
+
+def point(b: int, rate: float, iqr: float) -> Throughput:
+    median = b / rate
+    return Throughput(b, rate, median, iqr * median, 5, iqr > 0.1)
+
+
+def test_on_a_busy_machine_whole_timings_move_so_close_sizes_go_to_rounds() -> None:
+    """Issue 17.6: load that changes between timings moves a whole timing, which its IQR does not
+    show. When some size is timed noisy, every size's spread is at least 10 %: a size 13 % slower
+    in the first pass can still win, and the rounds decide."""
+    quiet = {512: point(512, 870.0, 0.02), 2560: point(2560, 1000.0, 0.02)}
+    assert contenders(quiet, 2560, PickRule.WITHIN, 0.02) == []
+    busy = quiet | {64: point(64, 500.0, 0.3)}
+    assert contenders(busy, 2560, PickRule.WITHIN, 0.02) == [2560, 512]
+    assert contenders(busy, 2560, PickRule.FASTEST, 0.02) == [2560, 512]
