@@ -1,6 +1,7 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
 from maxbatch.advise import Advice, advice_for
+from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -9,6 +10,7 @@ from maxbatch.errors import (
     DistributedError,
     DoesNotFitError,
     HostMemoryError,
+    LeakError,
     MaxbatchError,
     ModelFileError,
     RankFailedError,
@@ -21,6 +23,7 @@ from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, Trial
+from maxbatch.sampler import BucketBatchSampler
 from maxbatch.schedule import SchedulePhase, batch_schedule
 from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
@@ -29,6 +32,9 @@ __all__ = [
     "Advice",
     "BatchSizeMismatchError",
     "BatchSizeResult",
+    "Bucket",
+    "BucketBatchSampler",
+    "BucketProfile",
     "ConfigError",
     "DataSource",
     "DeviceError",
@@ -37,6 +43,9 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "HostMemoryError",
+    "LeakError",
+    "LengthMemoryModel",
+    "LengthTrial",
     "MaxbatchError",
     "MemoryModel",
     "MicroBatcher",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,21 +29,23 @@ from maxbatch.device import describe
 from maxbatch.distributed import Ranks, sharded_note
 from maxbatch.estimate import estimate_beyond_host, first_guess
 from maxbatch.lookup import Lookup, look_up
+from maxbatch.loop import steady_state
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.oom import release_memory
 from maxbatch.probe import SearchOutcome, search
 from maxbatch.profiler import Profile, profile_fields, profile_workload
-from maxbatch.results import BatchSizeResult, DeviceInfo, MemoryPoint, Throughput
+from maxbatch.results import BatchSizeResult, DeviceInfo, MemoryPoint, Throughput, Trial
 from maxbatch.spec import (
     AdviceSettings,
     MemorySettings,
+    Mode,
     ProfileSettings,
     SearchSettings,
     StepSpec,
     Target,
 )
-from maxbatch.trial import REPEATS, Meter, run_trial
+from maxbatch.trial import Meter, run_trial
 from maxbatch.workload import Workload, build_workload
 
 
@@ -91,6 +94,7 @@ class Measured:
     search_notes: tuple[str, ...]
     picked: Picked
     lookup: Lookup | None = None
+    alive_at_start: tuple[str, ...] = ()
 
 
 def measure(request: Request) -> Measured | BatchSizeResult:
@@ -117,6 +121,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                 if lookup is not None and lookup.hit is not None:
                     return lookup.hit
                 outcome, search_notes = _search(request, workload, meter, capacity)
+                alive = workload.alive_at_start
                 picked = (
                     _profile(request, workload, outcome)
                     if capacity.beyond_host is None
@@ -137,6 +142,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
         search_notes=search_notes if sharded is None else (sharded, *search_notes),
         picked=picked,
         lookup=lookup,
+        alive_at_start=alive,
     )
 
 
@@ -206,7 +212,7 @@ def _search(
     assert local_usable is not None  # set from this rank's capacity
     with ranks.quiet_step(request.step.model):
         outcome = search(
-            ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+            ranks.trials(_checked_trials(workload, meter), local_usable),
             start=start,
             usable_bytes=capacity.usable_bytes,
             base_bytes=capacity.base_bytes,
@@ -217,6 +223,19 @@ def _search(
             clock=ranks.clock,
         )
     return outcome, notes
+
+
+def _checked_trials(workload: Workload, meter: Meter) -> Callable[[int], Trial]:
+    """``run(b)``: trials whose first one to finish also checks the step for leaks."""
+    checked = False
+
+    def run(b: int) -> Trial:
+        nonlocal checked
+        trial = run_trial(workload, meter, b, check_leak=not checked)
+        checked = checked or not trial.oom
+        return trial
+
+    return run
 
 
 def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
@@ -240,7 +259,7 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         settings=settings,
         budget=left,
         # The trials' steps (counted ones are slower) predict what timing costs.
-        step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
+        step_seconds={t.batch_size: t.seconds / t.steps for t in outcome.trials if t.fits},
         # The cost rule's scale: one value for all ranks, so that they time the same sizes.
         probe_seconds=request.ranks.least(time.perf_counter() - request.started) or 0.0,
         agree=request.ranks.timings,
@@ -311,6 +330,12 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         **({} if picked.profile is None else profile_fields(picked.profile)),
         world_size=request.ranks.world_size,
         data=None if scan is None else scan.to_dict(),
+        steady_state=steady_state(
+            step.loop,
+            measured.alive_at_start,
+            own_step=step.train_step is not None,
+            inference=step.mode is Mode.INFERENCE,
+        ),
     )
 
 
