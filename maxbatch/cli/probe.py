@@ -190,13 +190,14 @@ def probe(
     if tty and result.throughput:
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
-    if report_dir is not None:
-        with interruptible(trials):  # the temporary folder goes, no partial report stays
-            run(debug, lambda: write_report_files(data, Path(report_dir), model_file))
+    # The answer first: a report that cannot be written (a full disk) must not lose it.
     if as_json:
         click.echo(result_json(data))
     else:
         click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
+    if report_dir is not None:
+        with interruptible(trials):  # the temporary folder goes, no partial report stays
+            write_report_files(data, Path(report_dir), model_file, debug)
 
 
 def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
