@@ -14,6 +14,7 @@ from maxbatch.cli.exits import interruptible, run
 from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
 from maxbatch.cli.report import check_report, write_report_files
 from maxbatch.device import device_label, resolve_device
+from maxbatch.errors import ConfigError
 from maxbatch.finder import find_batch_size
 from maxbatch.modelfile import ModelSpec
 from maxbatch.pick import TOLERANCE
@@ -126,6 +127,7 @@ def probe(
     if report_dir is not None:
         run(debug, lambda: check_report(report_dir))
     dev = run(debug, lambda: resolve_device(torchrun.rank_device(device)))
+    run(debug, lambda: _loop_options(isolate, zero_grad, accumulate, allow_growth))
     if not isolate:  # isolated: only the children touch the device
         spec.model.to(dev)
     count = 0
@@ -198,6 +200,15 @@ def probe(
     if report_dir is not None:
         with interruptible(trials):  # the temporary folder goes, no partial report stays
             write_report_files(data, Path(report_dir), model_file, debug)
+
+
+def _loop_options(isolate: bool, zero_grad: str, accumulate: int, growth: str | None) -> None:
+    """Refuse the loop's options with ``--isolate`` (its children do not take them yet)."""
+    if isolate and (zero_grad != "before_forward" or accumulate != 1 or growth):
+        raise ConfigError(
+            "--zero-grad, --accumulate and --allow-growth are not passed to isolated trials "
+            "yet; run without --isolate"
+        )
 
 
 def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
