@@ -1,7 +1,7 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
 from maxbatch.advise import Advice, advice_for
-from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
+from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthResult, LengthTrial
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -18,6 +18,7 @@ from maxbatch.errors import (
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.isolate import probe_file
+from maxbatch.lengths import find_bucket_sizes, find_max_length
 from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
@@ -41,6 +42,7 @@ __all__ = [
     "EstimateError",
     "HostMemoryError",
     "LengthMemoryModel",
+    "LengthResult",
     "LengthTrial",
     "MaxbatchError",
     "MemoryModel",
@@ -57,6 +59,8 @@ __all__ = [
     "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
+    "find_bucket_sizes",
+    "find_max_length",
     "noise_scale",
     "probe_file",
     "virtual_device",

@@ -41,7 +41,7 @@ def _next(lo: int, hi: int, guess: int | None, *, tried: int, missed: bool) -> i
         The next point to try, strictly between ``lo`` and ``hi``.
     """
     unbounded = hi > NO_LIMIT
-    creeping = missed and not unbounded and guess is not None and guess > lo + 0.9 * (hi - lo)
+    creeping = missed and not unbounded and guess is not None and guess >= lo + 0.9 * (hi - lo)
     if guess is not None and tried < FOLLOW_MODEL and not creeping:
         if unbounded:  # no failure yet: a wild guess (a huge length) could exhaust the host
             guess = min(guess, max(GROWTH * lo, 64))

@@ -1,6 +1,9 @@
 """Models whose memory grows with the input length, for the length-axis tests (no downloads).
 
-``recurrent()``: a GRU, linear in the length. ``attention()``: one self-attention block written out
+``recurrent()``: a gated linear recurrence ``h[t] = h[t-1] + g[t] * x[t]``, run as a scan
+(``cumsum``, as linear recurrent layers run in parallel), linear in the length; ``gru()``: a GRU
+(on the CPU it runs step by step: thousands of operators per trial, slow under a counter).
+``attention()``: one self-attention block written out
 (softmax of ``q @ k.T``, the math kernel), quadratic in the length.
 """
 
@@ -26,6 +29,19 @@ class Recurrent(nn.Module):
         return nn.functional.cross_entropy(self.out(h).flatten(0, 1), tokens.flatten())
 
 
+class Scan(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, width)
+        self.gate = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, g = self.gate(self.emb(tokens)).chunk(2, dim=-1)
+        h = torch.cumsum(torch.sigmoid(g) * x, dim=1)
+        return nn.functional.cross_entropy(self.out(h).flatten(0, 1), tokens.flatten())
+
+
 class Attention(nn.Module):
     def __init__(self, width: int = 16) -> None:
         super().__init__()
@@ -42,6 +58,11 @@ class Attention(nn.Module):
 
 
 def recurrent() -> nn.Module:
+    torch.manual_seed(0)
+    return Scan()
+
+
+def gru() -> nn.Module:
     torch.manual_seed(0)
     return Recurrent()
 
