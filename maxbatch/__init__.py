@@ -10,6 +10,7 @@ from maxbatch.errors import (
     DistributedError,
     DoesNotFitError,
     HostMemoryError,
+    LeakError,
     MaxbatchError,
     ModelFileError,
     RankFailedError,
@@ -23,6 +24,7 @@ from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, Trial
+from maxbatch.sampler import BucketBatchSampler
 from maxbatch.schedule import SchedulePhase, batch_schedule
 from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
@@ -32,6 +34,7 @@ __all__ = [
     "BatchSizeMismatchError",
     "BatchSizeResult",
     "Bucket",
+    "BucketBatchSampler",
     "BucketProfile",
     "ConfigError",
     "DataSource",
@@ -41,6 +44,7 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "HostMemoryError",
+    "LeakError",
     "LengthMemoryModel",
     "LengthResult",
     "LengthTrial",

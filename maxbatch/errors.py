@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class MaxbatchError(Exception):
     """Base class of every error maxbatch raises on purpose."""
@@ -79,6 +81,26 @@ class WorkloadError(MaxbatchError):
         self.batch_size = batch_size
 
 
+class LeakError(MaxbatchError):
+    """Steps at one batch size kept growing the live bytes: the step keeps something per call.
+
+    A ceiling measured over a leak would shrink with every trial, so the probe stops instead.
+
+    Attributes:
+        batch_size: the size at which the growth was seen.
+        bytes_per_step: the live bytes each step kept (the smallest of the steps' growths).
+        graph_tensors: tensors alive between steps that still hold an autograd graph.
+    """
+
+    def __init__(
+        self, message: str, *, batch_size: int, bytes_per_step: int, graph_tensors: int = 0
+    ):
+        super().__init__(message)
+        self.batch_size = batch_size
+        self.bytes_per_step = bytes_per_step
+        self.graph_tensors = graph_tensors
+
+
 class EstimateError(WorkloadError):
     """The step cannot run on fake tensors.
 
@@ -119,3 +141,21 @@ class ModelFileError(MaxbatchError):
     def __init__(self, path: str, message: str):
         super().__init__(f"{path}: {message}")
         self.path = path
+
+
+class ReportWriteError(MaxbatchError):
+    """The report files could not be written (the answer was found and printed before).
+
+    Attributes:
+        folder: the ``--report`` folder.
+        reason: the system's reason (``No space left on device``).
+    """
+
+    def __init__(self, folder: os.PathLike[str], error: OSError):
+        """Say where the report was to go and why it could not be written."""
+        self.folder = folder
+        self.reason = error.strerror or str(error)
+        super().__init__(
+            f"the report could not be written to {os.fspath(folder)} ({self.reason}); "
+            "nothing of it is left there, the answer above stands"
+        )

@@ -20,6 +20,7 @@ from maxbatch.batching import batch_size_of, map_tensors
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
 from maxbatch.grid import positive_int
 from maxbatch.oom import is_oom, release_memory
+from maxbatch.optstep import optimizer_step
 from maxbatch.results import BatchSizeResult, MemoryModel
 from maxbatch.spec import ForwardFn, LossFn
 from maxbatch.workload import default_forward, default_loss
@@ -143,11 +144,20 @@ class MicroBatcher:
         optimizer: torch.optim.Optimizer,
         **kwargs: Any,
     ) -> MicroBatcher:
-        """A micro-batcher at the probe's pick, lowering sizes with the probe's memory model."""
+        """A micro-batcher at the probe's pick, lowering sizes with the probe's memory model.
+
+        Accumulating keeps a second gradient per parameter alive, so the micro-batch is at most
+        the result's :meth:`~maxbatch.BatchSizeResult.micro_ceiling` (measured by accumulating
+        trials when a ``global_batch`` asked for them, else predicted by the memory model).
+
+        Returns:
+            The micro-batcher.
+        """
+        micro = min(result.batch_size, result.micro_ceiling())
         return cls(
             model,
             optimizer,
-            micro_batch_size=kwargs.pop("micro_batch_size", result.batch_size),
+            micro_batch_size=kwargs.pop("micro_batch_size", micro),
             memory_model=result.memory_model,
             usable_bytes=result.usable_bytes if result.memory_model is not None else None,
             **kwargs,
@@ -162,7 +172,8 @@ class MicroBatcher:
             The batch's loss (the weighted sum of the micro-losses), detached.
 
         Raises:
-            DoesNotFitError: a micro-batch of one sample runs out of memory.
+            DoesNotFitError: a micro-batch of one sample runs out of memory, or the optimizer
+                step does (the optimizer is then left as its next step accepts it).
             WorkloadError: the batch has no batch dimension.
             Exception: any error other than out-of-memory, raised unchanged.
         """
@@ -181,11 +192,7 @@ class MicroBatcher:
             release_memory(self.device)
             self._change(size, self._lower(size), "out of memory")
             attempt += 1
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        optimizer_step(self.optimizer, self.scaler, self.device, n)
         self.steps += 1
         self.clean_steps = self.clean_steps + 1 if attempt == 0 else 0
         if self.grow_after is not None and self.clean_steps >= self.grow_after:

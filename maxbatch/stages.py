@@ -14,7 +14,9 @@ import time
 
 import torch
 
-from maxbatch.advise import advice_for
+from maxbatch.accumulation import Accumulated, accumulating_trials, gradient_bytes
+from maxbatch.accumulation import measure as measure_accumulation
+from maxbatch.advise import accumulation_plan, advice_for, per_rank
 from maxbatch.capacity import (
     Capacity,
     beyond_host,
@@ -28,6 +30,7 @@ from maxbatch.device import describe
 from maxbatch.distributed import Ranks, sharded_note
 from maxbatch.estimate import estimate_beyond_host, first_guess
 from maxbatch.lookup import Lookup, look_up
+from maxbatch.loop import steady_state
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.oom import release_memory
@@ -37,12 +40,13 @@ from maxbatch.results import BatchSizeResult, DeviceInfo, MemoryPoint, Throughpu
 from maxbatch.spec import (
     AdviceSettings,
     MemorySettings,
+    Mode,
     ProfileSettings,
     SearchSettings,
     StepSpec,
     Target,
 )
-from maxbatch.trial import REPEATS, Meter, run_trial
+from maxbatch.trial import Meter, leak_checked
 from maxbatch.workload import Workload, build_workload
 
 
@@ -91,6 +95,8 @@ class Measured:
     search_notes: tuple[str, ...]
     picked: Picked
     lookup: Lookup | None = None
+    alive_at_start: tuple[str, ...] = ()
+    accumulated: Accumulated | None = None
 
 
 def measure(request: Request) -> Measured | BatchSizeResult:
@@ -117,6 +123,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                 if lookup is not None and lookup.hit is not None:
                     return lookup.hit
                 outcome, search_notes = _search(request, workload, meter, capacity)
+                alive = workload.alive_at_start
                 picked = (
                     _profile(request, workload, outcome)
                     if capacity.beyond_host is None
@@ -126,6 +133,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                         "to be timed",
                     )
                 )
+                accumulated = _accumulate(request, workload, meter, capacity, outcome, picked)
     finally:
         release_memory(dev, full=True)
     opt = workload.optimizer
@@ -137,6 +145,8 @@ def measure(request: Request) -> Measured | BatchSizeResult:
         search_notes=search_notes if sharded is None else (sharded, *search_notes),
         picked=picked,
         lookup=lookup,
+        alive_at_start=alive,
+        accumulated=accumulated,
     )
 
 
@@ -206,7 +216,7 @@ def _search(
     assert local_usable is not None  # set from this rank's capacity
     with ranks.quiet_step(request.step.model):
         outcome = search(
-            ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+            ranks.trials(leak_checked(workload, meter), local_usable),
             start=start,
             usable_bytes=capacity.usable_bytes,
             base_bytes=capacity.base_bytes,
@@ -217,6 +227,46 @@ def _search(
             clock=ranks.clock,
         )
     return outcome, notes
+
+
+def _accumulate(
+    request: Request,
+    workload: Workload,
+    meter: Meter,
+    capacity: Capacity,
+    outcome: SearchOutcome,
+    picked: Picked,
+) -> Accumulated | None:
+    """The micro-batch ceiling from accumulating trials, when the global batch's plan needs it.
+
+    Returns:
+        The accumulating trials' answer, or None when the plan has one micro-batch (or the
+        trials already accumulate, or there is nothing to accumulate).
+    """
+    step, ranks = request.step, request.ranks
+    wanted = per_rank(request.advice.global_batch, ranks.world_size)
+    if (
+        wanted is None
+        or capacity.beyond_host is not None
+        or step.mode is Mode.INFERENCE
+        or step.train_step is not None
+        or step.loop.accumulate > 1
+        or accumulation_plan(wanted, outcome.ceiling, picked.batch_size).accumulation_steps == 1
+    ):
+        return None
+    usable = meter.usable_bytes
+    assert usable is not None  # set from this rank's capacity
+    with ranks.quiet_step(step.model):
+        return measure_accumulation(
+            ranks.trials(accumulating_trials(workload, meter), usable),
+            ceiling=outcome.ceiling,
+            model=outcome.memory_model,
+            usable=capacity.usable_bytes,
+            grid=request.search.grid,
+            extra_guess=gradient_bytes(step.model.parameters()),
+            plain=outcome.trials,
+            on_trial=request.search.on_trial,
+        )
 
 
 def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
@@ -240,7 +290,7 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         settings=settings,
         budget=left,
         # The trials' steps (counted ones are slower) predict what timing costs.
-        step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
+        step_seconds={t.batch_size: t.seconds / t.steps for t in outcome.trials if t.fits},
         # The cost rule's scale: one value for all ranks, so that they time the same sizes.
         probe_seconds=request.ranks.least(time.perf_counter() - request.started) or 0.0,
         agree=request.ranks.timings,
@@ -285,6 +335,14 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         None if scan is None else scan.note,
     ]
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
+    accumulated, model = measured.accumulated, outcome.memory_model
+    extra = (
+        accumulated.extra_bytes
+        if accumulated is not None
+        else float(gradient_bytes(step.model.parameters()))
+    )
+    if model is not None and step.mode is not Mode.INFERENCE and step.loop.accumulate == 1:
+        model = dataclasses.replace(model, accumulation_bytes=extra)
     return BatchSizeResult(
         batch_size=picked.batch_size,
         ceiling=outcome.ceiling,
@@ -299,7 +357,7 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         headroom_bytes=capacity.headroom_bytes,
         usable_bytes=capacity.usable_bytes,
         virtual=capacity.virtual,
-        memory_model=outcome.memory_model,
+        memory_model=model,
         complete=outcome.complete,
         stop_reason=outcome.stop_reason,
         pick_reason=picked.reason,
@@ -311,6 +369,20 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         **({} if picked.profile is None else profile_fields(picked.profile)),
         world_size=request.ranks.world_size,
         data=None if scan is None else scan.to_dict(),
+        steady_state=steady_state(
+            step.loop,
+            measured.alive_at_start,
+            own_step=step.train_step is not None,
+            inference=step.mode is Mode.INFERENCE,
+        ),
+        accumulation_ceiling=(
+            accumulated.ceiling
+            if accumulated is not None
+            else outcome.ceiling
+            if step.loop.accumulate > 1
+            else None
+        ),
+        accumulation_trials=() if accumulated is None else accumulated.trials,
     )
 
 

@@ -60,6 +60,25 @@ from maxbatch.results import Throughput, Trial
     help="measure the gradient noise scale (the critical batch) and advise a global batch near it",
 )
 @click.option(
+    "--zero-grad",
+    type=click.Choice(["before_forward", "before_backward", "after_step"]),
+    default="before_forward",
+    show_default=True,
+    help="where your loop clears gradients (before_backward: Lightning; after_step: HF Trainer)",
+)
+@click.option(
+    "--accumulate",
+    type=int,
+    default=1,
+    show_default=True,
+    help="micro-batches per optimizer step in your loop: trials accumulate them",
+)
+@click.option(
+    "--allow-growth",
+    default=None,
+    help="live bytes a step may keep on purpose (e.g. 1MiB) before it is called a leak",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False),
@@ -88,6 +107,9 @@ def probe(
     base_batch: int | None,
     base_lr: float | None,
     noise_scale: bool,
+    zero_grad: str,
+    accumulate: int,
+    allow_growth: str | None,
     report_dir: str | None,
     as_json: bool,
     verbose: int,
@@ -156,6 +178,9 @@ def probe(
                 extra_state=extra,
                 cache=not no_cache,
                 trust_cache=trust_cache,
+                zero_grad=zero_grad,
+                accumulate=accumulate,
+                allow_growth=allow_growth,
                 **options,
                 **step_kwargs(spec, **step),
             )
@@ -165,13 +190,14 @@ def probe(
     if tty and result.throughput:
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
-    if report_dir is not None:
-        with interruptible(trials):  # the temporary folder goes, no partial report stays
-            run(debug, lambda: write_report_files(data, Path(report_dir), model_file))
+    # The answer first: a report that cannot be written (a full disk) must not lose it.
     if as_json:
         click.echo(result_json(data))
     else:
         click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
+    if report_dir is not None:
+        with interruptible(trials):  # the temporary folder goes, no partial report stays
+            write_report_files(data, Path(report_dir), model_file, debug)
 
 
 def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
