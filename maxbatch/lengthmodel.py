@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import numpy as np
 
@@ -95,11 +96,18 @@ def _per_operator(points: list[Point], quadratic: bool) -> np.ndarray | None:
     traces = [p.trace for p in points]
     if any(t is None for t in traces):
         return None
-    complete = {len(t.live) for t in traces if t is not None and t.complete}
-    if len(complete) != 1:
+    counts = Counter(len(t.live) for t in traces if t is not None and t.complete)
+    if not counts:
         return None
-    (total,) = complete
-    kept = [p for p in points if p.trace is not None and 0 < len(p.trace.live) <= total]
+    # The operators most trials ran: a trial at batch size 1 can run fewer (a transpose of a
+    # dimension of 1 needs no copy), and is left out of the per-operator fit.
+    total = max(counts, key=lambda n: (counts[n], n))
+    kept = [
+        p
+        for p in points
+        if p.trace is not None
+        and (len(p.trace.live) == total or (not p.trace.complete and 0 < len(p.trace.live) < total))
+    ]
     cuts = sorted({len(p.trace.live) for p in kept if p.trace is not None} | {total})
     full = np.zeros((len(_COLUMNS), total))
     start = 0

@@ -49,8 +49,9 @@ def test_each_bucket_ceiling_equals_brute_force(build: Any) -> None:
         brute = [_brute_ceiling(runner, n) for n in BINS]
     assert [b.ceiling for b in profile.buckets] == brute
     assert brute[0] > brute[-1] >= 1
-    # two fitting trials, then two per bucket (one more where the fit had too few lengths)
-    assert len(profile.trials) <= 2 * len(BINS) + 3
+    # two fitting trials, then two per bucket; a quadratic term costs one more (three lengths)
+    extra = 0 if build is lm.recurrent else 1
+    assert len(profile.trials) <= 2 * len(BINS) + 2 + extra
     assert profile.memory_model is not None
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is left as found
