@@ -7,6 +7,8 @@
 3. Non-memory failures raised inside the step: how many the probe takes for an OOM (it must
    re-raise every one), and the real OOM messages of ``tests/test_oom.py`` it recognises.
 4. Bad inputs to the command line: how many end with the right exit code and one clear line.
+5. Issue 18's second round (``benchmarks/hardening.py``): full disks, hostile caches, interrupts
+   in the save or restore, optimizer-step OOMs, non-finite losses, scalers on ``self``, cache hits.
 
 Run from the repository root (about two minutes on 2 busy cores)::
 
@@ -240,8 +242,16 @@ def main() -> int:
         print(f"{name:<{width}}  {value}")
     for line in failing + others:
         print("  not as it should be:", line)
+    hard = hardening_figures()
     print(json.dumps({k: str(v) for k, v in figures.items()}), file=sys.stderr)
-    return 0 if not failing and not others and not wrong and not leaked_bytes else 1
+    return 0 if not failing and not others and not wrong and not leaked_bytes and hard else 1
+
+
+def hardening_figures() -> bool:
+    """Issue 18's second round (``hardening.py``): print its figures; True when all hold."""
+    from hardening import main as hardening_main
+
+    return hardening_main() == 0
 
 
 if __name__ == "__main__":
