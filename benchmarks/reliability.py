@@ -13,7 +13,7 @@
 6. Issue 18's second round (``benchmarks/hardening.py``): full disks, hostile caches, interrupts
    in the save or restore, optimizer-step OOMs, non-finite losses, scalers on ``self``, cache hits.
 
-Run from the repository root (about two minutes on 2 busy cores)::
+Run from the repository root (about four minutes on 2 busy cores, 3.5 of them section 5)::
 
     python benchmarks/reliability.py
 """

@@ -71,6 +71,11 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
                 advice.noise_scale,
             ],
             "extra_state": len(step.extra_state.items),
+            "loop": [
+                step.loop.zero_grad.value,
+                step.loop.accumulate,
+                step.loop.allow_growth_bytes,
+            ],
         },
     )
     lookup = Lookup(store=ResultCache(), key=key_of(description), description=description)
