@@ -70,6 +70,18 @@ class MemoryModel:
         return _asdict(self)
 
 
+def predicted_ceiling(model: MemoryModel | None, usable: int, ceiling: int) -> int:
+    """The micro-batch ceiling when accumulating, as the memory model's extra term predicts it.
+
+    Returns:
+        At most ``ceiling``; ``ceiling`` itself without a model.
+    """
+    if model is None or model.bytes_per_sample <= 0:
+        return ceiling
+    free = usable - model.fixed_bytes - model.accumulation_bytes
+    return max(1, min(ceiling, int(free // model.bytes_per_sample)))
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPoint:
     """The measured peak bytes of a batch size that fit."""
@@ -158,6 +170,10 @@ class BatchSizeResult:
         pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
             without the profiler).
         pick_confidence_reason: why, in words.
+        profile_seconds: wall time of the profiler, interleaved rounds included (None without
+            it).
+        profile_budget_seconds: the profiler's budget, which every timing and round stays
+            within (None without the profiler, or when it never needed one).
         world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
         accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
         from_cache: True when the answer came from the result cache (:mod:`maxbatch.cache`):
@@ -213,10 +229,23 @@ class BatchSizeResult:
     steady_state: dict[str, Any] | None = None
     accumulation_ceiling: int | None = None
     accumulation_trials: tuple[Trial, ...] = ()
+    profile_seconds: float | None = None
+    profile_budget_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
         return _asdict(self)
+
+    def micro_ceiling(self) -> int:
+        """The largest micro-batch for a plan that accumulates.
+
+        Returns:
+            Measured where accumulating trials ran, else predicted by the memory model's extra
+            term (at most the ceiling).
+        """
+        if self.accumulation_ceiling is not None:
+            return self.accumulation_ceiling
+        return predicted_ceiling(self.memory_model, self.usable_bytes, self.ceiling)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BatchSizeResult:
