@@ -41,7 +41,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 import maxbatch
-from maxbatch.batchstats import batch_stats
+from maxbatch.train.batchstats import batch_stats
 
 VOCAB = 256
 CAP = "24MiB"

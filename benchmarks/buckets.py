@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bucket_epochs as epochs
 
 import maxbatch
-from maxbatch.lengthrun import LengthBatches, Runner, open_runner
+from maxbatch.run.lengthrun import LengthBatches, Runner, open_runner
 
 
 def make_batch(batch_size: int, length: int) -> dict[str, torch.Tensor]:

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 import maxbatch
-from maxbatch.batching import batch_size_of, make_batch_fn
-from maxbatch.modelfile import load_model_file
-from maxbatch.workload import Workload, make_optimizer, to_device
+from maxbatch.run.modelfile import load_model_file
+from maxbatch.step.batching import batch_size_of, make_batch_fn
+from maxbatch.step.workload import Workload, make_optimizer, to_device
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODELS = ("mlp", "cnn", "transformer")

@@ -43,8 +43,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import maxbatch  # noqa: E402
 from maxbatch import WorkloadError, find_batch_size  # noqa: E402
-from maxbatch.cache import ResultCache  # noqa: E402
-from maxbatch.interrupt import Terminated, stop_signals  # noqa: E402
+from maxbatch.step.interrupt import Terminated, stop_signals  # noqa: E402
+from maxbatch.store.cache import ResultCache  # noqa: E402
 
 MLP = str(ROOT / "examples" / "mlp.py")
 Figure = tuple[int, int, list[str]]  # (handled, tried, what was not handled)
@@ -319,7 +319,7 @@ def cache_hit_records(cache: Path) -> Figure:
     """A checked hit and a trusted hit: ``trials`` are this run's, the closing line says so."""
     from test_cache_hostile import probe
 
-    from maxbatch.report import closing_line
+    from maxbatch.store.report import closing_line
 
     os.environ["XDG_CACHE_HOME"] = str(cache)
     first = probe()

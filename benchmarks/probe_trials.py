@@ -7,12 +7,12 @@ size whose training step fits, in the same process and on the same virtual devic
   its search from the sample's size, without the fake-tensor estimate (``estimate_first=None``
   runs the estimate first only on CUDA);
 - maxbatch + estimate (``estimate_first=True``): it starts from the ceiling its fake-tensor
-  estimate predicts (``maxbatch.estimate``), so a right prediction needs two trials, and its time
-  includes the fake trials;
+  estimate predicts (``maxbatch.estimate.estimate``), so a right prediction needs two trials, and
+  its time includes the fake trials;
 - the baseline, doubling + bisection (the strategy of Lightning's ``binsearch`` batch-size finder):
   start at the sample's batch size, double until a size does not fit, then bisect between the last
-  success and the first failure until they are adjacent. It runs each size with maxbatch's own
-  trial (``maxbatch.trial.run_trial``), so it gets the same measurement, out-of-memory recovery and
+  success and the first failure until they are adjacent. It runs each size with maxbatch's own trial
+  (``maxbatch.search.trial.run_trial``), so it gets the same measurement, out-of-memory recovery and
   state restoration, and the only difference left is the choice of sizes.
 
 Both must agree on the ceiling, and an independent check (``ceiling`` fits, ``ceiling + 1`` does
@@ -44,10 +44,10 @@ from probe_models import MODELS as BUILT
 from probe_models import forward, loss
 
 import maxbatch
-from maxbatch.batching import make_batch_fn
 from maxbatch.errors import DoesNotFitError
-from maxbatch.modelfile import load_model_file
 from maxbatch.results import Trial
+from maxbatch.run.modelfile import load_model_file
+from maxbatch.step.batching import make_batch_fn
 from maxbatch.units import format_bytes, parse_bytes
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"

@@ -58,7 +58,7 @@ _HANG = textwrap.dedent(
     """
 )
 _PARENT = (
-    "import sys\nfrom maxbatch.isolate import probe_file\n"
+    "import sys\nfrom maxbatch.run.isolate import probe_file\n"
     "probe_file(sys.argv[1], isolate=True, memory='1MiB', profile=False)\n"
 )
 
@@ -89,7 +89,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _crash(tmp: Path, name: str) -> str | None:
     from maxbatch.errors import WorkloadError
-    from maxbatch.isolate import probe_file
+    from maxbatch.run.isolate import probe_file
 
     path = tmp / f"crash_{name}.py"
     path.write_text(_CRASH.format(name=name))
@@ -102,7 +102,7 @@ def _crash(tmp: Path, name: str) -> str | None:
 
 def _hang(tmp: Path, **limits: Any) -> str | None:
     from maxbatch.errors import DoesNotFitError, WorkloadError
-    from maxbatch.isolate import probe_file
+    from maxbatch.run.isolate import probe_file
 
     path, pids = tmp / "hang.py", tmp / ("pids_" + "_".join(limits))
     path.write_text(_HANG)
@@ -300,7 +300,7 @@ def meta_models() -> Outcome:
 def report_link_parents() -> Outcome:
     """``--report`` under linked parents is written into the target; a named link is refused."""
     from maxbatch.errors import ConfigError
-    from maxbatch.reportfiles import write_report
+    from maxbatch.store.reportfiles import write_report
 
     def one(folder: Path) -> list[str]:
         (folder / "report.json").write_text("{}")

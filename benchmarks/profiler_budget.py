@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from click.testing import CliRunner
 
-import maxbatch.stages as stages
+import maxbatch.run.stages as stages
 from maxbatch.cli import main
-from maxbatch.modelfile import load_model_file
-from maxbatch.spec import StepSpec
-from maxbatch.timing import time_workload
-from maxbatch.workload import build_workload
+from maxbatch.profile.timing import time_workload
+from maxbatch.run.modelfile import load_model_file
+from maxbatch.step.spec import StepSpec
+from maxbatch.step.workload import build_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = {  # as each file's docstring runs it

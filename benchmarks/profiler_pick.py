@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 
 from maxbatch import find_batch_size
-from maxbatch.modelfile import load_model_file
-from maxbatch.pick import TOLERANCE
-from maxbatch.profiler import candidates, profile
-from maxbatch.spec import StepSpec
-from maxbatch.timing import REPLICATES, WARMUP, time_workload
-from maxbatch.trial import REPEATS
-from maxbatch.workload import build_workload
+from maxbatch.profile.profiler import candidates, profile
+from maxbatch.profile.timing import REPLICATES, WARMUP, time_workload
+from maxbatch.run.modelfile import load_model_file
+from maxbatch.search.trial import REPEATS
+from maxbatch.settings import TOLERANCE
+from maxbatch.step.spec import StepSpec
+from maxbatch.step.workload import build_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ["mlp", "cnn", "transformer"]

@@ -43,11 +43,11 @@ from processes import (  # noqa: E402
 )
 
 from maxbatch import WorkloadError, find_batch_size  # noqa: E402
-from maxbatch.accounting import MemoryCounter  # noqa: E402
-from maxbatch.batching import make_batch_fn  # noqa: E402
-from maxbatch.oom import is_oom  # noqa: E402
-from maxbatch.trial import Meter, run_trial  # noqa: E402
-from maxbatch.workload import Workload, make_optimizer  # noqa: E402
+from maxbatch.devices.accounting import MemoryCounter  # noqa: E402
+from maxbatch.search.trial import Meter, run_trial  # noqa: E402
+from maxbatch.step.batching import make_batch_fn  # noqa: E402
+from maxbatch.step.oom import is_oom  # noqa: E402
+from maxbatch.step.workload import Workload, make_optimizer  # noqa: E402
 
 
 def state_matrix() -> tuple[int, int, list[str]]:

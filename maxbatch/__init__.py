@@ -1,10 +1,9 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
 # First, before torch: in the maxbatch command, Ctrl-C and SIGTERM are one line from the start.
-from maxbatch import earlysignals  # noqa: F401 - installs its handlers on import (command only)
-from maxbatch.advise import Advice, advice_for
+from maxbatch._version import __version__
 from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthResult, LengthTrial
-from maxbatch.data import DataSource
+from maxbatch.devices.virtual import VirtualDevice, virtual_device
 from maxbatch.errors import (
     BatchSizeMismatchError,
     ConfigError,
@@ -18,18 +17,20 @@ from maxbatch.errors import (
     RankFailedError,
     WorkloadError,
 )
-from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
-from maxbatch.finder import find_batch_size
-from maxbatch.isolate import probe_file
-from maxbatch.lengths import find_bucket_sizes, find_max_length
-from maxbatch.microbatch import MicroBatcher
-from maxbatch.noise import noise_scale
-from maxbatch.noisestats import NoiseScale
+from maxbatch.estimate.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.results import BatchSizeResult, MemoryModel, Trial
-from maxbatch.sampler import BucketBatchSampler
-from maxbatch.schedule import SchedulePhase, batch_schedule
-from maxbatch.tracker import NoiseScaleTracker
-from maxbatch.virtual import VirtualDevice, virtual_device
+from maxbatch.run import earlysignals  # noqa: F401 - installs its handlers on import (command only)
+from maxbatch.run.finder import find_batch_size
+from maxbatch.run.isolate import probe_file
+from maxbatch.run.lengths import find_bucket_sizes, find_max_length
+from maxbatch.stats.advise import Advice, advice_for
+from maxbatch.stats.noise import noise_scale
+from maxbatch.stats.noisestats import NoiseScale
+from maxbatch.stats.schedule import SchedulePhase, batch_schedule
+from maxbatch.step.data import DataSource
+from maxbatch.train.microbatch import MicroBatcher
+from maxbatch.train.sampler import BucketBatchSampler
+from maxbatch.train.tracker import NoiseScaleTracker
 
 __all__ = [
     "Advice",
@@ -70,6 +71,5 @@ __all__ = [
     "noise_scale",
     "probe_file",
     "virtual_device",
+    "__version__",
 ]
-
-__version__ = "0.1.0"

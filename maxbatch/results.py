@@ -176,16 +176,16 @@ class BatchSizeResult:
             within (None without the profiler, or when it never needed one).
         world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
         accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
-        from_cache: True when the answer came from the result cache (:mod:`maxbatch.cache`):
+        from_cache: True when the answer came from the result cache (:mod:`maxbatch.store.cache`):
             the notes say how it was checked.
         global_batch_size: samples per optimizer step over all ranks:
             ``micro-batch × world_size × accumulation_steps`` (the micro-batch is the advice's
             plan's when there is one, else ``batch_size``).
-        data: the scan of the data set the batches came from (:class:`maxbatch.data.DataScan`,
+        data: the scan of the data set the batches came from (:class:`maxbatch.step.data.DataScan`,
             with the worst-case batch at the ceiling), or None for a sample or ``make_batch``.
         ceiling_source: ``"measured"`` (trials ran and verified it), or ``"estimated"`` (a
             virtual capacity larger than this machine can hold: the fake-tensor estimate's).
-        steady_state: the loop state the trials measured (:func:`maxbatch.loop.steady_state`):
+        steady_state: the loop state the trials measured (:func:`maxbatch.step.loop.steady_state`):
             ``steps_per_trial``, ``zero_grad``, ``micro_batches``, ``alive_at_start`` (what was
             alive at the start of the measured step), ``leak_check_steps``.
         accumulation_ceiling: the largest micro-batch that fits when accumulating (measured by

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from maxbatch import MaxbatchError, find_batch_size
-from maxbatch.distributed import local_shard
+from maxbatch.devices.device import local_shard
 
 torch.set_num_threads(1)
 

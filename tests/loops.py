@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import maxbatch
-from maxbatch.batching import make_batch_fn
-from maxbatch.workload import default_forward, default_loss
+from maxbatch.step.batching import make_batch_fn
+from maxbatch.step.workload import default_forward, default_loss
 
 
 @dataclasses.dataclass

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from maxbatch.advise import accumulation_plan, advise, iterations_per_epoch, scale_lr
 from maxbatch.errors import ConfigError
+from maxbatch.stats.advise import accumulation_plan, advise, iterations_per_epoch, scale_lr
 
 
 @pytest.mark.parametrize(

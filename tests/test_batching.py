@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
-from maxbatch.batching import batch_size_of, make_batch_fn, resize_batch
 from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.step.batching import batch_size_of, make_batch_fn, resize_batch
 
 N = 4  # rows in every sample below
 

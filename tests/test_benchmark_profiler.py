@@ -3,7 +3,7 @@
 import pytest
 from scripts import benchmark_script
 
-from maxbatch.pick import TOLERANCE
+from maxbatch.settings import TOLERANCE
 
 
 @pytest.fixture(scope="module")

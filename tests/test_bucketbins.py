@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 
 from maxbatch import ConfigError
-from maxbatch.bucketbins import bins_from_lengths, check_bins, histogram, parse_buckets, shares
-from maxbatch.lengthmodel import LengthFit, Point
-from maxbatch.lengths import _next
+from maxbatch.run.lengths import _next
+from maxbatch.search.bucketbins import (
+    bins_from_lengths,
+    check_bins,
+    histogram,
+    parse_buckets,
+    shares,
+)
+from maxbatch.search.lengthmodel import LengthFit, Point
 
 
 def test_bins_hold_about_equal_total_length() -> None:

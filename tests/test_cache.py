@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from maxbatch import find_batch_size
-from maxbatch.cache import ResultCache, describe, key_of
 from maxbatch.cli import main
 from maxbatch.results import Trial
+from maxbatch.store.cache import ResultCache, describe, key_of
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

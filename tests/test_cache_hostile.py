@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from maxbatch import find_batch_size
-from maxbatch.cache import ResultCache
 from maxbatch.cli import main
+from maxbatch.store.cache import ResultCache
 
 
 def mlp() -> torch.nn.Module:
@@ -186,7 +186,7 @@ def test_a_hit_lists_the_check_as_its_trials_and_the_stored_search_apart(
 
 
 def test_a_hit_closing_line_says_what_this_run_did(own_cache_dir: Path) -> None:
-    from maxbatch.report import closing_line, result_table
+    from maxbatch.store.report import closing_line, result_table
 
     first = probe()
     again = probe().to_dict()

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import maxbatch.capacity as capacity
+import maxbatch.devices.capacity as capacity
 from maxbatch import find_batch_size
-from maxbatch.device import describe
-from maxbatch.spec import MemorySettings
+from maxbatch.devices.device import describe
+from maxbatch.settings import MemorySettings
 
 MiB = 2**20
 

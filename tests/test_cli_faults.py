@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from maxbatch.cli import main
 from maxbatch.errors import ConfigError
-from maxbatch.reportfiles import write_report
+from maxbatch.store.reportfiles import write_report
 
 REPO = Path(__file__).resolve().parent.parent
 MLP = str(REPO / "examples" / "mlp.py")

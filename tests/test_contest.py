@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import pytest
 
-from maxbatch.contest import ROUNDS, Contest, confidence, contenders, decide, run_rounds
-from maxbatch.pick import PickRule, pick
-from maxbatch.profiler import candidates, profile
+from maxbatch.profile.contest import ROUNDS, Contest, confidence, contenders, decide, run_rounds
+from maxbatch.profile.pick import pick
+from maxbatch.profile.profiler import candidates, profile
 from maxbatch.results import Throughput
+from maxbatch.settings import PickRule
 
 
 def gpu(a: float) -> Callable[[int], float]:

@@ -54,7 +54,7 @@ CNN_CHILD = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from maxbatch import find_batch_size
-    from maxbatch.modelfile import load_model_file
+    from maxbatch.run.modelfile import load_model_file
 
     spec = load_model_file(sys.argv[1])
     with open("/proc/self/status") as fh:
@@ -62,7 +62,7 @@ CNN_CHILD = textwrap.dedent(
     limit = vm + 300 * 1024**2
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # The convolutions run in oneDNN, whose failed allocations say only
-    # "could not create a primitive" (maxbatch.oom.OOM_WHOLE_MESSAGES).
+    # "could not create a primitive" (maxbatch.step.oom.OOM_WHOLE_MESSAGES).
     result = find_batch_size(spec.model, spec.sample, forward_fn=spec.forward, loss_fn=spec.loss,
                              headroom=0, optimizer="sgd", device="cpu", profile=False)
     print(json.dumps(result.to_dict()))

@@ -34,9 +34,9 @@ import torch
 from click.testing import CliRunner
 
 from maxbatch import find_batch_size
-from maxbatch.accounting import CUDA_ROUNDING
 from maxbatch.cli import main
-from maxbatch.device import (
+from maxbatch.devices.accounting import CUDA_ROUNDING
+from maxbatch.devices.device import (
     CudaPeak,
     CudaTimer,
     default_device,
@@ -46,9 +46,9 @@ from maxbatch.device import (
     synchronize,
 )
 from maxbatch.errors import DeviceError
-from maxbatch.oom import release_memory
-from maxbatch.trial import Meter, run_trial
-from maxbatch.workload import Workload
+from maxbatch.search.trial import Meter, run_trial
+from maxbatch.step.oom import release_memory
+from maxbatch.step.workload import Workload
 
 GiB = 1024**3
 MiB = 1024**2
@@ -369,7 +369,7 @@ def test_an_estimate_for_a_cuda_target_needs_no_gpu() -> None:
     from models import mlp
 
     from maxbatch import estimate_batch_size
-    from maxbatch.estimate import CUDA_CONTEXT_BYTES
+    from maxbatch.estimate.estimate import CUDA_CONTEXT_BYTES
 
     model, sample = mlp()
     est = estimate_batch_size(model, sample, memory="1GiB", target="cuda")
@@ -392,7 +392,7 @@ def test_torchrun_on_cuda_adds_nccl_for_cuda_tensors(
 ) -> None:
     import torch.distributed as dist
 
-    from maxbatch import torchrun
+    from maxbatch.run import torchrun
 
     init = mock.create_autospec(dist.init_process_group, side_effect=lambda *a, **k: None)
     rank = mock.create_autospec(dist.get_rank, side_effect=lambda group=None: 1)

@@ -22,7 +22,7 @@ from torch.utils.data import (
 )
 
 import maxbatch
-from maxbatch.data import DataSource, elements
+from maxbatch.step.data import DataSource, elements
 
 CAPACITY = 2_000_000
 
@@ -118,8 +118,8 @@ def test_scan_limit_reads_a_seeded_sample_and_says_so() -> None:
 def test_progress_is_logged_on_long_scans(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("maxbatch.data.LOG_EVERY", 0.0)
-    with caplog.at_level(logging.INFO, logger="maxbatch.data"):
+    monkeypatch.setattr("maxbatch.step.data.LOG_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger="maxbatch.step.data"):
         DataSource(Sequences(lengths(100))).scan()
     assert "scanned 100 of 100 items" in caplog.text
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from maxbatch.earlysignals import is_command
+from maxbatch.run.earlysignals import is_command
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, signals")
@@ -91,7 +91,7 @@ def test_a_signal_in_the_first_seconds_is_one_line_and_its_code(
         (["/venv/bin/maxbatch", "probe"], ["/venv/bin/python", "/venv/bin/maxbatch"], True),
         (["-m"], ["python", "-m", "maxbatch", "probe", "m.py"], True),
         (["-m"], ["python", "-u", "-m", "maxbatch", "probe"], True),  # torchrun's workers
-        (["-m"], ["python", "-m", "maxbatch.isotrial", "r.json"], False),  # a trial's child
+        (["-m"], ["python", "-m", "maxbatch.run.isotrial", "r.json"], False),  # a trial's child
         (["-m"], ["python", "-m", "pytest"], False),
         (["train.py"], ["python", "train.py"], False),
         (["-c"], ["python", "-c", "import maxbatch"], False),

@@ -13,21 +13,22 @@ from models import cnn, encoder, gru, mlp
 from torch import nn
 
 from maxbatch import find_batch_size
-from maxbatch.accounting import CUDA_ROUNDING, MemoryCounter
-from maxbatch.capacity import default_headroom
+from maxbatch.devices.accounting import CUDA_ROUNDING, MemoryCounter
+from maxbatch.devices.capacity import default_headroom
 from maxbatch.errors import ConfigError
-from maxbatch.estimate import (
+from maxbatch.estimate.estimate import (
     CUDA_CONTEXT_BYTES,
     EstimateError,
     estimate_batch_size,
     first_guess,
 )
 from maxbatch.grid import Grid
-from maxbatch.modelfile import ModelSpec, load_model_file
-from maxbatch.spec import StepSpec, Target
-from maxbatch.trial import Meter, run_trial
+from maxbatch.run.modelfile import ModelSpec, load_model_file
+from maxbatch.search.trial import Meter, run_trial
+from maxbatch.settings import Target
+from maxbatch.step.spec import StepSpec
+from maxbatch.step.workload import build_workload
 from maxbatch.units import parse_bytes
-from maxbatch.workload import build_workload
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MiB = 1024**2

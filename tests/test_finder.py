@@ -21,10 +21,10 @@ from maxbatch import (
     estimate_batch_size,
     find_batch_size,
 )
-from maxbatch.accounting import MemoryCounter
-from maxbatch.spec import StepSpec
-from maxbatch.trial import Meter, run_trial
-from maxbatch.workload import build_workload, default_forward
+from maxbatch.devices.accounting import MemoryCounter
+from maxbatch.search.trial import Meter, run_trial
+from maxbatch.step.spec import StepSpec
+from maxbatch.step.workload import build_workload, default_forward
 
 
 def brute_force(
@@ -328,11 +328,11 @@ def test_profiler_picks_at_or_below_the_ceiling_and_reports_curves() -> None:
 
 
 def _estimate_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "maxbatch.estimate"]
+    return [r.getMessage() for r in caplog.records if r.name == "maxbatch.estimate.estimate"]
 
 
 def test_auto_runs_no_estimate_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="maxbatch.estimate")
+    caplog.set_level(logging.INFO, logger="maxbatch.estimate.estimate")
     model, sample = mlp()
     auto = find_batch_size(model, sample, memory="2MiB", profile=False)
     assert _estimate_logs(caplog) == []
@@ -344,7 +344,7 @@ def test_auto_runs_no_estimate_on_the_cpu(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_estimate_first_true_still_runs_it_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="maxbatch.estimate")
+    caplog.set_level(logging.INFO, logger="maxbatch.estimate.estimate")
     model, sample = mlp()
     forced = find_batch_size(model, sample, memory="2MiB", profile=False, estimate_first=True)
     auto = find_batch_size(model, sample, memory="2MiB", profile=False)

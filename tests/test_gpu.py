@@ -7,7 +7,7 @@ import torch
 from models import cnn, mlp
 
 from maxbatch import find_batch_size
-from maxbatch.device import describe, resolve_device
+from maxbatch.devices.device import describe, resolve_device
 
 pytestmark = pytest.mark.gpu
 
@@ -51,9 +51,9 @@ def test_mlp_on_cuda_with_bf16() -> None:
 
 
 def test_cuda_steps_are_timed_with_events_and_state_is_restored() -> None:
-    from maxbatch.batching import make_batch_fn
-    from maxbatch.timing import time_workload
-    from maxbatch.workload import Workload, make_optimizer
+    from maxbatch.profile.timing import time_workload
+    from maxbatch.step.batching import make_batch_fn
+    from maxbatch.step.workload import Workload, make_optimizer
 
     model, sample = mlp()
     model, sample = model.cuda(), sample.cuda()

@@ -14,7 +14,7 @@ import pytest
 from rlimit import CAP
 
 from maxbatch.errors import ConfigError, ModelFileError, WorkloadError
-from maxbatch.isolate import probe_file
+from maxbatch.run.isolate import probe_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, RLIMIT_AS")
@@ -33,12 +33,12 @@ CAPPED = CAP + textwrap.dedent(
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from maxbatch.isolate import probe_file
+    from maxbatch.run.isolate import probe_file
 
     torch.nn.Linear(4, 4)(torch.randn(2, 4)).sum().backward()  # warm the allocator, autograd
     # Each child inherits the cap: a fresh process with torch imported, plus some room. No
     # memory= cap: a virtual capacity beyond the limit would be estimated, not run (the host
-    # limits of maxbatch.capacity); the real CPU device's capacity (the host's available
+    # limits of maxbatch.devices.capacity); the real CPU device's capacity (the host's available
     # memory) is far above it, so the kernel's limit is what stops a trial. 400 MiB hold fewer
     # than 4096 samples of 110 KB: the maximum only spares the first jump's halvings. The coarse
     # grid keeps the children (each a torch start-up) few, and the sizes it runs rarely fall

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from maxbatch.childproc import oom_kill_records, oom_recorded, signal_name
 from maxbatch.cli import main
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
-from maxbatch.isolate import _budget_outcome, probe_file
 from maxbatch.results import Trial
+from maxbatch.run.childproc import oom_kill_records, oom_recorded, signal_name
+from maxbatch.run.isolate import _budget_outcome, probe_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, /proc")
@@ -147,7 +147,7 @@ def test_the_time_budget_bounds_a_hanging_child(
 PARENT = textwrap.dedent(
     """
     import sys
-    from maxbatch.isolate import probe_file
+    from maxbatch.run.isolate import probe_file
     probe_file(sys.argv[1], isolate=True, memory="1MiB", profile=False)
     """
 )

@@ -11,8 +11,8 @@ from models import TinyEncoder
 from sequences import Sequences, lengths, pad_collate
 
 from maxbatch import DoesNotFitError, find_bucket_sizes, find_max_length
-from maxbatch.lengthmodel import LengthFit
-from maxbatch.lengthrun import LengthBatches, Runner, open_runner
+from maxbatch.run.lengthrun import LengthBatches, Runner, open_runner
+from maxbatch.search.lengthmodel import LengthFit
 
 CAP = "1MiB"
 BINS = (4, 8, 16, 32)

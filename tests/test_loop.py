@@ -14,7 +14,7 @@ import torch
 
 import maxbatch
 from maxbatch.errors import ConfigError, LeakError
-from maxbatch.loop import Loop, ZeroGrad
+from maxbatch.step.loop import Loop, ZeroGrad
 from tests.loops import object_net, train
 from tests.models import cnn, mlp
 
@@ -229,7 +229,7 @@ def test_micro_batcher_from_result_stays_under_the_accumulating_ceiling() -> Non
 def test_the_accumulation_note_reads_right(
     global_batch: int, pick: int, ceiling: int, note: str
 ) -> None:
-    from maxbatch.advise import accumulation_plan
+    from maxbatch.stats.advise import accumulation_plan
 
     plan = accumulation_plan(global_batch, ceiling, pick)
     assert plan.note.startswith(note)
@@ -272,7 +272,7 @@ def test_isolated_trials_refuse_the_loop_options(tmp_path: Any) -> None:
 def test_growth_is_a_leak_only_when_every_step_keeps_bytes(
     live: tuple[int, ...], kept: int
 ) -> None:
-    from maxbatch.leaks import Growth
+    from maxbatch.search.leaks import Growth
 
     values = iter(live)
     growth = Growth(lambda: next(values))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import maxbatch
-from maxbatch.microbatch import MicroStep
+from maxbatch.train.microbatch import MicroStep
 
 CAP = 600_000  # the 64-sample step below needs more; the probe's ceiling here is 50
 N = 64
@@ -81,7 +81,7 @@ def test_the_full_batch_update_on_a_device_where_the_batch_does_not_fit(
         micro.append(info)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with caplog.at_level(logging.INFO, logger="maxbatch.microbatch"):
+    with caplog.at_level(logging.INFO, logger="maxbatch.train.microbatch"):
         with maxbatch.virtual_device(CAP) as dev:
             dev.track(model, batch)
             mb = maxbatch.MicroBatcher(

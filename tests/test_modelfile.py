@@ -1,4 +1,4 @@
-"""Tests of maxbatch.modelfile: the model.py conventions and every error they can raise."""
+"""Tests of maxbatch.run.modelfile: the model.py conventions and every error they can raise."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from maxbatch.data import DataSource
 from maxbatch.errors import ModelFileError
-from maxbatch.estimate import estimate_batch_size
-from maxbatch.modelfile import ModelSpec, load_model_file
+from maxbatch.estimate.estimate import estimate_batch_size
+from maxbatch.run.modelfile import ModelSpec, load_model_file
+from maxbatch.step.data import DataSource
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

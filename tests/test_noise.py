@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import maxbatch
-from maxbatch.accounting import MemoryCounter
-from maxbatch.data import DataSource
+from maxbatch.devices.accounting import MemoryCounter
 from maxbatch.errors import ConfigError, WorkloadError
-from maxbatch.noisestats import combine, two_batch_estimates
+from maxbatch.stats.noisestats import combine, two_batch_estimates
+from maxbatch.step.data import DataSource
 
 
 @pytest.fixture(scope="module")

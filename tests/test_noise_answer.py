@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 
 import maxbatch
-from maxbatch.advise import advise
 from maxbatch.cli import main
 from maxbatch.errors import ConfigError
-from maxbatch.report import result_markdown
+from maxbatch.stats.advise import advise
+from maxbatch.store.report import result_markdown
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "noise_scale.py"
 

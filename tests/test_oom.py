@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maxbatch.oom import OOM_MESSAGES, OOM_WHOLE_MESSAGES, is_oom, release_memory
+from maxbatch.step.oom import OOM_MESSAGES, OOM_WHOLE_MESSAGES, is_oom, release_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ _CHILD = textwrap.dedent(
     """
     import json, resource
     import torch
-    from maxbatch.oom import is_oom
+    from maxbatch.step.oom import is_oom
 
     def vm_size():
         with open("/proc/self/status") as status:

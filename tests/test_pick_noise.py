@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import pytest
 
-from maxbatch.contest import contenders
-from maxbatch.pick import PickRule, sizes_text
-from maxbatch.profiler import Profile, candidates, profile
+from maxbatch.profile.contest import contenders
+from maxbatch.profile.pick import sizes_text
+from maxbatch.profile.profiler import Profile, candidates, profile
 from maxbatch.results import Throughput
+from maxbatch.settings import PickRule
 
 PATTERN = [0.7, 1.0, 1.5, 0.8, 2.0]  # replicates around the median: IQR 70 %, every size noisy
 

@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 def test_write_plots_from_a_real_result(tmp_path: Path) -> None:
     from matplotlib.image import imread
 
-    from maxbatch.plots import write_plots
+    from maxbatch.store.plots import write_plots
 
     model, sample = mlp()
     data = find_batch_size(model, sample, memory=200_000).to_dict()
@@ -30,7 +30,7 @@ def test_write_plots_from_a_real_result(tmp_path: Path) -> None:
 
 
 def test_without_throughput_only_the_memory_plot(tmp_path: Path) -> None:
-    from maxbatch.plots import write_plots
+    from maxbatch.store.plots import write_plots
 
     model, sample = mlp()
     data = find_batch_size(model, sample, memory=200_000, profile=False).to_dict()

@@ -12,11 +12,12 @@ import torch
 
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.grid import Grid
-from maxbatch.pick import PickRule, check_pick, pick
-from maxbatch.profiler import candidates, profile, profile_workload
+from maxbatch.profile.pick import pick
+from maxbatch.profile.profiler import candidates, profile, profile_workload
+from maxbatch.profile.timing import measurement, time_workload
 from maxbatch.results import Throughput
-from maxbatch.timing import measurement, time_workload
-from maxbatch.workload import Workload
+from maxbatch.settings import PickRule, check_pick
+from maxbatch.step.workload import Workload
 
 
 def rising(b: int) -> float:
@@ -401,7 +402,7 @@ def test_profile_of_a_real_step_is_sensible_and_leaves_state_bit_identical() -> 
 
 
 def test_time_workload_synchronises_around_every_clock_read(monkeypatch) -> None:
-    import maxbatch.timing as timing
+    import maxbatch.profile.timing as timing
 
     events: list[str] = []
     monkeypatch.setattr(timing, "synchronize", lambda device: events.append("sync"))

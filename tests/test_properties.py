@@ -13,13 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maxbatch.batching import batch_size_of, resize_batch
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
-from maxbatch.probe import search
-from maxbatch.report import result_markdown, result_table
-from maxbatch.reportfiles import load_report
 from maxbatch.results import BatchSizeResult, MemoryModel, Throughput, Trial
+from maxbatch.search.probe import search
+from maxbatch.step.batching import batch_size_of, resize_batch
+from maxbatch.store.report import result_markdown, result_table
+from maxbatch.store.reportfiles import load_report
 from maxbatch.units import _UNITS, format_bytes, parse_bytes
 
 # -- byte sizes ------------------------------------------------------------------------------------

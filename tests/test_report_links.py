@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from maxbatch.cli import main
 from maxbatch.errors import ConfigError
-from maxbatch.reportfiles import check_report_dir, write_report
+from maxbatch.store.reportfiles import check_report_dir, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ from sequences import Sequences, pad_collate
 from torch.utils.data import DataLoader
 
 import maxbatch
-from maxbatch.batchstats import batch_stats
-from maxbatch.data import DataSource
-from maxbatch.sampler import BucketBatchSampler, read_lengths
+from maxbatch.step.data import DataSource
+from maxbatch.train.batchstats import batch_stats
+from maxbatch.train.sampler import BucketBatchSampler, read_lengths
 
 #: (upper length, batch size) per bucket: what a profile of a small model on a small device says.
 TABLE = ((32, 48), (64, 20), (128, 9), (256, 4), (512, 1))

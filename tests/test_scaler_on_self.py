@@ -7,7 +7,7 @@ import torch
 from models import mlp
 
 from maxbatch import find_batch_size
-from maxbatch.extrastate import referenced_scalers
+from maxbatch.step.extrastate import referenced_scalers
 
 CAP = 200_000
 

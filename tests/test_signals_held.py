@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from maxbatch import find_batch_size
-from maxbatch.interrupt import Terminated, signals_held, stop_signals
+from maxbatch.step.interrupt import Terminated, signals_held, stop_signals
 
 
 class Tripwire:

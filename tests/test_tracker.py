@@ -12,7 +12,7 @@ from torch import nn
 
 import maxbatch
 from maxbatch.errors import ConfigError
-from maxbatch.noisestats import two_batch_estimates
+from maxbatch.stats.noisestats import two_batch_estimates
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from torch import nn
 from maxbatch import BatchSizeMismatchError, DoesNotFitError, find_batch_size
 from maxbatch.cli import main
 from maxbatch.memtrace import MemoryTrace, ceiling_from_lines, ceiling_from_shapes
-from maxbatch.probe import search
 from maxbatch.results import Trial
+from maxbatch.search.probe import search
 
 
 def _trace(b: int, live: list[int], batched: list[int], complete: bool = True) -> MemoryTrace:

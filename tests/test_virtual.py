@@ -9,8 +9,8 @@ import torch
 from models import encoder, mlp
 
 import maxbatch
-from maxbatch.accounting import enclosing_counters
-from maxbatch.oom import is_oom
+from maxbatch.devices.accounting import enclosing_counters
+from maxbatch.step.oom import is_oom
 
 
 def _train_steps(model: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> None:

@@ -10,11 +10,11 @@ import torch
 from models import mlp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from maxbatch.accounting import MemoryCounter
-from maxbatch.batching import make_batch_fn
-from maxbatch.oom import is_oom
-from maxbatch.trial import Meter, run_trial
-from maxbatch.workload import Workload
+from maxbatch.devices.accounting import MemoryCounter
+from maxbatch.search.trial import Meter, run_trial
+from maxbatch.step.batching import make_batch_fn
+from maxbatch.step.oom import is_oom
+from maxbatch.step.workload import Workload
 
 
 def test_counts_storages_once_and_frees() -> None:

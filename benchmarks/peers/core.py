@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from maxbatch.batching import batch_size_of
+from maxbatch.step.batching import batch_size_of
 from maxbatch.units import format_bytes, parse_bytes
 
 from .tools import ToolRun, run_tool

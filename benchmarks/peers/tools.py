@@ -1,12 +1,12 @@
 """Each tool run as its documentation shows, on a fresh model, on the same virtual device.
 
 Every run builds the workload's model afresh (same seed, same weights), counts the steps it runs
-with a forward pre-hook on the model, records each attempt the tool makes (a batch size, and
-whether every step at it completed), and times the tool's whole call. Peers run inside one
-:class:`maxbatch.accounting.MemoryCounter` capped at the same bytes as maxbatch's ``memory=``;
-its out-of-memory error (a ``torch.OutOfMemoryError``, a ``RuntimeError`` with one argument that
-starts with ``DefaultCPUAllocator: can't allocate memory``) is what their own OOM checks catch on
-a CPU. maxbatch runs its own counter (``memory=cap``), which counts the same bytes.
+with a forward pre-hook on the model, records each attempt the tool makes (a batch size, and whether
+every step at it completed), and times the tool's whole call. Peers run inside one
+:class:`maxbatch.devices.accounting.MemoryCounter` capped at the same bytes as maxbatch's
+``memory=``; its out-of-memory error (a ``torch.OutOfMemoryError``, a ``RuntimeError`` with one
+argument that starts with ``DefaultCPUAllocator: can't allocate memory``) is what their own OOM
+checks catch on a CPU. maxbatch runs its own counter (``memory=cap``), which counts the same bytes.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 import maxbatch
-from maxbatch.accounting import MemoryCounter
-from maxbatch.batching import batch_size_of, make_batch_fn
+from maxbatch.devices.accounting import MemoryCounter
+from maxbatch.step.batching import batch_size_of, make_batch_fn
 
 from .workloads import Spec, adamw, train_step
 
-#: Steps per attempt for every tool: maxbatch's trials run 2 (``maxbatch.trial.REPEATS``), Lightning
-#: gets ``steps_per_trial=2``, and the function the decorator tools retry runs 2 steps.
+#: Steps per attempt for every tool: maxbatch's trials run 2 (``maxbatch.search.trial.REPEATS``),
+#: Lightning gets ``steps_per_trial=2``, and the function the decorator tools retry runs 2 steps.
 STEPS = 2
 #: Where Accelerate, torch-max-mem and toma start: they only ever lower the batch size, so they
 #: get one start for every workload, a power of two above every ceiling in the benchmark.

@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from maxbatch.batching import batch_size_of, make_batch_fn
 from maxbatch.errors import DoesNotFitError
+from maxbatch.step.batching import batch_size_of, make_batch_fn
 
 from .workbench import Workbench, virtual_device
 from .workloads import Spec, adamw, train_step

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 import maxbatch
-from maxbatch.device import describe
-from maxbatch.oom import release_memory
+from maxbatch.devices.device import describe
 from maxbatch.results import Trial
-from maxbatch.spec import StepSpec
-from maxbatch.trial import Meter, run_trial
-from maxbatch.workload import build_workload
+from maxbatch.search.trial import Meter, run_trial
+from maxbatch.step.oom import release_memory
+from maxbatch.step.spec import StepSpec
+from maxbatch.step.workload import build_workload
 
 from .workloads import adamw
 

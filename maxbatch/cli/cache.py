@@ -17,7 +17,7 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the entries as JSON")
 def cache_list(as_json: bool) -> None:
     """List the cached results, newest first."""
-    from maxbatch.cache import ResultCache
+    from maxbatch.store.cache import ResultCache
 
     store = ResultCache()
     found = store.entries()
@@ -36,7 +36,7 @@ def cache_list(as_json: bool) -> None:
 @cache.command("clear")
 def cache_clear() -> None:
     """Remove every cached result."""
-    from maxbatch.cache import ResultCache
+    from maxbatch.store.cache import ResultCache
 
     store = ResultCache()
     click.echo(f"removed {store.clear()} cached result(s) from {store.directory}")

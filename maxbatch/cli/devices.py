@@ -6,8 +6,8 @@ import json
 
 import click
 
-from maxbatch.device import list_devices
-from maxbatch.report import devices_table
+from maxbatch.devices.device import list_devices
+from maxbatch.store.report import devices_table
 
 
 @click.command()

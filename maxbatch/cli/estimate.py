@@ -9,8 +9,8 @@ import click
 
 from maxbatch.cli.exits import EXIT_NO_ANSWER, interruptible, run
 from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
-from maxbatch.estimate import estimate_batch_size
-from maxbatch.report import estimate_json, estimate_table
+from maxbatch.estimate.estimate import estimate_batch_size
+from maxbatch.store.report import estimate_json, estimate_table
 
 
 @click.command()

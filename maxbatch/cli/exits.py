@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from maxbatch.earlysignals import EXIT_INTERRUPTED, EXIT_TERMINATED
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
@@ -19,7 +18,8 @@ from maxbatch.errors import (
     RankFailedError,
     WorkloadError,
 )
-from maxbatch.interrupt import Terminated, stop_signals
+from maxbatch.run.earlysignals import EXIT_INTERRUPTED, EXIT_TERMINATED
+from maxbatch.step.interrupt import Terminated, stop_signals
 
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2

@@ -14,14 +14,19 @@ from typing import Any, TypeVar
 
 import click
 
-from maxbatch.bucketbins import parse_buckets
-from maxbatch.bucketreport import length_table, profile_markdown, profile_table, write_profile_plot
 from maxbatch.buckets import LengthTrial
 from maxbatch.cli.exits import run
 from maxbatch.cli.options import step_kwargs
 from maxbatch.errors import ConfigError
-from maxbatch.lengths import find_bucket_sizes, find_max_length
-from maxbatch.modelfile import ModelSpec
+from maxbatch.run.lengths import find_bucket_sizes, find_max_length
+from maxbatch.run.modelfile import ModelSpec
+from maxbatch.search.bucketbins import parse_buckets
+from maxbatch.store.bucketreport import (
+    length_table,
+    profile_markdown,
+    profile_table,
+    write_profile_plot,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

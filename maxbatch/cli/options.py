@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from maxbatch.cli.exits import run
-from maxbatch.modelfile import ModelSpec, load_model_file
+from maxbatch.run.modelfile import ModelSpec, load_model_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 

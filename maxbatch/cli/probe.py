@@ -8,19 +8,19 @@ from typing import Any
 
 import click
 
-from maxbatch import torchrun
 from maxbatch.cli import exits
 from maxbatch.cli.exits import interruptible, run
 from maxbatch.cli.lengths import length_options, run_length_axis, take
 from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
 from maxbatch.cli.report import check_report, write_report_files
-from maxbatch.device import device_label, require_weights, resolve_device
+from maxbatch.devices.device import device_label, require_weights, resolve_device
 from maxbatch.errors import ConfigError
-from maxbatch.finder import find_batch_size
-from maxbatch.modelfile import ModelSpec
-from maxbatch.pick import TOLERANCE
-from maxbatch.report import point_line, result_json, result_table, trial_line
 from maxbatch.results import Throughput, Trial
+from maxbatch.run import torchrun
+from maxbatch.run.finder import find_batch_size
+from maxbatch.run.modelfile import ModelSpec
+from maxbatch.settings import TOLERANCE
+from maxbatch.store.report import point_line, result_json, result_table, trial_line
 
 
 @click.command()
@@ -265,7 +265,7 @@ def _isolated(
     step: dict[str, Any],
 ) -> Any:
     """``--isolate``: every trial in a fresh process (the file's own hooks are loaded there)."""
-    from maxbatch.isolate import probe_file
+    from maxbatch.run.isolate import probe_file
 
     unset = {k for k in ("noise_scale", "trial_timeout") if not options.get(k)}
     options = {k: v for k, v in options.items() if k not in unset}

@@ -12,8 +12,8 @@ import click
 
 from maxbatch.cli.exits import run
 from maxbatch.errors import ConfigError, ReportWriteError
-from maxbatch.report import result_json, result_markdown, result_table
-from maxbatch.reportfiles import check_report_dir, load_report, write_report
+from maxbatch.store.report import result_json, result_markdown, result_table
+from maxbatch.store.reportfiles import check_report_dir, load_report, write_report
 
 
 @click.command()
@@ -52,7 +52,7 @@ def write_report_files(
     Files that cannot be written (a full disk, a file system that refuses them) leave nothing
     behind and end the command with one line and exit 3: the answer was printed before.
     """
-    from maxbatch.plots import write_plots
+    from maxbatch.store.plots import write_plots
 
     def write(folder: Path) -> list[str]:
         (folder / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")

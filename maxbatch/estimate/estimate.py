@@ -1,0 +1,332 @@
+"""Estimates without running: peak memory and ceilings for devices you do not have.
+
+The step runs on a fake copy of the model (:mod:`maxbatch.estimate.fakecopy`): tensors have shapes,
+dtypes and strides but no data, so nothing is computed and no memory is allocated, whatever the
+batch size. Its trials are counted and searched as the virtual device's are
+(:mod:`maxbatch.estimate.fakestep`), so on the CPU the estimated peak is the virtual device's
+measured peak, byte for byte, and the predicted ceiling is the probe's.
+
+Fake tensors say they live on the CPU, so code that branches on the device (the attention kernel,
+the optimizer implementation, autocast's op lists) takes the CPU's path. ``target="cuda"`` adds
+explicit adjustments (:data:`~maxbatch.devices.accounting.CUDA_ROUNDING`,
+:data:`CUDA_CONTEXT_BYTES`,
+the foreach optimizer) and notes what stays different. An estimate is never a measurement, and
+says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from maxbatch.devices.accounting import CUDA_ROUNDING
+from maxbatch.devices.capacity import CUDA_CONTEXT_BYTES, Capacity, estimate_capacity
+from maxbatch.errors import ConfigError, EstimateError, HostMemoryError
+from maxbatch.estimate.fakestep import FakeStep, fake_step
+from maxbatch.grid import Grid, positive_int
+from maxbatch.results import Breakdown, CapacityEstimate, Estimate, MemoryModel
+from maxbatch.search.probe import SearchOutcome
+from maxbatch.settings import Mode, Precision, Target, parse_enum
+from maxbatch.step.data import DataSource
+from maxbatch.step.spec import ForwardFn, LossFn, OptimizerArg, StepSpec, TrainStepFn
+from maxbatch.units import format_bytes, parse_bytes
+
+__all__ = [
+    "CUDA_CONTEXT_BYTES",
+    "Breakdown",
+    "CapacityEstimate",
+    "Estimate",
+    "EstimateError",
+    "Target",
+    "estimate_batch_size",
+    "estimate_beyond_host",
+    "first_guess",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _capacities(memory: Any) -> list[int]:
+    if memory is None:
+        return []
+    items = memory.split(",") if isinstance(memory, str) else memory
+    if isinstance(items, (int, float)):
+        items = [items]
+    sizes = [parse_bytes(item, name="memory") for item in items]
+    if any(s == 0 for s in sizes):
+        raise ConfigError("memory=0 leaves no room for anything; give a size such as 24GiB")
+    return sizes
+
+
+def _notes(target: Target, foreach: bool) -> list[str]:
+    notes = [
+        "estimate: the step ran on fake tensors (no data, no computation); nothing was measured"
+    ]
+    if target is Target.CPU:
+        notes.append(
+            "counted as the virtual device counts (live tensor storages): `maxbatch probe "
+            "--memory SIZE` on the CPU measures the same peaks"
+        )
+        return notes
+    notes += [
+        f"allocations rounded up to {CUDA_ROUNDING} B, as the CUDA caching allocator rounds them",
+        f"{format_bytes(CUDA_CONTEXT_BYTES)} reserved for the CUDA context: an assumption (it "
+        "takes 300 MiB to over 1 GiB by GPU, driver and CUDA version)",
+        "attention kernels differ between CPU and CUDA: the fake step ran the CPU's choice; CUDA "
+        "picks flash, memory-efficient or cuDNN attention by GPU and dtype, which save "
+        "different tensors for backward",
+        "autocast used the CPU's op lists; CUDA's differ for some ops",
+        "not counted: cuBLAS/cuDNN workspaces, allocator fragmentation, other processes (the "
+        "headroom covers them); verify with `maxbatch probe` on the device",
+    ]
+    if foreach:
+        notes.append(
+            "optimizer: the foreach implementation (torch's default on CUDA), whose temporaries "
+            "hold a copy of a whole state at once"
+        )
+    return notes
+
+
+def estimate_batch_size(
+    model: torch.nn.Module,
+    sample: Any,
+    *,
+    memory: str | int | Sequence[str | int] | None = None,
+    headroom: str | int | None = None,
+    target: str | Target = "cpu",
+    optimizer: OptimizerArg = None,
+    loss_fn: LossFn | None = None,
+    forward_fn: ForwardFn | None = None,
+    train_step: TrainStepFn | None = None,
+    mode: str | Mode = "train",
+    precision: str | Precision | None = None,
+    min_batch_size: int | None = None,
+    max_batch_size: int | None = None,
+    multiple_of: int = 1,
+    batch_sizes: Sequence[int] = (),
+) -> Estimate:
+    """Predict the step's peak memory and the ceiling for each capacity, without running it.
+
+    The model is copied onto fake tensors (its own tensors are not touched; a model built under
+    ``torch.device("meta")`` works too, so models larger than this machine's memory can be
+    estimated), and the step's trials run on them as the virtual device runs real ones.
+
+    Args:
+        model: the model (on any device, or the meta device).
+        sample: one batch (batch dimension first), ``make_batch(batch_size)``, or a data set,
+            ``DataLoader`` or :class:`~maxbatch.step.data.DataSource` (its largest items).
+        memory: capacities such as ``"24GiB"``, a list of them, or ``"16GiB,24GiB"``.
+        headroom: bytes kept free below each capacity; default 0 for the CPU target (as the
+            virtual device), 5 % (at least 256 MiB) for CUDA (as a probe on a real GPU).
+        target: ``"cpu"``: count as the virtual device counts (``maxbatch probe --memory``);
+            ``"cuda"``: round allocations to 512 B, reserve :data:`CUDA_CONTEXT_BYTES`, use the
+            foreach optimizer as torch does on CUDA.
+        optimizer: as for :func:`~maxbatch.find_batch_size`: an optimizer (rebuilt over the fake
+            parameters), a factory, ``"adamw"``, ``"adam"``, ``"sgd"`` or ``"none"``.
+        loss_fn: ``loss_fn(output, batch)``, as for the probe.
+        forward_fn: ``forward_fn(model, batch)``, as for the probe.
+        train_step: ``train_step(model, batch, optimizer)``, as for the probe.
+        mode: ``"train"`` or ``"inference"``.
+        precision: ``"bf16"`` or ``"fp16"`` for autocast (CPU autocast).
+        min_batch_size: the smallest size the search tries.
+        max_batch_size: the largest size the search tries.
+        multiple_of: only sizes that are multiples of this.
+        batch_sizes: sizes whose peak to estimate too (see :attr:`Estimate.peaks`).
+
+    Returns:
+        An :class:`Estimate`.
+
+    Raises:
+        ConfigError: an option is invalid.
+        EstimateError: the step cannot run on fake tensors (``.item()``, data-dependent shapes).
+        WorkloadError: the step fails for another reason, as it would in a probe.
+    """
+    started = time.perf_counter()
+    tgt: Target = parse_enum(Target, target, "target")
+    caps = _capacities(memory)
+    room = None if headroom is None else parse_bytes(headroom, name="headroom")
+    grid = Grid.build(
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
+    )
+    sizes = [positive_int(b, "batch_sizes") for b in batch_sizes]
+    # Last: a data set or loader is scanned here, for its worst case.
+    step = StepSpec.build(
+        model,
+        sample,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        forward_fn=forward_fn,
+        train_step=train_step,
+        mode=mode,
+        precision=precision,
+    )
+    with fake_step(step, tgt) as fake:
+        start = grid.start(fake.sample_size)
+        rows = [_row(fake, estimate_capacity(cap, room, tgt), start, grid) for cap in caps]
+        for b in sizes:
+            fake.peak(b)
+        model_fit, affine = _memory_model(fake, [r.ceiling for r in rows], sizes, start)
+        state = fake.state(start)
+        inputs = (fake.input_bytes(2 * start) - fake.input_bytes(start)) / start
+        breakdown = Breakdown(
+            inputs_bytes_per_sample=inputs,
+            activations_bytes_per_sample=model_fit.bytes_per_sample - inputs,
+            **state,
+        )
+        optimizer_name = _optimizer_name(fake)
+        notes = _notes(tgt, tgt is Target.CUDA and _foreach(fake))
+    if not affine:
+        notes.append(
+            "the peak is not affine in the batch size near the ceiling: the memory model is "
+            "approximate there (the ceilings come from exact fake steps)"
+        )
+    if isinstance(step.sample, DataSource):
+        largest = max((r.ceiling for r in rows if r.ceiling is not None), default=start)
+        notes.append(step.sample.report(largest).note)
+    return Estimate(
+        target=tgt.value,
+        mode=step.mode.value,
+        precision=step.precision_name,
+        optimizer=optimizer_name,
+        capacities=tuple(rows),
+        memory_model=model_fit,
+        breakdown=breakdown,
+        peaks=tuple((b, fake.exact[b].peak_bytes) for b in dict.fromkeys(sizes)),
+        fake_steps=fake.steps,
+        notes=tuple(notes),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _row(fake: FakeStep, plan: Capacity, start: int, grid: Grid) -> CapacityEstimate:
+    """The predicted ceiling for one capacity."""
+    usable = plan.usable_bytes
+    ceiling, reason = (
+        fake.ceiling(usable, start=start, grid=grid)
+        if usable > 0
+        else (None, "nothing is usable after the reserve and the headroom")
+    )
+    peak = None if ceiling is None else fake.peak(ceiling)
+    return CapacityEstimate(
+        plan.capacity_bytes,
+        plan.reserved_bytes,
+        plan.headroom_bytes,
+        usable,
+        ceiling,
+        peak,
+        reason,
+    )
+
+
+def _optimizer_name(fake: FakeStep) -> str | None:
+    opt = fake.workload.optimizer
+    return None if opt is None else type(opt).__name__
+
+
+def _foreach(fake: FakeStep) -> bool:
+    return any(g.get("foreach") for g in getattr(fake.workload.optimizer, "param_groups", []))
+
+
+def _memory_model(
+    fake: FakeStep, ceilings: list[int | None], sizes: list[int], start: int
+) -> tuple[MemoryModel, bool]:
+    """Fit ``fixed + per_sample * b`` through exact peaks at the largest ceiling and its half.
+
+    Memory is affine in ``b`` above a small crossover, so the points nearest the ceiling describe
+    it best; a third point between them checks the fit.
+
+    Returns:
+        The fitted model, and whether a third point between them lies on it (within 1 %).
+    """
+    known = [c for c in ceilings if c is not None] + sizes
+    high = max(known) if known else 8 * start
+    low = max(start, high // 2)
+    if low >= high:
+        high = 2 * low
+    p_low, p_high = fake.peak(low), fake.peak(high)
+    slope = (p_high - p_low) / (high - low)
+    fit = MemoryModel(fixed_bytes=p_high - slope * high, bytes_per_sample=slope)
+    middle = (low + high) // 2
+    if middle in (low, high):
+        return fit, True
+    return fit, abs(fake.peak(middle) - fit.peak(middle)) <= 0.01 * fit.peak(middle)
+
+
+def first_guess(
+    step: StepSpec, usable_bytes: int, *, start: int, grid: Grid, target: Target
+) -> tuple[int | None, str]:
+    """The ceiling the fake step predicts for ``usable_bytes``: the probe's first guess.
+
+    Never raises.
+
+    Args:
+        step: the probe's step, with the optimizer its workload chose
+            (:meth:`~maxbatch.step.spec.StepSpec.with_optimizer`).
+        usable_bytes: the bytes a trial may peak at.
+        start: the size the probe starts at.
+        grid: the sizes the probe may try.
+        target: how to count (CUDA: 512-byte rounding and the foreach optimizer).
+
+    Returns:
+        The guess and how the search over fake trials ended; or None and why there is no guess:
+        nothing fits, or the step cannot run on fake tensors (a model that cannot be
+        deep-copied, an operation that needs data, any other error).
+    """
+    started = time.perf_counter()
+    try:
+        with fake_step(step, target) as fake:
+            guess, reason = fake.ceiling(usable_bytes, start=start, grid=grid)
+    except Exception as e:  # noqa: BLE001 - a guess must never stop the probe
+        log.info("no first guess from fake tensors: %s: %s", type(e).__name__, e)
+        return None, e.reason if isinstance(e, EstimateError) else f"{type(e).__name__}: {e}"
+    log.info(
+        "first guess from fake tensors: %s (%s; %.2fs)",
+        guess,
+        reason,
+        time.perf_counter() - started,
+    )
+    return guess, reason
+
+
+def estimate_beyond_host(
+    step: StepSpec, usable_bytes: int, why_not: str, *, start: int, grid: Grid, target: Target
+) -> SearchOutcome:
+    """The ceiling from the fake-tensor estimate, for a capacity this machine cannot hold.
+
+    Args:
+        step: the probe's step, with the optimizer its workload chose.
+        usable_bytes: the virtual device's usable bytes.
+        why_not: :func:`~maxbatch.devices.capacity.beyond_host`'s sentence.
+        start: the size the probe starts at.
+        grid: the sizes the probe may try.
+        target: how to count (the device's kind).
+
+    Returns:
+        The estimated ceiling as the search's outcome, without trials.
+
+    Raises:
+        HostMemoryError: the step cannot run on fake tensors (or nothing fits): one line naming
+            this machine's memory.
+    """
+    log.warning("%s: the ceiling is estimated on fake tensors", why_not)
+    guess, why = first_guess(step, usable_bytes, start=start, grid=grid, target=target)
+    if guess is None:
+        raise HostMemoryError(
+            f"{why_not}, and `maxbatch estimate` cannot answer for it ({why}); lower --memory "
+            "to what this machine holds",
+            capacity_bytes=usable_bytes,
+        )
+    return SearchOutcome(
+        ceiling=guess,
+        trials=(),
+        memory_model=None,
+        complete=True,
+        stop_reason=(
+            f"estimated on fake tensors, not measured ({why} there): no trial near the "
+            "capacity can run on this machine"
+        ),
+    )

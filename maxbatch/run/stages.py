@@ -1,0 +1,406 @@
+"""The stages of :func:`~maxbatch.find_batch_size`, over the records it builds.
+
+``measure`` opens the workload on the device and runs capacity (:mod:`maxbatch.devices.capacity`) ->
+agreement across ranks -> the result cache (:mod:`maxbatch.run.lookup`) -> the ceiling search
+(:mod:`maxbatch.search.probe`, from the fake step's first guess on CUDA) -> the profiler
+(:mod:`maxbatch.profile.profiler`); then ``noise`` (the gradient noise scale), ``assemble`` (the
+result)
+and ``advise`` (:func:`~maxbatch.stats.advise.advice_for` over it). Each takes records, not options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from maxbatch.devices.capacity import (
+    Capacity,
+    beyond_host,
+    counts_live_bytes,
+    enclosing_room,
+    is_virtual,
+    probe_capacity,
+)
+from maxbatch.devices.device import describe
+from maxbatch.estimate.estimate import estimate_beyond_host, first_guess
+from maxbatch.profile.profiler import Profile, profile_fields, profile_workload
+from maxbatch.results import BatchSizeResult, DeviceInfo, MemoryPoint, Throughput
+from maxbatch.run.distributed import Ranks, sharded_note
+from maxbatch.run.lookup import Lookup, look_up
+from maxbatch.search.accumulation import Accumulated, accumulating_trials, gradient_bytes
+from maxbatch.search.accumulation import measure as measure_accumulation
+from maxbatch.search.probe import SearchOutcome, search
+from maxbatch.search.trial import Meter, leak_checked
+from maxbatch.settings import (
+    AdviceSettings,
+    MemorySettings,
+    Mode,
+    ProfileSettings,
+    SearchSettings,
+    Target,
+)
+from maxbatch.stats.advise import accumulation_plan, advice_for, per_rank
+from maxbatch.stats.noise import noise_scale as measure_noise_scale
+from maxbatch.stats.noisestats import NoiseScale
+from maxbatch.step.data import DataSource
+from maxbatch.step.loop import steady_state
+from maxbatch.step.oom import release_memory
+from maxbatch.step.spec import StepSpec
+from maxbatch.step.workload import Workload, build_workload
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    """Everything a probe was asked, validated: the records its stages take."""
+
+    started: float  #: ``time.perf_counter()`` at the call: the time budget counts from here
+    search: SearchSettings
+    memory: MemorySettings
+    profile: ProfileSettings
+    advice: AdviceSettings
+    step: StepSpec
+    device: torch.device
+    ranks: Ranks  #: the ranks that agree under ``torch.distributed`` (one rank: alone)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Picked:
+    """What the profile stage chose, and why."""
+
+    batch_size: int
+    reason: str
+    profile: Profile | None = None
+
+    @property
+    def points(self) -> tuple[Throughput, ...]:
+        """The timed sizes."""
+        return () if self.profile is None else self.profile.points
+
+    @property
+    def note(self) -> str | None:
+        """Why the profiler stopped early, if it did."""
+        prof = self.profile
+        return None if prof is None or prof.complete else f"profiler: {prof.stop_reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Measured:
+    """What the stages on the device found."""
+
+    info: DeviceInfo
+    optimizer: str | None
+    capacity: Capacity
+    outcome: SearchOutcome
+    search_notes: tuple[str, ...]
+    picked: Picked
+    lookup: Lookup | None = None
+    alive_at_start: tuple[str, ...] = ()
+    accumulated: Accumulated | None = None
+
+
+def measure(request: Request) -> Measured | BatchSizeResult:
+    """Open the workload on the device, plan the capacity, search and profile; restore.
+
+    Returns:
+        What the stages found, or a cached answer that held.
+    """
+    dev, limits = request.device, request.memory
+    # Before any step: a trial that runs out of memory inside FSDP's forward leaves its modules
+    # unsharded, with plain tensors where the DTensors were.
+    sharded = sharded_note(request.step.model)
+    info = describe(dev)
+    virtual = is_virtual(dev, limits)
+    meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
+    try:
+        with meter, build_workload(request.step, dev) as workload:
+            base = meter.live_bytes(workload)
+            with enclosing_room(dev, workload.state_tensors()) as room:
+                local = probe_capacity(info, limits, base, room)
+                meter.set_usable(local.usable_bytes)  # this rank's; the search sees the tightest
+                capacity = _agree(request.ranks, local, dev)
+                lookup = look_up(request, info, workload, meter)
+                if lookup is not None and lookup.hit is not None:
+                    return lookup.hit
+                outcome, search_notes = _search(request, workload, meter, capacity)
+                alive = workload.alive_at_start
+                picked = (
+                    _profile(request, workload, outcome)
+                    if capacity.beyond_host is None
+                    else Picked(
+                        batch_size=outcome.ceiling,
+                        reason="the estimated ceiling: no size near it can run on this machine "
+                        "to be timed",
+                    )
+                )
+                accumulated = _accumulate(request, workload, meter, capacity, outcome, picked)
+    finally:
+        release_memory(dev, full=True)
+    opt = workload.optimizer
+    return Measured(
+        info=info,
+        optimizer=None if opt is None else type(opt).__name__,
+        capacity=capacity,
+        outcome=outcome,
+        search_notes=search_notes if sharded is None else (sharded, *search_notes),
+        picked=picked,
+        lookup=lookup,
+        alive_at_start=alive,
+        accumulated=accumulated,
+    )
+
+
+def _agree(ranks: Ranks, local: Capacity, device: torch.device) -> Capacity:
+    """The tightest rank's capacity, with the base against it (alone: this rank's).
+
+    A virtual capacity this machine cannot hold is said up front (:attr:`Capacity.beyond_host`).
+
+    Returns:
+        The agreed capacity.
+    """
+    capacity, headroom, _, base = ranks.plan(
+        local.capacity_bytes, local.headroom_bytes, local.usable_bytes, local.base_bytes
+    )
+    beyond = beyond_host(capacity, base, device) if local.virtual else None
+    return dataclasses.replace(
+        local, capacity_bytes=capacity, headroom_bytes=headroom, base_bytes=base, beyond_host=beyond
+    )
+
+
+def _search(
+    request: Request, workload: Workload, meter: Meter, capacity: Capacity
+) -> tuple[SearchOutcome, tuple[str, ...]]:
+    """The ceiling search, from the fake step's first guess when asked (auto: on CUDA only).
+
+    Returns:
+        The outcome, and notes: why a first guess asked for could not be made, and that the
+        ceiling was estimated when this machine cannot hold the virtual capacity.
+
+    Raises:
+        DoesNotFitError: the smallest size does not fit.
+        WorkloadError: the step failed for another reason.
+    """
+    settings, grid = request.search, request.search.grid
+    start = grid.start(request.step.sample_size)
+    guess: int | None = None
+    notes: tuple[str, ...] = ()
+    # Auto: only on CUDA, where the real trials it saves are the expensive ones.
+    cuda = capacity.kind == "cuda"
+    if cuda if settings.estimate_first is None else settings.estimate_first:
+        guess, why = first_guess(
+            request.step.with_optimizer(workload.optimizer),
+            capacity.usable_bytes,
+            start=start,
+            grid=grid,
+            target=Target.CUDA if cuda else Target.CPU,
+        )
+        if guess is None:
+            notes = (
+                f"no first guess from fake tensors: {why}; the search started from "
+                f"batch size {start}",
+            )
+    if capacity.beyond_host is not None:
+        beyond = (
+            f"{capacity.beyond_host}: the ceiling is estimated on fake tensors, nothing was timed"
+        )
+        outcome = estimate_beyond_host(
+            request.step.with_optimizer(workload.optimizer),
+            capacity.usable_bytes,
+            capacity.beyond_host,
+            start=start,
+            grid=grid,
+            target=Target.CUDA if cuda else Target.CPU,
+        )
+        return outcome, (*notes, beyond)
+    ranks, local_usable = request.ranks, meter.usable_bytes
+    assert local_usable is not None  # set from this rank's capacity
+    with ranks.quiet_step(request.step.model):
+        outcome = search(
+            ranks.trials(leak_checked(workload, meter), local_usable),
+            start=start,
+            usable_bytes=capacity.usable_bytes,
+            base_bytes=capacity.base_bytes,
+            grid=grid,
+            time_budget=settings.time_budget,
+            on_trial=settings.on_trial,
+            first_guess=guess,
+            clock=ranks.clock,
+        )
+    return outcome, notes
+
+
+def _accumulate(
+    request: Request,
+    workload: Workload,
+    meter: Meter,
+    capacity: Capacity,
+    outcome: SearchOutcome,
+    picked: Picked,
+) -> Accumulated | None:
+    """The micro-batch ceiling from accumulating trials, when the global batch's plan needs it.
+
+    Returns:
+        The accumulating trials' answer, or None when the plan has one micro-batch (or the
+        trials already accumulate, or there is nothing to accumulate).
+    """
+    step, ranks = request.step, request.ranks
+    wanted = per_rank(request.advice.global_batch, ranks.world_size)
+    if (
+        wanted is None
+        or capacity.beyond_host is not None
+        or step.mode is Mode.INFERENCE
+        or step.train_step is not None
+        or step.loop.accumulate > 1
+        or accumulation_plan(wanted, outcome.ceiling, picked.batch_size).accumulation_steps == 1
+    ):
+        return None
+    usable = meter.usable_bytes
+    assert usable is not None  # set from this rank's capacity
+    with ranks.quiet_step(step.model):
+        return measure_accumulation(
+            ranks.trials(accumulating_trials(workload, meter), usable),
+            ceiling=outcome.ceiling,
+            model=outcome.memory_model,
+            usable=capacity.usable_bytes,
+            grid=request.search.grid,
+            extra_guess=gradient_bytes(step.model.parameters()),
+            plain=outcome.trials,
+            on_trial=request.search.on_trial,
+        )
+
+
+def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
+    """Time the step at or below the ceiling and pick; without the profiler, the ceiling."""
+    settings, budget = request.profile, request.search.time_budget
+    if not settings.enabled:
+        return Picked(batch_size=outcome.ceiling, reason="the ceiling (profile=False)")
+    left = None if budget is None else budget - (time.perf_counter() - request.started)
+    left = request.ranks.least(left)  # one decision for all ranks
+    if left is not None and left <= 0:
+        return Picked(
+            batch_size=outcome.ceiling,
+            reason="the ceiling: the time budget was spent before any size could be timed",
+        )
+    # Timed without the counter: its per-operator bookkeeping would skew the timings, and the
+    # sizes timed are at or below the verified ceiling.
+    prof = profile_workload(
+        workload,
+        outcome.ceiling,
+        grid=request.search.grid,
+        settings=settings,
+        budget=left,
+        # The trials' steps (counted ones are slower) predict what timing costs.
+        step_seconds={t.batch_size: t.seconds / t.steps for t in outcome.trials if t.fits},
+        # The cost rule's scale: one value for all ranks, so that they time the same sizes.
+        probe_seconds=request.ranks.least(time.perf_counter() - request.started) or 0.0,
+        agree=request.ranks.timings,
+        search_clock=request.ranks.clock,
+    )
+    return Picked(batch_size=prof.batch_size, reason=prof.pick_reason, profile=prof)
+
+
+def noise(request: Request, measured: Measured) -> NoiseScale | None:
+    """The gradient noise scale at the pick, when asked for (None otherwise)."""
+    if not request.advice.noise_scale:
+        return None
+    step = request.step
+    return measure_noise_scale(
+        step.model,
+        step.sample,
+        step.loss_fn,
+        step.forward_fn,
+        max_batch_size=measured.picked.batch_size,
+    )
+
+
+def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> BatchSizeResult:
+    """The result record, with the notes in the order the stages made them."""
+    step, capacity, outcome, picked = (
+        request.step,
+        measured.capacity,
+        measured.outcome,
+        measured.picked,
+    )
+    sample = step.sample
+    scan = sample.report(outcome.ceiling) if isinstance(sample, DataSource) else None
+    notes = [
+        "no optimizer given: the step used AdamW, whose state is real memory"
+        if step.optimizer is None and measured.optimizer is not None
+        else None,
+        capacity.note,
+        None if measured.lookup is None else measured.lookup.note,
+        *measured.search_notes,
+        picked.note,
+        None if outcome.complete else outcome.stop_reason,
+        None if scan is None else scan.note,
+    ]
+    peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
+    accumulated, model = measured.accumulated, outcome.memory_model
+    extra = (
+        accumulated.extra_bytes
+        if accumulated is not None
+        else float(gradient_bytes(step.model.parameters()))
+    )
+    if model is not None and step.mode is not Mode.INFERENCE and step.loop.accumulate == 1:
+        model = dataclasses.replace(model, accumulation_bytes=extra)
+    return BatchSizeResult(
+        batch_size=picked.batch_size,
+        ceiling=outcome.ceiling,
+        ceiling_source="measured" if capacity.beyond_host is None else "estimated",
+        device=measured.info.device,
+        device_name=measured.info.name,
+        mode=step.mode.value,
+        precision=step.precision_name,
+        optimizer=measured.optimizer,
+        trials=outcome.trials,
+        capacity_bytes=capacity.capacity_bytes,
+        headroom_bytes=capacity.headroom_bytes,
+        usable_bytes=capacity.usable_bytes,
+        virtual=capacity.virtual,
+        memory_model=model,
+        complete=outcome.complete,
+        stop_reason=outcome.stop_reason,
+        pick_reason=picked.reason,
+        notes=tuple(n for n in notes if n is not None),
+        seconds=time.perf_counter() - request.started,
+        throughput=picked.points,
+        memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
+        noise_scale=None if noise is None else noise.to_dict(),
+        **({} if picked.profile is None else profile_fields(picked.profile)),
+        world_size=request.ranks.world_size,
+        data=None if scan is None else scan.to_dict(),
+        steady_state=steady_state(
+            step.loop,
+            measured.alive_at_start,
+            own_step=step.train_step is not None,
+            inference=step.mode is Mode.INFERENCE,
+        ),
+        accumulation_ceiling=(
+            accumulated.ceiling
+            if accumulated is not None
+            else outcome.ceiling
+            if step.loop.accumulate > 1
+            else None
+        ),
+        accumulation_trials=() if accumulated is None else accumulated.trials,
+    )
+
+
+def advise(request: Request, result: BatchSizeResult) -> BatchSizeResult:
+    """The result with the advice over it, and the samples per optimizer step over all ranks."""
+    wanted, noise = request.advice, result.noise_scale
+    critical = None if noise is None else noise.get("critical_batch")
+    advice = (
+        advice_for(result, critical_batch=critical, **wanted.keywords()) if wanted.wanted else None
+    )
+    plan = None if advice is None else advice.accumulation
+    micro, steps = (
+        (result.batch_size, 1) if plan is None else (plan.micro_batch, plan.accumulation_steps)
+    )
+    return dataclasses.replace(
+        result,
+        advice=None if advice is None else advice.to_dict(),
+        accumulation_steps=steps,
+        global_batch_size=micro * result.world_size * steps,
+    )

@@ -1,0 +1,325 @@
+"""``MicroBatcher``: gradient accumulation that survives an out-of-memory error.
+
+One call to :meth:`MicroBatcher.step` is one optimizer step over the whole batch, split into
+micro-batches of at most ``micro_batch_size`` samples. Each micro-loss is weighted by its share of
+the batch, so the accumulated gradient is the full batch's. When a micro-batch runs out of memory
+the whole step is thrown away (partial gradients, buffers, RNG) and done again with smaller
+micro-batches, so no sample is lost or counted twice and the optimizer steps exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
+from maxbatch.grid import positive_int
+from maxbatch.results import BatchSizeResult, MemoryModel
+from maxbatch.step.batching import batch_size_of, map_tensors
+from maxbatch.step.oom import is_oom, release_memory
+from maxbatch.step.spec import ForwardFn, LossFn
+from maxbatch.step.workload import default_forward, default_loss
+from maxbatch.train.optstep import optimizer_step
+
+__all__ = ["MicroBatcher", "MicroStep"]
+
+log = logging.getLogger(__name__)
+
+ChangeFn = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MicroStep:
+    """One micro-batch done: what ``on_micro_batch`` receives, right after its backward.
+
+    At that moment each parameter's ``.grad`` holds the weighted sum of the gradients of the
+    micro-batches ``0..index`` of this attempt (times ``grad_scale`` under a ``GradScaler``); after
+    the last one (``index == micro_batches - 1``) it is the whole batch's gradient. An
+    out-of-memory error makes the step start again at ``index == 0`` with ``attempt + 1``: a
+    consumer resets its per-step sums at index 0 and commits them at the last index.
+
+    Attributes:
+        step: optimizer steps done before this one.
+        attempt: 0 for the first try of this step, then one more after each out-of-memory error.
+        index: this micro-batch's position in the batch.
+        micro_batches: micro-batches in this attempt.
+        size: samples in this micro-batch.
+        batch_size: samples in the whole batch.
+        weight: what the micro-loss was multiplied by (``size / batch_size`` for a mean loss).
+        loss: the micro-batch's own loss, unweighted, detached.
+        grad_scale: the ``GradScaler``'s scale the gradients carry (1.0 without one).
+    """
+
+    step: int
+    attempt: int
+    index: int
+    micro_batches: int
+    size: int
+    batch_size: int
+    weight: float
+    loss: torch.Tensor
+    grad_scale: float
+
+
+class MicroBatcher:
+    """Steps an optimizer once per batch, in micro-batches that shrink after an out-of-memory error.
+
+    Args:
+        model: the model (its device is where memory runs out).
+        optimizer: stepped once per :meth:`step`.
+        micro_batch_size: the largest micro-batch to try (e.g. ``find_batch_size(...).batch_size``).
+        loss_fn: ``loss_fn(output, micro_batch)``; default: ``output.loss`` or the sum of the
+            means of the floating outputs, as the probe's step.
+        forward_fn: ``forward_fn(model, micro_batch)``; default ``model(batch)``, ``model(*batch)``
+            for a tuple or list, ``model(**batch)`` for a dict.
+        scaler: a ``torch.amp.GradScaler``: the loss is scaled, the optimizer stepped through it.
+        on_change: ``on_change(old, new, reason)`` after each change of the micro-batch size.
+        grow_after: after this many steps without an out-of-memory error, try twice the size again
+            (never above ``micro_batch_size``); None (default): never grow.
+        loss_reduction: ``"mean"`` (the loss is a mean over the samples: each micro-loss is
+            weighted by its share) or ``"sum"`` (the micro-losses add up as they are).
+        on_micro_batch: called with a :class:`MicroStep` after each micro-batch's backward: the
+            hook for statistics over micro-batch gradients (such as the gradient noise scale).
+        memory_model: the probe's memory model (``fixed + per_sample * b``): after an
+            out-of-memory error at a size above the model's largest fitting size, that size;
+            otherwise (and without a model) half.
+        usable_bytes: the bytes a step may use (the probe's ``usable_bytes``), for the model.
+
+    Raises:
+        ConfigError: an option is invalid.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        micro_batch_size: int,
+        loss_fn: LossFn | None = None,
+        forward_fn: ForwardFn | None = None,
+        scaler: Any = None,
+        on_change: ChangeFn | None = None,
+        grow_after: int | None = None,
+        loss_reduction: str = "mean",
+        on_micro_batch: Callable[[MicroStep], None] | None = None,
+        memory_model: MemoryModel | None = None,
+        usable_bytes: int | None = None,
+    ):
+        positive_int(micro_batch_size, "micro_batch_size")
+        if grow_after is not None:
+            positive_int(grow_after, "grow_after")
+        if loss_reduction not in ("mean", "sum"):
+            raise ConfigError(f"loss_reduction={loss_reduction!r} is not valid; choose mean or sum")
+        if (memory_model is None) != (usable_bytes is None):
+            raise ConfigError("the memory model needs both memory_model and usable_bytes")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.micro_batch_size = micro_batch_size
+        self.max_micro_batch_size = micro_batch_size
+        self.loss_fn = loss_fn or default_loss
+        self.forward_fn = forward_fn or default_forward
+        self.scaler = scaler
+        self.on_change = on_change
+        self.grow_after = grow_after
+        self.loss_reduction = loss_reduction
+        self.on_micro_batch = on_micro_batch
+        self.memory_model = memory_model
+        self.usable_bytes = usable_bytes
+        self.steps = 0
+        self.clean_steps = 0
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+    @classmethod
+    def from_result(
+        cls,
+        result: BatchSizeResult,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        **kwargs: Any,
+    ) -> MicroBatcher:
+        """A micro-batcher at the probe's pick, lowering sizes with the probe's memory model.
+
+        Accumulating keeps a second gradient per parameter alive, so the micro-batch is at most
+        the result's :meth:`~maxbatch.BatchSizeResult.micro_ceiling` (measured by accumulating
+        trials when a ``global_batch`` asked for them, else predicted by the memory model).
+
+        Returns:
+            The micro-batcher.
+        """
+        micro = min(result.batch_size, result.micro_ceiling())
+        return cls(
+            model,
+            optimizer,
+            micro_batch_size=kwargs.pop("micro_batch_size", micro),
+            memory_model=result.memory_model,
+            usable_bytes=result.usable_bytes if result.memory_model is not None else None,
+            **kwargs,
+        )
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self, batch: Any) -> torch.Tensor:
+        """One optimizer step over ``batch`` (batch dimension first), in micro-batches.
+
+        Returns:
+            The batch's loss (the weighted sum of the micro-losses), detached.
+
+        Raises:
+            DoesNotFitError: a micro-batch of one sample runs out of memory, or the optimizer
+                step does (the optimizer is then left as its next step accepts it).
+            WorkloadError: the batch has no batch dimension.
+            Exception: any error other than out-of-memory, raised unchanged.
+        """
+        n = batch_size_of(batch)
+        saved = self._save()
+        attempt = 0
+        while True:
+            size = self.micro_batch_size
+            loss = self._attempt(batch, n, size, attempt)
+            if loss is not None:
+                break
+            # Out of memory: no exception is alive here, so the failed micro-batch's tensors are
+            # gone once its gradients are thrown away and garbage is collected.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._restore(saved)
+            release_memory(self.device)
+            self._change(size, self._lower(size), "out of memory")
+            attempt += 1
+        optimizer_step(self.optimizer, self.scaler, self.device, n)
+        self.steps += 1
+        self.clean_steps = self.clean_steps + 1 if attempt == 0 else 0
+        if self.grow_after is not None and self.clean_steps >= self.grow_after:
+            self.clean_steps = 0
+            if self.micro_batch_size < self.max_micro_batch_size:
+                grown = min(self.max_micro_batch_size, 2 * self.micro_batch_size)
+                self._change(self.micro_batch_size, grown, f"{self.grow_after} clean steps")
+        return loss
+
+    def _attempt(self, batch: Any, n: int, size: int, attempt: int) -> torch.Tensor | None:
+        """Accumulate the gradient of the whole batch; None when a micro-batch ran out of memory."""
+        self.optimizer.zero_grad(set_to_none=True)
+        starts = range(0, n, size)
+        total = None
+        try:
+            for index, start in enumerate(starts):
+                weighted, loss = self._micro(batch, start, min(start + size, n), n)
+                total = weighted if total is None else total + weighted
+                if self.on_micro_batch is not None:
+                    self._report(attempt, index, len(starts), min(size, n - start), n, loss)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            return None  # the traceback (and the failed micro-batch's frame) dies with ``e``
+        assert total is not None
+        return total
+
+    def _micro(
+        self, batch: Any, start: int, stop: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of samples ``start:stop``; their weighted and own loss, detached.
+
+        Its own frame holds the micro-batch's output: an out-of-memory error's traceback keeps
+        it, and it is gone with the exception.
+
+        Returns:
+            The weighted loss and the micro-batch's own loss, detached.
+
+        Raises:
+            WorkloadError: the loss is not a scalar tensor.
+        """
+        part = map_tensors(batch, lambda t: t[start:stop])
+        output = self.forward_fn(self.model, part)
+        loss = self.loss_fn(output, part)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise WorkloadError(f"the loss must be a scalar tensor, got {type(loss).__name__}")
+        weight = (stop - start) / n if self.loss_reduction == "mean" else 1.0
+        weighted = loss * weight
+        (weighted if self.scaler is None else self.scaler.scale(weighted)).backward()
+        return weighted.detach(), loss.detach()
+
+    def _report(
+        self, attempt: int, index: int, count: int, size: int, n: int, loss: torch.Tensor
+    ) -> None:
+        assert self.on_micro_batch is not None
+        weight = size / n if self.loss_reduction == "mean" else 1.0
+        scale = 1.0 if self.scaler is None else float(self.scaler.get_scale())
+        info = MicroStep(
+            step=self.steps,
+            attempt=attempt,
+            index=index,
+            micro_batches=count,
+            size=size,
+            batch_size=n,
+            weight=weight,
+            loss=loss,
+            grad_scale=scale,
+        )
+        self.on_micro_batch(info)
+
+    # -- what a failed attempt changed ----------------------------------------------------------
+
+    def _save(self) -> tuple[list[torch.Tensor], torch.Tensor, Any]:
+        """Buffers (batch-norm statistics move on every forward) and RNG states, to redo a step."""
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return buffers, torch.get_rng_state(), cuda
+
+    def _restore(self, saved: tuple[list[torch.Tensor], torch.Tensor, Any]) -> None:
+        buffers, cpu, cuda = saved
+        with torch.no_grad():
+            for live, kept in zip(self.model.buffers(), buffers, strict=True):
+                live.copy_(kept)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+    # -- the size -------------------------------------------------------------------------------
+
+    def _lower(self, size: int) -> int:
+        """The next size after ``size`` ran out of memory.
+
+        The memory model's largest size when it is below ``size`` (a size above what the probe
+        measured to fit); else half: the model did not foresee this batch (longer inputs, memory
+        held elsewhere), and an out-of-memory error says only that more was needed, not how much.
+
+        Returns:
+            The smaller size.
+
+        Raises:
+            DoesNotFitError: a micro-batch of one sample ran out of memory.
+        """
+        model, usable = self.memory_model, self.usable_bytes
+        if size == 1:
+            raise DoesNotFitError(
+                "a micro-batch of 1 sample runs out of memory; the model does not fit this device",
+                batch_size=1,
+                needed_bytes=0 if model is None else int(model.peak(1)),
+                available_bytes=usable or 0,
+            )
+        new = size // 2
+        if model is not None and usable is not None and model.bytes_per_sample > 0:
+            fits = int((usable - model.fixed_bytes) // model.bytes_per_sample)
+            if fits < size:
+                new = fits
+        return max(1, min(new, size - 1))
+
+    def _change(self, old: int, new: int, reason: str) -> None:
+        self.micro_batch_size = new
+        level = logging.WARNING if reason == "out of memory" else logging.INFO
+        log.log(
+            level,
+            "micro-batch size %d -> %d (%s, optimizer step %d)",
+            old,
+            new,
+            reason,
+            self.steps + 1,
+        )
+        if self.on_change is not None:
+            self.on_change(old, new, reason)
