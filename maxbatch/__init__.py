@@ -1,7 +1,8 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
 # First, before torch: in the maxbatch command, Ctrl-C and SIGTERM are one line from the start.
-from maxbatch._version import __version__
+from maxbatch import earlysignals  # noqa: F401 - installs its handlers on import (command only)
+from maxbatch._version import __version__ as __version__
 from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthResult, LengthTrial
 from maxbatch.devices.virtual import VirtualDevice, virtual_device
 from maxbatch.errors import (
@@ -19,7 +20,6 @@ from maxbatch.errors import (
 )
 from maxbatch.estimate.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.results import BatchSizeResult, MemoryModel, Trial
-from maxbatch.run import earlysignals  # noqa: F401 - installs its handlers on import (command only)
 from maxbatch.run.finder import find_batch_size
 from maxbatch.run.isolate import probe_file
 from maxbatch.run.lengths import find_bucket_sizes, find_max_length
@@ -71,5 +71,4 @@ __all__ = [
     "noise_scale",
     "probe_file",
     "virtual_device",
-    "__version__",
 ]

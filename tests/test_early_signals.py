@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from maxbatch.run.earlysignals import is_command
+from maxbatch.earlysignals import is_command
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, signals")

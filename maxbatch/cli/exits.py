@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from maxbatch.earlysignals import EXIT_INTERRUPTED, EXIT_TERMINATED
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
@@ -18,7 +19,6 @@ from maxbatch.errors import (
     RankFailedError,
     WorkloadError,
 )
-from maxbatch.run.earlysignals import EXIT_INTERRUPTED, EXIT_TERMINATED
 from maxbatch.step.interrupt import Terminated, stop_signals
 
 EXIT_NO_ANSWER = 1
