@@ -43,6 +43,53 @@ def _modules() -> dict[str, Path]:
 
 MODULES = _modules()
 
+# Debts the refactor of issue 19 is paying off: each is expected to fail (strict), so that fixing
+# one fails the test until its name leaves the list. The lists only ever shrink.
+TOO_BIG: set[str] = {
+    "maxbatch.cli.probe",
+    "maxbatch.devices.accounting",
+    "maxbatch.estimate.estimate",
+    "maxbatch.profile.descent",
+    "maxbatch.profile.profiler",
+    "maxbatch.results",
+    "maxbatch.run.distributed",
+    "maxbatch.run.lengths",
+    "maxbatch.run.lookup",
+    "maxbatch.run.modelfile",
+    "maxbatch.run.stages",
+    "maxbatch.search.probe",
+    "maxbatch.search.trial",
+    "maxbatch.stats.advise",
+    "maxbatch.step.data",
+    "maxbatch.step.workload",
+    "maxbatch.store.cache",
+    "maxbatch.train.microbatch",
+}
+POSITIONAL: set[str] = {
+    "maxbatch.cli.lengths",
+    "maxbatch.memtrace",
+    "maxbatch.profile.contest",
+    "maxbatch.profile.profiler",
+    "maxbatch.results",
+    "maxbatch.run.lengthrun",
+    "maxbatch.run.modelfile",
+    "maxbatch.search.lengthmodel",
+    "maxbatch.search.probe",
+    "maxbatch.stats.advise",
+    "maxbatch.step.snapshot",
+    "maxbatch.store.cache",
+}
+
+
+def _debt(modules: set[str], listed: set[str]) -> list[object]:
+    assert listed <= modules, f"listed but gone: {sorted(listed - modules)}"
+    return [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="a listed debt"))
+        if m in listed
+        else m
+        for m in sorted(modules)
+    ]
+
 
 def _wing(module: str) -> str:
     if module == "maxbatch":
@@ -113,7 +160,7 @@ def test_no_import_circle_between_modules():
     assert circles == []
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", _debt(set(MODULES), TOO_BIG))
 def test_modules_and_functions_stay_small(module):
     path = MODULES[module]
     text = path.read_text()
@@ -132,7 +179,7 @@ def test_modules_and_functions_stay_small(module):
     assert long == []
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", _debt(set(MODULES), POSITIONAL))
 def test_wide_records_are_keyword_only(module):
     if module.endswith("__main__") or module.endswith("isotrial"):
         pytest.skip("running it is what importing it does")
