@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import ROUND_HALF_UP, Decimal
 
 from maxbatch.errors import ConfigError
 
@@ -35,7 +36,9 @@ def parse_bytes(value: str | int | float, *, name: str = "size") -> int:
         name: what the value is, for the error message.
 
     Returns:
-        The size in bytes.
+        The size in bytes. A fraction of a byte rounds to the nearest byte, halves up
+        (``"1.08 KiB"`` is 1105.92 B, so 1106); the arithmetic is decimal, so ``"0.1 KB"`` is
+        exactly 100.
 
     Raises:
         ConfigError: the value is not a non-negative size.
@@ -52,7 +55,8 @@ def parse_bytes(value: str | int | float, *, name: str = "size") -> int:
         raise ConfigError(
             f"{name}={value!r} is not a size; use a number and unit such as 300MiB, 24GiB or 1.5GB"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    exact = Decimal(match.group(1)) * _UNITS[unit]
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
 
 
 def format_bytes(n: float) -> str:
