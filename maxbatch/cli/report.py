@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import click
 
 from maxbatch.cli.exits import run
-from maxbatch.errors import ConfigError
 from maxbatch.report import result_json, result_markdown, result_table
 from maxbatch.reportfiles import check_report_dir, load_report, write_report
 
@@ -25,29 +23,40 @@ def report(report_file: str, markdown: bool, debug: bool) -> None:
     click.echo(result_markdown(data, title=title) if markdown else result_table(data, title=title))
 
 
-def check_report(report_dir: str) -> None:
-    """Check the report folder and the plotting extra before the first trial.
+NO_PLOTS = (
+    'plots skipped: they need matplotlib: pip install "maxbatch[plot]" '
+    '(from a clone: pip install -e ".[plot]")'
+)
 
-    Raises:
-        ConfigError: matplotlib (the ``plot`` extra) is not installed.
-    """
+
+def check_report(report_dir: str) -> None:
+    """Check the report folder before the first trial (the plots are optional, see below)."""
     check_report_dir(report_dir)
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError(
-            '--report draws plots, which need matplotlib: pip install "maxbatch[plot]"'
-        )
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib imports; without it report.json and report.md are still written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def write_report_files(data: dict[str, Any], out: Path, model_file: str) -> None:
     """Write report.json, report.md and the plots into ``out``, through a temporary folder."""
     from maxbatch.plots import write_plots
 
+    plots = _can_plot()
+
     def write(folder: Path) -> list[str]:
         (folder / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")
-        images = write_plots(data, folder)
+        images = write_plots(data, folder) if plots else []
         markdown = result_markdown(data, title=f"maxbatch: {model_file}", images=bool(images))
         (folder / "report.md").write_text(markdown, encoding="utf-8")
         return ["report.json", "report.md", *(p.name for p in images)]
 
     written = write_report(out, write)
     click.echo(f"report written to {out}: {', '.join(written)}", err=True)
+    if not plots:
+        click.echo(NO_PLOTS, err=True)
