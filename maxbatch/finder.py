@@ -35,6 +35,7 @@ from maxbatch.spec import (
     StepSpec,
     TrainStepFn,
 )
+from maxbatch.unfinished import ProfileInterrupted
 
 
 def find_batch_size(
@@ -146,6 +147,8 @@ def find_batch_size(
         WorkloadError: the step failed for a reason other than memory.
         DistributedError: another rank failed (:class:`~maxbatch.errors.RankFailedError`, with
             its message), died, or did not answer within the process group's timeout.
+        ProfileInterrupted: Ctrl-C or SIGTERM while the step was timed (a ``KeyboardInterrupt``):
+            its ``result`` holds the verified ceiling, which is also cached.
     """
     request = stages.Request(
         started=time.perf_counter(),
@@ -196,9 +199,12 @@ def find_batch_size(
     if isinstance(measured, BatchSizeResult):
         return measured  # a cached answer that held
     request.ranks.done()
-    noise = stages.noise(request, measured)
+    stop = measured.picked.interrupted
+    noise = None if stop is not None else stages.noise(request, measured)
     result = stages.advise(request, stages.assemble(request, measured, noise))
     store(request, measured, result)
+    if stop is not None:  # the ceiling is an answer: the caller gets it with the interrupt
+        raise ProfileInterrupted(result, terminated=stop.terminated)
     return result
 
 

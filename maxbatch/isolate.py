@@ -37,7 +37,7 @@ from maxbatch.errors import (
 )
 from maxbatch.grid import Grid
 from maxbatch.probe import fit_memory_model, search
-from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
+from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
 
 #: The options a child takes as they are (JSON-ready); the rest are the parent's own.
 CHILD_OPTIONS = frozenset(
@@ -265,7 +265,7 @@ def probe_isolated(
         final = dataclasses.replace(
             final,
             batch_size=outcome.ceiling,
-            pick_reason="the ceiling (profile=False)",
+            pick_reason=UNTIMED_REASON,
             throughput=(),
         )
     return dataclasses.replace(

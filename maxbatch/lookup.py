@@ -15,6 +15,7 @@ from maxbatch.cache import ResultCache, from_cache, key_of, verified
 from maxbatch.cache import describe as describe_step
 from maxbatch.results import BatchSizeResult, DeviceInfo, Trial
 from maxbatch.trial import Meter, run_trial
+from maxbatch.unfinished import untimed
 from maxbatch.workload import Workload
 
 if TYPE_CHECKING:
@@ -102,3 +103,10 @@ def store(request: Request, measured: Measured, result: BatchSizeResult) -> None
     timed = not request.profile.enabled or (prof is not None and prof.complete)
     if lookup is not None and result.complete and timed:
         lookup.store.put(lookup.key, result, lookup.description)
+    stop = measured.picked.interrupted
+    if lookup is not None and result.complete and stop is not None:
+        # The verified ceiling, kept where a run without timing looks: ``--no-profile``.
+        settings = lookup.description["settings"]
+        untimed_run = {**settings, "pick": [False, *settings["pick"][1:]]}
+        description = {**lookup.description, "settings": untimed_run}
+        lookup.store.put(key_of(description), untimed(result, stop.note()), description)

@@ -33,7 +33,13 @@ from maxbatch.noisestats import NoiseScale
 from maxbatch.oom import release_memory
 from maxbatch.probe import SearchOutcome, search
 from maxbatch.profiler import Profile, profile_fields, profile_workload
-from maxbatch.results import BatchSizeResult, DeviceInfo, MemoryPoint, Throughput
+from maxbatch.results import (
+    UNTIMED_REASON,
+    BatchSizeResult,
+    DeviceInfo,
+    MemoryPoint,
+    Throughput,
+)
 from maxbatch.spec import (
     AdviceSettings,
     MemorySettings,
@@ -43,6 +49,7 @@ from maxbatch.spec import (
     Target,
 )
 from maxbatch.trial import REPEATS, Meter, run_trial
+from maxbatch.unfinished import Interruption, PointLog
 from maxbatch.workload import Workload, build_workload
 
 
@@ -67,15 +74,20 @@ class Picked:
     batch_size: int
     reason: str
     profile: Profile | None = None
+    interrupted: Interruption | None = None  #: Ctrl-C or SIGTERM stopped the profiler
 
     @property
     def points(self) -> tuple[Throughput, ...]:
         """The timed sizes."""
+        if self.interrupted is not None:
+            return self.interrupted.points
         return () if self.profile is None else self.profile.points
 
     @property
     def note(self) -> str | None:
         """Why the profiler stopped early, if it did."""
+        if self.interrupted is not None:
+            return self.interrupted.note()
         prof = self.profile
         return None if prof is None or prof.complete else f"profiler: {prof.stop_reason}"
 
@@ -118,7 +130,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                     return lookup.hit
                 outcome, search_notes = _search(request, workload, meter, capacity)
                 picked = (
-                    _profile(request, workload, outcome)
+                    _keep_ceiling(request, workload, outcome)
                     if capacity.beyond_host is None
                     else Picked(
                         batch_size=outcome.ceiling,
@@ -219,11 +231,24 @@ def _search(
     return outcome, notes
 
 
+def _keep_ceiling(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
+    """The profile stage; Ctrl-C or SIGTERM in it keeps the verified ceiling (one rank only)."""
+    log = PointLog(request.profile.on_point)
+    logged = dataclasses.replace(request.profile, on_point=log)
+    try:
+        return _profile(dataclasses.replace(request, profile=logged), workload, outcome)
+    except KeyboardInterrupt as e:
+        if request.ranks.world_size != 1:
+            raise  # the other ranks cannot agree on an answer now
+        stop = log.stopped(e)
+    return Picked(batch_size=outcome.ceiling, reason=stop.reason(outcome.ceiling), interrupted=stop)
+
+
 def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
     """Time the step at or below the ceiling and pick; without the profiler, the ceiling."""
     settings, budget = request.profile, request.search.time_budget
     if not settings.enabled:
-        return Picked(batch_size=outcome.ceiling, reason="the ceiling (profile=False)")
+        return Picked(batch_size=outcome.ceiling, reason=UNTIMED_REASON)
     left = None if budget is None else budget - (time.perf_counter() - request.started)
     left = request.ranks.least(left)  # one decision for all ranks
     if left is not None and left <= 0:

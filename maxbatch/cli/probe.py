@@ -15,10 +15,12 @@ from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
 from maxbatch.cli.report import check_report, write_report_files
 from maxbatch.device import device_label, resolve_device
 from maxbatch.finder import find_batch_size
+from maxbatch.interrupt import Terminated
 from maxbatch.modelfile import ModelSpec
 from maxbatch.pick import TOLERANCE
 from maxbatch.report import point_line, result_json, result_table, trial_line
 from maxbatch.results import Throughput, Trial
+from maxbatch.unfinished import ProfileInterrupted
 
 
 @click.command()
@@ -148,17 +150,21 @@ def probe(
                 debug, lambda: _isolated(model_file, device_label(dev), memory, options, step)
             )
         else:
-            result = _probe(
-                debug,
-                spec,
-                device=dev,
-                memory=memory,
-                extra_state=extra,
-                cache=not no_cache,
-                trust_cache=trust_cache,
-                **options,
-                **step_kwargs(spec, **step),
-            )
+            try:
+                result = _probe(
+                    debug,
+                    spec,
+                    device=dev,
+                    memory=memory,
+                    extra_state=extra,
+                    cache=not no_cache,
+                    trust_cache=trust_cache,
+                    **options,
+                    **step_kwargs(spec, **step),
+                )
+            except ProfileInterrupted as stop:  # the ceiling was verified: print it, then exit
+                _answer(stop.result.to_dict(), model_file, as_json, tty=tty)
+                raise Terminated() if stop.terminated else KeyboardInterrupt() from None
     torchrun.leave()
     if rank:
         return
@@ -168,6 +174,14 @@ def probe(
     if report_dir is not None:
         with interruptible(trials):  # the temporary folder goes, no partial report stays
             run(debug, lambda: write_report_files(data, Path(report_dir), model_file))
+    _answer(data, model_file, as_json, tty=False)
+
+
+def _answer(result: dict[str, Any], model_file: str, as_json: bool, *, tty: bool) -> None:
+    """The answer on stdout (first ending a timing line that a terminal rewrites)."""
+    if tty and result.get("throughput"):
+        click.echo("", err=True)
+    data = {**result, "model_file": model_file}
     if as_json:
         click.echo(result_json(data))
     else:
