@@ -29,7 +29,7 @@ from maxbatch.distributed import Ranks, sharded_note
 from maxbatch.estimate import estimate_beyond_host, first_guess
 from maxbatch.lookup import Lookup, look_up
 from maxbatch.noise import noise_scale as measure_noise_scale
-from maxbatch.noisestats import NoiseScale
+from maxbatch.noisestats import NoiseScale, few_samples_note
 from maxbatch.oom import release_memory
 from maxbatch.probe import SearchOutcome, search
 from maxbatch.profiler import Profile, profile_fields, profile_workload
@@ -342,10 +342,13 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
 def advise(request: Request, result: BatchSizeResult) -> BatchSizeResult:
     """The result with the advice over it, and the samples per optimizer step over all ranks."""
     wanted, noise = request.advice, result.noise_scale
-    critical = None if noise is None else noise.get("critical_batch")
+    few = None if noise is None else noise.get("data_rows")
+    critical = None if noise is None or few is not None else noise.get("critical_batch")
     advice = (
         advice_for(result, critical_batch=critical, **wanted.keywords()) if wanted.wanted else None
     )
+    if advice is not None and few is not None:  # a critical batch of a few samples is no advice
+        advice = dataclasses.replace(advice, notes=(few_samples_note(few), *advice.notes))
     plan = None if advice is None else advice.accumulation
     micro, steps = (
         (result.batch_size, 1) if plan is None else (plan.micro_batch, plan.accumulation_steps)
