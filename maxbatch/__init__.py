@@ -1,6 +1,7 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
 from maxbatch.advise import Advice, advice_for
+from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -9,6 +10,7 @@ from maxbatch.errors import (
     DistributedError,
     DoesNotFitError,
     HostMemoryError,
+    LeakError,
     MaxbatchError,
     ModelFileError,
     RankFailedError,
@@ -29,6 +31,8 @@ __all__ = [
     "Advice",
     "BatchSizeMismatchError",
     "BatchSizeResult",
+    "Bucket",
+    "BucketProfile",
     "ConfigError",
     "DataSource",
     "DeviceError",
@@ -37,6 +41,9 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "HostMemoryError",
+    "LeakError",
+    "LengthMemoryModel",
+    "LengthTrial",
     "MaxbatchError",
     "MemoryModel",
     "MicroBatcher",

@@ -79,6 +79,26 @@ class WorkloadError(MaxbatchError):
         self.batch_size = batch_size
 
 
+class LeakError(MaxbatchError):
+    """Steps at one batch size kept growing the live bytes: the step keeps something per call.
+
+    A ceiling measured over a leak would shrink with every trial, so the probe stops instead.
+
+    Attributes:
+        batch_size: the size at which the growth was seen.
+        bytes_per_step: the live bytes each step kept (the smallest of the steps' growths).
+        graph_tensors: tensors alive between steps that still hold an autograd graph.
+    """
+
+    def __init__(
+        self, message: str, *, batch_size: int, bytes_per_step: int, graph_tensors: int = 0
+    ):
+        super().__init__(message)
+        self.batch_size = batch_size
+        self.bytes_per_step = bytes_per_step
+        self.graph_tensors = graph_tensors
+
+
 class EstimateError(WorkloadError):
     """The step cannot run on fake tensors.
 

@@ -20,6 +20,7 @@ from maxbatch.distributed import join
 from maxbatch.errors import ConfigError
 from maxbatch.grid import Grid
 from maxbatch.lookup import store
+from maxbatch.loop import Loop
 from maxbatch.pick import TOLERANCE
 from maxbatch.results import BatchSizeResult, Throughput, Trial
 from maxbatch.spec import (
@@ -70,6 +71,9 @@ def find_batch_size(
     distributed: bool | None = None,
     cache: bool = False,
     trust_cache: bool = False,
+    zero_grad: str = "before_forward",
+    accumulate: int = 1,
+    allow_growth: str | int | None = None,
 ) -> BatchSizeResult:
     """Find the largest batch size whose real step fits, and the batch size to use.
 
@@ -136,6 +140,17 @@ def find_batch_size(
             cached ceiling and the size above it. Default False here (the CLI caches by
             default); not used under ``torch.distributed``.
         trust_cache: use a hit without the check.
+        zero_grad: where your loop clears gradients: ``"before_forward"`` (default, the plain
+            PyTorch loop), ``"before_backward"`` (Lightning: the previous step's gradients live
+            through the next forward) or ``"after_step"`` (the Hugging Face Trainer). A trial
+            runs the loop's steady state in that order (the result's ``steady_state``).
+        accumulate: micro-batches per optimizer step in your loop (gradient accumulation): a
+            trial accumulates this many, so the running gradient is alive while the next
+            micro-batch's backward makes its own. A ``global_batch`` that needs more than one
+            micro-batch gets its micro-batch from an accumulating trial anyway.
+        allow_growth: live bytes a step may keep on purpose (``"1MiB"``), e.g. a bounded cache
+            that fills over the first steps; steps at one size whose live bytes keep growing by
+            more stop the probe with a :class:`~maxbatch.errors.LeakError` (default 0).
 
     Returns:
         A :class:`~maxbatch.results.BatchSizeResult`.
@@ -145,6 +160,7 @@ def find_batch_size(
         DeviceError: the device is not available.
         DoesNotFitError: the smallest batch size does not fit.
         WorkloadError: the step failed for a reason other than memory.
+        LeakError: steps at one size kept growing the live bytes (more than ``allow_growth``).
         DistributedError: another rank failed (:class:`~maxbatch.errors.RankFailedError`, with
             its message), died, or did not answer within the process group's timeout.
         ProfileInterrupted: Ctrl-C or SIGTERM while the step was timed (a ``KeyboardInterrupt``):
@@ -185,6 +201,7 @@ def find_batch_size(
             mode=mode,
             precision=precision,
             extra_state=extra_state,
+            loop=Loop.build(zero_grad=zero_grad, accumulate=accumulate, allow_growth=allow_growth),
         ),
         device=_device(model, device),
         ranks=join(distributed),

@@ -33,6 +33,7 @@ class Trial:
             steps (live through every step, so a lower bound on the fixed part of the peak).
         trace: counting meters only: the live bytes operator by operator, for the search
             (left out of ``to_dict``; results keep none).
+        steps: optimizer steps the trial ran (one more than usual where it checked for leaks).
     """
 
     batch_size: int
@@ -44,6 +45,7 @@ class Trial:
     alloc_retries: int | None = None
     state_bytes: int | None = None
     trace: MemoryTrace | None = dataclasses.field(default=None, repr=False, compare=False)
+    steps: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         """Return the trial as a JSON-ready dict."""
@@ -57,10 +59,15 @@ class MemoryModel:
 
     fixed_bytes: float
     bytes_per_sample: float
+    #: what accumulating adds to the peak (about one more gradient per parameter: the running
+    #: one is alive while the next micro-batch's backward makes its own); measured by an
+    #: accumulating trial where one ran, else the gradients' bytes
+    accumulation_bytes: float = 0.0
 
-    def peak(self, batch_size: int) -> float:
-        """Predicted peak bytes at ``batch_size``."""
-        return self.fixed_bytes + self.bytes_per_sample * batch_size
+    def peak(self, batch_size: int, *, accumulating: bool = False) -> float:
+        """Predicted peak bytes at ``batch_size`` (with accumulation: plus its extra term)."""
+        extra = self.accumulation_bytes if accumulating else 0.0
+        return self.fixed_bytes + extra + self.bytes_per_sample * batch_size
 
     def to_dict(self) -> dict[str, Any]:
         """Return the model as a JSON-ready dict."""
@@ -166,6 +173,13 @@ class BatchSizeResult:
             with the worst-case batch at the ceiling), or None for a sample or ``make_batch``.
         ceiling_source: ``"measured"`` (trials ran and verified it), or ``"estimated"`` (a
             virtual capacity larger than this machine can hold: the fake-tensor estimate's).
+        steady_state: the loop state the trials measured (:func:`maxbatch.loop.steady_state`):
+            ``steps_per_trial``, ``zero_grad``, ``micro_batches``, ``alive_at_start`` (what was
+            alive at the start of the measured step), ``leak_check_steps``.
+        accumulation_ceiling: the largest micro-batch that fits when accumulating (measured by
+            accumulating trials, when a ``global_batch`` needs more than one micro-batch), or
+            None when none was measured.
+        accumulation_trials: the accumulating trials (two micro-batches per optimizer step).
     """
 
     batch_size: int
@@ -200,6 +214,9 @@ class BatchSizeResult:
     from_cache: bool = False
     data: dict[str, Any] | None = None
     ceiling_source: str = "measured"
+    steady_state: dict[str, Any] | None = None
+    accumulation_ceiling: int | None = None
+    accumulation_trials: tuple[Trial, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
@@ -218,6 +235,7 @@ class BatchSizeResult:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in data.items() if k in names}
         d["trials"] = tuple(Trial(**t) for t in d["trials"])
+        d["accumulation_trials"] = tuple(Trial(**t) for t in d.get("accumulation_trials", ()))
         mm = d.get("memory_model")
         d["memory_model"] = None if mm is None else MemoryModel(**mm)
         d["throughput"] = tuple(Throughput(**p) for p in d.get("throughput", ()))

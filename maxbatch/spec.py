@@ -28,6 +28,7 @@ from maxbatch.data import as_batch_source
 from maxbatch.errors import ConfigError
 from maxbatch.extrastate import ExtraState
 from maxbatch.grid import ALL_SIZES, Grid, positive_int
+from maxbatch.loop import Loop
 from maxbatch.pick import TOLERANCE, PickRule, check_pick
 from maxbatch.results import Throughput, Trial
 from maxbatch.units import parse_bytes
@@ -89,6 +90,7 @@ class StepSpec:
         mode: training or inference.
         precision: the autocast precision (FP32: none).
         extra_state: more state the step changes, restored after every trial.
+        loop: the loop's order (where it clears gradients, micro-batches per optimizer step).
     """
 
     model: torch.nn.Module
@@ -102,6 +104,7 @@ class StepSpec:
     mode: Mode = Mode.TRAIN
     precision: Precision = Precision.FP32
     extra_state: ExtraState = ExtraState(())
+    loop: Loop = Loop()
 
     @classmethod
     def build(
@@ -116,6 +119,7 @@ class StepSpec:
         mode: str | Mode = "train",
         precision: str | Precision | None = None,
         extra_state: Sequence[Any] = (),
+        loop: Loop | None = None,
     ) -> StepSpec:
         """Validate the public keywords of the step (see :func:`~maxbatch.find_batch_size`).
 
@@ -123,14 +127,23 @@ class StepSpec:
             The step, validated.
 
         Raises:
-            ConfigError: the model is not a module, the mode or precision is unknown, or an
-                ``extra_state`` item cannot be saved.
+            ConfigError: the model is not a module, the mode or precision is unknown, an
+                ``extra_state`` item cannot be saved, or a ``train_step`` has a loop order.
             WorkloadError: the sample has no batch dimension.
         """
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         run_mode: Mode = parse_enum(Mode, mode, "mode")
         prec: Precision = parse_enum(Precision, precision or "fp32", "precision")
+        loop = loop or Loop()
+        if train_step is not None and (loop.zero_grad, loop.accumulate) != (
+            Loop().zero_grad,
+            1,
+        ):
+            raise ConfigError(
+                "train_step runs your whole step in your own order: zero_grad and accumulate "
+                "describe maxbatch's step; leave them out, or pass loss_fn instead of train_step"
+            )
         extra = ExtraState(extra_state).with_scalers(train_step)
         sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
         make_batch, sample_size = make_batch_fn(sample)
@@ -146,6 +159,7 @@ class StepSpec:
             mode=run_mode,
             precision=prec,
             extra_state=extra,
+            loop=loop,
         )
 
     def with_optimizer(self, optimizer: torch.optim.Optimizer | None) -> StepSpec:

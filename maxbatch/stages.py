@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,6 +29,7 @@ from maxbatch.device import describe
 from maxbatch.distributed import Ranks, sharded_note
 from maxbatch.estimate import estimate_beyond_host, first_guess
 from maxbatch.lookup import Lookup, look_up
+from maxbatch.loop import steady_state
 from maxbatch.noise import noise_scale as measure_noise_scale
 from maxbatch.noisestats import NoiseScale, few_samples_note
 from maxbatch.oom import release_memory
@@ -39,16 +41,18 @@ from maxbatch.results import (
     DeviceInfo,
     MemoryPoint,
     Throughput,
+    Trial,
 )
 from maxbatch.spec import (
     AdviceSettings,
     MemorySettings,
+    Mode,
     ProfileSettings,
     SearchSettings,
     StepSpec,
     Target,
 )
-from maxbatch.trial import REPEATS, Meter, run_trial
+from maxbatch.trial import Meter, run_trial
 from maxbatch.unfinished import Interruption, PointLog
 from maxbatch.workload import Workload, build_workload
 
@@ -103,6 +107,7 @@ class Measured:
     search_notes: tuple[str, ...]
     picked: Picked
     lookup: Lookup | None = None
+    alive_at_start: tuple[str, ...] = ()
 
 
 def measure(request: Request) -> Measured | BatchSizeResult:
@@ -129,6 +134,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                 if lookup is not None and lookup.hit is not None:
                     return lookup.hit
                 outcome, search_notes = _search(request, workload, meter, capacity)
+                alive = workload.alive_at_start
                 picked = (
                     _keep_ceiling(request, workload, outcome)
                     if capacity.beyond_host is None
@@ -149,6 +155,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
         search_notes=search_notes if sharded is None else (sharded, *search_notes),
         picked=picked,
         lookup=lookup,
+        alive_at_start=alive,
     )
 
 
@@ -218,7 +225,7 @@ def _search(
     assert local_usable is not None  # set from this rank's capacity
     with ranks.quiet_step(request.step.model):
         outcome = search(
-            ranks.trials(lambda b: run_trial(workload, meter, b), local_usable),
+            ranks.trials(_checked_trials(workload, meter), local_usable),
             start=start,
             usable_bytes=capacity.usable_bytes,
             base_bytes=capacity.base_bytes,
@@ -229,6 +236,19 @@ def _search(
             clock=ranks.clock,
         )
     return outcome, notes
+
+
+def _checked_trials(workload: Workload, meter: Meter) -> Callable[[int], Trial]:
+    """``run(b)``: trials whose first one to finish also checks the step for leaks."""
+    checked = False
+
+    def run(b: int) -> Trial:
+        nonlocal checked
+        trial = run_trial(workload, meter, b, check_leak=not checked)
+        checked = checked or not trial.oom
+        return trial
+
+    return run
 
 
 def _keep_ceiling(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
@@ -265,7 +285,7 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         settings=settings,
         budget=left,
         # The trials' steps (counted ones are slower) predict what timing costs.
-        step_seconds={t.batch_size: t.seconds / REPEATS for t in outcome.trials if t.fits},
+        step_seconds={t.batch_size: t.seconds / t.steps for t in outcome.trials if t.fits},
         # The cost rule's scale: one value for all ranks, so that they time the same sizes.
         probe_seconds=request.ranks.least(time.perf_counter() - request.started) or 0.0,
         agree=request.ranks.timings,
@@ -336,6 +356,12 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         **({} if picked.profile is None else profile_fields(picked.profile)),
         world_size=request.ranks.world_size,
         data=None if scan is None else scan.to_dict(),
+        steady_state=steady_state(
+            step.loop,
+            measured.alive_at_start,
+            own_step=step.train_step is not None,
+            inference=step.mode is Mode.INFERENCE,
+        ),
     )
 
 

@@ -14,15 +14,18 @@ from maxbatch.accounting import MemoryCounter, default_rounding
 from maxbatch.batching import check_rows
 from maxbatch.device import CudaPeak, synchronize
 from maxbatch.errors import HostMemoryError, MaxbatchError, WorkloadError
+from maxbatch.leaks import Growth
+from maxbatch.loop import LEAK_STEPS, STEPS
 from maxbatch.memtrace import TraceRecorder
 from maxbatch.oom import STEP_FAILURES, failure_text, is_oom, release_memory
 from maxbatch.results import Trial
 from maxbatch.units import format_bytes
 from maxbatch.workload import Workload
 
-#: Steps per trial: the first creates lazily allocated state (optimizer moments, workspaces), the
-#: second is the steady state whose peak counts.
-REPEATS = 2
+#: Steps per trial (:data:`maxbatch.loop.STEPS`): the first creates lazily allocated state
+#: (optimizer moments, workspaces, gradients a late ``zero_grad`` keeps), the second starts from
+#: the loop's steady state, whose peak counts.
+REPEATS = STEPS
 
 
 class Meter:
@@ -91,6 +94,13 @@ class Meter:
     ) -> None:
         self.close()
 
+    def live_now(self) -> int:
+        """Bytes live on the device now, as counted or allocated (inside a trial)."""
+        if self.counter is not None:
+            return self.counter.live_bytes
+        assert self.cuda is not None
+        return self.cuda.allocated_bytes()
+
     def live_bytes(self, workload: Workload) -> int:
         """Bytes live on the device now (counting: the model's state plus anything counted)."""
         if self.counter is not None:
@@ -106,8 +116,13 @@ def run_trial(
     batch_size: int,
     *,
     clock: Callable[[], float] = time.perf_counter,
+    check_leak: bool = False,
 ) -> Trial:
     """Run ``REPEATS`` steps at ``batch_size`` and return what happened.
+
+    With ``check_leak`` it runs one step more and reads the live bytes after every step: live
+    bytes that keep growing at one size (by more than the loop's ``allow_growth_bytes``) are a
+    leak (:class:`~maxbatch.errors.LeakError`), never folded into a ceiling.
 
     An out-of-memory error ends the trial as not fitting; the model and optimizer are reset and the
     memory of the failed trial is released before returning. Any other error is raised as a
@@ -120,6 +135,7 @@ def run_trial(
         WorkloadError: the step failed for a reason other than memory.
         MaxbatchError: raised by maxbatch inside the step, unchanged.
         HostMemoryError: this machine ran out of memory below a virtual device's cap.
+        LeakError: with ``check_leak``: the steps kept growing the live bytes.
     """
     counter, cuda = meter.counter, meter.cuda
     oom = False
@@ -143,9 +159,11 @@ def run_trial(
         if recorder is not None:
             recorder.steps_start()  # the same operators run from here on at every size
 
+    steps = LEAK_STEPS if check_leak else STEPS
+    growth = Growth(lambda: meter.live_now())
     try:
         with context:
-            workload.run(batch_size, REPEATS, on_batch=built)
+            workload.run(batch_size, steps, on_batch=built, after_step=growth.after_step)
         synchronize(meter.device)
     except MaxbatchError:
         raise
@@ -184,6 +202,10 @@ def run_trial(
             capacity_bytes=usable,
             batch_size=batch_size,
         )
+    if not oom:
+        growth.check(batch_size, workload.loop.allow_growth_bytes)
     fits = not oom and (usable is None or peak <= usable)
     trace = None if recorder is None else recorder.trace(complete=not oom)
-    return Trial(batch_size, fits, int(peak), seconds, oom, reserved, retries, state, trace)
+    return Trial(
+        batch_size, fits, int(peak), seconds, oom, reserved, retries, state, trace, steps=steps
+    )

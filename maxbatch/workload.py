@@ -21,6 +21,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from maxbatch.distributed import local_shard
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.extrastate import ExtraState
+from maxbatch.loop import Loop
+from maxbatch.loop import train_step as loop_step
 from maxbatch.snapshot import Snapshot
 from maxbatch.spec import ForwardFn, LossFn, Mode, Precision, StepSpec, TrainStepFn
 
@@ -76,6 +78,7 @@ class Workload:
         loss_fn: ``loss(output, batch)``; default :func:`default_loss`.
         train_step: the user's whole step ``train_step(model, batch, optimizer)``, replacing ours.
         extra_state: more state the step changes, restored after every trial.
+        loop: where the loop clears gradients and how many micro-batches it accumulates.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Workload:
         loss_fn: LossFn | None = None,
         train_step: TrainStepFn | None = None,
         extra_state: ExtraState | None = None,
+        loop: Loop | None = None,
     ):
         self.model = model
         self.make_batch = make_batch
@@ -102,6 +106,10 @@ class Workload:
         self.loss_fn = loss_fn or default_loss
         self.train_step = train_step
         self.extra_state = extra_state or ExtraState(())
+        self.loop = loop or Loop()
+        #: what was alive when the forward of the last step :meth:`run` ran began
+        self.alive_at_start: tuple[str, ...] = ()
+        self._recording = False
         self._snapshot: Snapshot | None = None
 
     # -- the step -------------------------------------------------------------------------------
@@ -113,7 +121,7 @@ class Workload:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def step(self, batch: Any) -> None:
-        """Run one step on a batch already on the device."""
+        """Run one step (one optimizer step of the loop) on a batch already on the device."""
         if self.mode is Mode.INFERENCE:
             with torch.inference_mode(), self._autocast():
                 self.forward_fn(self.model, batch)
@@ -121,36 +129,53 @@ class Workload:
         if self.train_step is not None:
             self.train_step(self.model, batch, self.optimizer)
             return
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.model.zero_grad(set_to_none=True)
+        loop_step(self.loop, self.model, self.optimizer, batch, self._forward_loss)
+
+    def _forward_loss(self, batch: Any) -> tuple[Any, Any]:
+        if self._recording:  # the measured step's forward begins: what the loop kept alive
+            self.alive_at_start, self._recording = self.alive(), False
         with self._autocast():
             output = self.forward_fn(self.model, batch)
-            loss = self.loss_fn(output, batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise WorkloadError(
-                f"the loss must be a scalar tensor, got {type(loss).__name__}"
-                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-            )
-        loss.backward()  # type: ignore[no-untyped-call]
-        if self.optimizer is not None:
-            self.optimizer.step()
-        # ``output`` and ``loss`` stay referenced until here, as in a user's training loop.
-        del output, loss
+            return output, self.loss_fn(output, batch)
 
     def run(
-        self, batch_size: int, repeats: int, *, on_batch: Callable[[Any], None] | None = None
+        self,
+        batch_size: int,
+        repeats: int,
+        *,
+        on_batch: Callable[[Any], None] | None = None,
+        after_step: Callable[[int], None] | None = None,
     ) -> None:
         """Build a batch of ``batch_size`` on the device and run ``repeats`` steps on it.
 
-        ``on_batch(batch)`` is called once the batch is on the device, before the first step.
+        ``on_batch(batch)`` is called once the batch is on the device, before the first step;
+        ``after_step(i)`` after step ``i`` (from 1). What was alive when the last step's
+        forward began (its step, for a user's ``train_step``) is kept in :attr:`alive_at_start`.
         """
         batch = to_device(self.make_batch(batch_size), self.device)
         if on_batch is not None:
             on_batch(batch)
-        for _ in range(repeats):
+        for i in range(1, repeats + 1):
+            if i == repeats:
+                self.alive_at_start = self.alive()
+                self._recording = True
             self.step(batch)
+            self._recording = False
+            if after_step is not None:
+                after_step(i)
+
+    def alive(self) -> tuple[str, ...]:
+        """What the loop's state holds now, in words (parameters, gradients, optimizer state)."""
+        held = ["parameters"]
+        if any(True for _ in self.model.buffers()):
+            held.append("buffers")
+        if any(p.grad is not None for p in self.model.parameters()):
+            held.append("gradients")
+        if self.optimizer is not None and any(self.optimizer.state.values()):
+            held.append("optimizer state")
+        if self.extra_state.items:
+            held.append("extra state")
+        return tuple(held)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -296,4 +321,5 @@ def build_workload(
         loss_fn=step.loss_fn,
         train_step=step.train_step,
         extra_state=step.extra_state,
+        loop=step.loop,
     )

@@ -62,6 +62,25 @@ from maxbatch.unfinished import ProfileInterrupted
     help="measure the gradient noise scale (the critical batch) and advise a global batch near it",
 )
 @click.option(
+    "--zero-grad",
+    type=click.Choice(["before_forward", "before_backward", "after_step"]),
+    default="before_forward",
+    show_default=True,
+    help="where your loop clears gradients (before_backward: Lightning; after_step: HF Trainer)",
+)
+@click.option(
+    "--accumulate",
+    type=int,
+    default=1,
+    show_default=True,
+    help="micro-batches per optimizer step in your loop: trials accumulate them",
+)
+@click.option(
+    "--allow-growth",
+    default=None,
+    help="live bytes a step may keep on purpose (e.g. 1MiB) before it is called a leak",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False),
@@ -90,6 +109,9 @@ def probe(
     base_batch: int | None,
     base_lr: float | None,
     noise_scale: bool,
+    zero_grad: str,
+    accumulate: int,
+    allow_growth: str | None,
     report_dir: str | None,
     as_json: bool,
     verbose: int,
@@ -159,6 +181,9 @@ def probe(
                     extra_state=extra,
                     cache=not no_cache,
                     trust_cache=trust_cache,
+                    zero_grad=zero_grad,
+                    accumulate=accumulate,
+                    allow_growth=allow_growth,
                     **options,
                     **step_kwargs(spec, **step),
                 )

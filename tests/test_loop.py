@@ -1,0 +1,145 @@
+"""The loop's steady state: gradient-clearing orders, accumulation and leaks (issue 17).
+
+Every number the probe gives is judged by a plain user loop (:func:`tests.loops.train`) inside
+``virtual_device(cap)``: five optimizer steps at the answer, and the next size up runs out.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+import maxbatch
+from maxbatch.errors import ConfigError, LeakError
+from maxbatch.loop import Loop, ZeroGrad
+from tests.loops import object_net, train
+from tests.models import cnn, mlp
+
+CAP = 1024 * 1024
+MODELS = {"mlp": mlp, "cnn": cnn, "object": object_net}
+
+
+def probe(model: torch.nn.Module, sample: Any, **kwargs: Any) -> maxbatch.BatchSizeResult:
+    return maxbatch.find_batch_size(
+        model, sample, memory=CAP, profile=False, optimizer=torch.optim.AdamW, **kwargs
+    )
+
+
+def judge(name: str, batch_size: int, **loop: Any) -> None:
+    """``batch_size`` trains the user's loop five steps; ``batch_size + 1`` runs out."""
+    model, sample = MODELS[name]()
+    train(model, sample, batch_size, CAP, **loop)
+    model, sample = MODELS[name]()
+    with pytest.raises(torch.OutOfMemoryError):
+        train(model, sample, batch_size + 1, CAP, **loop)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("before_forward", ZeroGrad.BEFORE_FORWARD),
+        ("before-backward", ZeroGrad.BEFORE_BACKWARD),
+        (ZeroGrad.AFTER_STEP, ZeroGrad.AFTER_STEP),
+    ],
+)
+def test_zero_grad_spellings(value: Any, expected: ZeroGrad) -> None:
+    assert Loop.build(zero_grad=value).zero_grad is expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"zero_grad": "sometimes"}, "zero_grad='sometimes' is not valid; choose one of"),
+        ({"accumulate": 0}, "accumulate"),
+        ({"allow_growth": "lots"}, "allow_growth"),
+    ],
+)
+def test_bad_loop_options_are_config_errors(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Loop.build(**kwargs)
+
+
+def test_a_train_step_has_its_own_order() -> None:
+    model, x = mlp()
+    with pytest.raises(ConfigError, match="train_step runs your whole step"):
+        probe(model, x, train_step=lambda m, b, o: None, zero_grad="before_backward")
+
+
+@pytest.mark.slow
+def test_steady_state_says_what_was_measured() -> None:
+    model, x = mlp()
+    plain = probe(model, x)
+    late = probe(model, x, zero_grad="before_backward")
+    assert plain.steady_state is not None and late.steady_state is not None
+    assert plain.steady_state["steps_per_trial"] == 2
+    assert plain.steady_state["zero_grad"] == "before_forward"
+    assert plain.steady_state["micro_batches"] == 1
+    assert "optimizer state" in plain.steady_state["alive_at_start"]
+    assert "gradients" not in plain.steady_state["alive_at_start"]
+    assert "gradients" in late.steady_state["alive_at_start"]
+    data = json.loads(json.dumps(late.to_dict()))
+    assert data["steady_state"]["zero_grad"] == "before_backward"
+    # Extra steps inside a trial are not extra trials: three verify the ceiling.
+    assert len(plain.trials) == 3 and plain.trials[0].steps == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["before_forward", "before_backward", "after_step"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_ceiling_trains_the_users_loop(name: str, order: str) -> None:
+    model, sample = MODELS[name]()
+    result = probe(model, sample, zero_grad=order)
+    judge(name, result.ceiling, zero_grad=order)
+
+
+class Leaky(torch.nn.Module):
+    """The issue's leaking step: a list of losses that keep their graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU())
+        self.head = torch.nn.Linear(64, 8)
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        self.history.append(h.pow(2).mean())  # logged, never backpropagated: keeps ``h``
+        return self.head(h)
+
+
+def test_a_leak_is_named_not_measured() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    with pytest.raises(LeakError, match=r"each step kept .* more live memory") as info:
+        probe(Leaky(), x)
+    assert info.value.bytes_per_step >= 4 * 64 * 4  # the kept activation of 4 rows
+    assert info.value.graph_tensors > 0
+    assert "autograd graph" in str(info.value)
+    # The same model without the leak: the ceiling of the plain step.
+    leaky, fixed = Leaky(), Leaky()
+    fixed.forward = lambda x: fixed.head(fixed.net(x))  # type: ignore[method-assign]
+    assert probe(fixed, x).ceiling == probe(torch.nn.Sequential(fixed.net, fixed.head), x).ceiling
+    # A bounded growth accepted on purpose: the probe goes on.
+    assert probe(leaky, x, allow_growth="1MiB").ceiling > 0
+
+
+def test_a_leak_exits_1_in_the_cli(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from maxbatch.cli import main
+
+    path = tmp_path / "leaky.py"
+    path.write_text(
+        "import torch\n"
+        "from tests.test_loop import Leaky\n"
+        "model = Leaky()\n"
+        "sample = torch.randn(4, 32)\n"
+    )
+    result = CliRunner().invoke(
+        main, ["probe", str(path), "--memory", "1MiB", "--no-profile", "--no-cache"]
+    )
+    assert result.exit_code == 1
+    assert "the step leaks" in result.output
