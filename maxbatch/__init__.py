@@ -23,6 +23,7 @@ from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
 from maxbatch.results import BatchSizeResult, MemoryModel, Trial
+from maxbatch.sampler import BucketBatchSampler
 from maxbatch.schedule import SchedulePhase, batch_schedule
 from maxbatch.tracker import NoiseScaleTracker
 from maxbatch.virtual import VirtualDevice, virtual_device
@@ -32,6 +33,7 @@ __all__ = [
     "BatchSizeMismatchError",
     "BatchSizeResult",
     "Bucket",
+    "BucketBatchSampler",
     "BucketProfile",
     "ConfigError",
     "DataSource",

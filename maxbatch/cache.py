@@ -11,7 +11,8 @@ and pick settings, and the torch and maxbatch versions.
 A hit is checked before it is used (:func:`verified`): the cached ceiling is run once and must
 fit, the size above it once and must not (unless the ceiling is the maximum allowed); a hit that
 fails the check is probed again and replaced. Entries are written atomically (a temporary file
-renamed over the old one); an entry that cannot be read is ignored with a warning.
+renamed over the old one); an entry that cannot be read, or that breaks the result's schema
+or invariants (:mod:`maxbatch.cachefiles`), is ignored with a warning and probed afresh.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from maxbatch.cachefiles import check_entry, entry_files, read_entry, remove_own_files
 from maxbatch.results import BatchSizeResult, Trial
 
 #: Bump when the entry format or the meaning of a key changes: old entries are then ignored.
@@ -158,15 +160,16 @@ class ResultCache:
 
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
+            data = read_entry(path)
+            if data.get("format") != FORMAT:
                 raise ValueError("not a maxbatch cache entry of this version")
+            check_entry(data, path.stem)
             BatchSizeResult.from_dict(data["result"])  # every record must come back
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:
             warnings.warn(
-                f"maxbatch: ignoring the unreadable cache entry {path} ({type(e).__name__}: {e}); "
+                f"maxbatch: ignoring the invalid cache entry {path} ({type(e).__name__}: {e}); "
                 "it is replaced by the next probe (maxbatch cache clear removes it)",
                 stacklevel=3,
             )
@@ -240,20 +243,18 @@ class ResultCache:
         return sorted(found, key=lambda e: e.created, reverse=True)
 
     def clear(self) -> int:
-        """Remove every entry (and stray temporary files); return how many entries went."""
-        removed = 0
-        for path in self._files():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
-        for tmp in self.directory.glob(".*.tmp") if self.directory.is_dir() else ():
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        return removed
+        """Remove the cache's own entries (and stray temporary files); return how many went.
+
+        Only files the cache writes are removed (:func:`maxbatch.cachefiles.remove_own_files`):
+        never another file in the folder, never through a link.
+
+        Returns:
+            The number of entries removed.
+        """
+        return remove_own_files(self.directory)
 
     def _files(self) -> Iterator[Path]:
-        if self.directory.is_dir():
-            yield from sorted(self.directory.glob("*.json"))
+        yield from entry_files(self.directory)
 
 
 def verified(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class MaxbatchError(Exception):
     """Base class of every error maxbatch raises on purpose."""
@@ -139,3 +141,21 @@ class ModelFileError(MaxbatchError):
     def __init__(self, path: str, message: str):
         super().__init__(f"{path}: {message}")
         self.path = path
+
+
+class ReportWriteError(MaxbatchError):
+    """The report files could not be written (the answer was found and printed before).
+
+    Attributes:
+        folder: the ``--report`` folder.
+        reason: the system's reason (``No space left on device``).
+    """
+
+    def __init__(self, folder: os.PathLike[str], error: OSError):
+        """Say where the report was to go and why it could not be written."""
+        self.folder = folder
+        self.reason = error.strerror or str(error)
+        super().__init__(
+            f"the report could not be written to {os.fspath(folder)} ({self.reason}); "
+            "nothing of it is left there, the answer above stands"
+        )

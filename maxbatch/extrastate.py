@@ -3,7 +3,8 @@
 An EMA copy of the model, a ``GradScaler``'s scale, a step counter, a second optimizer: the
 user lists them as ``extra_state=[...]`` (or a model file's ``extra_state()``), and they are
 restored after every trial, in place. A ``GradScaler`` that the ``train_step`` uses (a global or
-closure variable of the function) is found and restored without being listed.
+closure variable of the function, or an attribute of the object of a bound-method ``train_step``
+or of a callable object) is found and restored without being listed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -222,10 +224,40 @@ class ExtraSave:
             obj.restore()
 
 
-def referenced_scalers(fn: Callable[..., Any] | None, depth: int = 3) -> list[torch.amp.GradScaler]:
-    """The ``GradScaler`` objects among the global and closure variables ``fn`` uses.
+def _held(obj: Any) -> list[Any]:
+    """The values of ``obj``'s own attributes (none for an object without ``__dict__``)."""
+    try:
+        return list(vars(obj).values())
+    except TypeError:
+        return []
 
-    Functions it uses are searched too, ``depth`` calls deep (a step that calls a helper).
+
+def _used_by(fn: Any) -> list[Any]:
+    """What ``fn`` can reach at once.
+
+    Returns:
+        Its global and closure variables, and for a bound method or a callable object, the
+        attributes of its object (``self.scaler``).
+    """
+    values = []
+    if inspect.ismethod(fn):
+        values += _held(fn.__self__)
+    elif not inspect.isfunction(fn) and callable(fn):
+        values += _held(fn)
+    try:
+        names = inspect.getclosurevars(fn)
+    except TypeError:  # not a Python function (a callable object, a partial)
+        return values
+    return [*values, *names.nonlocals.values(), *names.globals.values()]
+
+
+def referenced_scalers(fn: Callable[..., Any] | None, depth: int = 3) -> list[torch.amp.GradScaler]:
+    """The ``GradScaler`` objects that ``fn`` uses.
+
+    Looked for among its global and closure variables and, when ``fn`` is a bound method (a
+    ``train_step`` of a trainer object) or a callable object, among the object's attributes.
+    Functions it uses are searched too, ``depth`` calls deep (a step that calls a helper), and
+    a callable object's ``__call__``.
 
     Returns:
         The scalers, each once.
@@ -238,11 +270,10 @@ def referenced_scalers(fn: Callable[..., Any] | None, depth: int = 3) -> list[to
         if current is None or id(current) in seen or left < 0:
             continue
         seen.add(id(current))
-        try:
-            names = inspect.getclosurevars(current)
-        except TypeError:  # not a Python function (a callable object, a partial): nothing to see
-            continue
-        for value in [*names.nonlocals.values(), *names.globals.values()]:
+        call = inspect.getattr_static(type(current), "__call__", None)
+        if inspect.isfunction(call) and not inspect.ismethod(current):  # a callable object
+            todo.append((types.MethodType(call, current), left - 1))
+        for value in _used_by(current):
             if isinstance(value, torch.amp.GradScaler):
                 found.setdefault(id(value), value)
             elif inspect.isfunction(value) or inspect.ismethod(value):

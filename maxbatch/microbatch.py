@@ -20,6 +20,7 @@ from maxbatch.batching import batch_size_of, map_tensors
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
 from maxbatch.grid import positive_int
 from maxbatch.oom import is_oom, release_memory
+from maxbatch.optstep import optimizer_step
 from maxbatch.results import BatchSizeResult, MemoryModel
 from maxbatch.spec import ForwardFn, LossFn
 from maxbatch.workload import default_forward, default_loss
@@ -162,7 +163,8 @@ class MicroBatcher:
             The batch's loss (the weighted sum of the micro-losses), detached.
 
         Raises:
-            DoesNotFitError: a micro-batch of one sample runs out of memory.
+            DoesNotFitError: a micro-batch of one sample runs out of memory, or the optimizer
+                step does (the optimizer is then left as its next step accepts it).
             WorkloadError: the batch has no batch dimension.
             Exception: any error other than out-of-memory, raised unchanged.
         """
@@ -181,11 +183,7 @@ class MicroBatcher:
             release_memory(self.device)
             self._change(size, self._lower(size), "out of memory")
             attempt += 1
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        optimizer_step(self.optimizer, self.scaler, self.device, n)
         self.steps += 1
         self.clean_steps = self.clean_steps + 1 if attempt == 0 else 0
         if self.grow_after is not None and self.clean_steps >= self.grow_after:

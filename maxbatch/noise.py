@@ -24,6 +24,7 @@ from maxbatch.noisestats import (
     ACCUMULATION,
     NoiseScale,
     accumulator_dtype,
+    check_finite,
     combine,
     squared_norm,
     two_batch_estimates,
@@ -80,31 +81,35 @@ def _draw(
     batches: Iterator[Any],
     forward: ForwardFn,
     loss_fn: LossFn,
-) -> tuple[float, float]:
+) -> tuple[float, float, bool]:
     """The mean squared norm of the micro-batch gradients and the squared norm of their mean.
 
     ``batches`` is drawn lazily: one micro-batch is on the device at a time.
 
     Returns:
-        The mean squared micro-batch gradient norm, and the squared norm of their mean.
+        The mean squared micro-batch gradient norm, the squared norm of their mean, and
+        whether every loss was finite.
     """
     dtype = accumulator_dtype(total[0].device)
     small = torch.zeros((), dtype=dtype, device=total[0].device)
     for t in total:
         t.zero_()
+    finite = torch.ones((), dtype=torch.bool, device=total[0].device)
     k = 0
     for batch in batches:
         k += 1
         for p in params:
             p.grad = None
-        _loss(model, batch, forward, loss_fn).backward()  # type: ignore[no-untyped-call]
+        loss = _loss(model, batch, forward, loss_fn)
+        finite &= torch.isfinite(loss.detach()).all()  # checked once per draw: no sync here
+        loss.backward()  # type: ignore[no-untyped-call]
         grads = [p.grad for p in params if p.grad is not None]
         small += squared_norm(grads, dtype)
         for p, t in zip(params, total, strict=True):
             if p.grad is not None:
                 t.add_(p.grad)
         del batch
-    return float(small) / k, float(squared_norm(total, dtype)) / (k * k)
+    return float(small) / k, float(squared_norm(total, dtype)) / (k * k), bool(finite)
 
 
 def _measure(
@@ -122,7 +127,8 @@ def _measure(
     grad_sqs, traces = [], []
     for i in range(batches):
         micro = (to_device(draw(b_small), device) for _ in range(k))
-        small_sq, big_sq = _draw(model, params, total, micro, forward, loss_fn)
+        small_sq, big_sq, finite = _draw(model, params, total, micro, forward, loss_fn)
+        check_finite(i + 1, b_small, finite, small_sq, big_sq)
         g, s = two_batch_estimates(small_sq, big_sq, b_small, k * b_small)
         log.debug("noise scale draw %s: |G|^2 %.4g, tr(S) %.4g", i + 1, g, s)
         grad_sqs.append(g)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from maxbatch.errors import ConfigError
+from maxbatch.errors import ConfigError, WorkloadError
 
 #: Micro-batches per draw by default: the big batch is this many small ones.
 ACCUMULATION = 8
@@ -169,6 +169,28 @@ def combine(
         b_big=b_big,
         draws=n,
         notes=tuple(notes) + extra,
+    )
+
+
+def check_finite(
+    draw: int, b_small: int, loss_finite: bool, small_sq: float, big_sq: float
+) -> None:
+    """Refuse a draw whose losses or gradients are not finite (they would read as "no signal").
+
+    Raises:
+        WorkloadError: a loss, or a gradient, of draw ``draw`` was NaN or infinite.
+    """
+    if not loss_finite:
+        what = "the loss was NaN or infinite"
+    elif not (math.isfinite(small_sq) and math.isfinite(big_sq)):
+        what = "the gradient was NaN or infinite (the loss was finite)"
+    else:
+        return
+    raise WorkloadError(
+        f"cannot measure the noise scale: {what} in draw {draw} (micro-batches of {b_small} "
+        "samples); the noise scale needs finite losses and gradients at the current weights: "
+        "check the data (NaN inputs, bad labels) and the model's numerics",
+        batch_size=b_small,
     )
 
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from maxbatch.errors import ConfigError
+from maxbatch.errors import ConfigError, ReportWriteError
 
-__all__ = ["REPORT_FILES", "check_report_dir", "load_report", "write_report"]
+__all__ = ["REPORT_FILES", "check_report_dir", "check_result", "load_report", "write_report"]
 
 #: The files ``--report`` may write.
 REPORT_FILES = ("report.json", "report.md", "memory.png", "throughput.png")
@@ -62,7 +62,22 @@ def check_report_dir(path: str | os.PathLike[str]) -> Path:
             raise ConfigError(f"--report {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--report {out}: {parent} is not writable")
+    _try_creating(out, parent)
     return out
+
+
+def _try_creating(out: Path, parent: Path) -> None:
+    """Create (and remove) a folder in ``parent``: access rights alone do not say it can be.
+
+    ``/proc``, ``/sys`` and read-only mounts grant access to root and refuse every creation.
+
+    Raises:
+        ConfigError: the folder cannot be created, with the system's reason.
+    """
+    try:
+        Path(tempfile.mkdtemp(prefix=".maxbatch-check-", dir=parent)).rmdir()
+    except OSError as e:
+        raise ConfigError(f"--report {out}: cannot create files in {parent} ({e.strerror})") from e
 
 
 def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
@@ -74,13 +89,20 @@ def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
 
     Returns:
         The names of the files written.
+
+    Raises:
+        ReportWriteError: the files could not be written (a full disk, a file system that
+            refuses them): nothing of the report is left behind.
     """
     check_report_dir(out)
     existing = out.is_dir()
-    if not existing:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    where = out if existing else out.parent
-    temp = Path(tempfile.mkdtemp(prefix=".maxbatch-report-", dir=where))
+    try:
+        if not existing:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        where = out if existing else out.parent
+        temp = Path(tempfile.mkdtemp(prefix=".maxbatch-report-", dir=where))
+    except OSError as e:
+        raise ReportWriteError(out, e) from e
     try:
         names = write(temp)
         if existing:
@@ -92,8 +114,10 @@ def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
             os.umask(umask)
             temp.chmod(0o777 & ~umask)  # mkdtemp's folder is private
             os.rename(temp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ReportWriteError(out, e) from e
         raise
     return names
 
@@ -111,7 +135,7 @@ def _optional(kind: Any) -> tuple[str, Any]:
     return ("optional", kind)
 
 
-_TRIAL = {"batch_size": _INT, "fits": _BOOL, "peak_bytes": _NUMBER, "seconds": _NUMBER}
+_TRIAL = {"batch_size": _COUNT, "fits": _BOOL, "peak_bytes": _NUMBER, "seconds": _NUMBER}
 _POINT = {
     "batch_size": _INT,
     "samples_per_second": _NUMBER,
@@ -120,8 +144,8 @@ _POINT = {
     "noisy": _BOOL,
 }
 _REQUIRED: dict[str, Any] = {
-    "ceiling": _INT,
-    "batch_size": _INT,
+    "ceiling": _COUNT,
+    "batch_size": _COUNT,
     "device": _STR,
     "device_name": _STR,
     "mode": _STR,
@@ -197,7 +221,8 @@ def _checked(value: Any, kind: Any, where: str) -> Any:
         if math.isfinite(value) and abs(value) < _LARGEST:
             return value
         raise ConfigError(f"{where} is out of range")
-    raise ConfigError(f"{where} should be {'a ' + kind}, not {type(value).__name__}")
+    what = "an integer of at least 1" if kind == _COUNT else f"a {kind}"
+    raise ConfigError(f"{where} should be {what}, not {type(value).__name__}")
 
 
 def load_report(path: str) -> dict[str, Any]:
@@ -230,12 +255,28 @@ def load_report(path: str) -> dict[str, Any]:
     missing = sorted(k for k in _REQUIRED if data.get(k) is None)
     if missing:
         raise ConfigError(f"{shown}: not a maxbatch report (missing the keys {missing})")
-    schema = {**_REQUIRED, **{key: _optional(kind) for key, kind in _OPTIONAL.items()}}
     try:
-        out: dict[str, Any] = _checked(data, schema, "report")
-        for key, needs in _TOGETHER.items():
-            if out.get(key) not in (None, 1) and needs not in out:
-                raise ConfigError(f"report.{needs} is missing (report.{key} needs it)")
+        return check_result(data, "report")
     except ConfigError as e:
         raise ConfigError(f"{shown}: not a maxbatch report ({e})") from None
+
+
+def check_result(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A result's dict checked against its schema: reduced to what renders, control-free.
+
+    The ceiling, the pick and each trial's size must be integers of at least 1; numbers
+    finite; strings are cleaned of control characters (also a cache entry's: see
+    :mod:`maxbatch.cachefiles`).
+
+    Returns:
+        The keys the renderers read, checked and cleaned.
+
+    Raises:
+        ConfigError: a key is missing or has the wrong type or range (the message names it).
+    """
+    schema = {**_REQUIRED, **{key: _optional(kind) for key, kind in _OPTIONAL.items()}}
+    out: dict[str, Any] = _checked(data, schema, where)
+    for key, needs in _TOGETHER.items():
+        if out.get(key) not in (None, 1) and needs not in out:
+            raise ConfigError(f"{where}.{needs} is missing ({where}.{key} needs it)")
     return out

@@ -6,7 +6,8 @@ param groups (a tensor ``lr`` too) and plain attributes (such as ``_opt_called``
 scheduler adds), the RNG states (torch, CUDA, Python, NumPy), and the ``extra_state`` items
 (:mod:`maxbatch.extrastate`). Tensors come back *in place*: the same objects with their saved
 values, so references that users hold stay valid. Nothing is copied on the device: a copy there
-would take the memory being measured.
+would take the memory being measured. Ctrl-C and SIGTERM wait until a save or a restore is
+done (:func:`~maxbatch.interrupt.signals_held`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from maxbatch.accounting import uncounted
 from maxbatch.extrastate import ExtraSave, ExtraState, TensorSave, host_copy, set_values
+from maxbatch.interrupt import signals_held
 
 
 def _rng_state() -> dict[str, Any]:
@@ -188,8 +190,11 @@ class Snapshot:
         Returns:
             The snapshot.
         """
-        with uncounted():
-            return cls._take(model, optimizer, extra if extra is not None else ExtraState(()))
+        with uncounted(), signals_held() as interrupted:
+            snapshot = cls._take(model, optimizer, extra if extra is not None else ExtraState(()))
+            if interrupted:  # Ctrl-C during the save: undo it (the gradients) before it arrives
+                snapshot.restore(final=True)
+        return snapshot
 
     @classmethod
     def _take(
@@ -224,8 +229,13 @@ class Snapshot:
         """Put the saved state back in place.
 
         Gradients are dropped; with ``final=True`` the saved gradients (the same objects) and
-        training flags come back too. Everything else is restored every time.
+        training flags come back too. Everything else is restored every time. SIGINT and
+        SIGTERM are held until it is done (:func:`~maxbatch.interrupt.signals_held`).
         """
+        with signals_held():
+            self._restore(final)
+
+    def _restore(self, final: bool) -> None:
         for saved in [*self.params, *self.buffers]:
             saved.restore()
         for grad in self.grads:

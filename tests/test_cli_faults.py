@@ -114,7 +114,7 @@ def _report(tmp_path: Path, content: bytes | str | dict) -> str:
     ("content", "message"),
     [
         ({"ceiling": 4, "batch_size": 4, "trials": []}, "missing the keys ['capacity_bytes'"),
-        ({**GOOD, "ceiling": "40"}, "report.ceiling should be a int, not str"),
+        ({**GOOD, "ceiling": "40"}, "report.ceiling should be an integer of at least 1, not str"),
         ({**GOOD, "trials": [{"batch_size": 4}]}, "report.trials[0].fits is missing"),
         ({**GOOD, "trials": {"a": 1}}, "report.trials should be a list, not dict"),
         ({**GOOD, "seconds": 1e308 * 10}, "report.seconds is out of range"),

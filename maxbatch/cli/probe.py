@@ -196,10 +196,11 @@ def probe(
     if tty and result.throughput:
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
+    # The answer first: a report that cannot be written (a full disk) must not lose it.
+    _answer(data, model_file, as_json, tty=False)
     if report_dir is not None:
         with interruptible(trials):  # the temporary folder goes, no partial report stays
-            run(debug, lambda: write_report_files(data, Path(report_dir), model_file))
-    _answer(data, model_file, as_json, tty=False)
+            write_report_files(data, Path(report_dir), model_file, debug)
 
 
 def _answer(result: dict[str, Any], model_file: str, as_json: bool, *, tty: bool) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
 from maxbatch.cli.exits import run
+from maxbatch.errors import ReportWriteError
 from maxbatch.report import result_json, result_markdown, result_table
 from maxbatch.reportfiles import check_report_dir, load_report, write_report
 
@@ -43,8 +46,18 @@ def _can_plot() -> bool:
     return True
 
 
-def write_report_files(data: dict[str, Any], out: Path, model_file: str) -> None:
-    """Write report.json, report.md and the plots into ``out``, through a temporary folder."""
+#: The answer was printed, but the ``--report`` files could not be written (a full disk).
+EXIT_REPORT_NOT_WRITTEN = 3
+
+
+def write_report_files(
+    data: dict[str, Any], out: Path, model_file: str, debug: bool = False
+) -> None:
+    """Write report.json, report.md and the plots into ``out``, through a temporary folder.
+
+    Files that cannot be written (a full disk, a file system that refuses them) leave nothing
+    behind and end the command with one line and exit 3: the answer was printed before.
+    """
     from maxbatch.plots import write_plots
 
     plots = _can_plot()
@@ -56,7 +69,14 @@ def write_report_files(data: dict[str, Any], out: Path, model_file: str) -> None
         (folder / "report.md").write_text(markdown, encoding="utf-8")
         return ["report.json", "report.md", *(p.name for p in images)]
 
-    written = write_report(out, write)
+    try:
+        written = write_report(out, write)
+    except ReportWriteError as e:
+        if debug:
+            traceback.print_exception(e)
+        else:
+            click.echo(f"maxbatch: error: {e}", err=True)
+        sys.exit(EXIT_REPORT_NOT_WRITTEN)
     click.echo(f"report written to {out}: {', '.join(written)}", err=True)
     if not plots:
         click.echo(NO_PLOTS, err=True)
