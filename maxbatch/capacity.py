@@ -143,8 +143,11 @@ def probe_capacity(
         # it a step fails at its first large allocation and leaves no peak to predict from
         # (issue 21: 20 trials and 262 s under ``prlimit --as=6GiB`` when it was not taken).
         limit = host_limit(CGROUP)
-        capacity = limit.free_bytes + base_bytes
-        owner = "address-space limit" if limit.source == "RLIMIT_AS" else "container's limit"
+        # Under RLIMIT_AS, address space the counter does not see (allocator slack, arenas)
+        # counts too: the --memory path's margin (host_room) keeps the trials off its edge.
+        aspace = limit.source == "RLIMIT_AS"
+        capacity = host_room(base_bytes, limit) if aspace else limit.free_bytes + base_bytes
+        owner = "address-space limit" if aspace else "container's limit"
         what = (
             "the host's available memory"
             if limit.limit_bytes is None
