@@ -7,6 +7,9 @@
 3. Non-memory failures raised inside the step: how many the probe takes for an OOM (it must
    re-raise every one), and the real OOM messages of ``tests/test_oom.py`` it recognises.
 4. Bad inputs to the command line: how many end with the right exit code and one clear line.
+5. Across processes and at the edges (``processes.py``): ``--isolate`` children that crash, hang
+   or lose their parent; Ctrl-C / SIGTERM in the command's first seconds; absurd sizes; models
+   on the meta device; ``--report`` under a linked parent. Cases handled of cases tried.
 
 Run from the repository root (about two minutes on 2 busy cores)::
 
@@ -29,6 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from faults import FAULTS, SETUPS, capture, differences, run  # noqa: E402
+from processes import (  # noqa: E402
+    absurd_sizes,
+    early_signals,
+    isolated_deaths,
+    meta_models,
+    report_link_parents,
+)
 
 from maxbatch import WorkloadError, find_batch_size  # noqa: E402
 from maxbatch.accounting import MemoryCounter  # noqa: E402
@@ -220,6 +230,26 @@ def bad_inputs() -> tuple[int, int, list[str]]:
     return len(cases) - len(wrong), len(cases), wrong
 
 
+#: Section 5 (``processes.py``): the figure's name and the function giving it.
+PROCESS_SECTIONS = {
+    "isolated children crashed, hung or orphaned, each told apart and ended": isolated_deaths,
+    "Ctrl-C / SIGTERM in the first seconds: one line and 130 / 143": early_signals,
+    "absurd sizes refused (ConfigError, exit 2)": absurd_sizes,
+    "models without weights refused, pointing at estimate": meta_models,
+    "--report under a linked parent: written there; a named link refused": report_link_parents,
+}
+
+
+def process_sections(figures: dict[str, object]) -> list[str]:
+    """Run section 5 into ``figures``; return what went wrong."""
+    wrong = []
+    for name, section in PROCESS_SECTIONS.items():
+        handled, tried, failing = section()
+        figures[name] = f"{handled} of {tried}"
+        wrong += failing
+    return wrong
+
+
 def main() -> int:
     torch.set_num_threads(1)
     same, cases, failing = state_matrix()
@@ -235,6 +265,7 @@ def main() -> int:
         "real OOM messages recognised": f"{found} of {messages}",
         "bad inputs with the right code and one clear line": f"{right} of {inputs}",
     }
+    others = others + process_sections(figures)
     width = max(map(len, figures))
     for name, value in figures.items():
         print(f"{name:<{width}}  {value}")

@@ -1,5 +1,7 @@
 """maxbatch: the batch size that fits and trains fastest on your device, measured."""
 
+# First, before torch: in the maxbatch command, Ctrl-C and SIGTERM are one line from the start.
+from maxbatch import earlysignals  # noqa: F401 - installs its handlers on import (command only)
 from maxbatch.advise import Advice, advice_for
 from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
 from maxbatch.data import DataSource

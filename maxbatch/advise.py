@@ -135,24 +135,33 @@ def accumulation_plan(global_batch: int, ceiling: int, pick: int | None = None) 
     exact = min((d for d in divisors if d <= c), key=lambda d: (abs(math.log(d / target)), -d))
     if abs(math.log(exact / target)) <= math.log(2):
         steps, micro = g // exact, exact
-        note = (
-            f"{g} fits in one step; no accumulation is needed"
-            if steps == 1
-            else f"{steps} accumulation steps of {micro} samples make exactly {g}"
-        )
     else:
         steps = max(-(-g // c), round(g / target))
         micro = min(c, round(g / steps))
-        note = (
-            f"{steps} accumulation steps of {micro} samples make {steps * micro} "
-            f"({steps * micro - g:+d} against {g}); exactly {g} takes {g // exact} steps of "
-            f"{exact}"
-        )
+    note = _plan_note(g, micro, steps, exact)
     if pick is not None and micro < pick:
-        note += f"; the micro-batch is below the picked {pick}, so expect lower throughput"
+        note += (
+            f"; the global batch is below the picked {pick}, so expect lower throughput"
+            if steps == 1
+            else f"; the micro-batch is below the picked {pick}, so expect lower throughput"
+        )
     if pick is not None and steps > 1 and g <= c:
         note += f"; {g} also fits in one step, but {pick} is the size picked for throughput"
     return AccumulationPlan(g, micro, steps, micro * steps, micro * steps == g, note)
+
+
+def _plan_note(g: int, micro: int, steps: int, exact: int) -> str:
+    """The plan in words: one step, exact accumulation, or the nearest with the difference."""
+    if steps == 1 and micro == g:
+        return f"1 step of {g} samples: no accumulation is needed"
+    if steps * micro == g:
+        return f"{steps} accumulation steps of {micro} samples make exactly {g}"
+    many = g // exact
+    return (
+        f"{steps} accumulation step{'s' if steps > 1 else ''} of {micro} samples make "
+        f"{steps * micro} ({steps * micro - g:+d} against {g}); exactly {g} takes {many} "
+        f"step{'s' if many > 1 else ''} of {exact}"
+    )
 
 
 def scale_lr(base_lr: float, base_batch: int, new_batch: int) -> LearningRates:
@@ -183,6 +192,7 @@ def advise(
     base_batch: int | None = None,
     base_lr: float | None = None,
     critical_batch: int | None = None,
+    accumulation_ceiling: int | None = None,
 ) -> Advice:
     """Everything that follows from ``batch_size``: accumulation, learning rates, epoch length.
 
@@ -197,6 +207,8 @@ def advise(
         critical_batch: the critical batch estimate (:func:`maxbatch.noise_scale`); without a
             ``global_batch``, the global batch suggested is near it (a multiple of
             ``batch_size`` above it, itself below), and the rest of the advice follows from it.
+        accumulation_ceiling: the largest micro-batch when accumulating (one more gradient per
+            parameter is alive); a plan of more than one micro-batch stays at or below it.
 
     Returns:
         The :class:`Advice`.
@@ -233,6 +245,8 @@ def advise(
                 f"batch {crit}"
             )
     plan = None if global_batch is None else accumulation_plan(global_batch, c, target)
+    if plan is not None and plan.accumulation_steps > 1 and accumulation_ceiling is not None:
+        plan = _within_accumulation(plan, c, target, accumulation_ceiling)
     effective = b if plan is None else plan.effective_batch
     if plan is not None:
         notes.append(plan.note)
@@ -252,6 +266,25 @@ def advise(
             f"{rates.linear:.3g} linear (SGD), {rates.square_root:.3g} square root (Adam family)"
         )
     return Advice(b, c, effective, iterations, plan, rates, tuple(notes), critical_batch)
+
+
+def _within_accumulation(
+    plan: AccumulationPlan, ceiling: int, target: int, micro_ceiling: int
+) -> AccumulationPlan:
+    """The plan again under the micro-batch ceiling when accumulating, if it is above it.
+
+    Returns:
+        The plan (the same one when its micro-batch fits while accumulating).
+    """
+    if plan.micro_batch <= micro_ceiling:
+        return plan
+    a = positive_int(micro_ceiling, "accumulation_ceiling")
+    again = accumulation_plan(plan.global_batch, a, min(target, a))
+    why = (
+        f"; accumulating keeps a second gradient per parameter alive, so the largest "
+        f"micro-batch is {a}, not the ceiling {ceiling}"
+    )
+    return dataclasses.replace(again, note=again.note + why)
 
 
 def per_rank(global_batch: int | None, world_size: int) -> int | None:
@@ -306,6 +339,7 @@ def advice_for(
     return advise(
         result.batch_size,
         result.ceiling,
+        accumulation_ceiling=result.micro_ceiling(),
         dataset_size=dataset_size,
         global_batch=per_rank(global_batch, result.world_size),
         base_batch=base_batch,

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import torch
 
-from maxbatch.errors import DeviceError
+from maxbatch.errors import ConfigError, DeviceError
 from maxbatch.results import DeviceInfo
 
 
@@ -193,3 +193,22 @@ class CudaTimer:
         self.end.record(self.stream)
         self.end.synchronize()
         return float(self.begin.elapsed_time(self.end)) / 1000.0
+
+
+def require_weights(model: Any) -> None:
+    """Refuse a model whose parameters or buffers are on the meta device (shapes, no data).
+
+    Raises:
+        ConfigError: a parameter or buffer of ``model`` is on the meta device.
+    """
+    if not isinstance(model, torch.nn.Module):
+        return  # the step's own check says what a model must be
+    empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        more = f" and {len(empty) - 1} more tensors are" if len(empty) > 1 else " is"
+        raise ConfigError(
+            f"the model's {empty[0]}{more} on the meta device (shapes, no weights); the probe "
+            "runs the real step, only estimate (estimate_batch_size, `maxbatch estimate`) runs "
+            "a model without weights. Load or initialise the weights first "
+            "(model.to_empty(device=...), then initialise them)"
+        )

@@ -19,6 +19,7 @@ timeout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import enum
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from maxbatch.errors import ConfigError, DistributedError, MaxbatchError, RankFailedError
+from maxbatch.memtrace import MemoryTrace
 from maxbatch.results import Trial
 
 #: Timeout of the agreement's collectives when the default group does not say its own.
@@ -135,9 +137,9 @@ class Ranks:
             raise self._lost(kind.name.lower(), e) from e
         return torch.stack(rows)
 
-    def _gather_objects(self, message: str | None) -> list[str | None]:
+    def _gather_objects(self, message: Any) -> list[Any]:
         dist = torch.distributed
-        messages: list[str | None] = [None] * self.world_size
+        messages: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(messages, message, group=self.group)
         except RuntimeError as e:
@@ -224,7 +226,9 @@ class Ranks:
                     f"the ranks ran different batch sizes {sorted(set(rows[:, 0].tolist()))}; "
                     "every rank must call find_batch_size with the same arguments"
                 )
-            return _agreed_trial(b, rows)
+            # Each rank's per-operator trace travels too, so that the search predicts from the
+            # binding rank's trace on every rank (the same prediction everywhere).
+            return _agreed_trial(b, rows, self._gather_objects(trial.trace))
 
         return agreed
 
@@ -327,12 +331,27 @@ def _trial_row(trial: Trial, usable: int) -> tuple[float, ...]:
     )
 
 
-def _agreed_trial(b: int, rows: torch.Tensor) -> Trial:
+def _agreed_trial(b: int, rows: torch.Tensor, traces: Sequence[MemoryTrace | None] = ()) -> Trial:
+    """The trial every rank agrees on: it fits where it fit on all, at the tightest margin.
+
+    The trace is the binding rank's (the largest peak over its usable bytes), its live bytes
+    moved by the same margin, so that a trace prediction against the smallest usable bytes is
+    the binding rank's own.
+
+    Returns:
+        The agreed trial.
+    """
+
     def most(column: int) -> int | None:
         value = int(rows[:, column].max())
         return None if value < 0 else value
 
     low = int(rows[:, 4].min())
+    binding = int(torch.argmax(rows[:, 3]))
+    trace = traces[binding] if binding < len(traces) else None
+    if trace is not None:
+        shift = low - int(rows[binding, 4])
+        trace = dataclasses.replace(trace, live=tuple(v + shift for v in trace.live))
     return Trial(
         batch_size=b,
         fits=bool(rows[:, 1].min() > 0),
@@ -342,6 +361,7 @@ def _agreed_trial(b: int, rows: torch.Tensor) -> Trial:
         reserved_bytes=most(7),
         alloc_retries=most(8),
         state_bytes=most(6),
+        trace=trace,
     )
 
 

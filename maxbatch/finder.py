@@ -15,7 +15,7 @@ import torch
 
 from maxbatch import stages
 from maxbatch.advise import per_rank
-from maxbatch.device import device_label, resolve_device
+from maxbatch.device import device_label, require_weights, resolve_device
 from maxbatch.distributed import join
 from maxbatch.errors import ConfigError
 from maxbatch.grid import Grid
@@ -156,7 +156,8 @@ def find_batch_size(
         A :class:`~maxbatch.results.BatchSizeResult`.
 
     Raises:
-        ConfigError: an option is invalid.
+        ConfigError: an option is invalid, or the model is on the meta device (no weights: only
+            :func:`~maxbatch.estimate_batch_size` runs such a model).
         DeviceError: the device is not available.
         DoesNotFitError: the smallest batch size does not fit.
         WorkloadError: the step failed for a reason other than memory.
@@ -166,6 +167,7 @@ def find_batch_size(
         ProfileInterrupted: Ctrl-C or SIGTERM while the step was timed (a ``KeyboardInterrupt``):
             its ``result`` holds the verified ceiling, which is also cached.
     """
+    require_weights(model)  # before a data set is scanned: nothing can run without weights
     request = stages.Request(
         started=time.perf_counter(),
         search=SearchSettings(

@@ -3,11 +3,17 @@
 No allocator cache, cuDNN autotuning or fragmentation from an earlier trial helps or hurts the
 next one, which makes the ceiling the most faithful on CUDA; and on a CPU without ``memory=``, a
 trial that wakes the kernel's OOM killer kills its own process, not the probe: a child killed by
-a signal counts as "does not fit" at that size, with a note.
+SIGKILL while the kernel recorded an out-of-memory kill counts as "does not fit" at that size,
+with a note. Any other death (SIGSEGV, SIGABRT, a SIGKILL without that record) is a crash: a
+:class:`~maxbatch.errors.WorkloadError` that names the signal.
+
+Each child is bounded (:mod:`maxbatch.childproc`): ``trial_timeout`` seconds (default
+:data:`TRIAL_TIMEOUT`), and no later than the end of ``time_budget`` during the search; past it
+its whole process group is killed. A child dies with the probe, however the probe dies.
 
 The parent runs the same search (:func:`maxbatch.probe.search`) over ``run(b)``, where each
-``run(b)`` starts ``python -m maxbatch.isolate REQUEST`` and the child runs
-:func:`~maxbatch.find_batch_size` on the freshly loaded file at exactly ``b``
+``run(b)`` starts ``python -m maxbatch.isotrial REQUEST`` (:mod:`maxbatch.isotrial`) and the
+child runs :func:`~maxbatch.find_batch_size` on the freshly loaded file at exactly ``b``
 (``min_batch_size = max_batch_size = b``). At the end one more child times the sizes up to the
 ceiling and picks (when profiling or advice was asked for). The parent never touches the device.
 """
@@ -15,29 +21,23 @@ ceiling and picks (when profiling or advice was asked for). The parent never tou
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from maxbatch.device import require_weights
 from maxbatch.distributed import is_distributed
-from maxbatch.errors import (
-    ConfigError,
-    DeviceError,
-    DoesNotFitError,
-    MaxbatchError,
-    ModelFileError,
-    WorkloadError,
-)
+from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
-from maxbatch.probe import fit_memory_model, search
+from maxbatch.probe import SearchOutcome, fit_memory_model, search
 from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
+
+if TYPE_CHECKING:  # imported when used: the children run it as __main__ (python -m)
+    from maxbatch.isotrial import Children
+
+#: Seconds an isolated child may run by default (``trial_timeout=``, ``--trial-timeout``).
+TRIAL_TIMEOUT = 600.0
 
 #: The options a child takes as they are (JSON-ready); the rest are the parent's own.
 CHILD_OPTIONS = frozenset(
@@ -58,100 +58,6 @@ CHILD_OPTIONS = frozenset(
         "base_lr",
     }
 )
-_ERRORS: dict[str, type[MaxbatchError]] = {
-    "ConfigError": ConfigError,
-    "DeviceError": DeviceError,
-    "WorkloadError": WorkloadError,
-}
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-class _Children:
-    """Starts the child processes and turns what they report into trials and results."""
-
-    def __init__(self, model_file: str, options: Mapping[str, Any], notes: list[str]):
-        self.model_file, self.options, self.notes = model_file, dict(options), notes
-        self.first: BatchSizeResult | None = None  # a child's whole result: device, capacity
-        self.usable: int | None = None
-
-    def child(self, **options: Any) -> dict[str, Any]:
-        """Run one child with these options on top of the common ones; return its report."""
-        with tempfile.TemporaryDirectory(prefix="maxbatch-isolate-") as tmp:
-            request, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
-            request.write_text(
-                json.dumps(
-                    {
-                        "model_file": self.model_file,
-                        "answer": str(answer),
-                        "options": {**self.options, **options},
-                    }
-                ),
-                encoding="utf-8",
-            )
-            started = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, "-m", "maxbatch.isolate", str(request)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                check=False,
-            )
-            seconds = time.perf_counter() - started
-            if proc.returncode < 0:
-                return {"killed": -proc.returncode, "seconds": seconds}
-            if not answer.exists():
-                tail = proc.stderr.strip().splitlines()[-3:]
-                raise WorkloadError(
-                    f"the isolated trial's process exited with code {proc.returncode} without an "
-                    f"answer: {' | '.join(tail) or 'no output'}"
-                )
-            report: dict[str, Any] = json.loads(answer.read_text(encoding="utf-8"))
-            return {**report, "seconds": seconds}
-
-    def trial(self, b: int) -> Trial:
-        """One isolated trial at ``b``."""
-        report = self.child(min_batch_size=b, max_batch_size=b, profile=False)
-        if "killed" in report:
-            name = _signal_name(report["killed"])
-            self.notes.append(
-                f"batch size {b}: the trial's process was killed by {name}, counted as not "
-                "fitting (the kernel's OOM killer sends SIGKILL when the host runs out of memory)"
-            )
-            peak = (
-                0 if self.usable is None else self.usable + 1
-            )  # it needed more, how much is unknown
-            return Trial(b, False, peak, report["seconds"], oom=True)
-        if "does_not_fit" in report:
-            info = report["does_not_fit"]
-            self.usable = info["available_bytes"] if self.usable is None else self.usable
-            return Trial(b, False, info["needed_bytes"], report["seconds"], oom=True)
-        if "error" in report:
-            _raise(report["error"], self.model_file, b)
-        result = BatchSizeResult.from_dict(report["result"])
-        if not result.trials:  # answered without running (a capacity beyond this machine)
-            raise ConfigError(
-                f"the isolated trial at batch size {b} ran no step: {'; '.join(result.notes)}"
-            )
-        if self.first is None:
-            self.first, self.usable = result, result.usable_bytes
-        # What a trial cost here: its whole process, as for the trials that did not fit.
-        return dataclasses.replace(result.trials[0], seconds=report["seconds"])
-
-
-def _raise(error: Mapping[str, Any], model_file: str, b: int) -> None:
-    kind, message = error["type"], error["message"]
-    if kind == "ModelFileError":
-        raise ModelFileError(model_file, message.removeprefix(f"{model_file}: "))
-    cls = _ERRORS.get(kind, WorkloadError)
-    if cls is WorkloadError:
-        raise WorkloadError(f"{message} (in the isolated trial at batch size {b})", batch_size=b)
-    raise cls(message)
 
 
 def probe_isolated(
@@ -162,6 +68,7 @@ def probe_isolated(
     max_batch_size: int | None = None,
     multiple_of: int = 1,
     time_budget: float | None = None,
+    trial_timeout: float | None = TRIAL_TIMEOUT,
     on_trial: Callable[[Trial], None] | None = None,
     on_point: Callable[[Throughput], None] | None = None,
     **options: Any,
@@ -174,7 +81,10 @@ def probe_isolated(
         min_batch_size: the smallest size to try.
         max_batch_size: the largest size to try.
         multiple_of: only multiples of this.
-        time_budget: seconds for the search (the final profiling child is not counted).
+        time_budget: seconds for the search (the final profiling child is not counted); a
+            child still running when it ends is killed and the search stops with the best so far.
+        trial_timeout: seconds each child may run (None: no limit); past it its process group
+            is killed and the probe stops with a :class:`~maxbatch.errors.WorkloadError`.
         on_trial: called with each trial as its child finishes.
         on_point: called with each timed size once the profiling child finished.
         **options: :func:`~maxbatch.find_batch_size` options from :data:`CHILD_OPTIONS`.
@@ -183,20 +93,87 @@ def probe_isolated(
         The result, as :func:`~maxbatch.find_batch_size` gives it.
 
     Raises:
-        ConfigError: an option cannot be passed to a child.
-        DoesNotFitError: the smallest size does not fit (or its process was killed).
-        WorkloadError: a child failed for a reason other than memory.
+        ConfigError: an option cannot be passed to a child, or ``trial_timeout`` is not a
+            positive number of seconds.
+        DoesNotFitError: the smallest size does not fit (or its process was OOM-killed), or the
+            time budget ran out before any size fitted.
+        WorkloadError: a child failed for a reason other than memory: an error, a crash (a
+            signal other than an OOM kill), or its timeout.
     """
+    from maxbatch.isotrial import BudgetSpent, Children, final_child
+
     started = time.perf_counter()
+    _check_options(options, trial_timeout)
+    notes: list[str] = ["isolated: every trial ran in a fresh process that loaded the model file"]
+    children = Children(
+        model_file,
+        {**options, "multiple_of": multiple_of},
+        notes,
+        timeout=trial_timeout,
+        deadline=None if time_budget is None else time.monotonic() + time_budget,
+    )
+    grid = Grid.build(
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
+    )
+    done: dict[int, Trial] = {}
+    try:
+        outcome = _search(children, grid, start, done, time_budget, on_trial)
+    except BudgetSpent as e:
+        outcome = _budget_outcome(done, e.batch_size, time_budget or 0.0, children.usable)
+    want_answer = options.get("profile", True) or any(
+        options.get(k) is not None for k in ("dataset_size", "global_batch", "base_batch")
+    )
+    if want_answer:
+        final = final_child(children, outcome.ceiling, min_batch_size, on_point)
+    else:
+        assert children.first is not None
+        final = dataclasses.replace(
+            children.first,
+            batch_size=outcome.ceiling,
+            pick_reason=UNTIMED_REASON,
+            throughput=(),
+        )
+    fits = sorted((t.batch_size, t.peak_bytes) for t in outcome.trials if t.fits)
+    return dataclasses.replace(
+        final,
+        ceiling=outcome.ceiling,
+        trials=outcome.trials,
+        memory_model=fit_memory_model(outcome.trials),
+        complete=outcome.complete,
+        stop_reason=outcome.stop_reason,
+        notes=(*notes, *(n for n in final.notes if n not in notes)),
+        seconds=time.perf_counter() - started,
+        memory=tuple(MemoryPoint(s, p) for s, p in fits),
+    )
+
+
+def _check_options(options: Mapping[str, Any], trial_timeout: float | None) -> None:
     unknown = sorted(set(options) - CHILD_OPTIONS)
     if unknown:
         raise ConfigError(
             f"isolated trials cannot take {', '.join(unknown)}: a child process loads the model "
             f"file itself; options it takes: {', '.join(sorted(CHILD_OPTIONS))}"
         )
-    notes: list[str] = ["isolated: every trial ran in a fresh process that loaded the model file"]
-    children = _Children(model_file, {**options, "multiple_of": multiple_of}, notes)
-    done: dict[int, Trial] = {}
+    if trial_timeout is not None and (
+        isinstance(trial_timeout, bool)
+        or not isinstance(trial_timeout, (int, float))
+        or not 0 < trial_timeout < float("inf")
+    ):
+        raise ConfigError(
+            f"trial_timeout={trial_timeout!r} is not a positive number of seconds; give e.g. "
+            f"{TRIAL_TIMEOUT:g} (or None for no limit)"
+        )
+
+
+def _search(
+    children: Children,
+    grid: Grid,
+    start: int,
+    done: dict[int, Trial],
+    time_budget: float | None,
+    on_trial: Callable[[Trial], None] | None,
+) -> SearchOutcome:
+    """The ceiling search over isolated trials; ``done`` collects every trial as it ends."""
 
     def run(b: int) -> Trial:
         if b not in done:
@@ -205,10 +182,6 @@ def probe_isolated(
 
     # The search needs the usable bytes before its first trial: take them from the first child
     # that reports them, halving as the search would after a killed one.
-    grid = Grid.build(
-        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
-    )
-    lower = grid.lower
     b = grid.snap_down(start)
     killed: list[Trial] = []
     while True:
@@ -218,9 +191,10 @@ def probe_isolated(
         killed.append(trial)
         if on_trial is not None:
             on_trial(trial)
-        if b == lower:
+        if b == grid.lower:
             raise DoesNotFitError(
-                f"batch size {b} does not fit: its isolated process was killed by the system",
+                f"batch size {b} does not fit: its isolated process was killed by the kernel's "
+                "OOM killer",
                 batch_size=b,
                 needed_bytes=trial.peak_bytes,
                 available_bytes=0,
@@ -237,47 +211,39 @@ def probe_isolated(
     )
     again = {t.batch_size for t in outcome.trials}
     trials = (*(t for t in killed if t.batch_size not in again), *outcome.trials)
-    final = children.first
-    want_answer = options.get("profile", True) or any(
-        options.get(k) is not None for k in ("dataset_size", "global_batch", "base_batch")
-    )
-    if want_answer:
-        report = children.child(min_batch_size=min_batch_size, max_batch_size=outcome.ceiling)
-        if "result" not in report:
-            why = (
-                f"was killed by {_signal_name(report['killed'])}"
-                if "killed" in report
-                else f"failed: {report.get('error') or report.get('does_not_fit')}"
-            )
-            raise WorkloadError(f"the process that timed the sizes up to {outcome.ceiling} {why}")
-        final = BatchSizeResult.from_dict(report["result"])
-        if on_point is not None:
-            for point in final.throughput:
-                on_point(point)
-        if final.ceiling != outcome.ceiling:
-            notes.append(
-                f"the timing process verified only up to {final.ceiling} (one process, several "
-                "trials: what the isolation avoids)"
-            )
-    assert final is not None
-    fits = sorted((t.batch_size, t.peak_bytes) for t in trials if t.fits)
-    if not want_answer:
-        final = dataclasses.replace(
-            final,
-            batch_size=outcome.ceiling,
-            pick_reason=UNTIMED_REASON,
-            throughput=(),
+    return dataclasses.replace(outcome, trials=trials)
+
+
+def _budget_outcome(
+    done: Mapping[int, Trial], b: int, budget: float, usable: int | None
+) -> SearchOutcome:
+    """The best so far when the time budget ended while the trial at ``b`` was running.
+
+    Returns:
+        The search's outcome: the largest size that fit, incomplete.
+
+    Raises:
+        DoesNotFitError: no size had fitted yet.
+    """
+    trials = tuple(done.values())
+    fits = [t.batch_size for t in trials if t.fits]
+    if not fits:
+        raise DoesNotFitError(
+            f"time budget of {budget:g}s spent before any batch size fitted: the isolated trial "
+            f"at batch size {b} was still running (its process was killed)",
+            batch_size=b,
+            needed_bytes=0,
+            available_bytes=usable or 0,
         )
-    return dataclasses.replace(
-        final,
-        ceiling=outcome.ceiling,
+    return SearchOutcome(
+        ceiling=max(fits),
         trials=trials,
         memory_model=fit_memory_model(trials),
-        complete=outcome.complete,
-        stop_reason=outcome.stop_reason,
-        notes=(*notes, *(n for n in final.notes if n not in notes)),
-        seconds=time.perf_counter() - started,
-        memory=tuple(MemoryPoint(s, p) for s, p in fits),
+        complete=False,
+        stop_reason=(
+            f"time budget of {budget:g}s spent while the trial at {b} ran (its process was "
+            f"killed): {max(fits)} is verified to fit, larger sizes were not settled"
+        ),
     )
 
 
@@ -301,10 +267,12 @@ def probe_file(
 
     Raises:
         ModelFileError: the file does not load or follow the conventions.
-        ConfigError: ``isolate=True`` under an initialised ``torch.distributed`` group.
+        ConfigError: ``isolate=True`` under an initialised ``torch.distributed`` group, or the
+            model is on the meta device (no weights).
         MaxbatchError: as :func:`~maxbatch.find_batch_size`.
     """
     from maxbatch.batching import make_batch_fn
+    from maxbatch.isotrial import find_in_file
     from maxbatch.modelfile import load_model_file
 
     path = os.fspath(model_file)
@@ -314,55 +282,10 @@ def probe_file(
             "torchrun (the ranks then agree in one process each)"
         )
     spec = load_model_file(path)  # checked here, in this process, before any child starts
+    require_weights(spec.model)
     if not isolate:
-        return _find_in_file(spec, options)
+        return find_in_file(spec, options)
     sample_size = None if spec.sample is None else make_batch_fn(spec.sample)[1]
     lower = options.get("min_batch_size") or 1
     start = max(lower, sample_size if sample_size is not None else 2)
     return probe_isolated(path, start=start, **options)
-
-
-def _find_in_file(spec: Any, options: dict[str, Any]) -> BatchSizeResult:
-    from maxbatch.finder import find_batch_size
-
-    optimizer = options.pop("optimizer", None)
-    device = options.pop("device", None)
-    if device is not None:
-        spec.model.to(device)
-    return find_batch_size(
-        spec.model,
-        spec.batch_source(),
-        device=device,
-        optimizer=optimizer if optimizer is not None else spec.optimizer,
-        loss_fn=spec.loss,
-        forward_fn=spec.forward,
-        train_step=spec.train_step,
-        extra_state=spec.extra_state_items(),
-        **options,
-    )
-
-
-def _child(request_path: str) -> int:
-    """The child's side: load the file, run ``find_batch_size`` as asked, write the answer."""
-    from maxbatch.modelfile import load_model_file
-
-    request = json.loads(Path(request_path).read_text(encoding="utf-8"))
-    answer: dict[str, Any]
-    try:
-        spec = load_model_file(request["model_file"])
-        options = {**request["options"], "estimate_first": False, "distributed": False}
-        answer = {"result": _find_in_file(spec, options).to_dict()}
-    except DoesNotFitError as e:
-        answer = {
-            "does_not_fit": {"needed_bytes": e.needed_bytes, "available_bytes": e.available_bytes}
-        }
-    except MaxbatchError as e:
-        answer = {"error": {"type": type(e).__name__, "message": str(e)}}
-    tmp = Path(request["answer"] + ".tmp")
-    tmp.write_text(json.dumps(answer), encoding="utf-8")
-    os.replace(tmp, request["answer"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1]))

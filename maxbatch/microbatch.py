@@ -144,11 +144,20 @@ class MicroBatcher:
         optimizer: torch.optim.Optimizer,
         **kwargs: Any,
     ) -> MicroBatcher:
-        """A micro-batcher at the probe's pick, lowering sizes with the probe's memory model."""
+        """A micro-batcher at the probe's pick, lowering sizes with the probe's memory model.
+
+        Accumulating keeps a second gradient per parameter alive, so the micro-batch is at most
+        the result's :meth:`~maxbatch.BatchSizeResult.micro_ceiling` (measured by accumulating
+        trials when a ``global_batch`` asked for them, else predicted by the memory model).
+
+        Returns:
+            The micro-batcher.
+        """
+        micro = min(result.batch_size, result.micro_ceiling())
         return cls(
             model,
             optimizer,
-            micro_batch_size=kwargs.pop("micro_batch_size", result.batch_size),
+            micro_batch_size=kwargs.pop("micro_batch_size", micro),
             memory_model=result.memory_model,
             usable_bytes=result.usable_bytes if result.memory_model is not None else None,
             **kwargs,

@@ -74,6 +74,18 @@ class MemoryModel:
         return _asdict(self)
 
 
+def predicted_ceiling(model: MemoryModel | None, usable: int, ceiling: int) -> int:
+    """The micro-batch ceiling when accumulating, as the memory model's extra term predicts it.
+
+    Returns:
+        At most ``ceiling``; ``ceiling`` itself without a model.
+    """
+    if model is None or model.bytes_per_sample <= 0:
+        return ceiling
+    free = usable - model.fixed_bytes - model.accumulation_bytes
+    return max(1, min(ceiling, int(free // model.bytes_per_sample)))
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPoint:
     """The measured peak bytes of a batch size that fit."""
@@ -221,6 +233,17 @@ class BatchSizeResult:
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
         return _asdict(self)
+
+    def micro_ceiling(self) -> int:
+        """The largest micro-batch for a plan that accumulates.
+
+        Returns:
+            Measured where accumulating trials ran, else predicted by the memory model's extra
+            term (at most the ceiling).
+        """
+        if self.accumulation_ceiling is not None:
+            return self.accumulation_ceiling
+        return predicted_ceiling(self.memory_model, self.usable_bytes, self.ceiling)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BatchSizeResult:

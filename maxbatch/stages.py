@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 
 import torch
 
-from maxbatch.advise import advice_for
+from maxbatch.accumulation import Accumulated, accumulating_trials, gradient_bytes
+from maxbatch.accumulation import measure as measure_accumulation
+from maxbatch.advise import accumulation_plan, advice_for, per_rank
 from maxbatch.capacity import (
     Capacity,
     beyond_host,
@@ -41,7 +42,6 @@ from maxbatch.results import (
     DeviceInfo,
     MemoryPoint,
     Throughput,
-    Trial,
 )
 from maxbatch.spec import (
     AdviceSettings,
@@ -52,7 +52,7 @@ from maxbatch.spec import (
     StepSpec,
     Target,
 )
-from maxbatch.trial import Meter, run_trial
+from maxbatch.trial import Meter, leak_checked
 from maxbatch.unfinished import Interruption, PointLog
 from maxbatch.workload import Workload, build_workload
 
@@ -108,6 +108,7 @@ class Measured:
     picked: Picked
     lookup: Lookup | None = None
     alive_at_start: tuple[str, ...] = ()
+    accumulated: Accumulated | None = None
 
 
 def measure(request: Request) -> Measured | BatchSizeResult:
@@ -144,6 +145,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                         "to be timed",
                     )
                 )
+                accumulated = _accumulate(request, workload, meter, capacity, outcome, picked)
     finally:
         release_memory(dev, full=True)
     opt = workload.optimizer
@@ -156,6 +158,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
         picked=picked,
         lookup=lookup,
         alive_at_start=alive,
+        accumulated=accumulated,
     )
 
 
@@ -225,7 +228,7 @@ def _search(
     assert local_usable is not None  # set from this rank's capacity
     with ranks.quiet_step(request.step.model):
         outcome = search(
-            ranks.trials(_checked_trials(workload, meter), local_usable),
+            ranks.trials(leak_checked(workload, meter), local_usable),
             start=start,
             usable_bytes=capacity.usable_bytes,
             base_bytes=capacity.base_bytes,
@@ -238,17 +241,44 @@ def _search(
     return outcome, notes
 
 
-def _checked_trials(workload: Workload, meter: Meter) -> Callable[[int], Trial]:
-    """``run(b)``: trials whose first one to finish also checks the step for leaks."""
-    checked = False
+def _accumulate(
+    request: Request,
+    workload: Workload,
+    meter: Meter,
+    capacity: Capacity,
+    outcome: SearchOutcome,
+    picked: Picked,
+) -> Accumulated | None:
+    """The micro-batch ceiling from accumulating trials, when the global batch's plan needs it.
 
-    def run(b: int) -> Trial:
-        nonlocal checked
-        trial = run_trial(workload, meter, b, check_leak=not checked)
-        checked = checked or not trial.oom
-        return trial
-
-    return run
+    Returns:
+        The accumulating trials' answer, or None when the plan has one micro-batch (or the
+        trials already accumulate, or there is nothing to accumulate).
+    """
+    step, ranks = request.step, request.ranks
+    wanted = per_rank(request.advice.global_batch, ranks.world_size)
+    if (
+        wanted is None
+        or capacity.beyond_host is not None
+        or step.mode is Mode.INFERENCE
+        or step.train_step is not None
+        or step.loop.accumulate > 1
+        or accumulation_plan(wanted, outcome.ceiling, picked.batch_size).accumulation_steps == 1
+    ):
+        return None
+    usable = meter.usable_bytes
+    assert usable is not None  # set from this rank's capacity
+    with ranks.quiet_step(step.model):
+        return measure_accumulation(
+            ranks.trials(accumulating_trials(workload, meter), usable),
+            ceiling=outcome.ceiling,
+            model=outcome.memory_model,
+            usable=capacity.usable_bytes,
+            grid=request.search.grid,
+            extra_guess=gradient_bytes(step.model.parameters()),
+            plain=outcome.trials,
+            on_trial=request.search.on_trial,
+        )
 
 
 def _keep_ceiling(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
@@ -330,6 +360,14 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         None if scan is None else scan.note,
     ]
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
+    accumulated, model = measured.accumulated, outcome.memory_model
+    extra = (
+        accumulated.extra_bytes
+        if accumulated is not None
+        else float(gradient_bytes(step.model.parameters()))
+    )
+    if model is not None and step.mode is not Mode.INFERENCE and step.loop.accumulate == 1:
+        model = dataclasses.replace(model, accumulation_bytes=extra)
     return BatchSizeResult(
         batch_size=picked.batch_size,
         ceiling=outcome.ceiling,
@@ -344,7 +382,7 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         headroom_bytes=capacity.headroom_bytes,
         usable_bytes=capacity.usable_bytes,
         virtual=capacity.virtual,
-        memory_model=outcome.memory_model,
+        memory_model=model,
         complete=outcome.complete,
         stop_reason=outcome.stop_reason,
         pick_reason=picked.reason,
@@ -362,6 +400,14 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
             own_step=step.train_step is not None,
             inference=step.mode is Mode.INFERENCE,
         ),
+        accumulation_ceiling=(
+            accumulated.ceiling
+            if accumulated is not None
+            else outcome.ceiling
+            if step.loop.accumulate > 1
+            else None
+        ),
+        accumulation_trials=() if accumulated is None else accumulated.trials,
     )
 
 

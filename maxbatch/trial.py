@@ -209,3 +209,20 @@ def run_trial(
     return Trial(
         batch_size, fits, int(peak), seconds, oom, reserved, retries, state, trace, steps=steps
     )
+
+
+def leak_checked(workload: Workload, meter: Meter) -> Callable[[int], Trial]:
+    """``run(b)``: trials of which the first to finish also checks the step for leaks.
+
+    Returns:
+        The trial function.
+    """
+    checked = False
+
+    def run(b: int) -> Trial:
+        nonlocal checked
+        trial = run_trial(workload, meter, b, check_leak=not checked)
+        checked = checked or not trial.oom
+        return trial
+
+    return run

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
-from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
 
 from maxbatch.errors import ConfigError
+
+#: The largest size taken (1 EiB): no device comes near it, and every size below it stays exact
+#: in the arithmetic of the searches (a float holds it, an int of it never overflows).
+MAX_BYTES = 1024**6
 
 _UNITS = {
     "": 1,
@@ -37,26 +42,41 @@ def parse_bytes(value: str | int | float, *, name: str = "size") -> int:
 
     Returns:
         The size in bytes. A fraction of a byte rounds to the nearest byte, halves up
-        (``"1.08 KiB"`` is 1105.92 B, so 1106); the arithmetic is decimal, so ``"0.1 KB"`` is
-        exactly 100.
+        (``"1.08 KiB"`` is 1105.92 B, so 1106); the arithmetic is exact, so ``"0.1 KB"`` is
+        100.
 
     Raises:
-        ConfigError: the value is not a non-negative size.
+        ConfigError: the value is not a non-negative size, not finite (``inf``, ``nan``), or
+            larger than :data:`MAX_BYTES`.
     """
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not a size; use e.g. 300MiB or 24GiB")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ConfigError(f"{name}={value!r} is negative; give a size such as 300MiB")
-        return int(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} is not a size (not finite); give e.g. 300MiB")
+        return _at_most_max(int(value), value, name)
     match = _SIZE.match(value)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise ConfigError(
             f"{name}={value!r} is not a size; use a number and unit such as 300MiB, 24GiB or 1.5GB"
         )
-    exact = Decimal(match.group(1)) * _UNITS[unit]
-    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+    # Exact arithmetic: a float of 400 digits is inf, and int(inf) an OverflowError. A fraction
+    # of a byte rounds to the nearest byte, halves up (int() would truncate 1105.92 to 1105).
+    exact = Fraction(match.group(1)) * _UNITS[unit]
+    return _at_most_max(math.floor(exact + Fraction(1, 2)), value, name)
+
+
+def _at_most_max(size: int, value: str | int | float, name: str) -> int:
+    if size > MAX_BYTES:
+        shown = value if len(str(value)) <= 24 else f"{str(value)[:12]}...({len(str(value))} chars)"
+        raise ConfigError(
+            f"{name}={shown!r} is not a size any device has (more than 1 EiB); give one such "
+            "as 24GiB"
+        )
+    return size
 
 
 def format_bytes(n: float) -> str:

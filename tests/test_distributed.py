@@ -215,3 +215,5 @@ def test_torchrun_probes_the_ddp_example_and_only_rank_0_speaks(tmp_path: Path) 
     )
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert json.loads(alone.stdout)["ceiling"] == data["ceiling"]  # DDP's trials: the same step
+    # The ranks' traces travel with the agreed trial: as few trials as alone (10 without them).
+    assert len(data["trials"]) == 3

@@ -1,4 +1,5 @@
-"""Isolated trials: each trial in a real child process; killed children and RLIMIT_AS on the CPU."""
+"""Isolated trials: each trial in a real child process; RLIMIT_AS on the CPU (deaths by signal,
+hangs and orphans: test_isolate_deaths.py)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,9 @@ from rlimit import CAP
 
 from maxbatch.errors import ConfigError, ModelFileError, WorkloadError
 from maxbatch.isolate import probe_file
-from maxbatch.results import Trial
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, RLIMIT_AS")
-
-# A step that kills its own process from a batch size on, as the kernel's OOM killer would. The
-# sample starts the search at the last size that lives: each child is a torch start-up, and the
-# ones above it (16, 14, 13) are all killed.
-KILLED = textwrap.dedent(
-    """
-    import os, signal
-    import torch
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 2)
-    sample = torch.randn(12, 8)
-
-    def forward(model, batch):
-        if batch.shape[0] > 12:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return model(batch)
-    """
-)
 
 
 @pytest.fixture(autouse=True)
@@ -44,30 +25,6 @@ def importable(monkeypatch: pytest.MonkeyPatch) -> None:
     """The children import this checkout's maxbatch."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-@LINUX
-@pytest.mark.slow
-def test_a_killed_child_counts_as_not_fitting_with_a_note(tmp_path: Path) -> None:
-    path = tmp_path / "killed.py"
-    path.write_text(KILLED)
-    trials: list[Trial] = []
-    result = probe_file(
-        path,
-        isolate=True,
-        memory="1MiB",
-        optimizer="sgd",
-        profile=False,
-        max_batch_size=16,
-        on_trial=trials.append,
-    )
-    assert result.ceiling == 12
-    fits = {t.batch_size: t.fits for t in result.trials}
-    assert fits[12] is True and fits[13] is False
-    assert [t.batch_size for t in trials] == [t.batch_size for t in result.trials]
-    killed = "batch size 13: the trial's process was killed by SIGKILL"
-    assert any(killed in n for n in result.notes)
-    assert result.notes[0].startswith("isolated")
 
 
 STEP = 256

@@ -110,6 +110,7 @@ class Leaky(torch.nn.Module):
         return self.head(h)
 
 
+@pytest.mark.slow
 def test_a_leak_is_named_not_measured() -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 32)
@@ -143,3 +144,92 @@ def test_a_leak_exits_1_in_the_cli(tmp_path: Any) -> None:
     )
     assert result.exit_code == 1
     assert "the step leaks" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "global_batch"), [("mlp", 4096), ("cnn", 64), ("object", 4096)])
+def test_a_global_batch_plan_trains_the_accumulating_loop(name: str, global_batch: int) -> None:
+    model, sample = MODELS[name]()
+    result = probe(model, sample, global_batch=global_batch)
+    micro = result.accumulation_ceiling
+    assert micro is not None and micro <= result.ceiling
+    assert 1 <= len(result.accumulation_trials) <= 2  # the extra term predicts it
+    judge(name, micro, accumulate=2)
+    assert result.advice is not None
+    plan = result.advice["accumulation"]
+    assert plan["micro_batch"] <= micro and plan["accumulation_steps"] > 1
+    model, sample = MODELS[name]()
+    train(model, sample, plan["micro_batch"], CAP, accumulate=plan["accumulation_steps"])
+
+
+def test_the_plan_takes_its_micro_batch_from_the_accumulating_trials() -> None:
+    model, x = mlp()
+    plain = probe(model, x)
+    # Twice the plain ceiling: without accumulation measured, the plan was ceiling x 2.
+    result = probe(model, x, global_batch=2 * plain.ceiling)
+    assert result.accumulation_ceiling is not None
+    assert result.accumulation_ceiling < plain.ceiling
+    assert result.advice is not None
+    plan = result.advice["accumulation"]
+    assert plan["micro_batch"] <= result.accumulation_ceiling
+    assert "accumulating keeps a second gradient" in plan["note"]
+    assert result.memory_model is not None and result.memory_model.accumulation_bytes > 0
+    model, x = mlp()
+    with pytest.raises(torch.OutOfMemoryError):  # the old plan's micro-batch
+        train(model, x, plain.ceiling, CAP, accumulate=2)
+    model, x = mlp()
+    train(model, x, plan["micro_batch"], CAP, accumulate=plan["accumulation_steps"])
+
+
+@pytest.mark.slow
+def test_accumulate_makes_every_trial_accumulate() -> None:
+    model, x = mlp()
+    result = probe(model, x, accumulate=2)
+    assert result.steady_state is not None and result.steady_state["micro_batches"] == 2
+    assert result.accumulation_ceiling == result.ceiling
+    judge("mlp", result.ceiling, accumulate=2)
+
+
+def test_micro_batcher_from_result_stays_under_the_accumulating_ceiling() -> None:
+    model, x = mlp()
+    result = probe(model, x, global_batch=4096)
+    assert result.accumulation_ceiling is not None
+    assert result.accumulation_ceiling < result.batch_size  # profile=False: the pick is the ceiling
+    model, x = mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    changes: list[Any] = []
+    batcher = maxbatch.MicroBatcher.from_result(
+        result, model, opt, on_change=lambda *a: changes.append(a)
+    )
+    assert batcher.micro_batch_size == result.accumulation_ceiling
+    # Batches from the host (on a GPU they would be), micro-batches on the device.
+    batches = [torch.randn(2 * batcher.micro_batch_size, 32) for _ in range(5)]
+    with maxbatch.virtual_device(CAP) as device:
+        device.track(model)
+        for batch in batches:
+            batcher.step(batch)
+    assert changes == []
+    # Without accumulating trials the model's extra term predicts the micro-batch ceiling.
+    model, x = mlp()
+    predicted = probe(model, x).micro_ceiling()
+    assert predicted < result.ceiling
+    assert abs(predicted - result.accumulation_ceiling) <= 0.02 * result.ceiling
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "pick", "ceiling", "note"),
+    [
+        (1000, 4000, 5000, "1 step of 1000 samples: no accumulation is needed"),
+        (1000, 2000, 5000, "1 step of 1000 samples: no accumulation is needed"),
+        (1009, 300, 400, "3 accumulation steps of 336 samples make 1008 (-1 against 1009)"),
+        (4096, 512, 1000, "8 accumulation steps of 512 samples make exactly 4096"),
+    ],
+)
+def test_the_accumulation_note_reads_right(
+    global_batch: int, pick: int, ceiling: int, note: str
+) -> None:
+    from maxbatch.advise import accumulation_plan
+
+    plan = accumulation_plan(global_batch, ceiling, pick)
+    assert plan.note.startswith(note)
+    assert "1 accumulation steps" not in plan.note and "1 steps" not in plan.note

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from maxbatch.earlysignals import EXIT_INTERRUPTED, EXIT_TERMINATED
 from maxbatch.errors import (
     ConfigError,
     DeviceError,
@@ -22,8 +23,6 @@ from maxbatch.interrupt import Terminated, stop_signals
 
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 #: This process's rank under torchrun: only rank 0 prints (other ranks: a lost rank only).
 #: ``probe`` sets it once torchrun's environment is read.

@@ -13,7 +13,8 @@ from maxbatch.cli import exits
 from maxbatch.cli.exits import interruptible, run
 from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
 from maxbatch.cli.report import check_report, write_report_files
-from maxbatch.device import device_label, resolve_device
+from maxbatch.device import device_label, require_weights, resolve_device
+from maxbatch.errors import ConfigError
 from maxbatch.finder import find_batch_size
 from maxbatch.interrupt import Terminated
 from maxbatch.modelfile import ModelSpec
@@ -34,6 +35,14 @@ from maxbatch.unfinished import ProfileInterrupted
     "--isolate",
     is_flag=True,
     help="run each trial in a fresh process that loads MODEL_FILE (a killed one does not fit)",
+)
+@click.option(
+    "--trial-timeout",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="with --isolate: seconds each child may run before its process group is killed "
+    "[default: 600]",
 )
 @click.option(
     "--trust-cache", is_flag=True, help="use a cached answer without running its ceiling again"
@@ -101,6 +110,7 @@ def probe(
     no_profile: bool,
     no_cache: bool,
     isolate: bool,
+    trial_timeout: float | None,
     trust_cache: bool,
     pick: str,
     tolerance: float,
@@ -129,6 +139,7 @@ def probe(
         run(debug, lambda: check_report(report_dir))
     dev = run(debug, lambda: resolve_device(torchrun.rank_device(device)))
     if not isolate:  # isolated: only the children touch the device
+        run(debug, lambda: require_weights(spec.model))
         spec.model.to(dev)
     count = 0
 
@@ -169,13 +180,21 @@ def probe(
     with interruptible(trials):
         if isolate:
             result = run(
-                debug, lambda: _isolated(model_file, device_label(dev), memory, options, step)
+                debug,
+                lambda: _isolated(
+                    model_file,
+                    device_label(dev),
+                    memory,
+                    {**options, "trial_timeout": trial_timeout},
+                    step,
+                ),
             )
         else:
             try:
                 result = _probe(
                     debug,
                     spec,
+                    trial_timeout,
                     device=dev,
                     memory=memory,
                     extra_state=extra,
@@ -214,7 +233,9 @@ def _answer(result: dict[str, Any], model_file: str, as_json: bool, *, tty: bool
         click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
 
 
-def _probe(debug: bool, spec: ModelSpec, **kwargs: Any) -> Any:
+def _probe(debug: bool, spec: ModelSpec, trial_timeout: float | None, **kwargs: Any) -> Any:
+    if trial_timeout is not None:
+        run(debug, _timeout_needs_isolate)
     return run(debug, lambda: find_batch_size(spec.model, spec.batch_source(scanned), **kwargs))
 
 
@@ -228,8 +249,8 @@ def _isolated(
     """``--isolate``: every trial in a fresh process (the file's own hooks are loaded there)."""
     from maxbatch.isolate import probe_file
 
-    if not options.get("noise_scale"):
-        options = {k: v for k, v in options.items() if k != "noise_scale"}
+    unset = {k for k in ("noise_scale", "trial_timeout") if not options.get(k)}
+    options = {k: v for k, v in options.items() if k not in unset}
     return probe_file(
         model_file,
         isolate=True,
@@ -243,4 +264,11 @@ def _isolated(
         max_batch_size=step["max_batch"],
         multiple_of=step["multiple_of"],
         **options,
+    )
+
+
+def _timeout_needs_isolate() -> None:
+    raise ConfigError(
+        "--trial-timeout bounds the processes of --isolate; add --isolate (without it "
+        "every trial runs in this process: --time-budget bounds the search)"
     )
