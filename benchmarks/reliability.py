@@ -11,7 +11,7 @@
    or lose their parent; Ctrl-C / SIGTERM in the command's first seconds; absurd sizes; models
    on the meta device; ``--report`` under a linked parent. Cases handled of cases tried.
 
-Run from the repository root (about two minutes on 2 busy cores)::
+Run from the repository root (about four minutes on 2 busy cores, 3.5 of them section 5)::
 
     python benchmarks/reliability.py
 """

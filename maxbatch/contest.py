@@ -1,13 +1,22 @@
-"""Interleaved rounds between the sizes a pick hinges on, and how sure the pick is.
+"""Interleaved rounds between every size that can win, and how sure the pick is.
 
 Sizes timed one after another meet different load, so a pick decided by a difference smaller
-than the timing noise follows the load, not the step. When the pick hinges on sizes whose
-difference from the rule's threshold is within their measured spread (the IQR of their
-replicates) and more than the tolerance may be at stake, the pick, its rival and the best are
-timed again in interleaved rounds, the order reversed each round so that load hits
-them alike. Their replicates are pooled; each one's spread becomes the standard error of its
-per-round throughput ratio to the best, and a size slower than the best by less than that spread
-is tied with it, which the pick rule decides (:func:`maxbatch.pick.pick`: the smaller).
+than the timing noise follows the load, not the step. The noise rules of the pick, in one place:
+
+1. **Who can win.** After the search, every timed size whose throughput, give or take its
+   measured spread (the IQR of its replicates), could make it the pick is a contender.
+2. **Same rounds or no comparison.** When more than one size can win, all of them (up to
+   :data:`MAX_CONTENDERS`, the likeliest first) are timed again in :data:`ROUNDS` interleaved
+   rounds, the order reversed each round so that load hits them alike. The pick is decided on
+   the rounds alone: first-pass replicates, timed in another period, are never pooled with
+   them, and a size outside the rounds is never the pick.
+3. **Ties by median, never by spread.** Sizes tie only when their median throughputs are within
+   the tolerance (the rule then takes the smaller), never merely because their spreads overlap.
+4. **Confidence.** ``high`` when the pick met the rule in every round, ``medium`` in most; when
+   the rounds cannot separate the sizes, the pick is the fastest median and the confidence is
+   ``low``, as it is when every timed size is noisy, when one size was timed, or when no round
+   found time in the budget.
+
 This module is pure: it sees the timed points and a ``time_again(b)`` function.
 """
 
@@ -18,11 +27,12 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from maxbatch.pick import PickRule, sizes_text
+from maxbatch.pick import PickRule, pick, sizes_text
 from maxbatch.results import Throughput
-from maxbatch.timing import measurement
+from maxbatch.timing import NOISY, measurement
 
-ROUNDS = 2  #: interleaved rounds after a size's first timing
+ROUNDS = 3  #: interleaved rounds of the contenders, after the search
+MAX_CONTENDERS = 4  #: at most this many sizes in the rounds (the likeliest winners first)
 
 TimeAgain = Callable[[int], "Sequence[float] | None"]  # None: no time (budget) or out of memory
 
@@ -44,11 +54,12 @@ class Contest:
     """What the interleaved rounds measured.
 
     Attributes:
-        points: every timed size, the contenders' replicates pooled over their rounds.
+        points: the contenders, measured on the complete rounds' replicates only.
         spread: by contender, the standard error of its per-round throughput ratio to the best.
-        rounds: per round, the throughput of each contender timed in it.
-        contenders: the sizes timed again (empty when the margins exceeded the spread).
+        rounds: per complete round, the throughput of each contender.
+        contenders: the sizes timed in the rounds.
         blocked: why rounds were cut short, or "".
+        left_out: sizes that could win but did not fit in the rounds (:data:`MAX_CONTENDERS`).
     """
 
     points: dict[int, Throughput]
@@ -56,6 +67,7 @@ class Contest:
     rounds: list[dict[int, float]]
     contenders: list[int]
     blocked: str = ""
+    left_out: tuple[int, ...] = ()
 
 
 def _relative_iqr(p: Throughput) -> float:
@@ -66,82 +78,151 @@ def _best(points: Mapping[int, Throughput]) -> Throughput:
     return max(points.values(), key=lambda p: (p.samples_per_second, -p.batch_size))
 
 
+def _lo(p: Throughput, floor: float = 0.0) -> float:
+    return p.samples_per_second * (1 - max(_relative_iqr(p), floor))
+
+
+def _hi(p: Throughput, floor: float = 0.0) -> float:
+    return p.samples_per_second * (1 + max(_relative_iqr(p), floor))
+
+
+def can_win(
+    points: Mapping[int, Throughput], chosen: int, rule: PickRule, tolerance: float
+) -> list[int]:
+    """Every timed size that could be the pick, give or take the spreads; the likeliest first.
+
+    ``"fastest"``: the best, and every size that may be more than the tolerance faster than the
+    pick (a smaller difference leaves both within the tolerance of each other). ``"within"``: the
+    pick; every smaller size that may be within the tolerance of the best after all; and, when
+    the pick itself may not be within it, every larger size that may be. Sizes whose spread
+    cannot reach the rule's threshold are out: they cannot win. The best is always among them
+    (it sets the threshold) when there is more than one. On a busy machine (some size timed
+    noisy) a size's spread is at least :data:`~maxbatch.timing.NOISY` of its throughput: load
+    that changes between timings moves whole timings, which no single timing's IQR shows.
+
+    Returns:
+        The sizes, the best first, then by optimistic throughput; just ``[chosen]`` (or the
+        best and the pick) when the pick does not hinge on the spread.
+    """
+    best, me = _best(points), points[chosen]
+    busy = NOISY if any(p.noisy for p in points.values()) else 0.0
+    if rule is PickRule.FASTEST:
+        edge = _lo(me, busy) * (1 + tolerance)
+        out = [b for b, p in points.items() if b != chosen and _hi(p, busy) > edge]
+    else:
+        edge = (1 - tolerance) * _lo(best, busy)
+        unsure = chosen != best.batch_size and _lo(me, busy) < (1 - tolerance) * _hi(best, busy)
+        out = [
+            b
+            for b, p in points.items()
+            if b != chosen and _hi(p, busy) >= edge and (b < chosen or unsure)
+        ]
+    if not out:
+        return [chosen]
+    rest = sorted(out, key=lambda b: -_hi(points[b], busy))
+    return list(dict.fromkeys([best.batch_size, chosen, *rest]))
+
+
 def contenders(
     points: Mapping[int, Throughput], chosen: int, rule: PickRule, tolerance: float
 ) -> list[int]:
-    """The sizes the pick ``chosen`` hinges on: the best, the pick and its closest rival.
-
-    Each throughput may be off by its relative IQR. A rival is, first, a timed size that may
-    then be more than the tolerance faster than the pick (a smaller difference leaves both
-    within the tolerance of each other, so it is not worth a round); for ``"within"``, then the
-    next larger timed size when the pick may be more than half the tolerance short of its
-    threshold, else the largest smaller size that may be within it after all. Empty when there
-    is none.
+    """The sizes for the interleaved rounds: :func:`can_win`, at most :data:`MAX_CONTENDERS`.
 
     Returns:
-        The contenders, the best first; empty when there is no rival.
+        The contenders, the best first; empty when only the pick can win.
     """
-    best = _best(points)
-    me = points[chosen]
-
-    def lo(p: Throughput) -> float:
-        return p.samples_per_second * (1 - _relative_iqr(p))
-
-    def hi(p: Throughput) -> float:
-        return p.samples_per_second * (1 + _relative_iqr(p))
-
-    faster = [b for b, p in points.items() if b != chosen and hi(p) > lo(me) * (1 + tolerance)]
-    rival = max(faster, key=lambda b: points[b].samples_per_second, default=None)
-    if rival is not None or rule is PickRule.FASTEST:
-        pass
-    elif chosen != best.batch_size and lo(me) * (1 + tolerance / 2) < (1 - tolerance) * hi(best):
-        # the pick may not be within the tolerance after all
-        rival = min((b for b in points if b > chosen), default=None)
-    else:  # a smaller size may be within after all
-        floor = (1 - tolerance) * lo(best)
-        rival = max((b for b, p in points.items() if b < chosen and hi(p) >= floor), default=None)
-    if rival is None:
-        return []
-    return list(dict.fromkeys([best.batch_size, chosen, rival]))
+    sizes = can_win(points, chosen, rule, tolerance)
+    return sizes[:MAX_CONTENDERS] if len(sizes) > 1 else []
 
 
 def run_rounds(
-    points: Mapping[int, Throughput],
-    seconds: Mapping[int, Sequence[float]],
     sizes: list[int],
     time_again: TimeAgain,
     noisy: float,
+    left_out: Sequence[int] = (),
+    *,
+    room: Callable[[Sequence[int]], str | None] | None = None,
 ) -> Contest:
-    """Time ``sizes`` (the best first) in :data:`ROUNDS` interleaved rounds; pool and compare.
+    """Time ``sizes`` in :data:`ROUNDS` interleaved rounds, the order reversed each round.
 
-    ``seconds`` holds each size's replicates so far, the first round.
+    Only complete rounds count, and only their replicates are pooled: the first pass, timed in
+    another period, is left out of the comparison. ``room(sizes)`` says why a whole round does
+    not fit (the budget), or None; a round that does not fit is not started, and when not even
+    the first round fits, the least likely winners (the last of ``sizes``, at least two stay)
+    are left out of the rounds to make room: they can then not be the pick.
 
     Returns:
-        The rounds, the pooled points and what blocked a round, if anything.
+        The complete rounds, the contenders measured on them and what blocked a round, if any.
     """
-    pooled = {b: list(seconds[b]) for b in sizes}
-    rounds = [{b: points[b].samples_per_second for b in sizes}]
+    sizes, left_out = list(sizes), list(left_out)
+    while room is not None and len(sizes) > 2 and room(sizes) is not None:
+        left_out.insert(0, sizes.pop())  # the least likely winner makes room for a round
+    pooled: dict[int, list[float]] = {b: [] for b in sizes}
+    rounds: list[dict[int, float]] = []
     blocked = ""
     for k in range(ROUNDS):
         order = sizes[::-1] if k % 2 == 0 else sizes
-        this: dict[int, float] = {}
+        if room is not None and (why := room(sizes)) is not None:
+            blocked = f"round {k + 1} of {ROUNDS} was not started: {why}"
+            break
+        this: dict[int, list[float]] = {}
         for b in order:
             more = time_again(b)
             if not more:
-                blocked = f"round {k + 2} could not time batch size {b}"
+                blocked = f"round {k + 1} of {ROUNDS} could not time batch size {b}"
                 break
-            pooled[b].extend(more)
-            this[b] = measurement(b, more, noisy).samples_per_second
+            this[b] = list(more)
         if blocked:
             break
-        rounds.append(this)
-    merged = dict(points) | {b: measurement(b, pooled[b], noisy) for b in sizes}
-    ref = _best({b: merged[b] for b in sizes}).batch_size
+        for b, more in this.items():
+            pooled[b].extend(more)
+        rounds.append({b: measurement(b, this[b], noisy).samples_per_second for b in sizes})
+    merged = {b: measurement(b, pooled[b], noisy) for b in sizes} if rounds else {}
     spread = {}
-    for b in sizes:  # the standard error of the mean per-round ratio to the best
-        ratios = [r[b] / r[ref] for r in rounds]
-        spread[b] = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else 0.0
-    return Contest(merged, spread, rounds, sizes, blocked)
+    if merged:
+        ref = _best(merged).batch_size
+        for b in sizes:  # the standard error of the mean per-round ratio to the best
+            ratios = [r[b] / r[ref] for r in rounds]
+            spread[b] = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else 0.0
+    return Contest(merged, spread, rounds, sizes, blocked, tuple(left_out))
+
+
+def _agree(b: int, contest: Contest, tolerance: float) -> int:
+    """In how many rounds ``b`` was within ``tolerance`` of that round's fastest."""
+    return sum(r[b] >= (1 - tolerance) * max(r.values()) for r in contest.rounds)
+
+
+def decide(contest: Contest, rule: PickRule, tolerance: float) -> tuple[int, str, Confidence]:
+    """The pick from the interleaved rounds alone, why, and how sure it is.
+
+    The rule picks on the rounds' medians. When the pick met the rule (within ``tolerance`` of
+    the round's fastest) in every round: ``high``; in most: ``medium``. Otherwise the rounds
+    cannot separate the sizes: the pick is the fastest median, ``low``.
+
+    Returns:
+        The batch size, the reason and the confidence.
+    """
+    points = list(contest.points.values())
+    chosen, reason = pick(points, rule=rule, tolerance=tolerance)
+    total, names = len(contest.rounds), sizes_text(sorted(contest.contenders))
+    agree = _agree(chosen, contest, tolerance)
+    pct = f"{tolerance * 100:g}%"
+    where = f"{total} interleaved round{'s' if total > 1 else ''} of {names}"
+    if 2 * agree <= total:
+        fastest, why = pick(points, rule=PickRule.FASTEST, tolerance=0.0)
+        sure = Confidence(
+            "low",
+            f"in {where}, batch size {chosen} was within {pct} of the round's fastest in only "
+            f"{agree} of them: the rounds cannot separate the sizes, so the pick is the "
+            "fastest median",
+        )
+        return fastest, f"by {where}: {why}", sure
+    level = "high" if agree == total and total > 1 else "medium"
+    sure = Confidence(
+        level,
+        f"in {agree} of {where}, batch size {chosen} was within {pct} of that round's fastest",
+    )
+    return chosen, f"by {where}: {reason}", sure
 
 
 def _close(points: Mapping[int, Throughput], rule: PickRule, tolerance: float) -> list[int]:
@@ -160,26 +241,37 @@ def _close(points: Mapping[int, Throughput], rule: PickRule, tolerance: float) -
 def confidence(
     chosen: int,
     points: Mapping[int, Throughput],
-    contest: Contest | None,
     rule: PickRule,
     tolerance: float,
+    *,
+    contest: Contest | None = None,
 ) -> Confidence:
-    """How sure the pick is.
+    """How sure a pick made without (complete) interleaved rounds is.
 
-    After interleaved rounds: ``"high"`` when in every round the pick's throughput was within
-    ``tolerance`` of that round's fastest contender, ``"medium"`` in most rounds, else ``"low"``.
-    Without rounds: ``"low"`` when only one size was timed, when the rounds found no time, or
-    when the pick's or the best's timing is noisy; ``"medium"`` when some size is within its
-    measured spread of the rule's threshold (too little throughput at stake for a round);
-    else ``"high"``.
+    ``"low"`` when only one size was timed, when every timed size is noisy, when the pick's or
+    the best's timing is noisy, or when rounds were wanted but none could be timed;
+    ``"medium"`` when some size is within its measured spread of the rule's threshold but too
+    little throughput is at stake for a round; else ``"high"``.
 
     Returns:
         The level and why.
     """
     if len(points) == 1:
         return Confidence("low", f"only batch size {chosen} was timed: nothing to compare it with")
-    if contest is not None and contest.contenders:
-        return _from_rounds(chosen, contest, tolerance)
+    if all(p.noisy for p in points.values()):
+        worst = max(_relative_iqr(p) for p in points.values())
+        return Confidence(
+            "low",
+            f"every timed size is noisy (IQR up to {worst:.0%} of the median): the machine was "
+            "busy; run again when it is quiet",
+        )
+    if contest is not None:
+        names = sizes_text(sorted(contest.contenders))
+        return Confidence(
+            "low",
+            f"sizes {names} could each be the pick and no interleaved round of them fitted "
+            f"({contest.blocked}): the pick compares sizes timed at different times",
+        )
     for b in dict.fromkeys([chosen, _best(points).batch_size]):
         if points[b].noisy:
             return Confidence(
@@ -189,30 +281,13 @@ def confidence(
             )
     close = _close(points, rule, tolerance)
     if close:
+        names, many = sizes_text(sorted(close)), len(close) > 1
         return Confidence(
             "medium",
-            f"batch size {sizes_text(sorted(close))} lies within its measured spread of the "
-            f"pick rule's threshold, with too little throughput at stake for another round",
+            f"batch size{'s' if many else ''} {names} {'are' if many else 'is'} within "
+            f"{'their' if many else 'its'} timing spread of the rule's threshold, but less "
+            "than the tolerance is at stake, so no interleaved rounds were run",
         )
     return Confidence(
-        "high", "every timed size's margin to the pick rule's threshold exceeded its spread"
-    )
-
-
-def _from_rounds(chosen: int, contest: Contest, tolerance: float) -> Confidence:
-    pct, names = f"{tolerance * 100:g}%", sizes_text(sorted(contest.contenders))
-    if len(contest.rounds) == 1:
-        return Confidence(
-            "low",
-            f"the pick hinges on sizes within their measured spread ({names}) and no "
-            f"interleaved round could be timed ({contest.blocked})",
-        )
-    agree = sum(r.get(chosen, 0.0) >= (1 - tolerance) * max(r.values()) for r in contest.rounds)
-    total = len(contest.rounds)
-    level = "high" if agree == total else "medium" if 2 * agree > total else "low"
-    share = statistics.median(r.get(chosen, 0.0) / max(r.values()) for r in contest.rounds)
-    return Confidence(
-        level,
-        f"in {agree} of {total} interleaved rounds of {names}, batch size {chosen} was within "
-        f"{pct} of that round's fastest (median {share:.1%} of it)",
+        "high", "every timed size's margin to the rule's threshold exceeds its spread"
     )

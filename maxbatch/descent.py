@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 ALIGN_SLACK = 1 / 32  #: the descent starts at the largest multiple of ALIGN this close to the top
 ALIGN = 8  #: sizes near the ceiling are multiples of this (tensor-core friendly)
 PROBE_RATIO = 2.0  #: the cost rule allows at least this many times the probe's own time
-CONTEST_RATIO = 2.0  #: interleaved rounds may take the search up to this times its cost rule
+CONTEST_RATIO = 2.0  #: the profiler's budget: this times the cost rule, rounds included
+SAFETY = 1.5  #: the profiler's budget allows for a step this much slower than its last warm one
+STEPS = 7  #: steps per timing of one size (2 warm-up, 5 timed), as :mod:`maxbatch.timing` runs
 
 TimeStep = Callable[[int], Sequence[float]]
 
@@ -54,6 +56,8 @@ class Search:
         noisy: IQR / median above which a size is flagged noisy (and timed once more).
         on_point: called with each point as it is measured.
         prior: rough seconds of timing some sizes, to predict costs before any is timed.
+        steps: steps per timing of one size (warm-up and replicates): a size's warm cost is its
+            mean step times this.
     """
 
     def __init__(
@@ -68,13 +72,17 @@ class Search:
         noisy: float,
         on_point: Callable[[Throughput], None] | None,
         prior: Mapping[int, float],
+        steps: int = STEPS,
     ):
         self.time_step, self.sizes, self.budget, self.clock = time_step, sizes, budget, clock
         self.prior, self.share, self.probe_seconds = prior, share, probe_seconds
-        self.noisy, self.on_point = noisy, on_point
+        self.noisy, self.on_point, self.steps = noisy, on_point, steps
+        self.allowance: float | None = None  # the profiler's budget, fixed once the rule applies
         self.points: dict[int, Throughput] = {}
         self.seconds: dict[int, list[float]] = {}  # the replicates behind each point
         self.cost: dict[int, float] = {}  # seconds spent on each size, warm-up included
+        self.warm_spent = 0.0  # what the timings so far would have cost warm
+        self.latest: dict[int, list[float]] = {}  # each size's latest replicates
         self.oom: list[int] = []
         self.skipped: dict[int, str] = {}  # sizes the cost rule or the budget kept out, and why
         self.budget_hit = False
@@ -98,43 +106,98 @@ class Search:
     def predict(self, b: int) -> float:
         """Seconds timing ``b`` should cost, from the timed sizes and the ``prior``.
 
-        The prior's costs, scaled by what the timed sizes really cost against it, fill in
-        where nothing was timed; with neither, 0.
+        A timed size costs its warm mean step times :attr:`steps`: the first timing's cold
+        steps (optimizer state, workspaces, caches) do not repeat, and predicting from them made
+        cheap sizes look 20-50x dearer than they are. The prior's costs (the probe's trials,
+        counted and cold), scaled by what the timed sizes cost warm against them, fill in where
+        nothing was timed; with neither, 0.
 
         Returns:
             The predicted seconds.
         """
-        known = dict(self.cost)
+        known = {t: float(np.mean(self.latest[t])) * self.steps for t in self.points}
         if self.prior:
-            scale, expected = 1.0, sum(_interpolate(self.prior, t) for t in self.cost)
-            if self.cost and expected > 0:
-                scale = sum(self.cost.values()) / expected
+            scale, expected = 1.0, sum(_interpolate(self.prior, t) for t in known)
+            if known and expected > 0:
+                scale = sum(known.values()) / expected
             known = {k: c * scale for k, c in self.prior.items()} | known
         return _interpolate(known, b) if known else 0.0
 
-    def blocked(self, b: int, *, shared: bool, factor: float = 1.0) -> str | None:
+    def rule_limit(self) -> float:
+        """The cost rule's limit now.
+
+        Returns:
+            The larger of ``share`` of timing every candidate (warm) and :data:`PROBE_RATIO`
+            times the probe, in seconds.
+        """
+        whole = self.warm_spent + sum(map(self.predict, self.untimed()))
+        return max(self.share * whole, PROBE_RATIO * self.probe_seconds)
+
+    def fix_allowance(self) -> float:
+        """The profiler's budget, every timing and interleaved round included.
+
+        Fixed the first time it is asked for (when the cost rule first applies, after the top
+        is timed warm): :data:`CONTEST_RATIO` times the cost rule's limit then, plus what the
+        cold first steps already took beyond their warm cost, and never less than what was
+        already spent; under ``budget`` when one is given.
+
+        Returns:
+            The seconds the whole profiler may take.
+        """
+        if self.allowance is None:
+            spent = self.clock() - self.start
+            cold = max(spent - self.warm_spent, 0.0)
+            self.allowance = max(CONTEST_RATIO * self.rule_limit() + cold, spent)
+            if self.budget is not None:
+                self.allowance = min(self.allowance, max(self.budget, spent))
+        return self.allowance
+
+    def reserve(self) -> float:
+        """Seconds the search leaves for interleaved rounds, once a noisy size makes them likely.
+
+        Returns:
+            The predicted cost of one round of two sizes like the best (the pick, its rival),
+            with the rounds' :data:`SAFETY` margin, or 0 while no timed size is noisy.
+        """
+        if not any(p.noisy for p in self.points.values()):
+            return 0.0
+        return SAFETY * 2 * self.predict(self.best())
+
+    def blocked(self, b: int, *, shared: bool, rounds: bool = False) -> str | None:
         """Why ``b`` may not be timed now (recorded as why it was skipped), or None.
 
-        The budget always applies; the cost rule (``shared``) allows ``factor`` times the
-        larger of ``share`` of timing every candidate and :data:`PROBE_RATIO` times the probe.
+        The budget always applies, and so does the profiler's budget once fixed (see
+        :meth:`fix_allowance`); the cost rule (``shared``) holds the search to the larger of
+        ``share`` of timing every candidate and :data:`PROBE_RATIO` times the probe, which
+        leaves the rest of the profiler's budget to the interleaved rounds (``rounds``).
 
         Returns:
             Why, in words, or None when ``b`` may be timed.
         """
-        cost, spent = self.predict(b), sum(self.cost.values())
+        cost, elapsed = self.predict(b), self.clock() - self.start
+        guarded = elapsed + SAFETY * cost
         why = None
-        if self.budget is not None and self.clock() - self.start + cost >= self.budget:
+        if self.budget is not None and elapsed + cost >= self.budget:
             self.budget_hit = True
             why = f"the time budget ({self.budget:g} s) had no room left for it"
-        elif shared:
-            whole = spent + sum(map(self.predict, self.untimed()))
-            limit = factor * max(self.share * whole, PROBE_RATIO * self.probe_seconds)
-            if spent + cost > limit:
+        elif (shared or rounds) and guarded > self.fix_allowance():
+            why = (
+                f"timing it (about {cost:.3g} s, from its warm steps) would take the profiler "
+                f"past its budget of {self.allowance:.3g} s"
+            )
+        elif shared and not rounds and guarded + self.reserve() > self.fix_allowance():
+            why = (
+                f"timing it (about {cost:.3g} s, from its warm steps) would leave no room in the "
+                f"profiler's budget of {self.allowance:.3g} s for a round of interleaved timing"
+            )
+        elif shared and not rounds:
+            limit = self.rule_limit()
+            if self.warm_spent + cost > limit:
                 why = (
-                    f"timing it (about {cost:.3g} s) would take the profiler past {limit:.3g} s"
-                    f"{f' ({factor:g}x)' if factor != 1 else ''}: the larger of "
-                    f"{self.share:.0%} of timing every size and {PROBE_RATIO:g}x the probe's "
-                    f"{self.probe_seconds:.3g} s"
+                    f"timing it (about {cost:.3g} s, from its warm steps) would take the search "
+                    f"past {limit:.3g} s: the larger of {self.share:.0%} of timing every size "
+                    f"and {PROBE_RATIO:g}x the probe's {self.probe_seconds:.3g} s (the rest of "
+                    "the profiler's budget is kept for interleaved rounds)"
                 )
         if why is not None:
             self.skipped.setdefault(b, why)
@@ -144,12 +207,16 @@ class Search:
         """Time ``b`` once, counting its cost; None when it ran out of memory."""
         started = self.clock()
         more = list(self.time_step(b))
-        self.cost[b] = self.cost.get(b, 0.0) + self.clock() - started
+        took = self.clock() - started
+        self.cost[b] = self.cost.get(b, 0.0) + took
         if not more:
             if b not in self.oom:
                 self.oom.append(b)
             log.warning("batch size %s ran out of memory while being timed", b)
+            self.warm_spent += took
             return None
+        self.latest[b] = more
+        self.warm_spent += min(took, float(np.mean(more)) * self.steps)
         return more
 
     def measure(self, b: int) -> bool:
@@ -157,7 +224,7 @@ class Search:
         seconds: list[float] = []
         for attempt in range(2):
             if attempt and (
-                not measurement(b, seconds, self.noisy).noisy or self.blocked(b, shared=False)
+                not measurement(b, seconds, self.noisy).noisy or self.retime_blocked(b)
             ):
                 break
             more = self.run(b)
@@ -172,12 +239,40 @@ class Search:
             self.on_point(point)
         return True
 
+    def retime_blocked(self, b: int) -> str | None:
+        """Why a noisy size may not be timed once more now, or None.
+
+        The budget applies, and once the profiler's budget is fixed, it must keep the rounds'
+        :meth:`reserve`: the rounds re-time the sizes that matter, in one period.
+
+        Returns:
+            Why, in words, or None.
+        """
+        if (why := self.blocked(b, shared=False)) is not None or self.allowance is None:
+            return why
+        if self.clock() - self.start + self.predict(b) + self.reserve() > self.allowance:
+            return "no room in the profiler's budget for a second timing beside the rounds"
+        return None
+
     def time_again(self, b: int) -> list[float] | None:
-        """One more timing of ``b`` for the interleaved rounds, if the cost rule has room."""
-        if self.blocked(b, shared=True, factor=CONTEST_RATIO) is not None:
+        """One more timing of ``b`` for an interleaved round, if the budgets have room."""
+        if self.blocked(b, shared=False, rounds=True) is not None:
             self.skipped.pop(b, None)  # it was timed: only the round is missing
             return None
         return self.run(b)
+
+    def round_blocked(self, sizes: Sequence[int]) -> str | None:
+        """Why a whole interleaved round of ``sizes`` does not fit the budgets, or None."""
+        cost, elapsed = sum(map(self.predict, sizes)), self.clock() - self.start
+        if self.budget is not None and elapsed + SAFETY * cost >= self.budget:
+            self.budget_hit = True
+            return f"the time budget ({self.budget:g} s) had no room left for it"
+        if elapsed + SAFETY * cost > self.fix_allowance():
+            return (
+                f"it (about {cost:.3g} s, from warm steps) would take the profiler past its "
+                f"budget of {self.allowance:.3g} s"
+            )
+        return None
 
     def first_rung(self) -> int:
         """The top of the descent: the largest multiple of ``ALIGN`` near the largest size."""
@@ -249,7 +344,8 @@ class Search:
                     "so the best is not just below the top",
                 )
             return ""
-        if (why := self.blocked(below[-1], shared=False)) is not None:
+        fixed = self.allowance is not None
+        if (why := self.blocked(below[-1], shared=False, rounds=fixed)) is not None:
             return f"; batch size {below[-1]}, just below the top, was not timed: {why}"
         if not self.measure(below[-1]):
             return f"; batch size {below[-1]}, just below the top, ran out of memory"

@@ -1,7 +1,9 @@
 """The result cache as a stage of the probe: look the answer up, keep a new one.
 
 A hit is checked by two trials (the cached ceiling fits, the size above does not) unless the
-user trusts the cache; the cache's own files are :mod:`maxbatch.cache`'s.
+user trusts the cache; the cache's own files are :mod:`maxbatch.cache`'s. A pick the profiler
+was not sure of (``pick_confidence`` ``low``: noise could have flipped it) is never replayed as
+the answer: the step is probed and timed again, and the note says why.
 """
 
 from __future__ import annotations
@@ -70,12 +72,23 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
                 advice.noise_scale,
             ],
             "extra_state": len(step.extra_state.items),
+            "loop": [
+                step.loop.zero_grad.value,
+                step.loop.accumulate,
+                step.loop.allow_growth_bytes,
+            ],
         },
     )
     lookup = Lookup(store=ResultCache(), key=key_of(description), description=description)
     hit = lookup.store.get(lookup.key)
     if hit is None:
         return lookup
+    if prof.enabled and hit.pick_confidence == "low":
+        note = (
+            f"the cached pick ({hit.batch_size}) had low confidence ({hit.pick_confidence_reason})"
+            ": probed and timed again rather than replayed"
+        )
+        return dataclasses.replace(lookup, note=note)
     check = None
     if not search.trust_cache:
         ok, check = verified(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from maxbatch.errors import ConfigError
 from maxbatch.results import Throughput
@@ -53,19 +53,18 @@ def pick(
     *,
     rule: PickRule | str = "within",
     tolerance: float = TOLERANCE,
-    spread: Mapping[int, float] | None = None,
 ) -> tuple[int, str]:
     """Pick a batch size from timed sizes and say why.
 
+    Sizes tie only when their median throughputs are within the tolerance, never merely because
+    their spreads overlap (:mod:`maxbatch.contest` decides what the spreads allow).
+
     Args:
         points: the timed sizes.
-        rule: ``"within"`` (default): the smallest size whose throughput is within ``tolerance``
-            of the best timed; ``"fastest"``: the best outright (the smaller size on a tie).
+        rule: ``"within"`` (default): the smallest size whose median throughput is within
+            ``tolerance`` of the best timed; ``"fastest"``: the best outright (the smaller size
+            on an exact tie).
         tolerance: the share of the best throughput ``"within"`` may give up (default 2 %).
-        spread: by batch size, the relative uncertainty of a size's throughput against the best
-            (e.g. from interleaved rounds). A size slower than the best by no more than its
-            spread is tied with the best, so the rule takes it as fast as the best: ties go to
-            the smaller size.
 
     Returns:
         The batch size and the reason, a sentence that names the sizes timed.
@@ -77,27 +76,20 @@ def pick(
     chosen_rule = check_pick(rule, tolerance)
     if not points:
         raise ValueError("no batch size was timed, so there is nothing to pick from")
-    band = dict(spread or {})
     best = max(points, key=lambda p: (p.samples_per_second, -p.batch_size))
     timed = sorted(p.batch_size for p in points)
     rate = f"{best.samples_per_second:,.1f} samples/s"
     count = f"{len(timed)} sizes timed ({sizes_text(timed)})" if len(timed) > 1 else "size timed"
     give_up = tolerance if chosen_rule is PickRule.WITHIN else 0.0
     floor = (1 - give_up) * best.samples_per_second
-
-    def passes(p: Throughput) -> bool:  # meets the rule, or is tied with the best
-        tie = best.samples_per_second * (1 - band.get(p.batch_size, 0.0))
-        return p.samples_per_second >= min(floor, tie)
-
-    chosen = min((p for p in points if passes(p)), key=lambda p: p.batch_size)
-    tied = chosen is not best and chosen.samples_per_second < floor
+    chosen = min((p for p in points if p.samples_per_second >= floor), key=lambda p: p.batch_size)
     pct = f"{tolerance * 100:g}%"
     if len(timed) == 1:
         reason = f"the only size timed ({rate})"
     elif chosen is best and chosen_rule is PickRule.FASTEST:
         reason = f"the fastest of the {count}: {rate}"
     elif chosen is best:
-        reason = f"the fastest of the {count}: {rate}; no smaller size timed was within {pct}"
+        reason = f"the fastest of the {count}: {rate}; no smaller size timed was within {pct} of it"
     else:
         share = chosen.samples_per_second / best.samples_per_second
         target = f"within {pct} of" if chosen_rule is PickRule.WITHIN else "as fast as"
@@ -105,11 +97,6 @@ def pick(
             f"the smallest of the {count} {target} the fastest: {share:.1%} of the {rate} of "
             f"batch size {best.batch_size}"
         )
-        if tied:
-            reason += (
-                f", a difference within the measured spread (±{band[chosen.batch_size]:.1%}), "
-                "so counted as a tie with it"
-            )
     if chosen.noisy:
         noise = chosen.iqr_seconds / chosen.median_seconds
         reason += f"; its timing is noisy (IQR {noise:.0%} of the median)"

@@ -18,9 +18,13 @@ seconds of each replicate) and a clock, so tests drive it with fakes:
    ``probe_seconds`` (the probe's own time, in :func:`maxbatch.find_batch_size`: what a user
    already waits for the ceiling). Nothing is timed past ``budget``. Costs are predicted from
    the sizes timed so far and the ``prior`` (the probe's trials).
-4. Contest: when the pick hinges on sizes whose difference is within their measured spread,
-   they are timed again in interleaved rounds and ties go to the pick rule; the profile says
-   how sure the pick is.
+   Costs are predicted from warm steps (a timed size's median step), never from a first,
+   cold timing. The search's rule leaves room in the profiler's budget, fixed when the rule
+   first applies (:data:`~maxbatch.descent.CONTEST_RATIO` times the rule's limit, under
+   ``budget``), for the rounds: every timing, rounds included, stays within it.
+4. Contest: when more than one size can be the pick, give or take the measured spreads, all of
+   them are timed again in interleaved rounds, and the pick is decided on those rounds alone
+   (the noise rules are :mod:`maxbatch.contest`'s); the profile says how sure the pick is.
 """
 
 from __future__ import annotations
@@ -32,8 +36,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from maxbatch.contest import Confidence, Contest, confidence, contenders, run_rounds
-from maxbatch.descent import ALIGN, Search, TimeStep
+from maxbatch.contest import (
+    MAX_CONTENDERS,
+    Confidence,
+    Contest,
+    can_win,
+    confidence,
+    decide,
+    run_rounds,
+)
+from maxbatch.descent import ALIGN, STEPS, Search, TimeStep
 from maxbatch.errors import ConfigError
 from maxbatch.grid import ALL_SIZES, Grid, positive_int
 from maxbatch.pick import TOLERANCE, PickRule, check_pick, pick, sizes_text
@@ -57,7 +69,8 @@ class Profile:
     Attributes:
         batch_size: the pick (the largest candidate when nothing could be timed).
         pick_reason: why, as a sentence.
-        points: the timed sizes, by batch size.
+        points: the timed sizes, by batch size, as the search timed them (the interleaved
+            rounds' measurements are in ``rounds``).
         candidates: every size the search could have timed.
         complete: False when the time budget stopped the search.
         stop_reason: why the search ended.
@@ -66,6 +79,8 @@ class Profile:
         skipped: every candidate not timed, and why.
         confidence: how sure the pick is, and why.
         rounds: the interleaved rounds' throughputs by size (empty when none ran).
+        budget_seconds: the profiler's budget, every timing and round included (None when the
+            search never needed one).
     """
 
     batch_size: int
@@ -79,6 +94,7 @@ class Profile:
     skipped: tuple[Skipped, ...] = ()
     confidence: Confidence = Confidence("high", "")
     rounds: tuple[dict[int, float], ...] = ()
+    budget_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the profile as a JSON-ready dict."""
@@ -128,6 +144,7 @@ def profile(
     noisy: float = NOISY,
     on_point: Callable[[Throughput], None] | None = None,
     prior: Mapping[int, float] | None = None,
+    steps: int = STEPS,
 ) -> Profile:
     """Search the throughput curve over candidate ``sizes`` and pick one (see the module doc).
 
@@ -148,6 +165,7 @@ def profile(
         prior: rough seconds of timing some sizes (e.g. from the probe's trials), so that
             the cost rule and ``budget`` hold from the first size. Without them and with a
             ``budget``, the smallest size is timed first to learn what a step costs.
+        steps: steps per ``time_step`` call (warm-up and replicates), for warm cost predictions.
 
     Returns:
         The timed points, the pick and why, why the search stopped, what it skipped and why,
@@ -170,6 +188,7 @@ def profile(
         noisy=noisy,
         on_point=on_point,
         prior=dict(prior or {}),
+        steps=steps,
     )
     if budget is not None and not prior and search.blocked(ordered[0], shared=False) is None:
         search.measure(ordered[0])
@@ -181,15 +200,15 @@ def profile(
         stop += f"; batch size {min(search.oom)} ran out of memory while being timed"
     contest = _contest(search, chosen, tolerance, noisy)
     if contest is not None:
-        stop += (
-            f"; then interleaved rounds of {sizes_text(sorted(contest.contenders))}: the pick "
-            "hinged on sizes within their measured spread"
-        ) + (f" ({contest.blocked})" if contest.blocked else "")
+        stop += f"; {_rounds_text(contest)}"
     points = tuple(search.points[b] for b in sorted(search.points))
-    if points:
-        spread = contest.spread if contest is not None else None
-        batch_size, reason = pick(points, rule=chosen, tolerance=tolerance, spread=spread)
-        sure = confidence(batch_size, search.points, contest, chosen, tolerance)
+    if contest is not None and contest.rounds:
+        batch_size, reason, sure = decide(contest, chosen, tolerance)
+        if all(p.noisy for p in [*points, *contest.points.values()]):
+            sure = confidence(batch_size, search.points, chosen, tolerance)
+    elif points:
+        batch_size, reason = pick(points, rule=chosen, tolerance=tolerance)
+        sure = confidence(batch_size, search.points, chosen, tolerance, contest=contest)
     else:
         batch_size, reason = ordered[-1], f"the ceiling: no size could be timed ({stop})"
         sure = Confidence("low", "no size could be timed")
@@ -212,20 +231,37 @@ def profile(
         skipped,
         sure,
         tuple(contest.rounds) if contest is not None else (),
+        search.allowance,
     )
 
 
 def _contest(search: Search, rule: PickRule, tolerance: float, noisy: float) -> Contest | None:
-    """Interleaved rounds when the pick hinges on sizes within their spread; None without."""
+    """Interleaved rounds of every size that can be the pick; None when only one can."""
     if not search.points:
         return None
     chosen, _ = pick(list(search.points.values()), rule=rule, tolerance=tolerance)
-    doubt = contenders(search.points, chosen, rule, tolerance)
-    if not doubt:
+    sizes = can_win(search.points, chosen, rule, tolerance)
+    if len(sizes) < 2:
         return None
-    contest = run_rounds(search.points, search.seconds, doubt, search.time_again, noisy)
-    search.points.update(contest.points)
-    return contest
+    doubt, left = sizes[:MAX_CONTENDERS], sizes[MAX_CONTENDERS:]
+    return run_rounds(doubt, search.time_again, noisy, left, room=search.round_blocked)
+
+
+def _rounds_text(contest: Contest) -> str:
+    """The stop reason's clause on the interleaved rounds."""
+    names = sizes_text(sorted(contest.contenders))
+    text = (
+        f"then {len(contest.rounds)} interleaved round{'s' if len(contest.rounds) != 1 else ''}"
+        f" of {names}, the sizes that could each be the pick given their timing spread"
+    )
+    if contest.blocked:
+        text += f" ({contest.blocked})"
+    if contest.left_out:
+        text += (
+            f"; {sizes_text(sorted(contest.left_out))} could too but did not fit in the rounds "
+            "(left out of the comparison)"
+        )
+    return text
 
 
 def profile_workload(
@@ -281,6 +317,7 @@ def profile_workload(
         on_point=chosen.on_point,
         prior=prior,
         probe_seconds=probe_seconds,
+        steps=steps,
     )
 
 
@@ -297,4 +334,6 @@ def profile_fields(prof: Profile) -> dict[str, Any]:
         "profile_skipped": prof.skipped,
         "pick_confidence": prof.confidence.level,
         "pick_confidence_reason": prof.confidence.reason,
+        "profile_seconds": prof.seconds,
+        "profile_budget_seconds": prof.budget_seconds,
     }

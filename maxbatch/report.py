@@ -105,6 +105,10 @@ def profile_lines(r: Result) -> list[str]:
     lines = []
     if r.get("pick_confidence"):
         lines.append(f"pick confidence: {r['pick_confidence']} ({r['pick_confidence_reason']})")
+    if r.get("profile_seconds") is not None:
+        budget = r.get("profile_budget_seconds")
+        within = "" if budget is None else f" of its {budget:.1f} s budget (rounds included)"
+        lines.append(f"profiler: {r['profile_seconds']:.1f} s{within}")
     if r.get("profile_stop_reason"):
         lines.append(f"profiler stopped: {r['profile_stop_reason']}")
     by_reason: dict[str, list[int]] = {}

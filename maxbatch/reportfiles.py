@@ -169,6 +169,8 @@ _OPTIONAL: dict[str, Any] = {
     "pick_confidence": _STR,
     "pick_confidence_reason": _STR,
     "profile_stop_reason": _STR,
+    "profile_seconds": _NUMBER,
+    "profile_budget_seconds": _NUMBER,
     "profile_skipped": [{"batch_size": _INT, "reason": _STR}],
     "world_size": _COUNT,
     "accumulation_steps": _COUNT,

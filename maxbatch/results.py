@@ -174,6 +174,10 @@ class BatchSizeResult:
         pick_confidence: how sure the pick is: ``"high"``, ``"medium"`` or ``"low"`` (None
             without the profiler).
         pick_confidence_reason: why, in words.
+        profile_seconds: wall time of the profiler, interleaved rounds included (None without
+            it).
+        profile_budget_seconds: the profiler's budget, which every timing and round stays
+            within (None without the profiler, or when it never needed one).
         world_size: the ranks that probed together under ``torch.distributed`` (1: alone).
         accumulation_steps: micro-batches per optimizer step (the advice's plan, else 1).
         from_cache: True when the answer came from the result cache (:mod:`maxbatch.cache`):
@@ -229,6 +233,8 @@ class BatchSizeResult:
     steady_state: dict[str, Any] | None = None
     accumulation_ceiling: int | None = None
     accumulation_trials: tuple[Trial, ...] = ()
+    profile_seconds: float | None = None
+    profile_budget_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""

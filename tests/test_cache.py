@@ -31,9 +31,8 @@ def probe(model: torch.nn.Module, trials: list[Trial] | None = None, **kw):
         torch.randn(4, 32),
         memory="2MiB",
         optimizer="sgd",
-        profile=False,
         on_trial=None if trials is None else trials.append,
-        **kw,
+        **{"profile": False, **kw},
     )
 
 
@@ -145,3 +144,20 @@ def test_the_cli_caches_by_default_and_says_so(own_cache_dir: Path) -> None:
 def test_xdg_cache_home_places_the_cache(own_cache_dir: Path) -> None:
     assert ResultCache().directory == Path(os.environ["XDG_CACHE_HOME"]) / "maxbatch"
     assert ResultCache().directory == own_cache_dir
+
+
+def test_a_low_confidence_pick_is_not_replayed_from_the_cache(own_cache_dir: Path) -> None:
+    """Issue 21.4: a pick noise could have flipped is probed and timed again, with a note."""
+    first = probe(mlp(), cache=True, profile=True)
+    (entry,) = own_cache_dir.glob("*.json")
+    data = json.loads(entry.read_text())
+    data["result"]["pick_confidence"] = "low"
+    data["result"]["pick_confidence_reason"] = "every timed size is noisy"
+    entry.write_text(json.dumps(data))
+    again = probe(mlp(), cache=True, profile=True)
+    assert not again.from_cache and again.ceiling == first.ceiling
+    assert any(
+        n.startswith(f"the cached pick ({first.batch_size}) had low confidence (every timed")
+        and n.endswith("probed and timed again rather than replayed")
+        for n in again.notes
+    )

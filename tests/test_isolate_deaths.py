@@ -221,3 +221,26 @@ def test_trial_timeout_without_isolate_is_a_usage_error() -> None:
     argv = ["probe", str(ROOT / "examples" / "mlp.py"), "--memory", "64MiB", "--no-cache"]
     res = CliRunner().invoke(main, [*argv, "--trial-timeout", "5"])
     assert res.exit_code == 2 and "add --isolate" in res.stderr
+
+
+@LINUX
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_of_the_probe_kills_the_running_child(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    path, pids = tmp_path / "hang.py", tmp_path / "pids"
+    path.write_text(HANG)
+    env = {**os.environ, "HANG_PIDS": str(pids)}
+    argv = [sys.executable, "-m", "maxbatch", "probe", str(path), "--memory", "1MiB", "--isolate"]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        child, helper = _pids(pids)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1].endswith("after 0 trials; the model is restored"), err
+    assert _gone([child, helper])  # the whole group: the step's own helper too

@@ -127,6 +127,7 @@ def test_a_leak_is_named_not_measured() -> None:
     assert probe(leaky, x, allow_growth="1MiB").ceiling > 0
 
 
+@pytest.mark.slow
 def test_a_leak_exits_1_in_the_cli(tmp_path: Any) -> None:
     from click.testing import CliRunner
 
@@ -233,3 +234,26 @@ def test_the_accumulation_note_reads_right(
     plan = accumulation_plan(global_batch, ceiling, pick)
     assert plan.note.startswith(note)
     assert "1 accumulation steps" not in plan.note and "1 steps" not in plan.note
+
+
+def test_the_loop_order_is_part_of_the_cache_key() -> None:
+    model, x = mlp()
+    first = probe(model, x, cache=True)
+    again = probe(model, x, cache=True)
+    other = probe(model, x, cache=True, zero_grad="before_backward")
+    assert not first.from_cache and again.from_cache
+    assert not other.from_cache  # measured in its own order, not taken from the plain loop's
+
+
+def test_isolated_trials_refuse_the_loop_options(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from maxbatch.cli import main
+
+    path = tmp_path / "model.py"
+    path.write_text("import torch\nmodel = torch.nn.Linear(4, 2)\nsample = torch.randn(2, 4)\n")
+    result = CliRunner().invoke(
+        main, ["probe", str(path), "--isolate", "--zero-grad", "before_backward"]
+    )
+    assert result.exit_code == 2
+    assert "not passed to isolated trials" in result.output

@@ -138,6 +138,7 @@ def probe(
     if report_dir is not None:
         run(debug, lambda: check_report(report_dir))
     dev = run(debug, lambda: resolve_device(torchrun.rank_device(device)))
+    run(debug, lambda: _loop_options(isolate, zero_grad, accumulate, allow_growth))
     if not isolate:  # isolated: only the children touch the device
         run(debug, lambda: require_weights(spec.model))
         spec.model.to(dev)
@@ -231,6 +232,15 @@ def _answer(result: dict[str, Any], model_file: str, as_json: bool, *, tty: bool
         click.echo(result_json(data))
     else:
         click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
+
+
+def _loop_options(isolate: bool, zero_grad: str, accumulate: int, growth: str | None) -> None:
+    """Refuse the loop's options with ``--isolate`` (its children do not take them yet)."""
+    if isolate and (zero_grad != "before_forward" or accumulate != 1 or growth):
+        raise ConfigError(
+            "--zero-grad, --accumulate and --allow-growth are not passed to isolated trials "
+            "yet; run without --isolate"
+        )
 
 
 def _probe(debug: bool, spec: ModelSpec, trial_timeout: float | None, **kwargs: Any) -> Any:
