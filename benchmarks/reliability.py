@@ -10,6 +10,8 @@
 5. Across processes and at the edges (``processes.py``): ``--isolate`` children that crash, hang
    or lose their parent; Ctrl-C / SIGTERM in the command's first seconds; absurd sizes; models
    on the meta device; ``--report`` under a linked parent. Cases handled of cases tried.
+6. Issue 18's second round (``benchmarks/hardening.py``): full disks, hostile caches, interrupts
+   in the save or restore, optimizer-step OOMs, non-finite losses, scalers on ``self``, cache hits.
 
 Run from the repository root (about four minutes on 2 busy cores, 3.5 of them section 5)::
 
@@ -271,8 +273,16 @@ def main() -> int:
         print(f"{name:<{width}}  {value}")
     for line in failing + others:
         print("  not as it should be:", line)
+    hard = hardening_figures()
     print(json.dumps({k: str(v) for k, v in figures.items()}), file=sys.stderr)
-    return 0 if not failing and not others and not wrong and not leaked_bytes else 1
+    return 0 if not failing and not others and not wrong and not leaked_bytes and hard else 1
+
+
+def hardening_figures() -> bool:
+    """Issue 18's second round (``hardening.py``): print its figures; True when all hold."""
+    from hardening import main as hardening_main
+
+    return hardening_main() == 0
 
 
 if __name__ == "__main__":

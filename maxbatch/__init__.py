@@ -3,7 +3,7 @@
 # First, before torch: in the maxbatch command, Ctrl-C and SIGTERM are one line from the start.
 from maxbatch import earlysignals  # noqa: F401 - installs its handlers on import (command only)
 from maxbatch.advise import Advice, advice_for
-from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthTrial
+from maxbatch.buckets import Bucket, BucketProfile, LengthMemoryModel, LengthResult, LengthTrial
 from maxbatch.data import DataSource
 from maxbatch.errors import (
     BatchSizeMismatchError,
@@ -21,6 +21,7 @@ from maxbatch.errors import (
 from maxbatch.estimate import Estimate, EstimateError, estimate_batch_size
 from maxbatch.finder import find_batch_size
 from maxbatch.isolate import probe_file
+from maxbatch.lengths import find_bucket_sizes, find_max_length
 from maxbatch.microbatch import MicroBatcher
 from maxbatch.noise import noise_scale
 from maxbatch.noisestats import NoiseScale
@@ -47,6 +48,7 @@ __all__ = [
     "HostMemoryError",
     "LeakError",
     "LengthMemoryModel",
+    "LengthResult",
     "LengthTrial",
     "MaxbatchError",
     "MemoryModel",
@@ -63,6 +65,8 @@ __all__ = [
     "batch_schedule",
     "estimate_batch_size",
     "find_batch_size",
+    "find_bucket_sizes",
+    "find_max_length",
     "noise_scale",
     "probe_file",
     "virtual_device",

@@ -249,3 +249,50 @@ class BucketProfile:
             histogram=tuple((int(lo), int(hi), int(n)) for lo, hi, n in data.get("histogram", ())),
             notes=tuple(data.get("notes", ())),
         )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LengthResult:
+    """The longest length whose real step fits at one batch size (``find_max_length``).
+
+    Attributes:
+        max_length: the longest length that fit (verified: it fits; the next length on the grid,
+            ``max_length + length_multiple_of``, does not, unless ``complete`` is False).
+        batch_size: the batch size every trial ran.
+        length_multiple_of: the grid of lengths tried.
+        trials: every real trial, in order.
+        seconds: wall time of the search.
+        device: the device probed.
+        usable_bytes: the bytes a trial may peak at.
+        memory_model: the memory model over (batch, length) the trials fitted.
+        complete: False when the search stopped at ``max_length``'s limit, not at a failure.
+        notes: remarks, in words.
+    """
+
+    max_length: int
+    batch_size: int
+    length_multiple_of: int = 1
+    trials: tuple[LengthTrial, ...] = ()
+    seconds: float = 0.0
+    device: str | None = None
+    usable_bytes: int | None = None
+    memory_model: LengthMemoryModel | None = None
+    complete: bool = True
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict (``max_length`` is the answer)."""
+        model = self.memory_model
+        return {
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+            "length_multiple_of": self.length_multiple_of,
+            "trials": [t.to_dict() for t in self.trials],
+            "real_trials": len(self.trials),
+            "seconds": self.seconds,
+            "device": self.device,
+            "usable_bytes": self.usable_bytes,
+            "memory_model": None if model is None else model.to_dict(),
+            "complete": self.complete,
+            "notes": list(self.notes),
+        }

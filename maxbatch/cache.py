@@ -284,9 +284,32 @@ def verified(
 
 
 def from_cache(
-    hit: BatchSizeResult, key: str, check: str | None, seconds: float
+    hit: BatchSizeResult,
+    key: str,
+    check: str | None,
+    seconds: float,
+    trials: tuple[Trial, ...] = (),
 ) -> BatchSizeResult:
-    """The cached result as this call's answer: marked, with how it was checked."""
+    """The cached result as this call's answer: marked, with how it was checked.
+
+    ``trials`` (this run's: the check) replace the stored search's, which stay apart in
+    ``cached_search`` with their wall time of then.
+
+    Returns:
+        The answer.
+    """
     how = "trusted without a check (trust_cache)" if check is None else f"checked now: {check}"
     note = f"from the cache (key {key[:12]}): {how}"
-    return dataclasses.replace(hit, from_cache=True, notes=(note, *hit.notes), seconds=seconds)
+    stored = {
+        "key": key,
+        "trials": [t.to_dict() for t in hit.trials],
+        "seconds": hit.seconds,
+    }
+    return dataclasses.replace(
+        hit,
+        from_cache=True,
+        notes=(note, *hit.notes),
+        seconds=seconds,
+        trials=trials,
+        cached_search=stored,
+    )

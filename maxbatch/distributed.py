@@ -228,7 +228,7 @@ class Ranks:
                 )
             # Each rank's per-operator trace travels too, so that the search predicts from the
             # binding rank's trace on every rank (the same prediction everywhere).
-            return _agreed_trial(b, rows, self._gather_objects(trial.trace))
+            return _agreed_trial(b, rows, self._gather_objects(trial.trace), steps=trial.steps)
 
         return agreed
 
@@ -331,7 +331,9 @@ def _trial_row(trial: Trial, usable: int) -> tuple[float, ...]:
     )
 
 
-def _agreed_trial(b: int, rows: torch.Tensor, traces: Sequence[MemoryTrace | None] = ()) -> Trial:
+def _agreed_trial(
+    b: int, rows: torch.Tensor, traces: Sequence[MemoryTrace | None] = (), *, steps: int = 2
+) -> Trial:
     """The trial every rank agrees on: it fits where it fit on all, at the tightest margin.
 
     The trace is the binding rank's (the largest peak over its usable bytes), its live bytes
@@ -362,6 +364,7 @@ def _agreed_trial(b: int, rows: torch.Tensor, traces: Sequence[MemoryTrace | Non
         alloc_retries=most(8),
         state_bytes=most(6),
         trace=trace,
+        steps=steps,  # this rank's (the profiler's cost prediction divides its seconds by it)
     )
 
 

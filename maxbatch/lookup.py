@@ -90,10 +90,11 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
         )
         return dataclasses.replace(lookup, note=note)
     check = None
+    ran: list[Trial] = []  # this run's trials: the check
     if not search.trust_cache:
         ok, check = verified(
             hit,
-            lambda b: _reported(run_trial(workload, meter, b), search.on_trial),
+            lambda b: _reported(run_trial(workload, meter, b), search.on_trial, ran),
             multiple_of=grid.multiple_of,
             max_batch_size=grid.max_batch_size,
         )
@@ -101,10 +102,11 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
             note = f"the cached result did not hold ({check}): probed again"
             return dataclasses.replace(lookup, note=note)
     seconds = time.perf_counter() - request.started
-    return dataclasses.replace(lookup, hit=from_cache(hit, lookup.key, check, seconds))
+    return dataclasses.replace(lookup, hit=from_cache(hit, lookup.key, check, seconds, tuple(ran)))
 
 
-def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None) -> Trial:
+def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None, ran: list[Trial]) -> Trial:
+    ran.append(trial)
     if on_trial is not None:
         on_trial(trial)
     return trial

@@ -29,8 +29,10 @@ from maxbatch.units import parse_bytes
 #: Optimizer steps per trial: the first creates lazily allocated state (optimizer moments,
 #: gradients a late ``zero_grad`` keeps, workspaces), the second starts from the steady state.
 STEPS = 2
-#: Steps of the trial that also checks for leaks: the third shows whether the second kept bytes.
-LEAK_STEPS = 3
+#: Steps of the trial that also checks for leaks: the live bytes after the second, third and fourth
+#: show whether each step keeps bytes (two growths in a row, so that state one later step creates
+#: once is not called a leak).
+LEAK_STEPS = 4
 
 
 class ZeroGrad(str, enum.Enum):

@@ -39,6 +39,7 @@ _HOOKS: dict[str, tuple[str, ...]] = {
     "train_step": ("model", "batch", "optimizer"),
     "extra_state": (),
     "collate_fn": ("items",),
+    "size_fn": ("item",),
 }
 # Exactly one of these says where batches come from.
 _SOURCES = ("sample", "make_batch", "dataset")
@@ -62,6 +63,7 @@ class ModelSpec:
         collate_fn: ``collate_fn(items)`` making a batch of the ``dataset``'s items, or ``None``.
         dataset: a map-style dataset or a ``DataLoader`` whose largest items make the batches, or
             ``None`` when ``sample`` or ``make_batch`` is given.
+        size_fn: ``size_fn(item)`` giving a ``dataset`` item's length (the length axis), or None.
     """
 
     path: str
@@ -75,6 +77,7 @@ class ModelSpec:
     extra_state: Callable[[], Any] | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
     dataset: Any = None
+    size_fn: Callable[[Any], int] | None = None
 
     def extra_state_items(self) -> list[Any]:
         """Call the file's ``extra_state()`` (an empty list without one).
@@ -111,7 +114,12 @@ class ModelSpec:
             The sample, the ``make_batch`` function, or a :class:`~maxbatch.data.DataSource`.
         """
         if self.dataset is not None:
-            return DataSource(self.dataset, collate_fn=self.collate_fn, on_progress=on_progress)
+            return DataSource(
+                self.dataset,
+                collate_fn=self.collate_fn,
+                size_fn=self.size_fn,
+                on_progress=on_progress,
+            )
         return self.make_batch if self.make_batch is not None else self.sample
 
 
@@ -313,7 +321,10 @@ def _callable(
             name, f"`{attribute}` {_describe(value)}, not a function; expected `def {signature}:`"
         )
     try:
-        inspect.signature(value).bind(*arguments)
+        if attribute == "make_batch":  # make_batch(batch_size, length): the length axis
+            _bind_either(value, arguments, ("batch_size", "length"))
+        else:
+            inspect.signature(value).bind(*arguments)
     except TypeError:
         raise ModelFileError(
             name,
@@ -323,6 +334,14 @@ def _callable(
     except ValueError:
         pass  # no signature to inspect (some builtins): trust it until it is called
     return value
+
+
+def _bind_either(value: Any, one: tuple[str, ...], other: tuple[str, ...]) -> None:
+    """Bind ``one`` or else ``other`` (raises TypeError when neither binds)."""
+    try:
+        inspect.signature(value).bind(*one)
+    except TypeError:
+        inspect.signature(value).bind(*other)
 
 
 def _describe(value: object) -> str:

@@ -152,10 +152,25 @@ def result_table(result: Result, *, title: str = "") -> str:
     if points:
         lines += [""] + _table(POINT_HEAD, points)
     lines += [""] + _summary(result)
-    lines.append(
-        f"{len(result['trials'])} trials, {len(points)} sizes timed, {result['seconds']:.1f}s"
-    )
+    lines.append(closing_line(result))
     return "\n".join(lines)
+
+
+def closing_line(r: Result) -> str:
+    """What this run did: trials, sizes timed, seconds; for a cache hit, the stored search apart.
+
+    Returns:
+        The line.
+    """
+    n, timed = len(r["trials"]), len(r.get("throughput") or [])
+    stored = r.get("cached_search")
+    if not r.get("from_cache") or not stored:
+        return f"{n} trials, {timed} sizes timed, {r['seconds']:.1f}s"
+    now = f"{n} trial{'' if n == 1 else 's'} run now (the check)" if n else "no trial (trusted)"
+    return (
+        f"from the cache: {now}, nothing timed, {r['seconds']:.1f}s; the stored search: "
+        f"{len(stored['trials'])} trials, {timed} sizes timed, {stored['seconds']:.1f}s"
+    )
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:

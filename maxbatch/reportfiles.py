@@ -175,6 +175,8 @@ _OPTIONAL: dict[str, Any] = {
     "world_size": _COUNT,
     "accumulation_steps": _COUNT,
     "global_batch_size": _INT,
+    "from_cache": _BOOL,
+    "cached_search": {"trials": [_TRIAL], "seconds": _NUMBER},
 }
 # Keys the renderers read only together with another one.
 _TOGETHER = {

@@ -196,6 +196,11 @@ class BatchSizeResult:
             accumulating trials, when a ``global_batch`` needs more than one micro-batch), or
             None when none was measured.
         accumulation_trials: the accumulating trials (two micro-batches per optimizer step).
+        cached_search: for an answer from the result cache, the search that found it, apart
+            from this run's: ``key`` (the entry's), ``trials`` (the stored search's trials, with
+            their timings of then) and ``seconds`` (its wall time then); else None. On a cache
+            hit ``trials`` are the ones this run ran (the check: the ceiling and the size
+            above; none with ``trust_cache``), ``seconds`` this run's time.
     """
 
     batch_size: int
@@ -235,6 +240,7 @@ class BatchSizeResult:
     accumulation_trials: tuple[Trial, ...] = ()
     profile_seconds: float | None = None
     profile_budget_seconds: float | None = None
+    cached_search: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""

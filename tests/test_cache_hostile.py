@@ -160,3 +160,38 @@ def test_cache_clear_removes_only_its_own_entries_and_follows_no_link(tmp_path: 
     (tmp_path / "linked").symlink_to(project)
     assert linked.clear() == 0 and (project / "package.json").exists()
     assert linked.entries() == []
+
+
+# -- a hit lists this run's trials; the stored search apart ------------------------------------
+
+
+def test_a_hit_lists_the_check_as_its_trials_and_the_stored_search_apart(
+    own_cache_dir: Path,
+) -> None:
+    first = probe()
+    seen: list[Any] = []
+    again = probe(on_trial=seen.append)
+    assert again.from_cache
+    assert list(again.trials) == seen  # the two trials this run ran: the check
+    assert [(t.batch_size, t.fits) for t in again.trials] == [
+        (first.ceiling, True),
+        (first.ceiling + 1, False),
+    ]
+    stored = again.to_dict()["cached_search"]
+    assert stored["trials"] == [t.to_dict() for t in first.trials]  # with their old timings
+    assert stored["seconds"] == first.seconds and len(stored["key"]) == 32
+    assert first.cached_search is None
+    trusted = probe(trust_cache=True)
+    assert trusted.trials == () and trusted.cached_search == stored
+
+
+def test_a_hit_closing_line_says_what_this_run_did(own_cache_dir: Path) -> None:
+    from maxbatch.report import closing_line, result_table
+
+    first = probe()
+    again = probe().to_dict()
+    line = closing_line(again)
+    assert line.startswith("from the cache: 2 trials run now (the check), nothing timed, ")
+    assert f"the stored search: {len(first.trials)} trials, 0 sizes timed, " in line
+    assert result_table(again).endswith(line)
+    assert closing_line(first.to_dict()).startswith(f"{len(first.trials)} trials, 0 sizes timed")

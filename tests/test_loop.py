@@ -83,7 +83,7 @@ def test_steady_state_says_what_was_measured() -> None:
     data = json.loads(json.dumps(late.to_dict()))
     assert data["steady_state"]["zero_grad"] == "before_backward"
     # Extra steps inside a trial are not extra trials: three verify the ceiling.
-    assert len(plain.trials) == 3 and plain.trials[0].steps == 3
+    assert len(plain.trials) == 3 and plain.trials[0].steps == 4
 
 
 @pytest.mark.slow
@@ -257,3 +257,25 @@ def test_isolated_trials_refuse_the_loop_options(tmp_path: Any) -> None:
     )
     assert result.exit_code == 2
     assert "not passed to isolated trials" in result.output
+
+
+@pytest.mark.parametrize(
+    ("live", "kept"),
+    [
+        ((10, 20, 20, 20), 0),  # the first step makes the loop's state
+        ((10, 20, 30, 30), 0),  # state made once by a later step is no leak
+        ((10, 20, 30, 40), 10),  # every step keeps 10 bytes
+        ((10, 20, 35, 45), 10),  # the smaller growth is what every step keeps
+        ((10, 20, 15, 10), 0),
+    ],
+)
+def test_growth_is_a_leak_only_when_every_step_keeps_bytes(
+    live: tuple[int, ...], kept: int
+) -> None:
+    from maxbatch.leaks import Growth
+
+    values = iter(live)
+    growth = Growth(lambda: next(values))
+    for step in range(1, len(live) + 1):
+        growth.after_step(step)
+    assert growth.per_step() == kept

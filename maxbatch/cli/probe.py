@@ -11,6 +11,7 @@ import click
 from maxbatch import torchrun
 from maxbatch.cli import exits
 from maxbatch.cli.exits import interruptible, run
+from maxbatch.cli.lengths import length_options, run_length_axis, take
 from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
 from maxbatch.cli.report import check_report, write_report_files
 from maxbatch.device import device_label, require_weights, resolve_device
@@ -96,6 +97,7 @@ from maxbatch.unfinished import ProfileInterrupted
     default=None,
     help="write report.json, report.md and PNG plots into this folder",
 )
+@length_options
 @workload_options(
     headroom_help="bytes kept free [default: 0 with --memory, else 5%]",
     inference_help="probe a forward pass under inference_mode",
@@ -132,16 +134,30 @@ def probe(
 
     Under torchrun every rank probes its own device and the ranks agree; rank 0 prints.
     """
+    axis = take(step)  # --find length, --buckets: the length axis
     rank = exits.rank = run(debug, torchrun.init_from_env)
     spec = start(model_file, verbose, debug)
     extra = run(debug, spec.extra_state_items)
-    if report_dir is not None:
-        run(debug, lambda: check_report(report_dir))
+    _check_report(debug, report_dir)
     dev = run(debug, lambda: resolve_device(torchrun.rank_device(device)))
     run(debug, lambda: _loop_options(isolate, zero_grad, accumulate, allow_growth))
     if not isolate:  # isolated: only the children touch the device
         run(debug, lambda: require_weights(spec.model))
         spec.model.to(dev)
+    if axis.wanted:
+        with interruptible(lambda: "during the length axis"):
+            run_length_axis(
+                spec,
+                axis,
+                debug=debug,
+                as_json=as_json,
+                report_dir=report_dir,
+                step=step,
+                device=dev,
+                memory=memory,
+                extra_state=extra,
+            )
+        return
     count = 0
 
     tty = sys.stderr.isatty()
@@ -232,6 +248,11 @@ def _answer(result: dict[str, Any], model_file: str, as_json: bool, *, tty: bool
         click.echo(result_json(data))
     else:
         click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
+
+
+def _check_report(debug: bool, report_dir: str | None) -> None:
+    if report_dir is not None:
+        run(debug, lambda: check_report(report_dir))
 
 
 def _loop_options(isolate: bool, zero_grad: str, accumulate: int, growth: str | None) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from maxbatch import BatchSizeResult, ConfigError, find_batch_size
+from maxbatch import BatchSizeResult, ConfigError, advice_for, find_batch_size
+
+log = logging.getLogger(__name__)
 
 # The arguments of find_batch_size that an integration fills in from the framework itself.
 _FROM_FRAMEWORK = frozenset(
@@ -59,6 +62,26 @@ def with_extra_state(options: dict[str, Any], *state: Any) -> dict[str, Any]:
     return {**options, "extra_state": [*ours, *options.get("extra_state", ())]}
 
 
+def with_steady_state(
+    result: BatchSizeResult, *, zero_grad: str | None, micro_batches: int
+) -> BatchSizeResult:
+    """``result`` whose ``steady_state`` says how the framework's own step ran in the trials.
+
+    Args:
+        result: the probe's result.
+        zero_grad: where the framework's loop clears gradients (None: the module's own step,
+            manual optimization).
+        micro_batches: micro-batches per optimizer step that each trial's steps ran.
+
+    Returns:
+        The result, its ``steady_state`` filled in (when the probe reported one).
+    """
+    if result.steady_state is None:
+        return result
+    state = {**result.steady_state, "zero_grad": zero_grad, "micro_batches": micro_batches}
+    return dataclasses.replace(result, steady_state=state)
+
+
 def check_global_batch(global_batch: int | None) -> int | None:
     """Check ``global_batch`` when the integration is made, before the framework runs.
 
@@ -75,6 +98,10 @@ def check_global_batch(global_batch: int | None) -> int | None:
     return global_batch
 
 
+#: The pick's confidence levels at which an integration trains at the pick rather than the ceiling.
+CONFIDENT = frozenset({"high", "medium"})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
     """The batch size per step and device, and the gradient accumulation steps, to train at.
@@ -83,23 +110,59 @@ class Plan:
         batch_size: samples per forward/backward on each device.
         accumulation_steps: micro-batches per optimizer step (1 without ``global_batch``).
         note: the accumulation plan in words, or None without ``global_batch``.
+        why: why this size: the pick (and how sure it is) or the ceiling.
     """
 
     batch_size: int
     accumulation_steps: int
     note: str | None
+    why: str = ""
 
 
-def plan_of(result: BatchSizeResult) -> Plan:
-    """The plan a result gives: its accumulation advice when there is one, else its pick."""
-    plan = (result.advice or {}).get("accumulation")
-    if plan is None:
-        return Plan(batch_size=result.batch_size, accumulation_steps=1, note=None)
-    return Plan(
-        batch_size=int(plan["micro_batch"]),
-        accumulation_steps=int(plan["accumulation_steps"]),
-        note=str(plan["note"]),
+def _chosen(result: BatchSizeResult) -> tuple[BatchSizeResult, str]:
+    """The result to plan from: as it is when its pick is sure enough, else at its ceiling."""
+    level = result.pick_confidence
+    if result.batch_size == result.ceiling:
+        return result, f"the ceiling {result.ceiling}"
+    if level in CONFIDENT:
+        return result, f"the pick {result.batch_size} ({level} confidence)"
+    why = (
+        f"the ceiling {result.ceiling}, not the pick {result.batch_size}, whose confidence is "
+        f"{level or 'unknown'}" + (f" ({result.pick_confidence_reason})" if level else "")
     )
+    return dataclasses.replace(result, batch_size=result.ceiling), why
+
+
+def plan_of(result: BatchSizeResult, global_batch: int | None = None) -> Plan:
+    """The plan a result gives: the pick when its confidence is at least medium, else the ceiling.
+
+    With ``global_batch``, the accumulation plan over that size (the result's own advice when it
+    plans from the pick). The choice and its reason go to the log.
+
+    Returns:
+        The plan.
+    """
+    chosen, why = _chosen(result)
+    plan = (chosen.advice or {}).get("accumulation") if chosen is result else None
+    if plan is None and global_batch is not None:
+        advice = advice_for(chosen, global_batch=global_batch).accumulation
+        plan = None if advice is None else advice.to_dict()
+    if plan is None:
+        out = Plan(batch_size=chosen.batch_size, accumulation_steps=1, note=None, why=why)
+    else:
+        out = Plan(
+            batch_size=int(plan["micro_batch"]),
+            accumulation_steps=int(plan["accumulation_steps"]),
+            note=str(plan["note"]),
+            why=why,
+        )
+    log.info(
+        "maxbatch sets batch size %d x %d accumulation steps: %s",
+        out.batch_size,
+        out.accumulation_steps,
+        why,
+    )
+    return out
 
 
 def first_batch(loader: Iterable[Any], device: torch.device) -> Any:

@@ -20,13 +20,13 @@ Works with ``lightning`` (``lightning.pytorch``) or, when that is not installed,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from maxbatch import BatchSizeResult, ConfigError, WorkloadError, find_batch_size
+from maxbatch import BatchSizeResult, ConfigError, find_batch_size
 from maxbatch.integrations._common import (
     Plan,
     check_global_batch,
@@ -34,6 +34,7 @@ from maxbatch.integrations._common import (
     probe_data,
     probe_options,
     with_extra_state,
+    with_steady_state,
 )
 
 try:
@@ -59,46 +60,69 @@ except ImportError:  # pragma: no cover - depends on what is installed
 __all__ = ["MaxBatch"]
 
 
-def _loss_of(output: Any) -> torch.Tensor | None:
-    """The loss a ``training_step`` returned: a tensor, a dict's ``"loss"``, or None (skip)."""
-    if output is None or isinstance(output, torch.Tensor):
-        return output
-    loss = output.get("loss") if isinstance(output, Mapping) else None
-    if isinstance(loss, torch.Tensor):
-        return loss
-    raise WorkloadError(
-        "training_step must return a loss tensor, a dict with a 'loss' tensor, or None; "
-        f"got {type(output).__name__}"
-    )
+def _to_device(trainer: Trainer, batch: Any) -> Any:
+    """The batch as Lightning's epoch loop hands it on: precision, transfer hooks, device."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
 
-def _train_step(trainer: Trainer, pl_module: LightningModule) -> Any:
-    """The step Lightning runs per batch: transfer hooks, ``training_step``, backward, step."""
-    strategy = trainer.strategy
+def probe_accumulation(trainer: Trainer, global_batch: int | None) -> int:
+    """Micro-batches per optimizer step in the probe's step: the trainer's, 2 for a global batch.
 
-    def training_step(batch: Any) -> Any:
-        # Named as Lightning's loop names it, so that ``self.log`` in the step is allowed.
-        before, pl_module._current_fx_name = pl_module._current_fx_name, "training_step"
-        try:
-            return strategy.training_step(batch, 0)
-        finally:
-            pl_module._current_fx_name = before
+    Accumulating keeps the previous micro-batch's gradients alive through the next backward; two
+    micro-batches reach that state, so a plan of any number of them fits.
+
+    Returns:
+        The accumulation steps the probe runs.
+    """
+    return max(trainer.accumulate_grad_batches, 1 if global_batch is None else 2)
+
+
+def _train_step(trainer: Trainer, accumulate: int) -> Any:
+    """One optimizer step as Lightning's own loop runs it, through the loop's own objects.
+
+    Automatic optimization goes through the epoch loop's ``automatic_optimization.run``:
+    ``training_step``, then ``zero_grad`` (so the previous step's gradients live through the
+    forward), backward through the precision plugin, the ``optimizer_step`` hook with gradient
+    clipping, ``accumulate`` micro-batches per optimizer step as ``accumulate_grad_batches``
+    has them. Manual optimization runs the module's own ``training_step`` through
+    ``manual_optimization.run``. The loop's progress counters are restored after every trial
+    (they are in the probe's ``extra_state``).
+
+    Returns:
+        ``train_step(model, batch, optimizer)`` for :func:`~maxbatch.find_batch_size`.
+    """
+    loop = trainer.fit_loop.epoch_loop
 
     def step(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimizer | None) -> None:
-        batch = strategy.batch_to_device(batch)  # runs the module's batch-transfer hooks
-        if not pl_module.automatic_optimization:
-            training_step(batch)  # the module's own backward and optimizer steps
-            return
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        loss = _loss_of(training_step(batch))
-        if loss is None:  # Lightning skips the backward and the step for this batch
-            return
-        strategy.backward(loss, optimizer)
-        if optimizer is not None:
-            optimizer.step()
+        batch = _to_device(trainer, batch)
+        for i in range(accumulate if trainer.lightning_module.automatic_optimization else 1):
+            loop.batch_progress.increment_ready()
+            loop.batch_progress.increment_started()
+            kwargs = loop._build_kwargs(OrderedDict(), batch, i)
+            if trainer.lightning_module.automatic_optimization:
+                loop.automatic_optimization.run(trainer.optimizers[0], i, kwargs)
+            else:
+                loop.manual_optimization.run(kwargs)
+            loop.batch_progress.increment_processed()
+            loop.batch_progress.increment_completed()
 
     return step
+
+
+def loop_state(trainer: Trainer) -> list[Any]:
+    """The loop's counters that a probe step moves (batches, optimizer steps): restored after.
+
+    Returns:
+        Objects with ``state_dict()`` and ``load_state_dict()``.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    return [
+        loop.batch_progress,
+        loop.automatic_optimization.optim_progress,
+        loop.manual_optimization.optim_step_progress,
+    ]
 
 
 class MaxBatch(Callback):  # type: ignore[misc, unused-ignore]
@@ -156,10 +180,25 @@ class MaxBatch(Callback):  # type: ignore[misc, unused-ignore]
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Probe the module's step, set the batch size and accumulation, reload the loaders."""
+        result = self._probe(trainer, pl_module)
+        # What the probe's steps logged is not training: the first epoch starts with nothing.
+        trainer._logger_connector.reset_results()
+        trainer._logger_connector.reset_metrics()
+        plan = plan_of(result, self.global_batch)
+        lightning_setattr(pl_module, self.batch_arg_name, plan.batch_size)
+        if self.global_batch is not None:
+            trainer.accumulate_grad_batches = plan.accumulation_steps
+        # As Lightning's own finder does: the loops load their dataloaders again, at the new size.
+        trainer.fit_loop._combined_loader = None
+        trainer.fit_loop.epoch_loop.val_loop._combined_loader = None
+        self.result, self.plan = result, plan
+
+    def _probe(self, trainer: Trainer, pl_module: LightningModule) -> BatchSizeResult:
         optimizers = list(trainer.optimizers)
-        # More optimizers (manual optimization) and a 16-bit GradScaler: restored after each trial.
+        # More optimizers (manual optimization), a 16-bit GradScaler and the loop's counters:
+        # restored after each trial.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        options = with_extra_state(self.options, *optimizers[1:], scaler)
+        options = with_extra_state(self.options, *optimizers[1:], scaler, *loop_state(trainer))
         device = trainer.strategy.root_device
         loader = trainer.fit_loop._data_source.dataloader()
         if not isinstance(loader, DataLoader):
@@ -168,25 +207,28 @@ class MaxBatch(Callback):  # type: ignore[misc, unused-ignore]
                 f"{type(loader).__name__} (several loaders, or a CombinedLoader)"
             )
         data = probe_data(loader, device)
-        # The strategy's model: the module itself, or its DDP wrapper, whose gradient buckets are
-        # real memory and whose collectives find_batch_size keeps out of the trials.
-        result = find_batch_size(
-            trainer.strategy.model or pl_module,
-            data,
-            optimizer=optimizers[0] if optimizers else "none",
-            train_step=_train_step(trainer, pl_module),
-            device=device,
-            global_batch=self.global_batch,  # over all ranks: find_batch_size splits it
-            **options,
+        accumulate, before = (
+            probe_accumulation(trainer, self.global_batch),
+            trainer.accumulate_grad_batches,
         )
-        # What the probe's steps logged is not training: the first epoch starts with nothing.
-        trainer._logger_connector.reset_results()
-        trainer._logger_connector.reset_metrics()
-        plan = plan_of(result)
-        lightning_setattr(pl_module, self.batch_arg_name, plan.batch_size)
-        if self.global_batch is not None:
-            trainer.accumulate_grad_batches = plan.accumulation_steps
-        # As Lightning's own finder does: the loops load their dataloaders again, at the new size.
-        trainer.fit_loop._combined_loader = None
-        trainer.fit_loop.epoch_loop.val_loop._combined_loader = None
-        self.result, self.plan = result, plan
+        trainer.accumulate_grad_batches = accumulate  # read by Lightning's own step
+        try:
+            # The strategy's model: the module itself, or its DDP wrapper, whose gradient buckets
+            # are real memory and whose collectives find_batch_size keeps out of the trials.
+            result = find_batch_size(
+                trainer.strategy.model or pl_module,
+                data,
+                optimizer=optimizers[0] if optimizers else "none",
+                train_step=_train_step(trainer, accumulate),
+                device=device,
+                global_batch=self.global_batch,  # over all ranks: find_batch_size splits it
+                **options,
+            )
+        finally:
+            trainer.accumulate_grad_batches = before
+        manual = not pl_module.automatic_optimization
+        return with_steady_state(
+            result,
+            zero_grad=None if manual else "before_backward",
+            micro_batches=1 if manual else accumulate,
+        )

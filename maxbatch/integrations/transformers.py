@@ -26,6 +26,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, IterableDataset
 
 from maxbatch import BatchSizeResult, ConfigError, find_batch_size
@@ -36,6 +37,7 @@ from maxbatch.integrations._common import (
     probe_data,
     probe_options,
     with_extra_state,
+    with_steady_state,
 )
 
 try:
@@ -50,23 +52,59 @@ __all__ = ["MaxBatchCallback", "tune"]
 
 # Steps of the schedule the probe steps through; the scheduler is dropped after the probe.
 _PROBE_SCHEDULE_STEPS = 1000
+#: Probes at most, each with the accumulation steps the plan of the one before needs.
+_MAX_PROBES = 3
 
 
-def _train_step(trainer: Trainer, scheduler: Any) -> Any:
-    """One optimizer step as the Trainer's loop runs it, with no accumulation."""
+def probe_accumulation(trainer: Trainer, global_batch: int | None) -> int:
+    """Micro-batches per optimizer step in the probe's step: the Trainer's, 2 for a global batch.
+
+    Accumulating keeps the previous micro-batch's gradients (and, as the Trainer fetches a whole
+    accumulation group before its first forward, the group's batches) alive through the next
+    backward; the probe runs that state, so a plan of several micro-batches fits.
+
+    Returns:
+        The accumulation steps the probe runs.
+    """
+    return max(trainer.args.gradient_accumulation_steps, 1 if global_batch is None else 2)
+
+
+def _copy(batch: Any) -> Any:
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _train_step(trainer: Trainer, scheduler: Any, accumulate: int) -> Any:
+    """One optimizer step as the Trainer's loop runs it: its accumulation, clipping, scheduler.
+
+    The loop fetches the ``accumulate`` batches of a step first (they all stay on the device, and
+    on the CPU so does the batch accelerate's loader has fetched ahead of them), then
+    runs ``training_step`` (forward, its loss, backward) on each, clips (or measures) the gradient
+    norm, steps the optimizer and the scheduler, and clears the gradients last.
+
+    Returns:
+        ``train_step(model, batch, optimizer)`` for :func:`~maxbatch.find_batch_size`.
+    """
     args = trainer.args
+    norm = args.max_grad_norm if args.max_grad_norm is not None and args.max_grad_norm > 0 else None
 
     def step(model: torch.nn.Module, batch: Any, optimizer: torch.optim.Optimizer | None) -> None:
-        # training_step: forward and loss under the Trainer's mixed precision, then backward.
-        with trainer.accelerator.autocast():
-            trainer.training_step(model, batch)
-        if args.max_grad_norm is not None and args.max_grad_norm > 0:
-            trainer.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        samples = [batch, *(_copy(batch) for _ in range(accumulate - 1))]
+        # Accelerate's loader holds the batch after these, in host memory: the device's on the CPU.
+        ahead = _copy(batch) if args.device.type == "cpu" else None
+        items = trainer._get_num_items_in_batch(samples, args.device)
+        trainer.current_gradient_accumulation_steps = accumulate
+        for inputs in samples:
+            # training_step: forward and loss under the Trainer's mixed precision, then backward.
+            with trainer.accelerator.autocast():
+                trainer.training_step(model, inputs, items)
+        # Without clipping the loop still measures the norm, for its log.
+        trainer.accelerator.clip_grad_norm_(model.parameters(), norm or float("inf"))
         if optimizer is not None:
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
         model.zero_grad()
+        del ahead
 
     return step
 
@@ -85,7 +123,9 @@ def _probe_data(trainer: Trainer) -> Any:
     return DataLoader(loader.dataset, collate_fn=loader.collate_fn)
 
 
-def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) -> BatchSizeResult:
+def _probe(
+    trainer: Trainer, global_batch: int | None, options: dict[str, Any], accumulate: int
+) -> BatchSizeResult:
     """Run the probe on the Trainer's step; leave its optimizer and scheduler as they were."""
     args, model = trainer.args, trainer.model
     if not isinstance(model, torch.nn.Module):
@@ -104,15 +144,13 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
     # The scheduler and fp16's GradScaler step with the optimizer: restored after every trial.
     options = with_extra_state(options, scheduler, getattr(trainer.accelerator, "scaler", None))
     # training_step divides the loss by this; the training loop sets it per accumulation group.
-    had_steps = hasattr(trainer, "current_gradient_accumulation_steps")
-    if not had_steps:
-        trainer.current_gradient_accumulation_steps = 1
+    steps_before = getattr(trainer, "current_gradient_accumulation_steps", None)
     try:
         return find_batch_size(
             model,
             data,
             optimizer=trainer.optimizer,
-            train_step=_train_step(trainer, scheduler),
+            train_step=_train_step(trainer, scheduler, accumulate),
             device=args.device,
             global_batch=global_batch,  # over all ranks: find_batch_size splits it
             **options,
@@ -120,7 +158,9 @@ def _probe(trainer: Trainer, global_batch: int | None, options: dict[str, Any]) 
     finally:
         if own_optimizer:
             trainer.optimizer, trainer.lr_scheduler = None, None
-        if not had_steps:
+        if steps_before is not None:
+            trainer.current_gradient_accumulation_steps = steps_before
+        elif hasattr(trainer, "current_gradient_accumulation_steps"):
             del trainer.current_gradient_accumulation_steps
 
 
@@ -156,9 +196,17 @@ def tune(trainer: Trainer, global_batch: int | None = None, **options: Any) -> B
     """
     check_global_batch(global_batch)
     opts = probe_options(options, "tune()")
-    result = _probe(trainer, global_batch, opts)
-    _apply(trainer, plan_of(result), accumulate=global_batch is not None)
-    return result
+    accumulate = probe_accumulation(trainer, global_batch)
+    for _ in range(_MAX_PROBES):
+        result = _probe(trainer, global_batch, opts, accumulate)
+        plan = plan_of(result, global_batch)
+        # The Trainer holds every batch of an accumulation group on the device: a plan of more
+        # micro-batches than the probe ran is probed again with that many.
+        if global_batch is None or plan.accumulation_steps <= accumulate:
+            break
+        accumulate = plan.accumulation_steps
+    _apply(trainer, plan, accumulate=global_batch is not None)
+    return with_steady_state(result, zero_grad="after_step", micro_batches=accumulate)
 
 
 def _calling_trainer() -> Trainer | None:

@@ -1,0 +1,209 @@
+"""Real trials at a batch size *and* a length: the batches, the workload, the counted trials.
+
+A :class:`LengthBatches` turns ``make_batch(batch_size, length)`` (or a data set whose items have
+a length) into the one-argument batch maker the workload takes, at the length set before each
+trial. :func:`open_runner` opens the workload on the device as the ceiling search does (state saved
+and restored, the capacity planned once) and yields a :class:`Runner` whose ``run(b, length)`` is
+one real trial, fed to the memory model over (batch, length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.data import DataLoader, default_collate
+
+from maxbatch.buckets import LengthTrial
+from maxbatch.capacity import counts_live_bytes, enclosing_room, is_virtual, probe_capacity
+from maxbatch.data import elements
+from maxbatch.device import describe
+from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.finder import _device
+from maxbatch.lengthmodel import LengthFit, Point
+from maxbatch.oom import release_memory
+from maxbatch.spec import MemorySettings, StepSpec
+from maxbatch.trial import Meter, run_trial
+from maxbatch.workload import build_workload
+
+log = logging.getLogger(__name__)
+
+MakeBatch2 = Callable[[int, int], Any]
+
+
+def takes_length(make_batch: Callable[..., Any]) -> bool:
+    """Whether ``make_batch`` can be called as ``make_batch(batch_size, length)``."""
+    try:
+        inspect.signature(make_batch).bind(1, 1)
+    except TypeError:
+        return False
+    except ValueError:
+        return True  # no signature to inspect: trust it until it is called
+    return True
+
+
+class LengthBatches:
+    """``make_batch(batch_size)`` at the length last set (``.length``), for the workload.
+
+    Args:
+        source: ``make_batch(batch_size, length)``, or a map-style data set (or a ``DataLoader``
+            over one) whose items have a length: the batch of ``b`` at ``length`` is made of the
+            longest items not longer than ``length`` (repeating when fewer), collated.
+        size_fn: an item's length (default: the elements of its tensors).
+        collate_fn: makes a batch of items (default: the loader's, else ``default_collate``).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        size_fn: Callable[[Any], int] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+    ):
+        self.length = 1
+        self.lengths: list[int] | None = None
+        self._make: MakeBatch2 | None = None
+        if isinstance(source, DataLoader):
+            collate_fn = collate_fn or source.collate_fn
+            source = source.dataset
+        if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+            self.dataset = source
+            self.collate_fn = collate_fn or default_collate
+            size = size_fn or elements
+            known = [_length(size, source, i) for i in range(len(source))]
+            if not known:
+                raise ConfigError("the data set is empty: there is no batch to build")
+            self.lengths = known
+            self._order = sorted(range(len(known)), key=lambda i: -known[i])
+        elif callable(source):
+            if not takes_length(source):
+                raise ConfigError(
+                    "make_batch must take the batch size and the length: "
+                    "def make_batch(batch_size, length)"
+                )
+            self._make = source
+        else:
+            raise ConfigError(
+                f"expected make_batch(batch_size, length) or a map-style data set, got "
+                f"{type(source).__name__}"
+            )
+
+    def __call__(self, batch_size: int) -> Any:
+        """A batch of ``batch_size`` at the current length."""
+        if self._make is not None:
+            return self._make(batch_size, self.length)
+        assert self.lengths is not None
+        pool = [i for i in self._order if self.lengths[i] <= self.length]
+        if not pool:
+            raise ConfigError(f"no item of the data set is as short as length {self.length}")
+        chosen = [pool[k % len(pool)] for k in range(batch_size)]
+        with _disable_current_modes():  # read the items as host data, outside the counter
+            items = [self.dataset[i] for i in chosen]
+        return self.collate_fn(items)
+
+
+def _length(size: Callable[[Any], int], dataset: Any, index: int) -> int:
+    try:
+        value = size(dataset[index])
+    except Exception as e:
+        raise WorkloadError(
+            f"reading the length of item {index} raised {type(e).__name__}: {e}"
+        ) from e
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"size_fn returned {value!r} for item {index}; expected an int >= 0")
+    return value
+
+
+@dataclasses.dataclass
+class Runner:
+    """Runs real trials at (batch size, length) and fits the memory model over them."""
+
+    run_one: Callable[[int, int], tuple[LengthTrial, Point | None]]
+    fit: LengthFit
+    device: str
+    usable_bytes: int
+    on_trial: Callable[[LengthTrial], None] | None = None
+    trials: list[LengthTrial] = dataclasses.field(default_factory=list)
+    seen: dict[tuple[int, int], bool] = dataclasses.field(default_factory=dict)
+
+    def run(self, batch_size: int, length: int) -> bool:
+        """One real trial (or the answer of the same trial run before): does it fit?"""
+        known = self.seen.get((batch_size, length))
+        if known is not None:
+            return known
+        trial, point = self.run_one(batch_size, length)
+        log.info(
+            "trial %d: batch %d at length %d %s",
+            len(self.trials) + 1,
+            batch_size,
+            length,
+            "fits" if trial.fits else "does not fit",
+        )
+        self.trials.append(trial)
+        self.seen[(batch_size, length)] = trial.fits
+        if point is not None:
+            self.fit.add(point)
+        if self.on_trial is not None:
+            self.on_trial(trial)
+        return trial.fits
+
+
+@contextlib.contextmanager
+def open_runner(
+    model: torch.nn.Module,
+    batches: LengthBatches,
+    *,
+    device: str | torch.device | None,
+    memory: str | int | None,
+    headroom: str | int | None,
+    step_options: dict[str, Any],
+    extra_state: Sequence[Any] = (),
+    on_trial: Callable[[LengthTrial], None] | None = None,
+) -> Iterator[Runner]:
+    """Open the workload on the device (state saved, restored on leaving) and plan the capacity.
+
+    Yields:
+        The runner.
+    """
+    limits = MemorySettings.build(memory=memory, headroom=headroom)
+    step = StepSpec.build(model, batches, extra_state=extra_state, **step_options)
+    dev = _device(model, device)
+    info = describe(dev)
+    virtual = is_virtual(dev, limits)
+    meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
+    try:
+        with meter, build_workload(step, dev) as workload:
+            base = meter.live_bytes(workload)
+            with enclosing_room(dev, workload.state_tensors()) as room:
+                capacity = probe_capacity(info, limits, base, room)
+                meter.set_usable(capacity.usable_bytes)
+
+                def run_one(batch_size: int, length: int) -> tuple[LengthTrial, Point | None]:
+                    batches.length = length
+                    t = run_trial(workload, meter, batch_size)
+                    trial = LengthTrial(
+                        batch_size=batch_size,
+                        length=length,
+                        fits=t.fits,
+                        peak_bytes=t.peak_bytes,
+                        seconds=t.seconds,
+                    )
+                    keep = t.fits or t.trace is not None
+                    point = Point(batch_size, length, t.peak_bytes, t.trace) if keep else None
+                    return trial, point
+
+                yield Runner(
+                    run_one=run_one,
+                    fit=LengthFit(capacity.usable_bytes),
+                    device=info.device,
+                    usable_bytes=capacity.usable_bytes,
+                    on_trial=on_trial,
+                )
+    finally:
+        release_memory(dev, full=True)

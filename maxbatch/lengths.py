@@ -1,0 +1,319 @@
+"""The length axis: the longest length that fits (``find_max_length``) and a profile over lengths.
+
+Both run real trials at (batch size, length) (:mod:`maxbatch.lengthrun`), fit the memory model over
+(batch, length) from their per-operator traces (:mod:`maxbatch.lengthmodel`), and verify every
+answer as the ceiling search does: the answer fits, the next size (or length) does not. Each
+prediction is tried first, and every trial that fits sharpens the model for the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from maxbatch.bucketbins import bins_from_lengths, check_bins, histogram, shares
+from maxbatch.buckets import Bucket, BucketProfile, LengthResult, LengthTrial
+from maxbatch.errors import ConfigError, DoesNotFitError
+from maxbatch.grid import positive_int
+from maxbatch.lengthrun import LengthBatches, Runner, open_runner
+
+#: The largest batch size and length tried when no limit is given.
+NO_LIMIT = 1 << 24
+#: Trials at one length (or batch size) that follow the model before the search bisects.
+FOLLOW_MODEL = 4
+#: While nothing has failed, a guess goes at most this many times past what fit (or to 64).
+GROWTH = 16
+
+
+def _next(
+    lo: int, hi: int, guess: int | None, *, tried: int, missed: bool, hold: bool = True
+) -> int:
+    """The next point between ``lo`` (fits) and ``hi`` (does not), in grid units.
+
+    The model's guess when it falls between them; its neighbour above ``lo`` when it says ``lo``
+    is the answer (to verify it). Bisection (or doubling while no failure is known) instead when
+    there is no guess, when a trial already proved it wrong, after ``FOLLOW_MODEL`` trials, and
+    when the guess before failed and this one only creeps below that failure (a model fitted on
+    peaks that the failures cannot correct).
+
+    Returns:
+        The next point to try, strictly between ``lo`` and ``hi``.
+    """
+    unbounded = hi > NO_LIMIT
+    creeping = missed and not unbounded and guess is not None and guess >= lo + 0.9 * (hi - lo)
+    if guess is not None and tried < FOLLOW_MODEL and not creeping:
+        if (
+            unbounded and hold
+        ):  # no failure yet: a wild guess (a huge length) could exhaust the host
+            guess = min(guess, max(GROWTH * lo, 64))
+        if lo < guess < hi or guess == lo:
+            return min(max(guess, lo + 1), hi - 1)
+    if unbounded:
+        return max(lo + 1, 2 * lo)
+    return (lo + hi) // 2
+
+
+def verify_ceiling(runner: Runner, length: int, *, limit: int) -> int:
+    """The largest batch size that fits at ``length``: it fits, the next does not (or the limit).
+
+    Returns:
+        The verified ceiling (0: batch size 1 does not fit).
+    """
+    lo, hi = 0, limit + 1
+    for (b, n), fits in runner.seen.items():  # earlier trials at this length bound it
+        if n == length:
+            lo, hi = (max(lo, b), hi) if fits else (lo, min(hi, b))
+    tried, missed = 0, False
+    while hi - lo > 1:
+        guess = runner.fit.ceiling(length, limit=limit)
+        b = _next(lo, hi, guess, tried=tried, missed=missed, hold=False)
+        tried += 1
+        missed = not runner.run(b, length)
+        lo, hi = (lo, b) if missed else (b, hi)
+    return lo
+
+
+def verify_length(runner: Runner, batch_size: int, *, step: int, low: int, limit: int) -> int:
+    """The longest multiple of ``step`` that fits at ``batch_size`` (verified like a ceiling).
+
+    Returns:
+        The verified length (0: ``low`` does not fit).
+    """
+    lo, hi = 0, limit // step + 1  # in units of step
+    first = max(1, -(-low // step))
+    if not runner.run(batch_size, first * step):
+        return 0
+    lo, tried = first, 0
+    if hi > 2 * first and runner.run(batch_size, 2 * first * step):  # a second length: a slope
+        lo = 2 * first
+    elif hi > 2 * first:
+        hi = 2 * first
+    missed = False
+    while hi - lo > 1:
+        guess = runner.fit.max_length(batch_size, step=step, limit=(hi - 1) * step)
+        units = _next(lo, hi, None if guess is None else guess // step, tried=tried, missed=missed)
+        tried += 1
+        missed = not runner.run(batch_size, units * step)
+        lo, hi = (lo, units) if missed else (units, hi)
+    return lo * step
+
+
+def find_max_length(
+    model: torch.nn.Module,
+    make_batch: Any,
+    *,
+    batch_size: int,
+    length_multiple_of: int = 1,
+    min_length: int | None = None,
+    max_length: int | None = None,
+    size_fn: Callable[[Any], int] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    device: str | torch.device | None = None,
+    memory: str | int | None = None,
+    headroom: str | int | None = None,
+    extra_state: Sequence[Any] = (),
+    on_trial: Callable[[LengthTrial], None] | None = None,
+    **step: Any,
+) -> LengthResult:
+    """The longest length whose real step fits at ``batch_size``.
+
+    Args:
+        model: the model, on the device to probe.
+        make_batch: ``make_batch(batch_size, length)`` returning a batch, or a map-style data set
+            whose items have a length (``size_fn``): its longest items up to each length.
+        batch_size: the batch size every trial runs.
+        length_multiple_of: only try multiples of this (e.g. 64 for a kernel's tile).
+        min_length: the shortest length to try (default: ``length_multiple_of``).
+        max_length: the longest length to try (default: no limit).
+        size_fn: a data set item's length (default: the elements of its tensors).
+        collate_fn: makes a batch of a data set's items (default: ``default_collate``).
+        device: as :func:`~maxbatch.find_batch_size`.
+        memory: as :func:`~maxbatch.find_batch_size` (the virtual device).
+        headroom: as :func:`~maxbatch.find_batch_size`.
+        extra_state: as :func:`~maxbatch.find_batch_size`.
+        on_trial: called with each :class:`~maxbatch.LengthTrial` as it finishes.
+        **step: ``optimizer``, ``loss_fn``, ``forward_fn``, ``train_step``, ``mode`` and
+            ``precision``, as :func:`~maxbatch.find_batch_size` takes them.
+
+    Returns:
+        A :class:`~maxbatch.LengthResult`: ``max_length`` fits, ``max_length +
+        length_multiple_of`` does not (``complete`` False when the limit stopped the search).
+
+    Raises:
+        ConfigError: an option is invalid.
+        DoesNotFitError: the shortest length does not fit at ``batch_size``.
+        WorkloadError: the step failed for a reason other than memory.
+    """
+    started = time.perf_counter()
+    positive_int(batch_size, "batch_size")
+    positive_int(length_multiple_of, "length_multiple_of")
+    low = length_multiple_of if min_length is None else positive_int(min_length, "min_length")
+    limit = NO_LIMIT if max_length is None else positive_int(max_length, "max_length")
+    if limit < low:
+        raise ConfigError(f"max_length={limit} is below the shortest length to try ({low})")
+    batches = LengthBatches(make_batch, size_fn=size_fn, collate_fn=collate_fn)
+    with open_runner(
+        model,
+        batches,
+        device=device,
+        memory=memory,
+        headroom=headroom,
+        step_options=step,
+        extra_state=extra_state,
+        on_trial=on_trial,
+    ) as runner:
+        found = verify_length(runner, batch_size, step=length_multiple_of, low=low, limit=limit)
+        if found == 0:
+            raise DoesNotFitError(
+                f"length {low} does not fit at batch size {batch_size} in "
+                f"{runner.usable_bytes} usable bytes; lower the batch size or free memory",
+                batch_size=batch_size,
+                needed_bytes=max(t.peak_bytes for t in runner.trials),
+                available_bytes=runner.usable_bytes,
+            )
+        complete = found + length_multiple_of > limit
+    return LengthResult(
+        max_length=found,
+        batch_size=batch_size,
+        length_multiple_of=length_multiple_of,
+        trials=tuple(runner.trials),
+        seconds=time.perf_counter() - started,
+        device=runner.device,
+        usable_bytes=runner.usable_bytes,
+        memory_model=runner.fit.model(),
+        complete=not complete,
+        notes=(f"stopped at max_length={limit}: longer lengths were not tried",)
+        if complete
+        else (),
+    )
+
+
+def find_bucket_sizes(
+    model: torch.nn.Module,
+    data: Any,
+    *,
+    buckets: int | Sequence[int] = 8,
+    lengths: Sequence[int] | None = None,
+    size_fn: Callable[[Any], int] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    max_batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    memory: str | int | None = None,
+    headroom: str | int | None = None,
+    extra_state: Sequence[Any] = (),
+    on_trial: Callable[[LengthTrial], None] | None = None,
+    **step: Any,
+) -> BucketProfile:
+    """The largest batch size at every length bucket: a profile over lengths.
+
+    The memory model over (batch, length) is fitted from two small trials, then each bucket's
+    ceiling is predicted and verified at the bucket's longest length (it fits; one more does
+    not), longest bucket first; every trial that fits refines the model. When the predictions
+    hold this takes ``2 * buckets + 2`` real trials.
+
+    Args:
+        model: the model, on the device to probe.
+        data: a map-style data set (or a ``DataLoader`` over one) whose items have a length
+            (``size_fn``), or ``make_batch(batch_size, length)``.
+        buckets: a number of buckets (cut from the data set's lengths so that each holds about the
+            same total length, as lhotse estimates its bins), or their upper lengths.
+        lengths: the data set's lengths when ``data`` is ``make_batch`` (for the bins and shares).
+        size_fn: a data set item's length (default: the elements of its tensors).
+        collate_fn: makes a batch of a data set's items (default: ``default_collate``).
+        max_batch_size: the largest batch size to try (default: no limit).
+        device: as :func:`~maxbatch.find_batch_size`.
+        memory: as :func:`~maxbatch.find_batch_size` (the virtual device).
+        headroom: as :func:`~maxbatch.find_batch_size`.
+        extra_state: as :func:`~maxbatch.find_batch_size`.
+        on_trial: called with each :class:`~maxbatch.LengthTrial` as it finishes.
+        **step: ``optimizer``, ``loss_fn``, ``forward_fn``, ``train_step``, ``mode`` and
+            ``precision``, as :func:`~maxbatch.find_batch_size` takes them.
+
+    Returns:
+        A :class:`~maxbatch.BucketProfile`.
+
+    Raises:
+        ConfigError: an option is invalid, or ``buckets`` is a number without lengths.
+        DoesNotFitError: batch size 1 does not fit at the longest bucket's length.
+        WorkloadError: the step failed for a reason other than memory.
+    """
+    started = time.perf_counter()
+    batches = LengthBatches(data, size_fn=size_fn, collate_fn=collate_fn)
+    known = list(batches.lengths if batches.lengths is not None else (lengths or ()))
+    bins = bins_from_lengths(known, buckets) if isinstance(buckets, int) else check_bins(buckets)
+    limit = NO_LIMIT if max_batch_size is None else positive_int(max_batch_size, "max_batch_size")
+    with open_runner(
+        model,
+        batches,
+        device=device,
+        memory=memory,
+        headroom=headroom,
+        step_options=step,
+        extra_state=extra_state,
+        on_trial=on_trial,
+    ) as runner:
+        ceilings, predicted = _profile(runner, bins, limit)
+    rows = shares(known, bins)
+    longer = sum(1 for n in known if n > bins[-1])
+    notes = (
+        (f"{longer} items are longer than the last bucket ({bins[-1]}): no batch size for them",)
+        if longer
+        else ()
+    )
+    return BucketProfile(
+        buckets=tuple(
+            Bucket(
+                max_length=upper,
+                ceiling=ceilings[upper],
+                min_length=low,
+                items=items,
+                share=items / len(known) if known else 0.0,
+                predicted_ceiling=predicted[upper],
+            )
+            for upper, (low, items) in zip(bins, rows, strict=True)
+        ),
+        memory_model=runner.fit.model(),
+        trials=tuple(runner.trials),
+        seconds=time.perf_counter() - started,
+        device=runner.device,
+        usable_bytes=runner.usable_bytes,
+        histogram=histogram(known),
+        notes=notes,
+    )
+
+
+def _profile(
+    runner: Runner, bins: Sequence[int], limit: int
+) -> tuple[dict[int, int], dict[int, int | None]]:
+    """Fit from two small trials, then predict and verify each bucket, longest first.
+
+    Returns:
+        Each bin's verified ceiling and what the model predicted before its trials.
+
+    Raises:
+        DoesNotFitError: batch size 1 does not fit at the longest length.
+    """
+    longest, shortest = bins[-1], bins[0]
+    # Batch size 2, not 1: at 1 some operators skip their copies (a transpose of a dimension of
+    # 1), so its trace does not line up with the others'.
+    first = 2 if limit >= 2 and runner.run(2, longest) else 1
+    if first == 1 and not runner.run(1, longest):
+        raise DoesNotFitError(
+            f"batch size 1 does not fit at length {longest} in {runner.usable_bytes} usable "
+            "bytes; use a shorter last bucket (`--find length` says how long fits)",
+            batch_size=1,
+            needed_bytes=runner.trials[-1].peak_bytes,
+            available_bytes=runner.usable_bytes,
+        )
+    if shortest != longest:
+        runner.run(first, shortest)
+    ceilings: dict[int, int] = {}
+    predicted: dict[int, int | None] = {}
+    # The longest, then the shortest (a trial there already fixes its line), then the rest.
+    for upper in dict.fromkeys([longest, shortest, *reversed(bins)]):
+        predicted[upper] = runner.fit.ceiling(upper, limit=limit)
+        ceilings[upper] = verify_ceiling(runner, upper, limit=limit)
+    return ceilings, predicted
