@@ -16,6 +16,8 @@ One markdown row per case on stdout. Minutes on a laptop CPU (each judged size i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -79,12 +81,14 @@ def frameworks(name: str) -> tuple[list[Any], Any, Judge]:
 
 def row(name: str, case: Any, global_batch: int | None, brute: bool) -> str:
     _, probe, trains = frameworks(name)
-    result, micro, steps = probe(case, global_batch)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result, micro, steps = probe(case, global_batch)
     state = result.steady_state or {}
     accumulate = 1 if global_batch is None else max(2, int(state.get("micro_batches") or 0))
 
     def judge(b: int, k: int) -> bool:
-        return bool(trains(case, b, k))
+        with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints its metrics
+            return bool(trains(case, b, k))
 
     ceiling = result.ceiling
     own = largest(judge, accumulate, ceiling) if brute else None

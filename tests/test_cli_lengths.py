@@ -108,6 +108,7 @@ def test_buckets_print_a_table_and_write_a_report(model_file: str, tmp_path: Pat
         (["--find", "length"], "--find length needs --batch-size"),
         (["--buckets", "8"], "needs the data set's lengths"),
         (["--buckets", "0"], "--buckets '0'"),
+        (["--buckets", "8,16", "--isolate"], "--isolate does not run the length axis"),
     ],
 )
 def test_length_axis_errors_are_one_line(model_file: str, args: list[str], message: str) -> None:

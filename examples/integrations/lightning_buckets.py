@@ -1,7 +1,8 @@
 """Train a LightningModule on variable-length sequences with ``maxbatch.BucketBatchSampler``.
 
 The ``LightningDataModule`` builds its train ``DataLoader`` with ``batch_sampler=`` a bucket
-sampler over a profile of the model (one verified ceiling per length bucket): short sequences come
+sampler over a profile of the model (``maxbatch.find_bucket_sizes``: one verified ceiling per
+length bucket, at the bucket's longest sequence of the data set): short sequences come
 in large batches, long ones in small batches, and each batch is as large as fits its longest
 sequence. Lightning calls the sampler's ``set_epoch`` at each epoch, so every epoch is shuffled
 anew. ``use_distributed_sampler=False`` tells Lightning to keep the batch sampler as it is (under
@@ -98,27 +99,18 @@ class BucketedData(pl.LightningDataModule):
 
 
 def profile_buckets(data: Sequences, memory: str) -> maxbatch.BucketProfile:
-    """One exact ceiling search per bucket, at its longest length, on the capped device."""
-    buckets, low = [], 0
-    for upper in BUCKETS:
-        items = [i for i, n in enumerate(data.lengths) if low < n <= upper]
-        longest = max(items, key=lambda i: data.lengths[i])
-        result = maxbatch.find_batch_size(
-            LanguageModel(),
-            lambda b, longest=longest: pad_collate([data[longest]] * b),
-            forward_fn=lambda model, batch: model(**batch),
-            loss_fn=lambda loss, batch: loss,
-            optimizer="adamw",
-            memory=memory,
-            profile=False,
-        )
-        buckets.append(
-            maxbatch.Bucket(
-                max_length=upper, min_length=low + 1, ceiling=result.ceiling, items=len(items)
-            )
-        )
-        low = upper
-    return maxbatch.BucketProfile(buckets=tuple(buckets))
+    """The profile over the data set's lengths: one verified ceiling per bucket."""
+    return maxbatch.find_bucket_sizes(
+        LanguageModel(),
+        data,
+        buckets=BUCKETS,
+        size_fn=lambda item: len(item["input_ids"]),
+        collate_fn=pad_collate,
+        forward_fn=lambda model, batch: model(**batch),
+        loss_fn=lambda loss, batch: loss,
+        optimizer="adamw",
+        memory=memory,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -152,6 +152,7 @@ def probe(
                 debug=debug,
                 as_json=as_json,
                 report_dir=report_dir,
+                isolate=isolate,
                 step=step,
                 device=dev,
                 memory=memory,

@@ -128,6 +128,9 @@ def loop_state(trainer: Trainer) -> list[Any]:
 class MaxBatch(Callback):  # type: ignore[misc, unused-ignore]
     """Set the batch size (and gradient accumulation) that maxbatch finds, at fit start.
 
+    The size set is the pick when its confidence is medium or high, else the ceiling (the log
+    says which and why); with ``global_batch``, the micro-batch of the plan over that size.
+
     Args:
         global_batch: samples per optimizer step across all devices to keep, reached with
             ``accumulate_grad_batches``; None: no accumulation is set.

@@ -187,7 +187,8 @@ def tune(trainer: Trainer, global_batch: int | None = None, **options: Any) -> B
 
     Returns:
         The :class:`~maxbatch.results.BatchSizeResult`; ``args.per_device_train_batch_size`` is
-        its pick, or the micro-batch of its accumulation plan when ``global_batch`` is given.
+        its pick when the pick's confidence is medium or high, else its ceiling (the log says
+        which), or the micro-batch of the accumulation plan over that size with ``global_batch``.
 
     Raises:
         ConfigError: an option is invalid, or the Trainer runs DataParallel over several GPUs.
