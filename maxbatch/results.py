@@ -8,6 +8,10 @@ from typing import Any
 
 from maxbatch.memtrace import MemoryTrace
 
+# The pick reason when nothing was timed, in the words of both entries (the CLI's flag, the
+# library's argument): users of either read the same ``pick_reason``.
+UNTIMED_REASON = "the ceiling: timing was off (--no-profile, profile=False)"
+
 
 def _asdict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)

@@ -41,7 +41,9 @@ def parse_bytes(value: str | int | float, *, name: str = "size") -> int:
         name: what the value is, for the error message.
 
     Returns:
-        The size in bytes.
+        The size in bytes. A fraction of a byte rounds to the nearest byte, halves up
+        (``"1.08 KiB"`` is 1105.92 B, so 1106); the arithmetic is exact, so ``"0.1 KB"`` is
+        100.
 
     Raises:
         ConfigError: the value is not a non-negative size, not finite (``inf``, ``nan``), or
@@ -61,8 +63,10 @@ def parse_bytes(value: str | int | float, *, name: str = "size") -> int:
         raise ConfigError(
             f"{name}={value!r} is not a size; use a number and unit such as 300MiB, 24GiB or 1.5GB"
         )
-    # Exact arithmetic: a float of 400 digits is inf, and int(inf) an OverflowError.
-    return _at_most_max(int(Fraction(match.group(1)) * _UNITS[unit]), value, name)
+    # Exact arithmetic: a float of 400 digits is inf, and int(inf) an OverflowError. A fraction
+    # of a byte rounds to the nearest byte, halves up (int() would truncate 1105.92 to 1105).
+    exact = Fraction(match.group(1)) * _UNITS[unit]
+    return _at_most_max(math.floor(exact + Fraction(1, 2)), value, name)
 
 
 def _at_most_max(size: int, value: str | int | float, name: str) -> int:

@@ -29,5 +29,9 @@ def test_virtual_device_example() -> None:
 def test_micro_batching_example() -> None:
     out = run_example("micro_batching.py")
     assert out["ceiling"] < 128 and out["changes"][0] == (128, out["ceiling"], "out of memory")
+    # The probe's size fails too (the held batch of 256 and the accumulated gradients are not in
+    # its memory model): refitted with them, the next size fits; halving gave 35 (issue 21).
+    (_, refit, why), *after = out["changes"][1:]
+    assert why == "out of memory" and out["ceiling"] // 2 < refit < out["ceiling"] and not after
     assert out["micro_batch_size"] <= out["ceiling"]
     assert out["losses"] == sorted(out["losses"], reverse=True)  # training goes on, and learns

@@ -105,3 +105,17 @@ def test_a_host_oom_below_the_virtual_cap_is_not_the_devices_answer() -> None:
         model, torch.randn(4, 8), forward_fn=forward, profile=False, max_batch_size=1000
     )
     assert result.ceiling == 63
+
+
+@pytest.mark.slow
+def test_without_memory_the_address_space_limit_is_the_cpu_capacity() -> None:
+    # Issue 21: without --memory the capacity was the host's free memory, far above RLIMIT_AS, so
+    # each failed trial died at its first allocation with no peak to predict from (20 trials).
+    res = _probe(MLP, "--no-profile", "--no-cache", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert any("address-space limit" in n and "RLIMIT_AS" in n for n in data["notes"])
+    assert not data["virtual"] and data["capacity_bytes"] < LIMIT
+    sizes = [t["batch_size"] for t in data["trials"]]
+    assert len(sizes) <= 4, sizes  # the first trial's peak predicts the ceiling
+    assert data["ceiling"] + 1 in sizes  # still verified: the size above ran out of memory

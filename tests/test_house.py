@@ -48,6 +48,7 @@ MODULES = _modules()
 TOO_BIG: set[str] = {
     "maxbatch.cli.probe",
     "maxbatch.devices.accounting",
+    "maxbatch.devices.capacity",
     "maxbatch.estimate.estimate",
     "maxbatch.profile.descent",
     "maxbatch.profile.profiler",

@@ -82,3 +82,30 @@ def test_the_example_runs(capsys) -> None:
     out = capsys.readouterr().out
     assert "at initialisation: B_simple" in out and "step 50: tracked B_simple" in out
     assert "epoch 60: " in out and "samples per step, lr 0.1" in out
+
+
+FEW = """
+import torch
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+sample = torch.randn(8, 16)
+"""
+
+
+@pytest.mark.slow
+def test_a_noise_scale_from_the_8_samples_of_sample_is_no_suggestion(tmp_path: Path) -> None:
+    # Issue 21: the critical batch of a model file's 8-sample `sample` was advised as the global
+    # batch to train with.
+    model = tmp_path / "model.py"
+    model.write_text(FEW)
+    args = ["probe", str(model), "--memory", "32MiB", "--max-batch", "64", "--no-profile"]
+    res = CliRunner().invoke(main, [*args, "--noise-scale", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["noise_scale"]["data_rows"] == 8
+    assert any("fewer than the 256 of one draw" in n for n in data["noise_scale"]["notes"])
+    advice = data["advice"]
+    assert advice["critical_batch"] is None and advice["accumulation"] is None
+    assert not any("suggested global batch" in n for n in advice["notes"])
+    assert advice["notes"][0].startswith("no global batch suggested: the noise scale was measured")
+    assert "`dataset` or `make_batch`" in advice["notes"][0]
+    assert data["global_batch_size"] == data["batch_size"]

@@ -97,7 +97,7 @@ REAL_MESSAGES = [
     # oneDNN refusing a configuration: the descriptor message starts with the OOM one.
     ("could not create a primitive descriptor for a convolution forward propagation", False),
     ("could not create a primitive descriptor iterator", False),
-    # cuDNN refusing a configuration: not an allocation failure (see maxbatch/oom.py).
+    # cuDNN refusing a configuration: not an allocation failure (see maxbatch/step/oom.py).
     (
         "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
         "asynchronously reported at some other API call, so the stacktrace below might be "

@@ -27,7 +27,9 @@ class Tripwire:
 
     def _send(self) -> None:
         self.sent += 1
-        os.kill(os.getpid(), self.signum)
+        # To this thread (the main one), not to the process: a process-directed signal may be
+        # taken by another thread a test left running, and handled only after the held section.
+        signal.raise_signal(self.signum)
 
     def state_dict(self) -> dict[str, Any]:
         if self.when == "save" and not self.sent:

@@ -19,7 +19,9 @@ from maxbatch.results import Throughput, Trial
 from maxbatch.run import torchrun
 from maxbatch.run.finder import find_batch_size
 from maxbatch.run.modelfile import ModelSpec
+from maxbatch.run.unfinished import ProfileInterrupted
 from maxbatch.settings import TOLERANCE
+from maxbatch.step.interrupt import Terminated
 from maxbatch.store.report import point_line, result_json, result_table, trial_line
 
 
@@ -206,21 +208,25 @@ def probe(
                 ),
             )
         else:
-            result = _probe(
-                debug,
-                spec,
-                trial_timeout,
-                device=dev,
-                memory=memory,
-                extra_state=extra,
-                cache=not no_cache,
-                trust_cache=trust_cache,
-                zero_grad=zero_grad,
-                accumulate=accumulate,
-                allow_growth=allow_growth,
-                **options,
-                **step_kwargs(spec, **step),
-            )
+            try:
+                result = _probe(
+                    debug,
+                    spec,
+                    trial_timeout,
+                    device=dev,
+                    memory=memory,
+                    extra_state=extra,
+                    cache=not no_cache,
+                    trust_cache=trust_cache,
+                    zero_grad=zero_grad,
+                    accumulate=accumulate,
+                    allow_growth=allow_growth,
+                    **options,
+                    **step_kwargs(spec, **step),
+                )
+            except ProfileInterrupted as stop:  # the ceiling was verified: print it, then exit
+                _answer(stop.result.to_dict(), model_file, as_json, tty=tty)
+                raise Terminated() if stop.terminated else KeyboardInterrupt() from None
     torchrun.leave()
     if rank:
         return
@@ -228,13 +234,21 @@ def probe(
         click.echo("", err=True)
     data = {**result.to_dict(), "model_file": model_file}
     # The answer first: a report that cannot be written (a full disk) must not lose it.
+    _answer(data, model_file, as_json, tty=False)
+    if report_dir is not None:
+        with interruptible(trials):  # the temporary folder goes, no partial report stays
+            write_report_files(data, Path(report_dir), model_file, debug)
+
+
+def _answer(result: dict[str, Any], model_file: str, as_json: bool, *, tty: bool) -> None:
+    """The answer on stdout (first ending a timing line that a terminal rewrites)."""
+    if tty and result.get("throughput"):
+        click.echo("", err=True)
+    data = {**result, "model_file": model_file}
     if as_json:
         click.echo(result_json(data))
     else:
         click.echo(result_table(data, title=f"maxbatch probe {model_file}"))
-    if report_dir is not None:
-        with interruptible(trials):  # the temporary folder goes, no partial report stays
-            write_report_files(data, Path(report_dir), model_file, debug)
 
 
 def _check_report(debug: bool, report_dir: str | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import traceback
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import click
 
 from maxbatch.cli.exits import run
-from maxbatch.errors import ConfigError, ReportWriteError
+from maxbatch.errors import ReportWriteError
 from maxbatch.store.report import result_json, result_markdown, result_table
 from maxbatch.store.reportfiles import check_report_dir, load_report, write_report
 
@@ -27,17 +26,24 @@ def report(report_file: str, markdown: bool, debug: bool) -> None:
     click.echo(result_markdown(data, title=title) if markdown else result_table(data, title=title))
 
 
-def check_report(report_dir: str) -> None:
-    """Check the report folder and the plotting extra before the first trial.
+NO_PLOTS = (
+    'plots skipped: they need matplotlib: pip install "maxbatch[plot]" '
+    '(from a clone: pip install -e ".[plot]")'
+)
 
-    Raises:
-        ConfigError: matplotlib (the ``plot`` extra) is not installed.
-    """
+
+def check_report(report_dir: str) -> None:
+    """Check the report folder before the first trial (the plots are optional, see below)."""
     check_report_dir(report_dir)
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError(
-            '--report draws plots, which need matplotlib: pip install "maxbatch[plot]"'
-        )
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib imports; without it report.json and report.md are still written."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 #: The answer was printed, but the ``--report`` files could not be written (a full disk).
@@ -54,9 +60,11 @@ def write_report_files(
     """
     from maxbatch.store.plots import write_plots
 
+    plots = _can_plot()
+
     def write(folder: Path) -> list[str]:
         (folder / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")
-        images = write_plots(data, folder)
+        images = write_plots(data, folder) if plots else []
         markdown = result_markdown(data, title=f"maxbatch: {model_file}", images=bool(images))
         (folder / "report.md").write_text(markdown, encoding="utf-8")
         return ["report.json", "report.md", *(p.name for p in images)]
@@ -70,3 +78,5 @@ def write_report_files(
             click.echo(f"maxbatch: error: {e}", err=True)
         sys.exit(EXIT_REPORT_NOT_WRITTEN)
     click.echo(f"report written to {out}: {', '.join(written)}", err=True)
+    if not plots:
+        click.echo(NO_PLOTS, err=True)

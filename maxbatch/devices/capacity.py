@@ -7,8 +7,8 @@ and search and the estimate's rows all read them from a :class:`Capacity`.
 - CUDA: the free memory plus what this process already holds; 5 % headroom (at least 256 MiB)
   for what counting live tensors cannot see (fragmentation, the context, cuBLAS/cuDNN
   workspaces, other processes growing meanwhile).
-- CPU and MPS: the available memory (on the CPU, at most what a container's cgroup limit
-  leaves) plus the model (already resident), the same headroom.
+- CPU and MPS: the available memory (on the CPU, at most what a container's cgroup limit or
+  RLIMIT_AS leaves) plus the model (already resident), the same headroom.
 - Inside a user's :func:`~maxbatch.virtual_device` the smaller cap wins (theirs counts what
   ours does not): the probe is virtual, its capacity the room the enclosing counters leave.
 - An estimate for CUDA also reserves :data:`CUDA_CONTEXT_BYTES` for the context.
@@ -139,14 +139,19 @@ def probe_capacity(
         capacity = info.capacity_bytes
     elif info.kind == "cpu":
         # A container's cgroup limit is enforced by the kernel's OOM killer (SIGKILL: no probe
-        # survives it), so it bounds the capacity. RLIMIT_AS is not taken here: past it the
-        # allocator fails cleanly, a real out-of-memory error the search catches and answers.
-        limit = host_limit(CGROUP, address_space=False)
-        capacity = limit.free_bytes + base_bytes
+        # survives it), so it bounds the capacity; so does RLIMIT_AS, as under ``memory=``: past
+        # it a step fails at its first large allocation and leaves no peak to predict from
+        # (issue 21: 20 trials and 262 s under ``prlimit --as=6GiB`` when it was not taken).
+        limit = host_limit(CGROUP)
+        # Under RLIMIT_AS, address space the counter does not see (allocator slack, arenas)
+        # counts too: the --memory path's margin (host_room) keeps the trials off its edge.
+        aspace = limit.source == "RLIMIT_AS"
+        capacity = host_room(base_bytes, limit) if aspace else limit.free_bytes + base_bytes
+        owner = "address-space limit" if aspace else "container's limit"
         what = (
             "the host's available memory"
             if limit.limit_bytes is None
-            else f"what the container's limit leaves ({limit.describe()})"
+            else f"what the {owner} leaves ({limit.describe()})"
         )
         note = f"capacity is {what} plus the model: {format_bytes(capacity)}"
     else:

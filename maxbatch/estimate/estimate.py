@@ -179,6 +179,9 @@ def estimate_batch_size(
         )
         optimizer_name = _optimizer_name(fake)
         notes = _notes(tgt, tgt is Target.CUDA and _foreach(fake))
+        value_note = fake.value_note()
+    if value_note is not None:
+        notes.append(value_note)
     if not affine:
         notes.append(
             "the peak is not affine in the batch size near the ceiling: the memory model is "

@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensorMode,
     UnsupportedOperatorException,
 )
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -40,6 +41,7 @@ from maxbatch.step.workload import Workload, build_workload
 from maxbatch.units import format_bytes
 
 _BATCH_NORM = torch.ops.aten.native_batch_norm.default
+_SDPA = torch.nn.functional.scaled_dot_product_attention
 _REDUCED = (torch.bfloat16, torch.float16)
 _NOT_FAKEABLE = (
     DataDependentOutputException,
@@ -86,6 +88,46 @@ class _CpuBatchNorm(TorchDispatchMode):  # type: ignore[no-untyped-call]
         return out
 
 
+class _MaskedAttention(TorchFunctionMode):
+    """Records attention given a mask: a path the real step may skip by the mask's values.
+
+    Libraries skip an attention mask that masks nothing (transformers checks ``mask.all()``), a
+    check on values that fake tensors cannot make: they build the mask and pass it, so the fake
+    step keeps a batch x heads x length x length mask the real step never builds. Watched at the
+    Python call, before attention decomposes into kernels that no longer say it was attention.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, None] = {}  # operations, in the order first seen
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            if mask is not None:
+                self.seen["torch.nn.functional.scaled_dot_product_attention(attn_mask=...)"] = None
+        return func(*args, **kwargs)
+
+    def note(self) -> str | None:
+        """Name the operations, or None when no attention kernel got a mask."""
+        if not self.seen:
+            return None
+        ops = ", ".join(self.seen)
+        return (
+            f"the fake step passed an attention mask to {ops}: where the real step decides by "
+            "the mask's values (transformers skips an all-ones mask), fake tensors have none to "
+            "check, so the estimate counts the mask and what attention keeps for it; if your "
+            "batches mask nothing, the probe's ceiling can be higher"
+        )
+
+
 def _not_fakeable(cause: Exception) -> dict[str, str]:
     """The keywords of the :class:`EstimateError` naming the operation fake tensors cannot run."""
     op = str(getattr(cause, "func", "an operation"))
@@ -124,6 +166,11 @@ class FakeStep:
         self.exact: dict[int, Trial] = {}  # trials that ran to the end: their peak is exact
         self.refused: dict[tuple[int, int], Trial] = {}  # out of memory at that usable size
         self.steps = 0
+        self.value_paths: _MaskedAttention | None = None  # set by fake_step
+
+    def value_note(self) -> str | None:
+        """A path taken by values the fake step cannot see, named, or None."""
+        return None if self.value_paths is None else self.value_paths.note()
 
     def trial(self, batch_size: int, usable: int | None) -> Trial:
         """The virtual device's trial at ``batch_size`` with ``usable`` bytes (None: no cap)."""
@@ -212,7 +259,8 @@ def fake_step(step: StepSpec, target: Target) -> Iterator[FakeStep]:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True, allow_fallback_kernels=False)
     # The counter, entered for each trial, sits above the batch-norm fix, which sits above the
     # fake mode: it counts the storages the CPU's kernels would make.
-    with fake_mode, _CpuBatchNorm():  # type: ignore[no-untyped-call]
+    masked = _MaskedAttention()
+    with fake_mode, _CpuBatchNorm(), masked:  # type: ignore[no-untyped-call]
         model_copy, memo = fake_model(step.model)
         if step.sample_size is None:
             make_batch = step.sample  # make_batch(b) runs under the fake mode: its tensors are fake
@@ -228,6 +276,7 @@ def fake_step(step: StepSpec, target: Target) -> Iterator[FakeStep]:
         if workload.optimizer is not None and target is Target.CUDA:
             like_cuda(workload.optimizer)
         fake = FakeStep(workload, target, step.sample_size)
+        fake.value_paths = masked
         try:
             with fake.meter, workload:
                 fake.base = fake.meter.live_bytes(workload)

@@ -20,6 +20,7 @@ from maxbatch.results import BatchSizeResult, Throughput, Trial
 from maxbatch.run import stages
 from maxbatch.run.distributed import join
 from maxbatch.run.lookup import store
+from maxbatch.run.unfinished import ProfileInterrupted
 from maxbatch.settings import (
     TOLERANCE,
     AdviceSettings,
@@ -166,6 +167,8 @@ def find_batch_size(
         LeakError: steps at one size kept growing the live bytes (more than ``allow_growth``).
         DistributedError: another rank failed (:class:`~maxbatch.errors.RankFailedError`, with
             its message), died, or did not answer within the process group's timeout.
+        ProfileInterrupted: Ctrl-C or SIGTERM while the step was timed (a ``KeyboardInterrupt``):
+            its ``result`` holds the verified ceiling, which is also cached.
     """
     require_weights(model)  # before a data set is scanned: nothing can run without weights
     request = stages.Request(
@@ -218,9 +221,12 @@ def find_batch_size(
     if isinstance(measured, BatchSizeResult):
         return measured  # a cached answer that held
     request.ranks.done()
-    noise = stages.noise(request, measured)
+    stop = measured.picked.interrupted
+    noise = None if stop is not None else stages.noise(request, measured)
     result = stages.advise(request, stages.assemble(request, measured, noise))
     store(request, measured, result)
+    if stop is not None:  # the ceiling is an answer: the caller gets it with the interrupt
+        raise ProfileInterrupted(result, terminated=stop.terminated)
     return result
 
 

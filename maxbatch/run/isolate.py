@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from maxbatch.devices.device import require_weights
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
-from maxbatch.results import BatchSizeResult, MemoryPoint, Throughput, Trial
+from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.run.distributed import is_distributed
 from maxbatch.search.probe import SearchOutcome, fit_memory_model, search
 
@@ -130,7 +130,7 @@ def probe_isolated(
         final = dataclasses.replace(
             children.first,
             batch_size=outcome.ceiling,
-            pick_reason="the ceiling (profile=False)",
+            pick_reason=UNTIMED_REASON,
             throughput=(),
         )
     fits = sorted((t.batch_size, t.peak_bytes) for t in outcome.trials if t.fits)

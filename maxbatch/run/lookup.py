@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from maxbatch.results import BatchSizeResult, DeviceInfo, Trial
+from maxbatch.run.unfinished import untimed
 from maxbatch.search.trial import Meter, run_trial
 from maxbatch.step.workload import Workload
 from maxbatch.store.cache import ResultCache, from_cache, key_of, verified
@@ -117,3 +118,10 @@ def store(request: Request, measured: Measured, result: BatchSizeResult) -> None
     timed = not request.profile.enabled or (prof is not None and prof.complete)
     if lookup is not None and result.complete and timed:
         lookup.store.put(lookup.key, result, lookup.description)
+    stop = measured.picked.interrupted
+    if lookup is not None and result.complete and stop is not None:
+        # The verified ceiling, kept where a run without timing looks: ``--no-profile``.
+        settings = lookup.description["settings"]
+        untimed_run = {**settings, "pick": [False, *settings["pick"][1:]]}
+        description = {**lookup.description, "settings": untimed_run}
+        lookup.store.put(key_of(description), untimed(result, stop.note()), description)

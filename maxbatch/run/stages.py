@@ -26,9 +26,16 @@ from maxbatch.devices.capacity import (
 from maxbatch.devices.device import describe
 from maxbatch.estimate.estimate import estimate_beyond_host, first_guess
 from maxbatch.profile.profiler import Profile, profile_fields, profile_workload
-from maxbatch.results import BatchSizeResult, DeviceInfo, MemoryPoint, Throughput
+from maxbatch.results import (
+    UNTIMED_REASON,
+    BatchSizeResult,
+    DeviceInfo,
+    MemoryPoint,
+    Throughput,
+)
 from maxbatch.run.distributed import Ranks, sharded_note
 from maxbatch.run.lookup import Lookup, look_up
+from maxbatch.run.unfinished import Interruption, PointLog
 from maxbatch.search.accumulation import Accumulated, accumulating_trials, gradient_bytes
 from maxbatch.search.accumulation import measure as measure_accumulation
 from maxbatch.search.probe import SearchOutcome, search
@@ -43,7 +50,7 @@ from maxbatch.settings import (
 )
 from maxbatch.stats.advise import accumulation_plan, advice_for, per_rank
 from maxbatch.stats.noise import noise_scale as measure_noise_scale
-from maxbatch.stats.noisestats import NoiseScale
+from maxbatch.stats.noisestats import NoiseScale, few_samples_note
 from maxbatch.step.data import DataSource
 from maxbatch.step.loop import steady_state
 from maxbatch.step.oom import release_memory
@@ -72,15 +79,20 @@ class Picked:
     batch_size: int
     reason: str
     profile: Profile | None = None
+    interrupted: Interruption | None = None  #: Ctrl-C or SIGTERM stopped the profiler
 
     @property
     def points(self) -> tuple[Throughput, ...]:
         """The timed sizes."""
+        if self.interrupted is not None:
+            return self.interrupted.points
         return () if self.profile is None else self.profile.points
 
     @property
     def note(self) -> str | None:
         """Why the profiler stopped early, if it did."""
+        if self.interrupted is not None:
+            return self.interrupted.note()
         prof = self.profile
         return None if prof is None or prof.complete else f"profiler: {prof.stop_reason}"
 
@@ -126,7 +138,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                 outcome, search_notes = _search(request, workload, meter, capacity)
                 alive = workload.alive_at_start
                 picked = (
-                    _profile(request, workload, outcome)
+                    _keep_ceiling(request, workload, outcome)
                     if capacity.beyond_host is None
                     else Picked(
                         batch_size=outcome.ceiling,
@@ -270,11 +282,24 @@ def _accumulate(
         )
 
 
+def _keep_ceiling(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
+    """The profile stage; Ctrl-C or SIGTERM in it keeps the verified ceiling (one rank only)."""
+    log = PointLog(request.profile.on_point)
+    logged = dataclasses.replace(request.profile, on_point=log)
+    try:
+        return _profile(dataclasses.replace(request, profile=logged), workload, outcome)
+    except KeyboardInterrupt as e:
+        if request.ranks.world_size != 1:
+            raise  # the other ranks cannot agree on an answer now
+        stop = log.stopped(e)
+    return Picked(batch_size=outcome.ceiling, reason=stop.reason(outcome.ceiling), interrupted=stop)
+
+
 def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
     """Time the step at or below the ceiling and pick; without the profiler, the ceiling."""
     settings, budget = request.profile, request.search.time_budget
     if not settings.enabled:
-        return Picked(batch_size=outcome.ceiling, reason="the ceiling (profile=False)")
+        return Picked(batch_size=outcome.ceiling, reason=UNTIMED_REASON)
     left = None if budget is None else budget - (time.perf_counter() - request.started)
     left = request.ranks.least(left)  # one decision for all ranks
     if left is not None and left <= 0:
@@ -390,10 +415,13 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
 def advise(request: Request, result: BatchSizeResult) -> BatchSizeResult:
     """The result with the advice over it, and the samples per optimizer step over all ranks."""
     wanted, noise = request.advice, result.noise_scale
-    critical = None if noise is None else noise.get("critical_batch")
+    few = None if noise is None else noise.get("data_rows")
+    critical = None if noise is None or few is not None else noise.get("critical_batch")
     advice = (
         advice_for(result, critical_batch=critical, **wanted.keywords()) if wanted.wanted else None
     )
+    if advice is not None and few is not None:  # a critical batch of a few samples is no advice
+        advice = dataclasses.replace(advice, notes=(few_samples_note(few), *advice.notes))
     plan = None if advice is None else advice.accumulation
     micro, steps = (
         (result.batch_size, 1) if plan is None else (plan.micro_batch, plan.accumulation_steps)

@@ -9,6 +9,7 @@ restored afterwards (:mod:`maxbatch.step.snapshot`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -262,10 +263,12 @@ def noise_scale(
             with torch.random.fork_rng([device] if device.type == "cuda" else []):
                 check_random(draw)
         notes: list[str] = []
-        if rows is not None and rows < big:
+        few = rows if rows is not None and rows < big else None
+        if few is not None:
             notes.append(
-                f"the data holds {rows} samples, fewer than the {big} of one draw: this is the "
-                "noise of those samples only; give a data set or make_batch for your data's"
+                f"the data holds {few} samples, fewer than the {big} of one draw: this is the "
+                "noise of those samples only, not of your data; for your data's, give a data set "
+                "or make_batch (in a model file: `dataset` or `make_batch`, not `sample`)"
             )
         model.train()
         while (measured := _attempt(model, draw, batches, k, small, forward, loss)) is None:
@@ -281,13 +284,14 @@ def noise_scale(
             notes.append(f"micro-batch {small} ran out of memory; measured at {small // 2}")
             small //= 2
         check, grad_sqs, traces = measured
-        return combine(
+        estimate = combine(
             grad_sqs,
             traces,
             b_small=small,
             b_big=k * small,
             notes=notes + ([check] if check else []),
         )
+        return dataclasses.replace(estimate, data_rows=few)
     finally:
         for p in model.parameters():
             p.grad = None

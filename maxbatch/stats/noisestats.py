@@ -44,6 +44,8 @@ class NoiseScale:
         draws: draws averaged (optimizer steps, for the tracker).
         method: how ``std_error`` was computed.
         notes: what the user should know about this estimate.
+        data_rows: the samples the draws came from when fewer than one draw (``b_big``): the
+            estimate is the noise of those samples only, not of the data; None otherwise.
     """
 
     b_simple: float
@@ -55,6 +57,7 @@ class NoiseScale:
     draws: int
     method: str = "delta method over draws"
     notes: tuple[str, ...] = ()
+    data_rows: int | None = None
 
     @property
     def critical_batch(self) -> int | None:
@@ -222,3 +225,12 @@ def squared_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.T
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 for the norms' sums, except on MPS, which has none."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def few_samples_note(rows: int) -> str:
+    """Why no global batch is suggested from a noise scale of ``rows`` samples, and what to give."""
+    return (
+        f"no global batch suggested: the noise scale was measured on {rows} samples, fewer than "
+        "one draw, so its critical batch is not your data's; give `dataset` or `make_batch` in "
+        "the model file (the library: a data set or make_batch) for one"
+    )

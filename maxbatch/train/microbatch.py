@@ -190,7 +190,8 @@ class MicroBatcher:
             self.optimizer.zero_grad(set_to_none=True)
             self._restore(saved)
             release_memory(self.device)
-            self._change(size, self._lower(size), "out of memory")
+            unseen = held_bytes(batch, self.device) + self._grad_bytes()
+            self._change(size, self._lower(size, unseen), "out of memory")
             attempt += 1
         optimizer_step(self.optimizer, self.scaler, self.device, n)
         self.steps += 1
@@ -282,12 +283,14 @@ class MicroBatcher:
 
     # -- the size -------------------------------------------------------------------------------
 
-    def _lower(self, size: int) -> int:
-        """The next size after ``size`` ran out of memory.
+    def _lower(self, size: int, held: int) -> int:
+        """The next size after ``size`` ran out of memory, ``held`` bytes unseen by the model.
 
         The memory model's largest size when it is below ``size`` (a size above what the probe
-        measured to fit); else half: the model did not foresee this batch (longer inputs, memory
-        held elsewhere), and an out-of-memory error says only that more was needed, not how much.
+        measured to fit). When the model's own size fails, the model is refitted with what the
+        failure showed was missing from it: the whole batch this step holds on the device and the
+        gradients accumulated across micro-batches (``held``). Only when that explains nothing,
+        half: an out-of-memory error says that more was needed, not how much.
 
         Returns:
             The smaller size.
@@ -306,9 +309,21 @@ class MicroBatcher:
         new = size // 2
         if model is not None and usable is not None and model.bytes_per_sample > 0:
             fits = int((usable - model.fixed_bytes) // model.bytes_per_sample)
-            if fits < size:
-                new = fits
+            refit = int((usable - model.fixed_bytes - held) // model.bytes_per_sample)
+            new = fits if fits < size else refit if refit < size else new
         return max(1, min(new, size - 1))
+
+    def _grad_bytes(self) -> int:
+        """The bytes of one copy of the gradients on the device.
+
+        Accumulating keeps the gradients so far while a backward makes new ones: one more copy
+        than the probe's single step held.
+
+        Returns:
+            The bytes.
+        """
+        params = (p for p in self.model.parameters() if p.requires_grad)
+        return sum(p.numel() * p.element_size() for p in params if p.device == self.device)
 
     def _change(self, old: int, new: int, reason: str) -> None:
         self.micro_batch_size = new
@@ -323,3 +338,17 @@ class MicroBatcher:
         )
         if self.on_change is not None:
             self.on_change(old, new, reason)
+
+
+def held_bytes(batch: Any, device: torch.device) -> int:
+    """The bytes of ``batch``'s tensors on ``device``, each storage once (slices are views)."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    map_tensors(batch, add)
+    return sum(seen.values())
