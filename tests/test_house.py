@@ -55,7 +55,6 @@ TOO_BIG: set[str] = {
     "maxbatch.results",
     "maxbatch.run.distributed",
     "maxbatch.run.lengths",
-    "maxbatch.run.lookup",
     "maxbatch.run.modelfile",
     "maxbatch.run.stages",
     "maxbatch.search.probe",
@@ -63,7 +62,6 @@ TOO_BIG: set[str] = {
     "maxbatch.stats.advise",
     "maxbatch.step.data",
     "maxbatch.step.workload",
-    "maxbatch.store.cache",
     "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
@@ -78,7 +76,6 @@ POSITIONAL: set[str] = {
     "maxbatch.search.probe",
     "maxbatch.stats.advise",
     "maxbatch.step.snapshot",
-    "maxbatch.store.cache",
 }
 
 

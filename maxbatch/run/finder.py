@@ -20,6 +20,7 @@ from maxbatch.results import BatchSizeResult, Throughput, Trial
 from maxbatch.run import stages
 from maxbatch.run.distributed import join
 from maxbatch.run.lookup import store
+from maxbatch.run.request import Request
 from maxbatch.run.unfinished import ProfileInterrupted
 from maxbatch.settings import (
     TOLERANCE,
@@ -171,7 +172,7 @@ def find_batch_size(
             its ``result`` holds the verified ceiling, which is also cached.
     """
     require_weights(model)  # before a data set is scanned: nothing can run without weights
-    request = stages.Request(
+    request = Request(
         started=time.perf_counter(),
         search=SearchSettings(
             grid=Grid.build(
@@ -221,10 +222,22 @@ def find_batch_size(
     if isinstance(measured, BatchSizeResult):
         return measured  # a cached answer that held
     request.ranks.done()
+    return _finish(request, measured)
+
+
+def _finish(request: Request, measured: stages.Measured) -> BatchSizeResult:
+    """The noise scale, the result and its advice, kept in the cache.
+
+    Returns:
+        The result.
+
+    Raises:
+        ProfileInterrupted: Ctrl-C or SIGTERM stopped the profiler (the result is its ``result``).
+    """
     stop = measured.picked.interrupted
     noise = None if stop is not None else stages.noise(request, measured)
     result = stages.advise(request, stages.assemble(request, measured, noise))
-    store(request, measured, result)
+    store(request, measured.lookup, result, profile=measured.picked.profile, interrupted=stop)
     if stop is not None:  # the ceiling is an answer: the caller gets it with the interrupt
         raise ProfileInterrupted(result, terminated=stop.terminated)
     return result

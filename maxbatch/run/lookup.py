@@ -11,17 +11,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from maxbatch.profile.profiler import Profile
 from maxbatch.results import BatchSizeResult, DeviceInfo, Trial
-from maxbatch.run.unfinished import untimed
+from maxbatch.run.request import Request, cache_settings
+from maxbatch.run.unfinished import Interruption, untimed
 from maxbatch.search.trial import Meter, run_trial
 from maxbatch.step.workload import Workload
 from maxbatch.store.cache import ResultCache, from_cache, key_of, verified
 from maxbatch.store.cache import describe as describe_step
-
-if TYPE_CHECKING:
-    from maxbatch.run.stages import Measured, Request
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,43 +40,17 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
     Returns:
         None without the cache (or under ``torch.distributed``); else the look-up.
     """
-    step, search, grid, prof, advice = (
-        request.step,
-        request.search,
-        request.search.grid,
-        request.profile,
-        request.advice,
-    )
+    step, search, grid, prof = request.step, request.search, request.search.grid, request.profile
     # A noise scale holds for the current weights, which the cache's key does not see.
-    if not search.cache or request.ranks.world_size != 1 or advice.noise_scale:
+    if not search.cache or request.ranks.world_size != 1 or request.advice.noise_scale:
         return None
+    functions, settings = cache_settings(request, [info.kind, info.name, info.total_bytes])
     description = describe_step(
         step.model,
         step.make_batch(grid.start(step.sample_size)),
         workload.optimizer,
-        {"forward_fn": step.forward_fn, "loss_fn": step.loss_fn, "train_step": step.train_step},
-        {
-            "mode": step.mode.value,
-            "precision": step.precision.value,
-            "device": [info.kind, info.name, info.total_bytes],
-            "memory": request.memory.memory_bytes,
-            "headroom": request.memory.headroom_bytes,
-            "grid": [grid.min_batch_size, grid.max_batch_size, grid.multiple_of],
-            "pick": [prof.enabled, prof.rule.value, prof.tolerance],
-            "advice": [
-                advice.dataset_size,
-                advice.global_batch,
-                advice.base_batch,
-                advice.base_lr,
-                advice.noise_scale,
-            ],
-            "extra_state": len(step.extra_state.items),
-            "loop": [
-                step.loop.zero_grad.value,
-                step.loop.accumulate,
-                step.loop.allow_growth_bytes,
-            ],
-        },
+        functions,
+        settings,
     )
     lookup = Lookup(store=ResultCache(), key=key_of(description), description=description)
     hit = lookup.store.get(lookup.key)
@@ -112,16 +85,21 @@ def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None, ran: list[
     return trial
 
 
-def store(request: Request, measured: Measured, result: BatchSizeResult) -> None:
+def store(
+    request: Request,
+    lookup: Lookup | None,
+    result: BatchSizeResult,
+    *,
+    profile: Profile | None,
+    interrupted: Interruption | None,
+) -> None:
     """Keep a complete answer (the profiler's too, when it ran) in the result cache."""
-    prof, lookup = measured.picked.profile, measured.lookup
-    timed = not request.profile.enabled or (prof is not None and prof.complete)
-    if lookup is not None and result.complete and timed:
+    if lookup is None or not result.complete:
+        return
+    if not request.profile.enabled or (profile is not None and profile.complete):
         lookup.store.put(lookup.key, result, lookup.description)
-    stop = measured.picked.interrupted
-    if lookup is not None and result.complete and stop is not None:
+    if interrupted is not None:
         # The verified ceiling, kept where a run without timing looks: ``--no-profile``.
-        settings = lookup.description["settings"]
-        untimed_run = {**settings, "pick": [False, *settings["pick"][1:]]}
+        untimed_run = {**lookup.description["settings"], "profile.enabled": False}
         description = {**lookup.description, "settings": untimed_run}
-        lookup.store.put(key_of(description), untimed(result, stop.note()), description)
+        lookup.store.put(key_of(description), untimed(result, interrupted.note()), description)

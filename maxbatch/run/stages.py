@@ -35,17 +35,14 @@ from maxbatch.results import (
 )
 from maxbatch.run.distributed import Ranks, sharded_note
 from maxbatch.run.lookup import Lookup, look_up
+from maxbatch.run.request import Request
 from maxbatch.run.unfinished import Interruption, PointLog
 from maxbatch.search.accumulation import Accumulated, accumulating_trials, gradient_bytes
 from maxbatch.search.accumulation import measure as measure_accumulation
 from maxbatch.search.probe import SearchOutcome, search
 from maxbatch.search.trial import Meter, leak_checked
 from maxbatch.settings import (
-    AdviceSettings,
-    MemorySettings,
     Mode,
-    ProfileSettings,
-    SearchSettings,
     Target,
 )
 from maxbatch.stats.advise import accumulation_plan, advice_for, per_rank
@@ -54,22 +51,7 @@ from maxbatch.stats.noisestats import NoiseScale, few_samples_note
 from maxbatch.step.data import DataSource
 from maxbatch.step.loop import steady_state
 from maxbatch.step.oom import release_memory
-from maxbatch.step.spec import StepSpec
 from maxbatch.step.workload import Workload, build_workload
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Request:
-    """Everything a probe was asked, validated: the records its stages take."""
-
-    started: float  #: ``time.perf_counter()`` at the call: the time budget counts from here
-    search: SearchSettings
-    memory: MemorySettings
-    profile: ProfileSettings
-    advice: AdviceSettings
-    step: StepSpec
-    device: torch.device
-    ranks: Ranks  #: the ranks that agree under ``torch.distributed`` (one rank: alone)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
