@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from maxbatch.errors import ConfigError
@@ -89,32 +89,65 @@ def _bytes_or_none(value: str | int | None, name: str) -> int | None:
     return None if value is None else parse_bytes(value, name=name)
 
 
+def _capacities(memory: str | int | Sequence[str | int] | None) -> list[int]:
+    """The estimate's capacities: one size, a list of sizes, or ``"16GiB,24GiB"``."""
+    if memory is None:
+        return []
+    items = memory.split(",") if isinstance(memory, str) else memory
+    if isinstance(items, (int, float)):
+        items = [items]
+    sizes = [parse_bytes(item, name="memory") for item in items]
+    if any(s == 0 for s in sizes):
+        raise ConfigError("memory=0 leaves no room for anything; give a size such as 24GiB")
+    return sizes
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemorySettings:
-    """The memory a probe may use.
+    """The memory a probe may use, or the capacities an estimate predicts for.
 
     Attributes:
         memory_bytes: the virtual device's capacity (``memory=``), or None for the real device.
         headroom_bytes: bytes kept free below the capacity, or None for the device kind's default.
+        capacities_bytes: the estimate's capacities, in order (``memory="16GiB,24GiB"``); a probe
+            takes one, ``memory_bytes``.
     """
 
     memory_bytes: int | None = None
     headroom_bytes: int | None = None
+    capacities_bytes: tuple[int, ...] = ()
 
     @classmethod
-    def build(cls, *, memory: str | int | None, headroom: str | int | None) -> MemorySettings:
+    def build(
+        cls,
+        *,
+        memory: str | int | Sequence[str | int] | None,
+        headroom: str | int | None,
+        several: bool = False,
+    ) -> MemorySettings:
         """Parse ``memory`` and ``headroom`` (``"24GiB"``, bytes).
+
+        Args:
+            memory: the capacity; with ``several``, a list of them or ``"16GiB,24GiB"``.
+            headroom: the bytes kept free below each capacity.
+            several: the estimate's capacities (``capacities_bytes``) rather than the probe's one.
 
         Returns:
             The settings.
 
         Raises:
-            ConfigError: a size cannot be parsed, or ``memory`` is 0.
+            ConfigError: a size cannot be parsed, or one is 0.
         """
+        room = _bytes_or_none(headroom, "headroom")
+        if several:
+            caps = tuple(_capacities(memory))
+            return cls(headroom_bytes=room, capacities_bytes=caps)
+        if isinstance(memory, Sequence) and not isinstance(memory, str):
+            raise ConfigError(f"memory={memory!r} must be one size such as 300MiB")
         cap = _bytes_or_none(memory, "memory")
         if cap == 0:
             raise ConfigError("memory=0 leaves no room for anything; give a size such as 300MiB")
-        return cls(memory_bytes=cap, headroom_bytes=_bytes_or_none(headroom, "headroom"))
+        return cls(memory_bytes=cap, headroom_bytes=room)
 
     @property
     def virtual(self) -> bool:

@@ -83,3 +83,21 @@ def test_settings_that_change_the_answer_change_the_key() -> None:
     )
     assert one != two
     assert one == same  # the time budget is listed as not changing the answer
+
+
+def test_the_isolated_child_takes_every_plain_option_the_parent_does_not_keep() -> None:
+    import inspect
+
+    from maxbatch import find_batch_size
+    from maxbatch.run.isolate import PARENT_OWN, _child_options
+
+    taken = _child_options()
+    keywords = {
+        p.name
+        for p in inspect.signature(find_batch_size).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert set(PARENT_OWN) <= keywords, "a parent-own keyword is gone"
+    assert taken.isdisjoint(PARENT_OWN)
+    assert {"memory", "pick", "zero_grad", "accumulate", "allow_growth", "optimizer"} <= taken
+    assert not taken & {"on_trial", "on_point", "loss_fn", "extra_state", "train_step"}

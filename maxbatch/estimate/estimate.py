@@ -25,15 +25,15 @@ import torch
 
 from maxbatch.devices.accounting import CUDA_ROUNDING
 from maxbatch.devices.capacity import CUDA_CONTEXT_BYTES, Capacity, estimate_capacity
-from maxbatch.errors import ConfigError, EstimateError, HostMemoryError
+from maxbatch.errors import EstimateError, HostMemoryError
 from maxbatch.estimate.fakestep import FakeStep, fake_step
 from maxbatch.grid import Grid, positive_int
 from maxbatch.results import Breakdown, CapacityEstimate, Estimate, MemoryModel
 from maxbatch.search.probe import SearchOutcome
-from maxbatch.settings import Mode, Precision, Target, parse_enum
+from maxbatch.settings import MemorySettings, Mode, Precision, Target, parse_enum
 from maxbatch.step.data import DataSource
 from maxbatch.step.spec import ForwardFn, LossFn, OptimizerArg, StepSpec, TrainStepFn
-from maxbatch.units import format_bytes, parse_bytes
+from maxbatch.units import format_bytes
 
 __all__ = [
     "CUDA_CONTEXT_BYTES",
@@ -48,18 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def _capacities(memory: Any) -> list[int]:
-    if memory is None:
-        return []
-    items = memory.split(",") if isinstance(memory, str) else memory
-    if isinstance(items, (int, float)):
-        items = [items]
-    sizes = [parse_bytes(item, name="memory") for item in items]
-    if any(s == 0 for s in sizes):
-        raise ConfigError("memory=0 leaves no room for anything; give a size such as 24GiB")
-    return sizes
 
 
 def _notes(target: Target, foreach: bool) -> list[str]:
@@ -147,8 +135,7 @@ def estimate_batch_size(
     """
     started = time.perf_counter()
     tgt: Target = parse_enum(Target, target, "target")
-    caps = _capacities(memory)
-    room = None if headroom is None else parse_bytes(headroom, name="headroom")
+    limits = MemorySettings.build(memory=memory, headroom=headroom, several=True)
     grid = Grid.build(
         min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
     )
@@ -166,7 +153,10 @@ def estimate_batch_size(
     )
     with fake_step(step, tgt) as fake:
         start = grid.start(fake.sample_size)
-        rows = [_row(fake, estimate_capacity(cap, room, tgt), start, grid) for cap in caps]
+        rows = [
+            _row(fake, estimate_capacity(cap, limits.headroom_bytes, tgt), start, grid)
+            for cap in limits.capacities_bytes
+        ]
         for b in sizes:
             fake.peak(b)
         model_fit, affine = _memory_model(fake, [r.ceiling for r in rows], sizes, start)

@@ -21,8 +21,10 @@ ceiling and picks (when profiling or advice was asked for). The parent never tou
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import time
+import typing
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,25 +41,38 @@ if TYPE_CHECKING:  # imported when used: the children run it as __main__ (python
 #: Seconds an isolated child may run by default (``trial_timeout=``, ``--trial-timeout``).
 TRIAL_TIMEOUT = 600.0
 
-#: The options a child takes as they are (JSON-ready); the rest are the parent's own.
-CHILD_OPTIONS = frozenset(
-    {
-        "device",
-        "memory",
-        "headroom",
-        "mode",
-        "precision",
-        "optimizer",
-        "multiple_of",
-        "profile",
-        "pick",
-        "tolerance",
-        "dataset_size",
-        "global_batch",
-        "base_batch",
-        "base_lr",
-    }
-)
+#: The keywords of :func:`~maxbatch.find_batch_size` a child does not take from the parent, and why.
+PARENT_OWN: dict[str, str] = {
+    "min_batch_size": "the parent's search gives each child its one size",
+    "max_batch_size": "the parent's search gives each child its one size",
+    "time_budget": "the parent's search spends it (a child past it is killed)",
+    "estimate_first": "a child runs one size: nothing to start from",
+    "distributed": "isolated trials do not combine with torch.distributed",
+    "cache": "the parent's answer is its own search's",
+    "trust_cache": "the parent's answer is its own search's",
+    "noise_scale": "not measured in isolated trials",
+}
+
+
+def _plain_keyword(hint: Any) -> bool:
+    """Whether a keyword's type admits a plain value (a name, a number, a switch)."""
+    kinds = typing.get_args(hint) or (hint,)
+    return any(isinstance(k, type) and issubclass(k, (str, int, float)) for k in kinds)
+
+
+def _child_options() -> frozenset[str]:
+    """The keywords that take a plain value and that the parent does not keep: derived."""
+    from maxbatch.run.finder import find_batch_size
+
+    hints = typing.get_type_hints(find_batch_size)
+    params = inspect.signature(find_batch_size).parameters.values()
+    return frozenset(
+        p.name
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        and p.name not in PARENT_OWN
+        and _plain_keyword(hints[p.name])
+    )
 
 
 def probe_isolated(
@@ -87,7 +102,8 @@ def probe_isolated(
             is killed and the probe stops with a :class:`~maxbatch.errors.WorkloadError`.
         on_trial: called with each trial as its child finishes.
         on_point: called with each timed size once the profiling child finished.
-        **options: :func:`~maxbatch.find_batch_size` options from :data:`CHILD_OPTIONS`.
+        **options: :func:`~maxbatch.find_batch_size` options that take plain values
+            (not in :data:`PARENT_OWN`).
 
     Returns:
         The result, as :func:`~maxbatch.find_batch_size` gives it.
@@ -148,11 +164,16 @@ def probe_isolated(
 
 
 def _check_options(options: Mapping[str, Any], trial_timeout: float | None) -> None:
-    unknown = sorted(set(options) - CHILD_OPTIONS)
+    taken = _child_options()
+    unknown = sorted(
+        k
+        for k, v in options.items()
+        if k not in taken or not (v is None or isinstance(v, (str, int, float)))
+    )
     if unknown:
         raise ConfigError(
             f"isolated trials cannot take {', '.join(unknown)}: a child process loads the model "
-            f"file itself; options it takes: {', '.join(sorted(CHILD_OPTIONS))}"
+            f"file itself; options it takes (plain values): {', '.join(sorted(taken))}"
         )
     if trial_timeout is not None and (
         isinstance(trial_timeout, bool)
@@ -256,7 +277,7 @@ def probe_file(
         model_file: the file: ``model`` or ``build_model()``, ``sample`` or ``make_batch`` or
             ``dataset``, and the optional hooks.
         isolate: run every trial in a fresh process that loads the file (:func:`probe_isolated`);
-            the options must then be plain values (see :data:`CHILD_OPTIONS`), plus
+            the options must then be plain values (not in :data:`PARENT_OWN`), plus
             ``min_batch_size``, ``max_batch_size``, ``time_budget``, ``on_trial`` and
             ``on_point``.
         **options: :func:`~maxbatch.find_batch_size` options; ``optimizer`` defaults to the
