@@ -89,7 +89,7 @@ def test_the_isolated_child_takes_every_plain_option_the_parent_does_not_keep() 
     import inspect
 
     from maxbatch import find_batch_size
-    from maxbatch.run.isolate import PARENT_OWN, _child_options
+    from maxbatch.run.childoptions import PARENT_OWN, _child_options
 
     taken = _child_options()
     keywords = {

@@ -21,10 +21,8 @@ ceiling and picks (when profiling or advice was asked for). The parent never tou
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import time
-import typing
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -32,47 +30,12 @@ from maxbatch.devices.device import require_weights
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
 from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
+from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options
 from maxbatch.run.distributed import is_distributed
 from maxbatch.search.probe import SearchOutcome, fit_memory_model, search
 
 if TYPE_CHECKING:  # imported when used: the children run it as __main__ (python -m)
     from maxbatch.run.isotrial import Children
-
-#: Seconds an isolated child may run by default (``trial_timeout=``, ``--trial-timeout``).
-TRIAL_TIMEOUT = 600.0
-
-#: The keywords of :func:`~maxbatch.find_batch_size` a child does not take from the parent, and why.
-PARENT_OWN: dict[str, str] = {
-    "min_batch_size": "the parent's search gives each child its one size",
-    "max_batch_size": "the parent's search gives each child its one size",
-    "time_budget": "the parent's search spends it (a child past it is killed)",
-    "estimate_first": "a child runs one size: nothing to start from",
-    "distributed": "isolated trials do not combine with torch.distributed",
-    "cache": "the parent's answer is its own search's",
-    "trust_cache": "the parent's answer is its own search's",
-    "noise_scale": "not measured in isolated trials",
-}
-
-
-def _plain_keyword(hint: Any) -> bool:
-    """Whether a keyword's type admits a plain value (a name, a number, a switch)."""
-    kinds = typing.get_args(hint) or (hint,)
-    return any(isinstance(k, type) and issubclass(k, (str, int, float)) for k in kinds)
-
-
-def _child_options() -> frozenset[str]:
-    """The keywords that take a plain value and that the parent does not keep: derived."""
-    from maxbatch.run.finder import find_batch_size
-
-    hints = typing.get_type_hints(find_batch_size)
-    params = inspect.signature(find_batch_size).parameters.values()
-    return frozenset(
-        p.name
-        for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-        and p.name not in PARENT_OWN
-        and _plain_keyword(hints[p.name])
-    )
 
 
 def probe_isolated(
@@ -103,7 +66,7 @@ def probe_isolated(
         on_trial: called with each trial as its child finishes.
         on_point: called with each timed size once the profiling child finished.
         **options: :func:`~maxbatch.find_batch_size` options that take plain values
-            (not in :data:`PARENT_OWN`).
+            (not in :data:`~maxbatch.run.childoptions.PARENT_OWN`).
 
     Returns:
         The result, as :func:`~maxbatch.find_batch_size` gives it.
@@ -119,7 +82,7 @@ def probe_isolated(
     from maxbatch.run.isotrial import BudgetSpent, Children, final_child
 
     started = time.perf_counter()
-    _check_options(options, trial_timeout)
+    check_options(options, trial_timeout)
     notes: list[str] = ["isolated: every trial ran in a fresh process that loaded the model file"]
     children = Children(
         model_file,
@@ -161,29 +124,6 @@ def probe_isolated(
         seconds=time.perf_counter() - started,
         memory=tuple(MemoryPoint(s, p) for s, p in fits),
     )
-
-
-def _check_options(options: Mapping[str, Any], trial_timeout: float | None) -> None:
-    taken = _child_options()
-    unknown = sorted(
-        k
-        for k, v in options.items()
-        if k not in taken or not (v is None or isinstance(v, (str, int, float)))
-    )
-    if unknown:
-        raise ConfigError(
-            f"isolated trials cannot take {', '.join(unknown)}: a child process loads the model "
-            f"file itself; options it takes (plain values): {', '.join(sorted(taken))}"
-        )
-    if trial_timeout is not None and (
-        isinstance(trial_timeout, bool)
-        or not isinstance(trial_timeout, (int, float))
-        or not 0 < trial_timeout < float("inf")
-    ):
-        raise ConfigError(
-            f"trial_timeout={trial_timeout!r} is not a positive number of seconds; give e.g. "
-            f"{TRIAL_TIMEOUT:g} (or None for no limit)"
-        )
 
 
 def _search(
@@ -277,7 +217,8 @@ def probe_file(
         model_file: the file: ``model`` or ``build_model()``, ``sample`` or ``make_batch`` or
             ``dataset``, and the optional hooks.
         isolate: run every trial in a fresh process that loads the file (:func:`probe_isolated`);
-            the options must then be plain values (not in :data:`PARENT_OWN`), plus
+            the options must then be plain values (not the parent's own:
+            :data:`~maxbatch.run.childoptions.PARENT_OWN`), plus
             ``min_batch_size``, ``max_batch_size``, ``time_budget``, ``on_trial`` and
             ``on_point``.
         **options: :func:`~maxbatch.find_batch_size` options; ``optimizer`` defaults to the
