@@ -53,9 +53,7 @@ TOO_BIG: set[str] = {
     "maxbatch.profile.descent",
     "maxbatch.profile.profiler",
     "maxbatch.results",
-    "maxbatch.run.distributed",
     "maxbatch.run.lengths",
-    "maxbatch.run.modelfile",
     "maxbatch.run.stages",
     "maxbatch.search.probe",
     "maxbatch.search.trial",
@@ -65,13 +63,10 @@ TOO_BIG: set[str] = {
     "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
-    "maxbatch.cli.lengths",
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
     "maxbatch.results",
-    "maxbatch.run.lengthrun",
-    "maxbatch.run.modelfile",
     "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
     "maxbatch.stats.advise",
