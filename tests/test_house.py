@@ -56,7 +56,6 @@ TOO_BIG: set[str] = {
     "maxbatch.run.distributed",
     "maxbatch.run.lengths",
     "maxbatch.run.modelfile",
-    "maxbatch.run.stages",
     "maxbatch.search.probe",
     "maxbatch.search.trial",
     "maxbatch.stats.advise",
