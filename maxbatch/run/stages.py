@@ -13,18 +13,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
 from maxbatch.devices.capacity import (
     Capacity,
-    beyond_host,
     counts_live_bytes,
     enclosing_room,
     is_virtual,
     probe_capacity,
 )
 from maxbatch.devices.device import describe
-from maxbatch.estimate.estimate import estimate_beyond_host, first_guess
 from maxbatch.profile.profiler import Profile, profile_fields, profile_workload
 from maxbatch.results import (
     UNTIMED_REASON,
@@ -33,19 +29,18 @@ from maxbatch.results import (
     MemoryPoint,
     Throughput,
 )
-from maxbatch.run.distributed import Ranks, sharded_note
+from maxbatch.run.ceiling import accumulate, agree, search_ceiling
+from maxbatch.run.distributed import sharded_note
 from maxbatch.run.lookup import Lookup, look_up
 from maxbatch.run.request import Request
 from maxbatch.run.unfinished import Interruption, PointLog
-from maxbatch.search.accumulation import Accumulated, accumulating_trials, gradient_bytes
-from maxbatch.search.accumulation import measure as measure_accumulation
-from maxbatch.search.probe import SearchOutcome, search
-from maxbatch.search.trial import Meter, leak_checked
+from maxbatch.search.accumulation import Accumulated, gradient_bytes
+from maxbatch.search.probe import SearchOutcome
+from maxbatch.search.trial import Meter
 from maxbatch.settings import (
     Mode,
-    Target,
 )
-from maxbatch.stats.advise import accumulation_plan, advice_for, per_rank
+from maxbatch.stats.advise import advice_for
 from maxbatch.stats.noise import noise_scale as measure_noise_scale
 from maxbatch.stats.noisestats import NoiseScale, few_samples_note
 from maxbatch.step.data import DataSource
@@ -113,11 +108,11 @@ def measure(request: Request) -> Measured | BatchSizeResult:
             with enclosing_room(dev, workload.state_tensors()) as room:
                 local = probe_capacity(info, limits, base, room)
                 meter.set_usable(local.usable_bytes)  # this rank's; the search sees the tightest
-                capacity = _agree(request.ranks, local, dev)
+                capacity = agree(request.ranks, local, dev)
                 lookup = look_up(request, info, workload, meter)
                 if lookup is not None and lookup.hit is not None:
                     return lookup.hit
-                outcome, search_notes = _search(request, workload, meter, capacity)
+                outcome, search_notes = search_ceiling(request, workload, meter, capacity)
                 alive = workload.alive_at_start
                 picked = (
                     _keep_ceiling(request, workload, outcome)
@@ -128,7 +123,9 @@ def measure(request: Request) -> Measured | BatchSizeResult:
                         "to be timed",
                     )
                 )
-                accumulated = _accumulate(request, workload, meter, capacity, outcome, picked)
+                accumulated = accumulate(
+                    request, workload, meter, capacity, outcome, picked.batch_size
+                )
     finally:
         release_memory(dev, full=True)
     opt = workload.optimizer
@@ -143,125 +140,6 @@ def measure(request: Request) -> Measured | BatchSizeResult:
         alive_at_start=alive,
         accumulated=accumulated,
     )
-
-
-def _agree(ranks: Ranks, local: Capacity, device: torch.device) -> Capacity:
-    """The tightest rank's capacity, with the base against it (alone: this rank's).
-
-    A virtual capacity this machine cannot hold is said up front (:attr:`Capacity.beyond_host`).
-
-    Returns:
-        The agreed capacity.
-    """
-    capacity, headroom, _, base = ranks.plan(
-        local.capacity_bytes, local.headroom_bytes, local.usable_bytes, local.base_bytes
-    )
-    beyond = beyond_host(capacity, base, device) if local.virtual else None
-    return dataclasses.replace(
-        local, capacity_bytes=capacity, headroom_bytes=headroom, base_bytes=base, beyond_host=beyond
-    )
-
-
-def _search(
-    request: Request, workload: Workload, meter: Meter, capacity: Capacity
-) -> tuple[SearchOutcome, tuple[str, ...]]:
-    """The ceiling search, from the fake step's first guess when asked (auto: on CUDA only).
-
-    Returns:
-        The outcome, and notes: why a first guess asked for could not be made, and that the
-        ceiling was estimated when this machine cannot hold the virtual capacity.
-
-    Raises:
-        DoesNotFitError: the smallest size does not fit.
-        WorkloadError: the step failed for another reason.
-    """
-    settings, grid = request.search, request.search.grid
-    start = grid.start(request.step.sample_size)
-    guess: int | None = None
-    notes: tuple[str, ...] = ()
-    # Auto: only on CUDA, where the real trials it saves are the expensive ones.
-    cuda = capacity.kind == "cuda"
-    if cuda if settings.estimate_first is None else settings.estimate_first:
-        guess, why = first_guess(
-            request.step.with_optimizer(workload.optimizer),
-            capacity.usable_bytes,
-            start=start,
-            grid=grid,
-            target=Target.CUDA if cuda else Target.CPU,
-        )
-        if guess is None:
-            notes = (
-                f"no first guess from fake tensors: {why}; the search started from "
-                f"batch size {start}",
-            )
-    if capacity.beyond_host is not None:
-        beyond = (
-            f"{capacity.beyond_host}: the ceiling is estimated on fake tensors, nothing was timed"
-        )
-        outcome = estimate_beyond_host(
-            request.step.with_optimizer(workload.optimizer),
-            capacity.usable_bytes,
-            capacity.beyond_host,
-            start=start,
-            grid=grid,
-            target=Target.CUDA if cuda else Target.CPU,
-        )
-        return outcome, (*notes, beyond)
-    ranks, local_usable = request.ranks, meter.usable_bytes
-    assert local_usable is not None  # set from this rank's capacity
-    with ranks.quiet_step(request.step.model):
-        outcome = search(
-            ranks.trials(leak_checked(workload, meter), local_usable),
-            start=start,
-            usable_bytes=capacity.usable_bytes,
-            base_bytes=capacity.base_bytes,
-            grid=grid,
-            time_budget=settings.time_budget,
-            on_trial=settings.on_trial,
-            first_guess=guess,
-            clock=ranks.clock,
-        )
-    return outcome, notes
-
-
-def _accumulate(
-    request: Request,
-    workload: Workload,
-    meter: Meter,
-    capacity: Capacity,
-    outcome: SearchOutcome,
-    picked: Picked,
-) -> Accumulated | None:
-    """The micro-batch ceiling from accumulating trials, when the global batch's plan needs it.
-
-    Returns:
-        The accumulating trials' answer, or None when the plan has one micro-batch (or the
-        trials already accumulate, or there is nothing to accumulate).
-    """
-    step, ranks = request.step, request.ranks
-    wanted = per_rank(request.advice.global_batch, ranks.world_size)
-    if (
-        wanted is None
-        or capacity.beyond_host is not None
-        or step.mode is Mode.INFERENCE
-        or step.train_step is not None
-        or step.loop.accumulate > 1
-        or accumulation_plan(wanted, outcome.ceiling, picked.batch_size).accumulation_steps == 1
-    ):
-        return None
-    usable = meter.usable_bytes
-    assert usable is not None  # set from this rank's capacity
-    with ranks.quiet_step(step.model):
-        return measure_accumulation(
-            ranks.trials(accumulating_trials(workload, meter), usable),
-            ceiling=outcome.ceiling,
-            model=outcome.memory_model,
-            usable=capacity.usable_bytes,
-            grid=request.search.grid,
-            extra_guess=gradient_bytes(step.model.parameters()),
-            plain=outcome.trials,
-            on_trial=request.search.on_trial,
-        )
 
 
 def _keep_ceiling(request: Request, workload: Workload, outcome: SearchOutcome) -> Picked:
