@@ -52,10 +52,8 @@ TOO_BIG: set[str] = {
     "maxbatch.estimate.estimate",
     "maxbatch.profile.descent",
     "maxbatch.profile.profiler",
-    "maxbatch.run.distributed",
     "maxbatch.run.lengths",
     "maxbatch.run.lookup",
-    "maxbatch.run.modelfile",
     "maxbatch.run.stages",
     "maxbatch.search.probe",
     "maxbatch.search.trial",
@@ -64,12 +62,9 @@ TOO_BIG: set[str] = {
     "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
-    "maxbatch.cli.lengths",
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
-    "maxbatch.run.lengthrun",
-    "maxbatch.run.modelfile",
     "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
     "maxbatch.step.snapshot",
