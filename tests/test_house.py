@@ -52,13 +52,9 @@ TOO_BIG: set[str] = {
     "maxbatch.estimate.estimate",
     "maxbatch.profile.descent",
     "maxbatch.profile.profiler",
-    "maxbatch.results",
     "maxbatch.run.lengths",
-    "maxbatch.run.stages",
     "maxbatch.search.probe",
     "maxbatch.search.trial",
-    "maxbatch.stats.advise",
-    "maxbatch.step.data",
     "maxbatch.step.workload",
     "maxbatch.train.microbatch",
 }
@@ -66,10 +62,8 @@ POSITIONAL: set[str] = {
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
-    "maxbatch.results",
     "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
-    "maxbatch.stats.advise",
     "maxbatch.step.snapshot",
 }
 
