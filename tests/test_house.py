@@ -62,9 +62,7 @@ TOO_BIG: set[str] = {
     "maxbatch.search.trial",
     "maxbatch.stats.advise",
     "maxbatch.step.data",
-    "maxbatch.step.workload",
     "maxbatch.store.cache",
-    "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
     "maxbatch.cli.lengths",
@@ -77,7 +75,6 @@ POSITIONAL: set[str] = {
     "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
     "maxbatch.stats.advise",
-    "maxbatch.step.snapshot",
     "maxbatch.store.cache",
 }
 
