@@ -52,24 +52,19 @@ TOO_BIG: set[str] = {
     "maxbatch.estimate.estimate",
     "maxbatch.profile.descent",
     "maxbatch.profile.profiler",
-    "maxbatch.results",
     "maxbatch.run.lengths",
     "maxbatch.run.lookup",
     "maxbatch.run.stages",
     "maxbatch.search.probe",
     "maxbatch.search.trial",
-    "maxbatch.stats.advise",
-    "maxbatch.step.data",
     "maxbatch.store.cache",
 }
 POSITIONAL: set[str] = {
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
-    "maxbatch.results",
     "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
-    "maxbatch.stats.advise",
     "maxbatch.store.cache",
 }
 
