@@ -69,7 +69,6 @@ POSITIONAL: set[str] = {
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
     "maxbatch.results",
-    "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
     "maxbatch.stats.advise",
     "maxbatch.step.snapshot",
