@@ -55,16 +55,12 @@ TOO_BIG: set[str] = {
     "maxbatch.run.lengths",
     "maxbatch.search.probe",
     "maxbatch.search.trial",
-    "maxbatch.step.workload",
-    "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
-    "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
-    "maxbatch.step.snapshot",
 }
 
 
