@@ -9,17 +9,21 @@ expect, and with terminal control characters shown as escapes, never sent to the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from maxbatch.errors import ConfigError, ReportWriteError
+from maxbatch.results import FLAT_KEYS, BatchSizeResult, Trial
 
 __all__ = ["REPORT_FILES", "check_report_dir", "check_result", "load_report", "write_report"]
 
@@ -129,55 +133,87 @@ _INT = "int"
 _BOOL = "bool"
 _STR = "str"
 _COUNT = "count"  # an int of at least 1
+_SKIP = "skip"  # a field the check leaves out
 
 
 def _optional(kind: Any) -> tuple[str, Any]:
     return ("optional", kind)
 
 
-_TRIAL = {"batch_size": _COUNT, "fits": _BOOL, "peak_bytes": _NUMBER, "seconds": _NUMBER}
-_POINT = {
-    "batch_size": _INT,
-    "samples_per_second": _NUMBER,
-    "median_seconds": _NUMBER,
-    "iqr_seconds": _NUMBER,
-    "noisy": _BOOL,
-}
-_REQUIRED: dict[str, Any] = {
-    "ceiling": _COUNT,
-    "batch_size": _COUNT,
-    "device": _STR,
-    "device_name": _STR,
-    "mode": _STR,
-    "virtual": _BOOL,
-    "capacity_bytes": _NUMBER,
-    "headroom_bytes": _NUMBER,
-    "usable_bytes": _NUMBER,
-    "stop_reason": _STR,
-    "pick_reason": _STR,
-    "seconds": _NUMBER,
-    "trials": [_TRIAL],
-}
-_OPTIONAL: dict[str, Any] = {
-    "model_file": _STR,
-    "precision": _STR,
-    "optimizer": _STR,
-    "throughput": [_POINT],
-    "memory_model": {"fixed_bytes": _NUMBER, "bytes_per_sample": _NUMBER},
-    "notes": [_STR],
-    "advice": {"notes": _optional([_STR])},
-    "pick_confidence": _STR,
-    "pick_confidence_reason": _STR,
-    "profile_stop_reason": _STR,
-    "profile_seconds": _NUMBER,
-    "profile_budget_seconds": _NUMBER,
-    "profile_skipped": [{"batch_size": _INT, "reason": _STR}],
-    "world_size": _COUNT,
+# The schema is derived from the records' fields (:func:`_schema`); what their types cannot say:
+# sizes are integers of at least 1,
+_COUNTS = {"batch_size", "ceiling", "world_size", "accumulation_steps"}
+# records whose ``to_dict`` is not their fields (non-finite numbers as None, a property added),
+# or never read back from a file (a trial's trace, free-form ``dict[str, Any]`` fields),
+_NOT_READ_BACK = {"noise_scale", "trace"}
+# A file may leave out what a record needs and the renderers never read.
+_UNREAD = {"complete"}
+# and the keys that are no field: the result's derived numbers, the report's model file, the
+# cached search's (free-form) trials and time.
+_EXTRA: dict[str, Any] = {
     "accumulation_steps": _COUNT,
     "global_batch_size": _INT,
-    "from_cache": _BOOL,
-    "cached_search": {"trials": [_TRIAL], "seconds": _NUMBER},
+    "model_file": _STR,
+    "cached_search": {"trials": [{}], "seconds": _NUMBER},  # trials: filled in below
 }
+
+
+def _kind(tp: Any, name: str) -> Any:
+    """The schema of a field of type ``tp``: a kind, a list of one, a record's dict, or _SKIP."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        kind = _kind(next(a for a in args if a is not type(None)), name)
+        return _SKIP if kind == _SKIP else _optional(kind)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = _kind(args[0], name)
+        return _SKIP if item == _SKIP else [item]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _schema(tp)
+    if tp is int:
+        return _COUNT if name in _COUNTS else _INT
+    return {bool: _BOOL, float: _NUMBER, str: _STR}.get(tp, _SKIP)
+
+
+def _schema(record: type) -> dict[str, Any]:
+    """The schema of a record's dict, derived from its fields' types.
+
+    A field with a default, or one that may be None, is optional (older files lack the newer
+    ones); the nested records of a :class:`~maxbatch.results.BatchSizeResult` are flat, under
+    its JSON keys.
+
+    Returns:
+        Each key's kind; an optional one as ``("optional", kind)``.
+    """
+    hints = typing.get_type_hints(record)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(record):
+        kind = _kind(hints[f.name], f.name)
+        if kind == _SKIP or f.name in _NOT_READ_BACK:
+            continue
+        defaulted = f.default is not dataclasses.MISSING
+        defaulted |= f.default_factory is not dataclasses.MISSING
+        if f.name in FLAT_KEYS:  # a stage record: its fields in the flat dict
+            names = FLAT_KEYS[f.name]
+            for sub, sub_kind in kind.items():
+                plain = not isinstance(sub_kind, tuple)
+                sub_kind = _optional(sub_kind) if defaulted and plain else sub_kind
+                out[names.get(sub, sub)] = sub_kind
+            continue
+        out[f.name] = _optional(kind) if defaulted and not isinstance(kind, tuple) else kind
+    return out
+
+
+def _result_schema() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result's required keys and its optional ones, each with its kind."""
+    schema = _schema(BatchSizeResult)
+    _EXTRA["cached_search"]["trials"] = [_schema(Trial)]
+    schema.update({k: _optional(schema[k]) for k in _UNREAD})
+    required = {k: v for k, v in schema.items() if not isinstance(v, tuple)}
+    optional = {k: v[1] for k, v in schema.items() if isinstance(v, tuple)}
+    return required, {**optional, **_EXTRA}
+
+
+_REQUIRED, _OPTIONAL = _result_schema()
 # Keys the renderers read only together with another one.
 _TOGETHER = {
     "pick_confidence": "pick_confidence_reason",
