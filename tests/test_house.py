@@ -65,7 +65,6 @@ POSITIONAL: set[str] = {
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
-    "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
     "maxbatch.step.snapshot",
     "maxbatch.store.cache",
