@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from maxbatch.errors import ConfigError
-from maxbatch.grid import positive_int
+from maxbatch.grid import positive_int, positive_number
 from maxbatch.results import BatchSizeResult
 
 
@@ -173,10 +173,7 @@ def scale_lr(base_lr: float, base_batch: int, new_batch: int) -> LearningRates:
     Raises:
         ConfigError: ``base_lr`` is not a positive number or a batch is not a positive integer.
     """
-    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)):
-        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
-    if not (math.isfinite(base_lr) and base_lr > 0):
-        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
+    positive_number(base_lr, "base_lr")
     ratio = positive_int(new_batch, "new_batch") / positive_int(base_batch, "base_batch")
     return LearningRates(
         float(base_lr), base_batch, new_batch, base_lr * ratio, base_lr * math.sqrt(ratio)
