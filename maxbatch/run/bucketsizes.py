@@ -18,6 +18,7 @@ from maxbatch.grid import positive_int
 from maxbatch.run.lengthrun import LengthBatches, Runner, open_runner
 from maxbatch.run.lengths import NO_LIMIT, verify_ceiling
 from maxbatch.search.bucketbins import bins_from_lengths, check_bins, histogram, shares
+from maxbatch.search.lengthorders import second_size
 
 
 def find_bucket_sizes(
@@ -138,7 +139,7 @@ def _profile(
             available_bytes=runner.usable_bytes,
         )
     if shortest != longest:
-        runner.run(first, shortest)
+        runner.run(second_size(first, shortest / longest, limit), shortest)
     ceilings: dict[int, int] = {}
     predicted: dict[int, int | None] = {}
     # The longest, then the shortest (a trial there already fixes its line), then the rest.
