@@ -102,10 +102,7 @@ def step_kwargs(
 ) -> dict[str, Any]:
     """The keyword arguments that find_batch_size and estimate_batch_size share."""
     return {
-        "optimizer": optimizer if optimizer is not None else spec.optimizer,
-        "loss_fn": spec.loss,
-        "forward_fn": spec.forward,
-        "train_step": spec.train_step,
+        **spec.step_options(optimizer),
         "headroom": headroom,
         "mode": "inference" if inference else "train",
         "precision": precision,

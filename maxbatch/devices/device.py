@@ -120,10 +120,24 @@ def describe(device: torch.device) -> DeviceInfo:
     if device.type == "mps":
         total = int(torch.mps.recommended_max_memory())
         used = int(torch.mps.driver_allocated_memory())
-        return DeviceInfo(label, "mps", "Apple MPS", total, max(0, total - used), used)
+        return DeviceInfo(
+            device=label,
+            kind="mps",
+            name="Apple MPS",
+            total_bytes=total,
+            free_bytes=max(0, total - used),
+            process_bytes=used,
+        )
     vm = psutil.virtual_memory()
     rss = int(psutil.Process().memory_info().rss)
-    return DeviceInfo(label, "cpu", _cpu_name(), int(vm.total), int(vm.available), rss)
+    return DeviceInfo(
+        device=label,
+        kind="cpu",
+        name=_cpu_name(),
+        total_bytes=int(vm.total),
+        free_bytes=int(vm.available),
+        process_bytes=rss,
+    )
 
 
 def list_devices() -> list[DeviceInfo]:

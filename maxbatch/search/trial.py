@@ -207,7 +207,16 @@ def run_trial(
     fits = not oom and (usable is None or peak <= usable)
     trace = None if recorder is None else recorder.trace(complete=not oom)
     return Trial(
-        batch_size, fits, int(peak), seconds, oom, reserved, retries, state, trace, steps=steps
+        batch_size=batch_size,
+        fits=fits,
+        peak_bytes=int(peak),
+        seconds=seconds,
+        oom=oom,
+        reserved_bytes=reserved,
+        alloc_retries=retries,
+        state_bytes=state,
+        trace=trace,
+        steps=steps,
     )
 
 
