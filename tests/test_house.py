@@ -63,7 +63,6 @@ POSITIONAL: set[str] = {
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
-    "maxbatch.search.lengthmodel",
     "maxbatch.search.probe",
     "maxbatch.step.snapshot",
     "maxbatch.store.cache",

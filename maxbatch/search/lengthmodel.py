@@ -34,7 +34,7 @@ from maxbatch.search.lengthorders import by_order
 _COLUMNS = ("fixed", "token", "sample", "pair")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Point:
     """One trial, for the fit: its size, length, peak and trace (None: not counted).
 
