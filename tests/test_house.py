@@ -55,16 +55,13 @@ TOO_BIG: set[str] = {
     "maxbatch.run.stages",
     "maxbatch.search.probe",
     "maxbatch.search.trial",
-    "maxbatch.step.workload",
     "maxbatch.store.cache",
-    "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
     "maxbatch.memtrace",
     "maxbatch.profile.contest",
     "maxbatch.profile.profiler",
     "maxbatch.search.probe",
-    "maxbatch.step.snapshot",
     "maxbatch.store.cache",
 }
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -34,6 +33,7 @@ from maxbatch.errors import DoesNotFitError, WorkloadError
 from maxbatch.grid import ALL_SIZES, Grid
 from maxbatch.memtrace import predict_ceiling
 from maxbatch.results import MemoryModel, Trial
+from maxbatch.step.retry import fitting_size, lower_after_oom
 from maxbatch.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ def fit_memory_model(trials: list[Trial] | tuple[Trial, ...]) -> MemoryModel | N
     if slope <= 0:
         return None
     return MemoryModel(fixed_bytes=p1 - slope * b1, bytes_per_sample=slope)
-
-
-def _predict(model: MemoryModel, usable: int) -> int:
-    return math.floor((usable - model.fixed_bytes) / model.bytes_per_sample)
 
 
 class _Search:
@@ -211,7 +207,7 @@ class _Search:
         basis = tuple(sorted(t.batch_size for t in self.trials if t.fits)[-2:])
         model = fit_memory_model(self.trials) if basis not in self.bad_bases else None
         if model is not None:
-            target = self.grid.snap(_predict(model, self.usable))
+            target = self.grid.snap(fitting_size(model, self.usable))
             if self.inside(target):
                 self.guess, self.guess_basis = target, basis
                 return target
@@ -288,7 +284,8 @@ def _first_fit(s: _Search, b: int) -> None:
             if b == start:
                 raise
             raise _does_not_fit(s, e) from e.__cause__
-        if b == s.grid.lower:
+        lower = lower_after_oom(b, smallest=s.grid.lower, halve=lambda n: s.grid.snap_down(n / 2))
+        if lower is None:
             raise _does_not_fit(s)
         if s.over_budget():
             raise DoesNotFitError(
@@ -297,7 +294,7 @@ def _first_fit(s: _Search, b: int) -> None:
                 needed_bytes=s.trials[-1].peak_bytes,
                 available_bytes=s.usable,
             )
-        b = s.grid.snap_down(b / 2)
+        b = lower
 
 
 def search(
