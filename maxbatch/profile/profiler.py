@@ -274,7 +274,7 @@ def profile_workload(
     budget: float | None = None,
     warmup: int = WARMUP,
     replicates: int = REPLICATES,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
     step_seconds: Mapping[int, float] | None = None,
     probe_seconds: float = 0.0,
     agree: Callable[[TimeStep], TimeStep] | None = None,
@@ -290,7 +290,8 @@ def profile_workload(
         budget: seconds the search may take.
         warmup: untimed steps before each size's replicates.
         replicates: timed steps per size.
-        clock: seconds as a float.
+        clock: seconds as a float; None: the device kind's own timer for the steps (CUDA
+            events on CUDA) and ``time.perf_counter`` for the search.
         step_seconds: seconds of one step at some sizes (e.g. the probe's trials), to predict
             the cost of the first sizes, so that ``budget`` holds from the start.
         probe_seconds: what the probe took, a scale for the cost rule (see :func:`profile`).
@@ -314,7 +315,7 @@ def profile_workload(
         rule=chosen.rule,
         tolerance=chosen.tolerance,
         budget=budget,
-        clock=clock if search_clock is None else search_clock,
+        clock=search_clock or clock or time.perf_counter,
         on_point=chosen.on_point,
         prior=prior,
         probe_seconds=probe_seconds,
