@@ -55,7 +55,7 @@ def _peak(b: int, n: int) -> int:
 def test_the_fit_is_exact_for_quadratic_peaks_once_three_lengths_are_seen() -> None:
     fit = LengthFit(usable_bytes=50_000)
     for b, n in [(1, 8), (2, 8), (1, 16), (3, 32)]:
-        fit.add(Point(b, n, _peak(b, n), None))
+        fit.add(Point(batch_size=b, length=n, peak_bytes=_peak(b, n), trace=None))
     for n in (4, 12, 40):
         brute = max(b for b in range(1, 10_000) if _peak(b, n) <= 50_000)
         assert fit.ceiling(n, limit=10_000) == brute

@@ -197,7 +197,16 @@ def open_runner(
                         seconds=t.seconds,
                     )
                     keep = t.fits or t.trace is not None
-                    point = Point(batch_size, length, t.peak_bytes, t.trace) if keep else None
+                    point = (
+                        Point(
+                            batch_size=batch_size,
+                            length=length,
+                            peak_bytes=t.peak_bytes,
+                            trace=t.trace,
+                        )
+                        if keep
+                        else None
+                    )
                     return trial, point
 
                 yield Runner(

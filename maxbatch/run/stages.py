@@ -25,7 +25,8 @@ from maxbatch.devices.capacity import (
 from maxbatch.devices.device import describe
 from maxbatch.devices.host import beyond_host
 from maxbatch.estimate.guess import estimate_beyond_host, first_guess
-from maxbatch.profile.profiler import Profile, profile_fields, profile_workload
+from maxbatch.profile.profiler import Profile, profile_fields
+from maxbatch.profile.realstep import profile_workload
 from maxbatch.results import (
     UNTIMED_REASON,
     BatchSizeResult,

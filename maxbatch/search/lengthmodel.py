@@ -29,7 +29,7 @@ from maxbatch.memtrace import MemoryTrace
 _COLUMNS = ("fixed", "token", "sample", "pair")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Point:
     """One trial, for the fit: its size, length, peak and trace (None: not counted).
 
