@@ -34,6 +34,7 @@ class DeviceKind:
         nvml: NVML can say what other processes hold on it.
         empties_cache: its allocator keeps a cache that releasing memory empties.
         own_rng: it has a random generator of its own, saved and forked with the host's.
+        float64: it computes in float64 (MPS does not).
         cache_is_free: what this process's allocator already holds counts as room for a step.
         host_memory: its memory is the host's (a container's or RLIMIT_AS's limit bounds it).
         guess_first: trials are expensive enough that a fake-tensor first guess pays for itself
@@ -49,6 +50,7 @@ class DeviceKind:
     nvml: bool = False
     empties_cache: bool = False
     own_rng: bool = False
+    float64: bool = True
     cache_is_free: bool = False
     host_memory: bool = False
     guess_first: bool = False
@@ -73,10 +75,12 @@ CUDA = DeviceKind(
     rounding=CUDA_ROUNDING,
     estimate_target="cuda",
 )
-MPS = DeviceKind(name="mps", empties_cache=True)
+MPS = DeviceKind(name="mps", empties_cache=True, float64=False)
+#: Not probed (no ``--device xpu``), but its cache is emptied like the others'.
+XPU = DeviceKind(name="xpu", empties_cache=True)
 
-#: Every kind maxbatch probes, by name.
-KINDS: dict[str, DeviceKind] = {k.name: k for k in (CPU, CUDA, MPS)}
+#: Every kind maxbatch knows, by name.
+KINDS: dict[str, DeviceKind] = {k.name: k for k in (CPU, CUDA, MPS, XPU)}
 
 
 def kind_of(device: str | _HasType) -> DeviceKind:

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.memtrace import MemoryTrace
 
 # The pick reason when nothing was timed, in the words of both entries (the CLI's flag, the
@@ -418,9 +419,10 @@ class DeviceInfo:
     def capacity_bytes(self) -> int:
         """Bytes a step of this process may use: what is free plus what the process already holds.
 
-        On the CPU the process's own resident memory is not added back: it is not free for tensors.
+        Where the kind's allocator cache counts as free (CUDA) the process's held bytes are added;
+        on the CPU its resident memory is not added back: it is not free for tensors.
         """
-        if self.kind == "cuda":
+        if kind_of(self.kind).cache_is_free:
             return self.free_bytes + self.process_bytes
         return self.free_bytes
 

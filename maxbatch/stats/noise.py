@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.errors import ConfigError, DoesNotFitError, MaxbatchError, WorkloadError
 from maxbatch.grid import positive_int
 from maxbatch.stats.draws import Draw, check_random, random_batches
@@ -260,7 +261,7 @@ def noise_scale(
         draw, rows = random_batches(data, generator)
         device = next(p for p in model.parameters() if p.requires_grad).device
         if draw is data:  # on forked RNGs: the draws are those of a run without the check
-            with torch.random.fork_rng([device] if device.type == "cuda" else []):
+            with torch.random.fork_rng([device] if kind_of(device).own_rng else []):
                 check_random(draw)
         notes: list[str] = []
         few = rows if rows is not None and rows < big else None

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
 from maxbatch.grid import positive_int
 from maxbatch.results import BatchSizeResult, MemoryModel
@@ -269,7 +270,7 @@ class MicroBatcher:
     def _save(self) -> tuple[list[torch.Tensor], torch.Tensor, Any]:
         """Buffers (batch-norm statistics move on every forward) and RNG states, to redo a step."""
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        cuda = torch.cuda.get_rng_state(self.device) if kind_of(self.device).own_rng else None
         return buffers, torch.get_rng_state(), cuda
 
     def _restore(self, saved: tuple[list[torch.Tensor], torch.Tensor, Any]) -> None:
