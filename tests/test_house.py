@@ -48,10 +48,8 @@ MODULES = _modules()
 TOO_BIG: set[str] = {
     "maxbatch.cli.probe",
     "maxbatch.results",
-    "maxbatch.run.distributed",
     "maxbatch.run.lengths",
     "maxbatch.run.lookup",
-    "maxbatch.run.modelfile",
     "maxbatch.run.stages",
     "maxbatch.stats.advise",
     "maxbatch.step.data",
@@ -60,11 +58,8 @@ TOO_BIG: set[str] = {
     "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
-    "maxbatch.cli.lengths",
     "maxbatch.memtrace",
     "maxbatch.results",
-    "maxbatch.run.lengthrun",
-    "maxbatch.run.modelfile",
     "maxbatch.stats.advise",
     "maxbatch.step.snapshot",
     "maxbatch.store.cache",

@@ -68,7 +68,7 @@ def length_options(command: F) -> F:
     return command
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Axis:
     """What the length options asked for."""
 

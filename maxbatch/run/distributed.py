@@ -19,55 +19,30 @@ timeout.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import enum
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from maxbatch.devices.device import local_shard
 from maxbatch.errors import ConfigError, DistributedError, MaxbatchError, RankFailedError
-from maxbatch.memtrace import MemoryTrace
 from maxbatch.results import Trial
+from maxbatch.run.agreement import (
+    DEFAULT_TIMEOUT,
+    HEADER,
+    WIDTH,
+    Kind,
+    agreed_trial,
+    group_timeout,
+    is_distributed,
+    quiet_ddp,
+    sharded_note,
+    trial_row,
+)
 
-#: Timeout of the agreement's collectives when the default group does not say its own.
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
-
-
-class _Kind(float, enum.Enum):
-    """What an exchange is about: peers must be at the same kind of exchange."""
-
-    PLAN = 1.0
-    TRIAL = 2.0
-    TIMING = 3.0
-    CLOCK = 4.0
-    DONE = 5.0
-
-
-#: Row layout: kind, failed, then the payload.
-_HEADER = 2
-_WIDTH = 16
-
-
-def is_distributed() -> bool:
-    """True when a ``torch.distributed`` process group with more than one rank is initialised."""
-    dist = torch.distributed
-    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
-
-
-def _group_timeout() -> datetime.timedelta:
-    """The default group's own timeout (``init_process_group(timeout=...)``), if it says one."""
-    dist = torch.distributed
-    try:
-        group = dist.distributed_c10d._get_default_group()
-        backend = group._get_backend(torch.device("cpu"))
-        timeout = backend.options._timeout
-    except (AttributeError, RuntimeError, ValueError):
-        return DEFAULT_TIMEOUT
-    return timeout if isinstance(timeout, datetime.timedelta) else DEFAULT_TIMEOUT
+# is_distributed and sharded_note are read from here too (the agreement's face).
+__all__ = ["Ranks", "is_distributed", "join", "sharded_note"]
 
 
 class Ranks:
@@ -89,7 +64,7 @@ class Ranks:
     # -- the exchange ---------------------------------------------------------------------------
 
     def exchange(
-        self, kind: _Kind, payload: Sequence[float], error: BaseException | None = None
+        self, kind: Kind, payload: Sequence[float], error: BaseException | None = None
     ) -> torch.Tensor:
         """All-gather one row per rank: ``(world_size, len(payload))`` float64 payloads.
 
@@ -101,13 +76,13 @@ class Ranks:
             DistributedError: a rank did not answer (it died or stalled past the timeout), or the
                 ranks are out of step.
         """
-        row = torch.zeros(_WIDTH, dtype=torch.float64)
+        row = torch.zeros(WIDTH, dtype=torch.float64)
         row[0], row[1] = kind.value, 1.0 if error is not None else 0.0
-        row[_HEADER : _HEADER + len(payload)] = torch.tensor(list(payload), dtype=torch.float64)
+        row[HEADER : HEADER + len(payload)] = torch.tensor(list(payload), dtype=torch.float64)
         if self.group is None:
             if error is not None:
                 raise error
-            return row[None, _HEADER : _HEADER + len(payload)]
+            return row[None, HEADER : HEADER + len(payload)]
         rows = self._gather(row, kind)
         failed = [r for r in range(self.world_size) if rows[r, 1] > 0]
         if failed:
@@ -124,12 +99,12 @@ class Ranks:
         if kinds != {kind.value}:
             raise DistributedError(
                 f"the ranks are out of step (rank {self.rank} at {kind.name.lower()}, others at "
-                f"{sorted(_Kind(k).name.lower() for k in kinds if k != kind.value)}); every rank "
+                f"{sorted(Kind(k).name.lower() for k in kinds if k != kind.value)}); every rank "
                 "must call find_batch_size with the same arguments"
             )
-        return rows[:, _HEADER : _HEADER + len(payload)]
+        return rows[:, HEADER : HEADER + len(payload)]
 
-    def _gather(self, row: torch.Tensor, kind: _Kind) -> torch.Tensor:
+    def _gather(self, row: torch.Tensor, kind: Kind) -> torch.Tensor:
         dist = torch.distributed
         rows = [torch.empty_like(row) for _ in range(self.world_size)]
         try:
@@ -167,7 +142,7 @@ class Ranks:
             if self.group is not None and isinstance(error, Exception) and not known:
                 # The exchange raises ``error`` back (or a lost rank): the caller raises it anyway.
                 with contextlib.suppress(Exception):
-                    self.exchange(_Kind.DONE, (), error)
+                    self.exchange(Kind.DONE, (), error)
         finally:
             self.close()
 
@@ -175,7 +150,7 @@ class Ranks:
         """Wait until every rank finished (a rank that failed meanwhile fails this one too)."""
         try:
             if self.group is not None:
-                self.exchange(_Kind.DONE, ())
+                self.exchange(Kind.DONE, ())
         finally:
             self.close()
 
@@ -192,7 +167,7 @@ class Ranks:
         self, capacity: int, headroom: int, usable: int, base: int
     ) -> tuple[int, int, int, int]:
         """The tightest rank's capacity, headroom and usable bytes, and the base against them."""
-        rows = self.exchange(_Kind.PLAN, (capacity, headroom, usable, base))
+        rows = self.exchange(Kind.PLAN, (capacity, headroom, usable, base))
         tight = int(torch.argmin(rows[:, 2]))
         low = int(rows[tight, 2])
         agreed_base = int(torch.max(rows[:, 3] - rows[:, 2])) + low
@@ -219,9 +194,9 @@ class Ranks:
             except MaxbatchError as e:
                 error = e
             if trial is None:
-                self.exchange(_Kind.TRIAL, (b,) + (0.0,) * 8, error)
+                self.exchange(Kind.TRIAL, (b,) + (0.0,) * 8, error)
                 raise AssertionError("unreachable: the exchange raised")  # pragma: no cover
-            rows = self.exchange(_Kind.TRIAL, _trial_row(trial, usable))
+            rows = self.exchange(Kind.TRIAL, trial_row(trial, usable))
             if len(set(rows[:, 0].tolist())) != 1:
                 raise DistributedError(
                     f"the ranks ran different batch sizes {sorted(set(rows[:, 0].tolist()))}; "
@@ -229,7 +204,7 @@ class Ranks:
                 )
             # Each rank's per-operator trace travels too, so that the search predicts from the
             # binding rank's trace on every rank (the same prediction everywhere).
-            return _agreed_trial(b, rows, self._gather_objects(trial.trace), steps=trial.steps)
+            return agreed_trial(b, rows, self._gather_objects(trial.trace), steps=trial.steps)
 
         return agreed
 
@@ -251,11 +226,11 @@ class Ranks:
                 seconds = time_step(b)
             except MaxbatchError as e:
                 error = e
-            width = _WIDTH - _HEADER - 2
+            width = WIDTH - HEADER - 2
             if len(seconds) > width:
                 raise ConfigError(f"at most {width} timed replicates per size with several ranks")
             padded = [float(b), float(len(seconds)), *seconds] + [0.0] * (width - len(seconds))
-            rows = self.exchange(_Kind.TIMING, padded, error)
+            rows = self.exchange(Kind.TIMING, padded, error)
             counts = {int(n) for n in rows[:, 1]}
             if counts != {len(seconds)} or not seconds:
                 return []  # out of memory somewhere
@@ -268,99 +243,21 @@ class Ranks:
         elapsed = time.perf_counter() - self._t0
         if self.group is None:
             return elapsed
-        return float(self.exchange(_Kind.CLOCK, (elapsed,)).max())
+        return float(self.exchange(Kind.CLOCK, (elapsed,)).max())
 
     def least(self, value: float | None) -> float | None:
         """The smallest of the ranks' values (None stays None: every rank has None then)."""
         if value is None or self.group is None:
             return value
-        return float(self.exchange(_Kind.CLOCK, (value,)).min())
+        return float(self.exchange(Kind.CLOCK, (value,)).min())
 
-    @contextlib.contextmanager
-    def quiet_step(self, model: torch.nn.Module) -> Iterator[None]:
-        """Run a DDP model's trial steps without its collectives; restored afterwards.
+    def quiet_step(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Run a DDP model's trial steps without its collectives (see :func:`quiet_ddp`).
 
-        During a trial one rank can run out of memory while the others go on: a gradient
-        all-reduce or buffer broadcast inside the step would then wait for it forever. Under
-        ``no_sync()`` (and without the buffer broadcast) the step's memory is the same (DDP's
-        gradient buckets were allocated when it was built) and no rank waits for another.
+        Returns:
+            The context (nothing changes with one rank).
         """
-        ddp = torch.nn.parallel.DistributedDataParallel
-        if self.group is None or not isinstance(model, ddp):
-            yield
-            return
-        buffers = model.forward_sync_buffers
-        model.forward_sync_buffers = False
-        try:
-            with model.no_sync():
-                yield
-        finally:
-            model.forward_sync_buffers = buffers
-
-
-def sharded_note(model: torch.nn.Module) -> str | None:
-    """What to know about a model with ``DTensor`` parameters (FSDP2), or None without them."""
-    if not any(local_shard(p) is not p for p in model.parameters()):
-        return None
-    return (
-        "FSDP (DTensor) parameters: each rank's shard is counted, but the probe does not put "
-        "them back exactly (a trial that runs out of memory inside FSDP's forward leaves the "
-        "modules unsharded); probe before loading weights, or rebuild the model afterwards"
-    )
-
-
-def _trial_row(trial: Trial, usable: int) -> tuple[float, ...]:
-    def maybe(value: int | None) -> float:
-        return -1.0 if value is None else float(value)
-
-    return (
-        float(trial.batch_size),
-        float(trial.fits),
-        float(trial.oom),
-        float(trial.peak_bytes - usable),
-        float(usable),
-        trial.seconds,
-        maybe(trial.state_bytes),
-        maybe(trial.reserved_bytes),
-        maybe(trial.alloc_retries),
-    )
-
-
-def _agreed_trial(
-    b: int, rows: torch.Tensor, traces: Sequence[MemoryTrace | None] = (), *, steps: int = 2
-) -> Trial:
-    """The trial every rank agrees on: it fits where it fit on all, at the tightest margin.
-
-    The trace is the binding rank's (the largest peak over its usable bytes), its live bytes
-    moved by the same margin, so that a trace prediction against the smallest usable bytes is
-    the binding rank's own.
-
-    Returns:
-        The agreed trial.
-    """
-
-    def most(column: int) -> int | None:
-        value = int(rows[:, column].max())
-        return None if value < 0 else value
-
-    low = int(rows[:, 4].min())
-    binding = int(torch.argmax(rows[:, 3]))
-    trace = traces[binding] if binding < len(traces) else None
-    if trace is not None:
-        shift = low - int(rows[binding, 4])
-        trace = dataclasses.replace(trace, live=tuple(v + shift for v in trace.live))
-    return Trial(
-        batch_size=b,
-        fits=bool(rows[:, 1].min() > 0),
-        peak_bytes=int(rows[:, 3].max()) + low,
-        seconds=float(rows[:, 5].max()),
-        oom=bool(rows[:, 2].max() > 0),
-        reserved_bytes=most(7),
-        alloc_retries=most(8),
-        state_bytes=most(6),
-        trace=trace,
-        steps=steps,  # this rank's (the profiler's cost prediction divides its seconds by it)
-    )
+        return contextlib.nullcontext() if self.group is None else quiet_ddp(model)
 
 
 def join(distributed: bool | None) -> Ranks:
@@ -387,7 +284,7 @@ def join(distributed: bool | None) -> Ranks:
             "distributed=True but no torch.distributed process group is initialised; call "
             "torch.distributed.init_process_group() first (torchrun sets up the environment)"
         )
-    timeout = _group_timeout()
+    timeout = group_timeout()
     try:
         group = dist.new_group(backend="gloo", timeout=timeout)
     except RuntimeError as e:

@@ -77,7 +77,7 @@ def probe_isolated(
     """Find the ceiling of a model file with every trial in a fresh process, then pick.
 
     Args:
-        model_file: the model file (see the design's model.py conventions).
+        model_file: the model file (README, "The model file").
         start: the first size (the sample's own batch size).
         min_batch_size: the smallest size to try.
         max_batch_size: the largest size to try.
@@ -251,7 +251,7 @@ def _budget_outcome(
 def probe_file(
     model_file: str | os.PathLike[str], *, isolate: bool = False, **options: Any
 ) -> BatchSizeResult:
-    """Probe a model file (see the design's model.py conventions) as ``maxbatch probe`` does.
+    """Probe a model file (README, "The model file") as ``maxbatch probe`` does.
 
     Args:
         model_file: the file: ``model`` or ``build_model()``, ``sample`` or ``make_batch`` or

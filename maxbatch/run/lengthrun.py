@@ -122,7 +122,7 @@ def _length(size: Callable[[Any], int], dataset: Any, index: int) -> int:
     return value
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Runner:
     """Runs real trials at (batch size, length) and fits the memory model over them."""
 

@@ -1,4 +1,4 @@
-"""Loading a ``model.py`` file by its conventions (see the design, "model.py conventions").
+"""Loading a ``model.py`` file by its conventions (README, "The model file").
 
 Anything missing or wrong raises :class:`~maxbatch.errors.ModelFileError` naming the file, the name
 and what was expected, also a ``sample`` that is not a batch. What ``make_batch`` returns is
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import itertools
 import os
 import sys
@@ -20,15 +19,21 @@ from typing import Any
 
 import torch
 
-from maxbatch.errors import ConfigError, ModelFileError, WorkloadError
-from maxbatch.step.batching import batch_size_of
+from maxbatch.errors import ModelFileError
+from maxbatch.run.modelcheck import (
+    build,
+    dataset_of,
+    describe,
+    hook,
+    model_or_builder,
+    sample_of,
+)
 from maxbatch.step.data import DataSource
 
 __all__ = ["ModelSpec", "load_model_file"]
 
 # Each load gets its own module name, so two files called model.py never share a module object.
 _COUNTER = itertools.count()
-_MISSING = object()
 
 # Functions a file may define: name -> the positional arguments maxbatch calls it with.
 _HOOKS: dict[str, tuple[str, ...]] = {
@@ -41,11 +46,9 @@ _HOOKS: dict[str, tuple[str, ...]] = {
     "collate_fn": ("items",),
     "size_fn": ("item",),
 }
-# Exactly one of these says where batches come from.
-_SOURCES = ("sample", "make_batch", "dataset")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """What a model file defines, ready for the workload.
 
@@ -99,7 +102,7 @@ class ModelSpec:
         if not isinstance(items, (list, tuple)):
             raise ModelFileError(
                 self.path,
-                f"`extra_state()` returned a value that {_describe(items)}; expected a list of "
+                f"`extra_state()` returned a value that {describe(items)}; expected a list of "
                 "the objects the step changes (modules, tensors, GradScaler, ...)",
             )
         return list(items)
@@ -152,13 +155,11 @@ def load_model_file(path: str | os.PathLike[str]) -> ModelSpec:
         )
     module = _import(name, file.resolve())
     # Check every name before calling build_model(), which may be slow.
-    builder = _model_or_builder(name, module)
-    sample = _sample(name, module)
-    hooks = {hook: _callable(name, module, hook, arguments) for hook, arguments in _HOOKS.items()}
-    dataset = _dataset(name, module, hooks["collate_fn"])
-    return ModelSpec(
-        path=name, model=_build(name, builder), sample=sample, dataset=dataset, **hooks
-    )
+    builder = model_or_builder(name, module)
+    sample = sample_of(name, module)
+    hooks = {key: hook(name, module, key, arguments) for key, arguments in _HOOKS.items()}
+    dataset = dataset_of(name, module, hooks["collate_fn"])
+    return ModelSpec(path=name, model=build(name, builder), sample=sample, dataset=dataset, **hooks)
 
 
 def _import(name: str, file: Path) -> ModuleType:
@@ -218,146 +219,3 @@ def _found_in(stem: Path, module: ModuleType) -> bool:
     if origin is not None:
         return Path(origin).resolve() in {stem.with_suffix(".py"), stem / "__init__.py"}
     return any(Path(entry).resolve() == stem for entry in getattr(module, "__path__", ()))
-
-
-def _model_or_builder(name: str, module: ModuleType) -> Callable[[], Any]:
-    """A function returning the file's ``model``, or its ``build_model``, not yet called."""
-    model = getattr(module, "model", _MISSING)
-    build = getattr(module, "build_model", _MISSING)
-    if model is _MISSING and build is _MISSING:
-        raise ModelFileError(
-            name,
-            "defines neither `model` nor `build_model`; expected `model = MyNet()` "
-            "(a torch.nn.Module) or a function `build_model()` that returns one",
-        )
-    if model is not _MISSING and build is not _MISSING:
-        raise ModelFileError(
-            name, "defines both `model` and `build_model`, which is ambiguous; keep only one"
-        )
-    if model is not _MISSING:
-        if not isinstance(model, torch.nn.Module):
-            raise ModelFileError(name, f"`model` {_describe(model)}; {_expect_module(model)}")
-        return lambda: model
-    if isinstance(build, torch.nn.Module):  # callable, but calling it would run its forward
-        raise ModelFileError(
-            name, "`build_model` is a torch.nn.Module, not a function; name it `model` instead"
-        )
-    builder = _callable(name, module, "build_model", ())
-    assert builder is not None  # present, checked above
-    return builder
-
-
-def _build(name: str, builder: Callable[[], Any]) -> torch.nn.Module:
-    """Call ``build_model()`` (or return ``model``) and check that the result is a module."""
-    try:
-        built = builder()
-    except Exception as e:
-        raise ModelFileError(
-            name,
-            f"`build_model()` raised {type(e).__name__}: {e}; "
-            "fix it so that it returns a torch.nn.Module",
-        ) from e
-    if not isinstance(built, torch.nn.Module):
-        raise ModelFileError(
-            name,
-            f"`build_model()` returned a value that {_describe(built)}; {_expect_module(built)}",
-        )
-    return built
-
-
-def _sample(name: str, module: ModuleType) -> Any:
-    """The file's ``sample``, or ``None`` when it defines ``make_batch`` or ``dataset``."""
-    sample = getattr(module, "sample", _MISSING)
-    defined = [source for source in _SOURCES if hasattr(module, source)]
-    if not defined:
-        raise ModelFileError(
-            name,
-            "defines neither `sample` nor `make_batch` nor `dataset`; expected `sample = ...` "
-            "(one batch, batch dimension first), a function `make_batch(batch_size)` that "
-            "returns one, or `dataset = ...` (a map-style dataset or a DataLoader)",
-        )
-    if len(defined) > 1:
-        both = " and ".join(f"`{source}`" for source in defined)
-        raise ModelFileError(name, f"defines both {both}, which is ambiguous; keep only one")
-    if sample is None:
-        raise ModelFileError(
-            name, "`sample` is None; expected one batch of tensors, batch dimension first"
-        )
-    if sample is _MISSING:
-        return None
-    try:
-        batch_size_of(sample)
-    except WorkloadError as e:
-        raise ModelFileError(name, f"`sample` is not a batch: {e}") from None
-    return sample
-
-
-def _dataset(name: str, module: ModuleType, collate_fn: Callable[..., Any] | None) -> Any:
-    """The ``dataset`` the file defines (checked, not yet read), or ``None``."""
-    dataset = getattr(module, "dataset", None)
-    if dataset is None:
-        if collate_fn is not None:
-            raise ModelFileError(
-                name, "defines `collate_fn` without `dataset`; it collates the dataset's items"
-            )
-        return None
-    try:
-        DataSource(dataset, collate_fn=collate_fn)
-    except ConfigError as e:
-        raise ModelFileError(name, f"`dataset`: {e}") from e
-    return dataset
-
-
-def _callable(
-    name: str, module: ModuleType, attribute: str, arguments: tuple[str, ...]
-) -> Callable[..., Any] | None:
-    """``module.attribute`` if present and callable with ``arguments``; ``None`` if absent."""
-    value = getattr(module, attribute, _MISSING)
-    if value is _MISSING:
-        return None
-    signature = f"{attribute}({', '.join(arguments)})"
-    if not callable(value):
-        raise ModelFileError(
-            name, f"`{attribute}` {_describe(value)}, not a function; expected `def {signature}:`"
-        )
-    try:
-        if attribute == "make_batch":  # make_batch(batch_size, length): the length axis
-            _bind_either(value, arguments, ("batch_size", "length"))
-        else:
-            inspect.signature(value).bind(*arguments)
-    except TypeError:
-        raise ModelFileError(
-            name,
-            f"`{attribute}` cannot be called with {len(arguments)} positional argument(s); "
-            f"expected `def {signature}:`",
-        ) from None
-    except ValueError:
-        pass  # no signature to inspect (some builtins): trust it until it is called
-    return value
-
-
-def _bind_either(value: Any, one: tuple[str, ...], other: tuple[str, ...]) -> None:
-    """Bind ``one`` or else ``other`` (raises TypeError when neither binds)."""
-    try:
-        inspect.signature(value).bind(*one)
-    except TypeError:
-        inspect.signature(value).bind(*other)
-
-
-def _describe(value: object) -> str:
-    """The type of a value for messages: ``has type list``, ``is the class MyNet``."""
-    if inspect.isclass(value):
-        return f"is the class {value.__qualname__}"
-    kind = type(value)
-    if kind.__module__ == "builtins":
-        return f"has type {kind.__qualname__}"
-    return f"has type {kind.__module__}.{kind.__qualname__}"
-
-
-def _expect_module(value: object) -> str:
-    """What to fix when a model is not a module, with a hint for the common slips."""
-    if inspect.isclass(value) and issubclass(value, torch.nn.Module):
-        return f"expected an instance of it, such as `{value.__qualname__}()`"
-    if callable(value):
-        return "expected a torch.nn.Module; a function that builds one must be named `build_model`"
-    return "expected a torch.nn.Module instance"
