@@ -54,10 +54,10 @@ def test_each_bucket_ceiling_equals_brute_force(build: Any) -> None:
         brute = [_brute_ceiling(runner, n, s) for n, s in zip(BINS, starts, strict=True)]
     assert [b.ceiling for b in profile.buckets] == brute
     assert brute[0] > brute[-1] >= 1
-    # two fitting trials, then two per bucket; a quadratic term costs two more (the first
-    # bucket's line and the third length are not known before their trials)
-    extra = 0 if build is lm.recurrent else 2
-    assert len(profile.trials) <= 2 * len(BINS) + 2 + extra
+    # two fitting trials, then two per bucket, for the quadratic model too: each step's growth
+    # order is read from the two fitting trials, so no third length is needed
+    assert len(profile.trials) <= 2 * len(BINS) + 2
+    assert [b.predicted_ceiling for b in profile.buckets] == brute
     assert profile.memory_model is not None
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is left as found

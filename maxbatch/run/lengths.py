@@ -19,6 +19,7 @@ from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import positive_int
 from maxbatch.run.lengthrun import LengthBatches, Runner, open_runner
 from maxbatch.search.bucketbins import bins_from_lengths, check_bins, histogram, shares
+from maxbatch.search.lengthorders import second_size
 
 #: The largest batch size and length tried when no limit is given.
 NO_LIMIT = 1 << 24
@@ -309,7 +310,7 @@ def _profile(
             available_bytes=runner.usable_bytes,
         )
     if shortest != longest:
-        runner.run(first, shortest)
+        runner.run(second_size(first, shortest / longest, limit), shortest)
     ceilings: dict[int, int] = {}
     predicted: dict[int, int | None] = {}
     # The longest, then the shortest (a trial there already fixes its line), then the rest.

@@ -10,8 +10,12 @@ where the first operator's line reaches the usable bytes. When the operators dif
 trials (a loop over time steps), the fit falls back to the trials' peaks.
 
 The terms are fitted as the trials allow: a term is only used once the trials span it (two batch
-sizes for the fixed part, two, then three lengths for the linear and quadratic parts); the
-verification trials that follow each prediction add equations, so the model sharpens as it goes.
+sizes for the fixed part, two, then three lengths for the linear and quadratic parts). Until they
+do, each step between two operators is read as a monomial from its bytes' growth
+(:mod:`maxbatch.search.lengthorders`): two trials that differ in batch size and length tell the
+fixed, per-sample, linear and quadratic parts apart, so the quadratic term is known without a
+third length. The verification trials that follow each prediction add equations, so the model
+sharpens as it goes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from maxbatch.buckets import LengthMemoryModel
 from maxbatch.memtrace import MemoryTrace
+from maxbatch.search.lengthorders import by_order
 
 #: The columns of the fit, in the order they are admitted: fixed, per token, per sample, per pair.
 _COLUMNS = ("fixed", "token", "sample", "pair")
@@ -87,8 +92,11 @@ def _solve(points: list[Point], rhs: np.ndarray, quadratic: bool) -> np.ndarray 
 def _per_operator(points: list[Point], quadratic: bool) -> np.ndarray | None:
     """Each operator's coefficients, when the traces run the same operators (else None).
 
-    A trial that ran out of memory traced the operators up to the refused one: it adds its
-    equations to those operators only, so the operators are fitted in segments.
+    Fitted on the steps between operators (what each one allocated, less what was freed), each
+    read as a monomial where the trials do not yet span every term (``by_order``); an operator's
+    coefficients are the sum of the steps up to it. A trial that ran out of memory
+    traced the operators up to the refused one: it adds its equations to those operators only,
+    so the operators are fitted in segments.
 
     Returns:
         The coefficients (4 x operators), or None.
@@ -109,17 +117,23 @@ def _per_operator(points: list[Point], quadratic: bool) -> np.ndarray | None:
         and (len(p.trace.live) == total or (not p.trace.complete and 0 < len(p.trace.live) < total))
     ]
     cuts = sorted({len(p.trace.live) for p in kept if p.trace is not None} | {total})
-    full = np.zeros((len(_COLUMNS), total))
+    steps = np.zeros((len(_COLUMNS), total))
+    allocated: dict[int, list[float]] = {}
     start = 0
     for cut in cuts:
         rows = [p for p in kept if p.trace is not None and len(p.trace.live) >= cut]
-        rhs = np.array([p.trace.live[start:cut] for p in rows if p.trace is not None], dtype=float)
+        rhs = np.array(
+            [np.diff(p.trace.live, prepend=0)[start:cut] for p in rows if p.trace is not None],
+            dtype=float,
+        )
         solved = _solve(rows, rhs, quadratic)
         if solved is None:
             return None
-        full[:, start:cut] = solved
+        columns = len(_COLUMNS) if quadratic else len(_COLUMNS) - 1
+        matrix = np.array([_row(p.batch_size, p.length, columns) for p in rows])
+        steps[:, start:cut] = by_order(matrix, rhs, solved, allocated)
         start = cut
-    return full
+    return np.cumsum(steps, axis=1)
 
 
 def _coefficients(points: list[Point], quadratic: bool = True) -> np.ndarray | None:
@@ -153,8 +167,11 @@ class LengthFit:
     def add(self, point: Point) -> None:
         """Take one more trial into the fit."""
         self.points.append(point)
-        self._per_operator = _per_operator(self.points, self.quadratic) is not None
-        self._coef = _coefficients(self.points, self.quadratic)
+        per_operator = _per_operator(self.points, self.quadratic)
+        self._per_operator = per_operator is not None
+        self._coef = (
+            per_operator if per_operator is not None else _coefficients(self.points, self.quadratic)
+        )
 
     def _peaks(self, batch_size: int, length: int) -> np.ndarray | None:
         if self._coef is None:
