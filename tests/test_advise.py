@@ -92,23 +92,19 @@ def test_pick_above_ceiling_is_rejected() -> None:
 
 def test_advice_for_a_result_is_the_advice_at_its_pick() -> None:
     from maxbatch import BatchSizeResult, advice_for
+    from maxbatch.results import CapacityAnswer, SearchAnswer
 
     result = BatchSizeResult(
         batch_size=48,
-        ceiling=100,
         device="cpu",
         device_name="CPU",
         mode="train",
         precision=None,
         optimizer="AdamW",
-        trials=(),
-        capacity_bytes=1,
-        headroom_bytes=0,
-        usable_bytes=1,
-        virtual=True,
-        memory_model=None,
-        complete=True,
-        stop_reason="",
+        capacity=CapacityAnswer(capacity_bytes=1, headroom_bytes=0, usable_bytes=1, virtual=True),
+        search=SearchAnswer(
+            ceiling=100, trials=(), memory_model=None, complete=True, stop_reason=""
+        ),
         pick_reason="",
     )
     kw = {"dataset_size": 1000, "global_batch": 256, "base_batch": 32, "base_lr": 1e-3}

@@ -85,7 +85,14 @@ def test_tiny_ceilings_of_a_gpt2_like_step_time_the_ceiling(ceiling: int) -> Non
 
 def point(b: int, rate: float, iqr: float = 0.0) -> Throughput:
     median = b / rate
-    return Throughput(b, rate, median, iqr * median, 5, iqr > 0.1)
+    return Throughput(
+        batch_size=b,
+        samples_per_second=rate,
+        median_seconds=median,
+        iqr_seconds=iqr * median,
+        replicates=5,
+        noisy=iqr > 0.1,
+    )
 
 
 def test_contenders_only_when_a_rival_may_be_worth_more_than_the_tolerance() -> None:

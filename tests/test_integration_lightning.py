@@ -162,7 +162,7 @@ def test_the_worst_case_of_the_train_data_survives_an_epoch() -> None:
     assert tuner.result is not None and tuner.result.data is not None
     # The probe's batches were the longest sequences, padded as the loader pads them.
     longest = [i for i, n in enumerate(module.data.sizes) if n == LONGEST]
-    assert sorted(tuner.result.data["indices"][:3]) == longest
+    assert sorted(tuner.result.data.indices[:3]) == longest
     # A whole shuffled epoch at the ceiling, on a device of the probe's capacity.
     module = Tokens(batch_size=tuner.result.ceiling)
     with maxbatch.virtual_device(capacity) as device:

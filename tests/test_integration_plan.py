@@ -28,8 +28,9 @@ def picked(result: BatchSizeResult, confidence: str | None) -> BatchSizeResult:
     return dataclasses.replace(
         result,
         batch_size=result.ceiling // 2,
-        pick_confidence=confidence,
-        pick_confidence_reason=reason,
+        profile=dataclasses.replace(
+            result.profile, confidence=confidence, confidence_reason=reason
+        ),
     )
 
 

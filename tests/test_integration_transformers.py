@@ -147,7 +147,7 @@ def test_the_worst_case_of_the_train_data_survives_an_epoch(tmp_path: Path) -> N
     result = tune(trainer, memory=MEMORY, profile=False)
     assert result.data is not None
     longest = [i for i, n in enumerate(data.sizes) if n == LONGEST]
-    assert sorted(result.data["indices"][:3]) == longest
+    assert sorted(result.data.indices[:3]) == longest
     assert args.per_device_train_batch_size == result.ceiling
     # One whole shuffled epoch at the ceiling, on a device of the probe's capacity.
     with maxbatch.virtual_device(MEMORY) as device:

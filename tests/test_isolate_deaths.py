@@ -203,12 +203,20 @@ def test_signal_names() -> None:
 
 
 def test_a_budget_that_ends_mid_trial_keeps_the_best_so_far() -> None:
-    done = {4: Trial(4, True, 100, 1.0), 8: Trial(8, True, 180, 1.0)}
+    done = {
+        4: Trial(batch_size=4, fits=True, peak_bytes=100, seconds=1.0),
+        8: Trial(batch_size=8, fits=True, peak_bytes=180, seconds=1.0),
+    }
     outcome = _budget_outcome(done, 16, 30.0, 1000)
     assert outcome.ceiling == 8 and not outcome.complete
     assert "while the trial at 16 ran" in outcome.stop_reason
     with pytest.raises(DoesNotFitError, match="before any batch size fitted"):
-        _budget_outcome({4: Trial(4, False, 2000, 1.0, oom=True)}, 2, 30.0, 1000)
+        _budget_outcome(
+            {4: Trial(batch_size=4, fits=False, peak_bytes=2000, seconds=1.0, oom=True)},
+            2,
+            30.0,
+            1000,
+        )
 
 
 @pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan"), "10", True])

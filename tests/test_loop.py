@@ -157,10 +157,11 @@ def test_a_global_batch_plan_trains_the_accumulating_loop(name: str, global_batc
     assert 1 <= len(result.accumulation_trials) <= 2  # the extra term predicts it
     judge(name, micro, accumulate=2)
     assert result.advice is not None
-    plan = result.advice["accumulation"]
-    assert plan["micro_batch"] <= micro and plan["accumulation_steps"] > 1
+    plan = result.advice.accumulation
+    assert plan is not None
+    assert plan.micro_batch <= micro and plan.accumulation_steps > 1
     model, sample = MODELS[name]()
-    train(model, sample, plan["micro_batch"], CAP, accumulate=plan["accumulation_steps"])
+    train(model, sample, plan.micro_batch, CAP, accumulate=plan.accumulation_steps)
 
 
 def test_the_plan_takes_its_micro_batch_from_the_accumulating_trials() -> None:
@@ -171,15 +172,15 @@ def test_the_plan_takes_its_micro_batch_from_the_accumulating_trials() -> None:
     assert result.accumulation_ceiling is not None
     assert result.accumulation_ceiling < plain.ceiling
     assert result.advice is not None
-    plan = result.advice["accumulation"]
-    assert plan["micro_batch"] <= result.accumulation_ceiling
-    assert "accumulating keeps a second gradient" in plan["note"]
+    plan = result.advice.accumulation
+    assert plan is not None and plan.micro_batch <= result.accumulation_ceiling
+    assert "accumulating keeps a second gradient" in plan.note
     assert result.memory_model is not None and result.memory_model.accumulation_bytes > 0
     model, x = mlp()
     with pytest.raises(torch.OutOfMemoryError):  # the old plan's micro-batch
         train(model, x, plain.ceiling, CAP, accumulate=2)
     model, x = mlp()
-    train(model, x, plan["micro_batch"], CAP, accumulate=plan["accumulation_steps"])
+    train(model, x, plan.micro_batch, CAP, accumulate=plan.accumulation_steps)
 
 
 @pytest.mark.slow

@@ -162,7 +162,14 @@ def test_a_user_budget_caps_the_profilers_own() -> None:
 
 def point(b: int, rate: float, iqr: float) -> Throughput:
     median = b / rate
-    return Throughput(b, rate, median, iqr * median, 5, iqr > 0.1)
+    return Throughput(
+        batch_size=b,
+        samples_per_second=rate,
+        median_seconds=median,
+        iqr_seconds=iqr * median,
+        replicates=5,
+        noisy=iqr > 0.1,
+    )
 
 
 def test_on_a_busy_machine_whole_timings_move_so_close_sizes_go_to_rounds() -> None:

@@ -293,7 +293,15 @@ def test_measurement_takes_median_and_iqr() -> None:
 
 def points(*rates: tuple[int, float], noisy: int | None = None) -> list[Throughput]:
     return [
-        Throughput(b, r, b / r, 0.2 * b / r if b == noisy else 0.0, 5, b == noisy) for b, r in rates
+        Throughput(
+            batch_size=b,
+            samples_per_second=r,
+            median_seconds=b / r,
+            iqr_seconds=0.2 * b / r if b == noisy else 0.0,
+            replicates=5,
+            noisy=b == noisy,
+        )
+        for b, r in rates
     ]
 
 

@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
-from maxbatch.results import BatchSizeResult, MemoryModel, Throughput, Trial
+from maxbatch.results import (
+    BatchSizeResult,
+    CapacityAnswer,
+    MemoryModel,
+    ProfileAnswer,
+    SearchAnswer,
+    Throughput,
+    Trial,
+)
 from maxbatch.search.probe import search
 from maxbatch.step.batching import batch_size_of, resize_batch
 from maxbatch.store.report import result_markdown, result_table
@@ -168,13 +176,13 @@ _text = st.text(max_size=20)
 def _trial(b: int, fits: bool) -> st.SearchStrategy[Trial]:
     return st.builds(
         Trial,
-        st.just(b),
-        st.just(fits),
-        _bytes,
-        st.floats(0, 1e4),
-        st.booleans(),
-        st.none() | _bytes,
-        st.none() | st.integers(0, 99),
+        batch_size=st.just(b),
+        fits=st.just(fits),
+        peak_bytes=_bytes,
+        seconds=st.floats(0, 1e4),
+        oom=st.booleans(),
+        reserved_bytes=st.none() | _bytes,
+        alloc_retries=st.none() | st.integers(0, 99),
     )
 
 
@@ -185,7 +193,14 @@ def _results(draw: st.DrawFn) -> BatchSizeResult:
     points = draw(
         st.lists(
             st.builds(
-                lambda b, s, iqr, noisy: Throughput(b, b / s, s, iqr, 5, noisy),
+                lambda b, s, iqr, noisy: Throughput(
+                    batch_size=b,
+                    samples_per_second=b / s,
+                    median_seconds=s,
+                    iqr_seconds=iqr,
+                    replicates=5,
+                    noisy=noisy,
+                ),
                 st.integers(1, ceiling),
                 st.floats(1e-6, 10),
                 st.floats(0, 1),
@@ -197,24 +212,28 @@ def _results(draw: st.DrawFn) -> BatchSizeResult:
     model = draw(st.none() | st.builds(MemoryModel, fixed_bytes=_bytes, bytes_per_sample=_bytes))
     return BatchSizeResult(
         batch_size=draw(st.integers(1, ceiling)),
-        ceiling=ceiling,
         device=draw(st.sampled_from(["cpu", "cuda:0", "mps"])),
         device_name=draw(_text),
         mode=draw(st.sampled_from(["train", "inference"])),
         precision=draw(st.none() | st.sampled_from(["bf16", "fp16"])),
         optimizer=draw(st.none() | _text),
-        trials=trials,
-        capacity_bytes=draw(_bytes),
-        headroom_bytes=draw(_bytes),
-        usable_bytes=draw(_bytes),
-        virtual=draw(st.booleans()),
-        memory_model=model,
-        complete=draw(st.booleans()),
-        stop_reason=draw(_text),
+        capacity=CapacityAnswer(
+            capacity_bytes=draw(_bytes),
+            headroom_bytes=draw(_bytes),
+            usable_bytes=draw(_bytes),
+            virtual=draw(st.booleans()),
+        ),
+        search=SearchAnswer(
+            ceiling=ceiling,
+            trials=trials,
+            memory_model=model,
+            complete=draw(st.booleans()),
+            stop_reason=draw(_text),
+        ),
+        profile=ProfileAnswer(throughput=tuple(points)),
         pick_reason=draw(_text),
         notes=tuple(draw(st.lists(_text, max_size=3))),
         seconds=draw(st.floats(0, 1e5)),
-        throughput=tuple(points),
     )
 
 
@@ -265,7 +284,7 @@ def test_the_search_is_exact_with_few_trials_on_any_monotone_curve(
 
     def run(b: int) -> Trial:
         p = peak(b)
-        return Trial(b, p <= usable, p, 0.0, oom=p > usable)
+        return Trial(batch_size=b, fits=p <= usable, peak_bytes=p, seconds=0.0, oom=p > usable)
 
     fitting = [b for b in range(m, top + 1, m) if peak(b) <= usable]
     try:

@@ -20,7 +20,7 @@ def curve(fixed: float, per: float, cap: float, flat: float = 0.0):
     def run(b: int) -> Trial:
         calls.append(b)
         peak = int(max(flat, fixed + per * b))
-        return Trial(b, peak <= cap, peak, 0.01, oom=peak > cap)
+        return Trial(batch_size=b, fits=peak <= cap, peak_bytes=peak, seconds=0.01, oom=peak > cap)
 
     run.calls = calls  # type: ignore[attr-defined]
     return run
@@ -144,14 +144,17 @@ def test_bad_grid() -> None:
 
 
 def test_fit_memory_model_uses_two_largest() -> None:
-    trials = [Trial(b, True, int(1000 + 10 * b), 0.0) for b in (4, 100, 200)]
-    trials.append(Trial(400, False, 10**9, 0.0, oom=True))
+    trials = [
+        Trial(batch_size=b, fits=True, peak_bytes=int(1000 + 10 * b), seconds=0.0)
+        for b in (4, 100, 200)
+    ]
+    trials.append(Trial(batch_size=400, fits=False, peak_bytes=10**9, seconds=0.0, oom=True))
     model = fit_memory_model(trials)
     assert model is not None
     assert model.bytes_per_sample == pytest.approx(10)
     assert model.fixed_bytes == pytest.approx(1000)
     assert fit_memory_model(trials[:1]) is None
-    flat = [Trial(b, True, 5000, 0.0) for b in (1, 2)]
+    flat = [Trial(batch_size=b, fits=True, peak_bytes=5000, seconds=0.0) for b in (1, 2)]
     assert fit_memory_model(flat) is None
 
 

@@ -113,7 +113,13 @@ def _curve(rng: random.Random):
         return int(max(flat, fixed + per * b + bend * b * b) + (wiggle if b % period else 0))
 
     def run(b: int) -> Trial:
-        return Trial(b, peak(b) <= 1_000_000, peak(b), 0.0, oom=peak(b) > 1_000_000)
+        return Trial(
+            batch_size=b,
+            fits=peak(b) <= 1_000_000,
+            peak_bytes=peak(b),
+            seconds=0.0,
+            oom=peak(b) > 1_000_000,
+        )
 
     return run, int(min(flat, fixed) / 2)
 

@@ -215,13 +215,13 @@ def _row(fake: FakeStep, plan: Capacity, start: int, grid: Grid) -> CapacityEsti
     )
     peak = None if ceiling is None else fake.peak(ceiling)
     return CapacityEstimate(
-        plan.capacity_bytes,
-        plan.reserved_bytes,
-        plan.headroom_bytes,
-        usable,
-        ceiling,
-        peak,
-        reason,
+        capacity_bytes=plan.capacity_bytes,
+        reserved_bytes=plan.reserved_bytes,
+        headroom_bytes=plan.headroom_bytes,
+        usable_bytes=usable,
+        ceiling=ceiling,
+        peak_bytes=peak,
+        reason=reason,
     )
 
 

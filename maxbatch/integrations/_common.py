@@ -80,7 +80,8 @@ def with_steady_state(
     if result.steady_state is None:
         return result
     state = {**result.steady_state, "zero_grad": zero_grad, "micro_batches": micro_batches}
-    return dataclasses.replace(result, steady_state=state)
+    search = dataclasses.replace(result.search, steady_state=state)
+    return dataclasses.replace(result, search=search)
 
 
 def check_global_batch(global_batch: int | None) -> int | None:
@@ -144,17 +145,17 @@ def plan_of(result: BatchSizeResult, global_batch: int | None = None) -> Plan:
         The plan.
     """
     chosen, why = _chosen(result)
-    plan = (chosen.advice or {}).get("accumulation") if chosen is result else None
+    own = chosen.advice if chosen is result else None
+    plan = None if own is None else own.accumulation
     if plan is None and global_batch is not None:
-        advice = advice_for(chosen, global_batch=global_batch).accumulation
-        plan = None if advice is None else advice.to_dict()
+        plan = advice_for(chosen, global_batch=global_batch).accumulation
     if plan is None:
         out = Plan(batch_size=chosen.batch_size, accumulation_steps=1, note=None, why=why)
     else:
         out = Plan(
-            batch_size=int(plan["micro_batch"]),
-            accumulation_steps=int(plan["accumulation_steps"]),
-            note=str(plan["note"]),
+            batch_size=plan.micro_batch,
+            accumulation_steps=plan.accumulation_steps,
+            note=plan.note,
             why=why,
         )
     log.info(

@@ -46,6 +46,7 @@ from maxbatch.profile.contest import MAX_CONTENDERS, Contest, can_win, decide, r
 from maxbatch.profile.descent import ALIGN, Search
 from maxbatch.profile.pick import pick, sizes_text
 from maxbatch.profile.timing import NOISY
+from maxbatch.resultparts import ProfileAnswer
 from maxbatch.results import Skipped, Throughput
 from maxbatch.settings import TOLERANCE, PickRule, check_pick
 
@@ -209,7 +210,7 @@ def profile(
         sure = Confidence("low", "no size could be timed")
     if search.budget_hit and points:
         reason += "; the time budget stopped the search before every size it wanted"
-    skipped = tuple(Skipped(b, search.why_untimed(b)) for b in search.untimed())
+    skipped = tuple(Skipped(batch_size=b, reason=search.why_untimed(b)) for b in search.untimed())
     log.info("profiler stopped: %s", stop)
     for s in skipped:
         log.info("profiler skipped batch size %s: %s", s.batch_size, s.reason)
@@ -259,19 +260,20 @@ def _rounds_text(contest: Contest) -> str:
     return text
 
 
-def profile_fields(prof: Profile) -> dict[str, Any]:
+def profile_answer(prof: Profile) -> ProfileAnswer:
     """The profile's account for :class:`~maxbatch.results.BatchSizeResult`.
 
-    Why the profiler stopped, what it skipped and why, how sure the pick is.
+    The timed sizes, why the profiler stopped, what it skipped and why, how sure the pick is.
 
     Returns:
-        The result's profiler fields, by name.
+        The result's :class:`~maxbatch.resultparts.ProfileAnswer`.
     """
-    return {
-        "profile_stop_reason": prof.stop_reason,
-        "profile_skipped": prof.skipped,
-        "pick_confidence": prof.confidence.level,
-        "pick_confidence_reason": prof.confidence.reason,
-        "profile_seconds": prof.seconds,
-        "profile_budget_seconds": prof.budget_seconds,
-    }
+    return ProfileAnswer(
+        throughput=prof.points,
+        stop_reason=prof.stop_reason,
+        skipped=prof.skipped,
+        confidence=prof.confidence.level,
+        confidence_reason=prof.confidence.reason,
+        seconds=prof.seconds,
+        budget_seconds=prof.budget_seconds,
+    )

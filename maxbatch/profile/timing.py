@@ -29,7 +29,12 @@ def measurement(batch_size: int, seconds: Sequence[float], noisy: float = NOISY)
     median = max(median, 1e-12)  # a clock too coarse for the step must not divide by zero
     iqr = q3 - q1
     return Throughput(
-        batch_size, batch_size / median, median, iqr, len(seconds), iqr / median > noisy
+        batch_size=batch_size,
+        samples_per_second=batch_size / median,
+        median_seconds=median,
+        iqr_seconds=iqr,
+        replicates=len(seconds),
+        noisy=iqr / median > noisy,
     )
 
 

@@ -132,19 +132,22 @@ def probe_isolated(
             children.first,
             batch_size=outcome.ceiling,
             pick_reason=UNTIMED_REASON,
-            throughput=(),
+            profile=dataclasses.replace(children.first.profile, throughput=()),
         )
     fits = sorted((t.batch_size, t.peak_bytes) for t in outcome.trials if t.fits)
     return dataclasses.replace(
         final,
-        ceiling=outcome.ceiling,
-        trials=outcome.trials,
-        memory_model=fit_memory_model(outcome.trials),
-        complete=outcome.complete,
-        stop_reason=outcome.stop_reason,
+        search=dataclasses.replace(
+            final.search,
+            ceiling=outcome.ceiling,
+            trials=outcome.trials,
+            memory_model=fit_memory_model(outcome.trials),
+            complete=outcome.complete,
+            stop_reason=outcome.stop_reason,
+            memory=tuple(MemoryPoint(batch_size=s, peak_bytes=p) for s, p in fits),
+        ),
         notes=(*notes, *(n for n in final.notes if n not in notes)),
         seconds=time.perf_counter() - started,
-        memory=tuple(MemoryPoint(s, p) for s, p in fits),
     )
 
 

@@ -126,11 +126,18 @@ class Children:
             peak = (
                 0 if self.usable is None else self.usable + 1
             )  # it needed more, how much is unknown
-            return Trial(b, False, peak, report["seconds"], oom=True)
+            seconds = report["seconds"]
+            return Trial(batch_size=b, fits=False, peak_bytes=peak, seconds=seconds, oom=True)
         if "does_not_fit" in report:
             info = report["does_not_fit"]
             self.usable = info["available_bytes"] if self.usable is None else self.usable
-            return Trial(b, False, info["needed_bytes"], report["seconds"], oom=True)
+            return Trial(
+                batch_size=b,
+                fits=False,
+                peak_bytes=info["needed_bytes"],
+                seconds=report["seconds"],
+                oom=True,
+            )
         if "error" in report:
             _raise(report["error"], self.model_file, b)
         result = BatchSizeResult.from_dict(report["result"])

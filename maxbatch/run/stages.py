@@ -25,8 +25,9 @@ from maxbatch.devices.capacity import (
 from maxbatch.devices.device import describe
 from maxbatch.devices.host import beyond_host
 from maxbatch.estimate.guess import estimate_beyond_host, first_guess
-from maxbatch.profile.profiler import Profile, profile_fields
+from maxbatch.profile.profiler import Profile, profile_answer
 from maxbatch.profile.realstep import profile_workload
+from maxbatch.resultparts import CapacityAnswer, ProfileAnswer, SearchAnswer
 from maxbatch.results import (
     UNTIMED_REASON,
     BatchSizeResult,
@@ -366,8 +367,36 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         None if outcome.complete else outcome.stop_reason,
         None if scan is None else scan.note,
     ]
+    profile = ProfileAnswer() if picked.profile is None else profile_answer(picked.profile)
+    return BatchSizeResult(
+        batch_size=picked.batch_size,
+        pick_reason=picked.reason,
+        device=measured.info.device,
+        device_name=measured.info.name,
+        mode=step.mode.value,
+        precision=step.precision_name,
+        optimizer=measured.optimizer,
+        capacity=CapacityAnswer(
+            capacity_bytes=capacity.capacity_bytes,
+            headroom_bytes=capacity.headroom_bytes,
+            usable_bytes=capacity.usable_bytes,
+            virtual=capacity.virtual,
+        ),
+        search=_search_answer(request, measured),
+        profile=dataclasses.replace(profile, throughput=picked.points),
+        noise_scale=noise,
+        data=scan,
+        notes=tuple(n for n in notes if n is not None),
+        seconds=time.perf_counter() - request.started,
+        world_size=request.ranks.world_size,
+    )
+
+
+def _search_answer(request: Request, measured: Measured) -> SearchAnswer:
+    """What the search found, with the memory model's accumulation term and the loop state."""
+    step, outcome, accumulated = request.step, measured.outcome, measured.accumulated
     peaks = {t.batch_size: t.peak_bytes for t in outcome.trials if t.fits}
-    accumulated, model = measured.accumulated, outcome.memory_model
+    model = outcome.memory_model
     extra = (
         accumulated.extra_bytes
         if accumulated is not None
@@ -375,32 +404,14 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
     )
     if model is not None and step.mode is not Mode.INFERENCE and step.loop.accumulate == 1:
         model = dataclasses.replace(model, accumulation_bytes=extra)
-    return BatchSizeResult(
-        batch_size=picked.batch_size,
+    return SearchAnswer(
         ceiling=outcome.ceiling,
-        ceiling_source="measured" if capacity.beyond_host is None else "estimated",
-        device=measured.info.device,
-        device_name=measured.info.name,
-        mode=step.mode.value,
-        precision=step.precision_name,
-        optimizer=measured.optimizer,
+        ceiling_source="measured" if measured.capacity.beyond_host is None else "estimated",
         trials=outcome.trials,
-        capacity_bytes=capacity.capacity_bytes,
-        headroom_bytes=capacity.headroom_bytes,
-        usable_bytes=capacity.usable_bytes,
-        virtual=capacity.virtual,
         memory_model=model,
         complete=outcome.complete,
         stop_reason=outcome.stop_reason,
-        pick_reason=picked.reason,
-        notes=tuple(n for n in notes if n is not None),
-        seconds=time.perf_counter() - request.started,
-        throughput=picked.points,
-        memory=tuple(MemoryPoint(b, p) for b, p in sorted(peaks.items())),
-        noise_scale=None if noise is None else noise.to_dict(),
-        **({} if picked.profile is None else profile_fields(picked.profile)),
-        world_size=request.ranks.world_size,
-        data=None if scan is None else scan.to_dict(),
+        memory=tuple(MemoryPoint(batch_size=b, peak_bytes=p) for b, p in sorted(peaks.items())),
         steady_state=steady_state(
             step.loop,
             measured.alive_at_start,
@@ -419,22 +430,13 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
 
 
 def advise(request: Request, result: BatchSizeResult) -> BatchSizeResult:
-    """The result with the advice over it, and the samples per optimizer step over all ranks."""
+    """The result with the advice over it (whose plan gives the samples per optimizer step)."""
     wanted, noise = request.advice, result.noise_scale
-    few = None if noise is None else noise.get("data_rows")
-    critical = None if noise is None or few is not None else noise.get("critical_batch")
+    few = None if noise is None else noise.data_rows
+    critical = None if noise is None or few is not None else noise.critical_batch
     advice = (
         advice_for(result, critical_batch=critical, **wanted.keywords()) if wanted.wanted else None
     )
     if advice is not None and few is not None:  # a critical batch of a few samples is no advice
         advice = dataclasses.replace(advice, notes=(few_samples_note(few), *advice.notes))
-    plan = None if advice is None else advice.accumulation
-    micro, steps = (
-        (result.batch_size, 1) if plan is None else (plan.micro_batch, plan.accumulation_steps)
-    )
-    return dataclasses.replace(
-        result,
-        advice=None if advice is None else advice.to_dict(),
-        accumulation_steps=steps,
-        global_batch_size=micro * result.world_size * steps,
-    )
+    return dataclasses.replace(result, advice=advice)

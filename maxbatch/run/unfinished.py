@@ -95,6 +95,6 @@ def untimed(result: BatchSizeResult, note: str) -> BatchSizeResult:
         result,
         batch_size=result.ceiling,
         pick_reason=UNTIMED_REASON,
-        throughput=(),
+        profile=dataclasses.replace(result.profile, throughput=()),
         notes=tuple(n for n in result.notes if n != note),
     )

@@ -9,13 +9,13 @@ their squared norms) and their mean the big-batch norm (``b_big = k * b_small``)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
+from maxbatch.answers import NoiseScale as NoiseScale  # re-exported: its home moved down
 from maxbatch.devicekinds import kind_of
 from maxbatch.errors import ConfigError, WorkloadError
 
@@ -27,55 +27,6 @@ GROWS_NOTE = (
     "B_simple is measured at the current weights; it grows as training proceeds (often by "
     "10x or more), so measure it again later in training (maxbatch.NoiseScaleTracker)"
 )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class NoiseScale:
-    """The simple noise scale and the two estimates it is the ratio of.
-
-    Attributes:
-        b_simple: ``trace_cov / grad_sq_norm``, the critical batch size estimate: ``inf`` when
-            the gradient could not be told from noise (``grad_sq_norm <= 0``).
-        std_error: its standard error, by the delta method over the draws (or, for the
-            tracker, over the effective number of steps in its moving average).
-        trace_cov: ``tr(Σ)``, the trace of the per-sample gradient covariance.
-        grad_sq_norm: ``|G|²``, the squared norm of the true gradient.
-        b_small: the small batch size (one micro-batch).
-        b_big: the big batch size (all micro-batches of a draw).
-        draws: draws averaged (optimizer steps, for the tracker).
-        method: how ``std_error`` was computed.
-        notes: what the user should know about this estimate.
-        data_rows: the samples the draws came from when fewer than one draw (``b_big``): the
-            estimate is the noise of those samples only, not of the data; None otherwise.
-    """
-
-    b_simple: float
-    std_error: float
-    trace_cov: float
-    grad_sq_norm: float
-    b_small: int
-    b_big: int
-    draws: int
-    method: str = "delta method over draws"
-    notes: tuple[str, ...] = ()
-    data_rows: int | None = None
-
-    @property
-    def critical_batch(self) -> int | None:
-        """``b_simple`` rounded: the batch size beyond which more samples per step help little.
-
-        None when ``b_simple`` is not finite.
-        """
-        return max(1, round(self.b_simple)) if math.isfinite(self.b_simple) else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the estimate as a JSON-ready dict (non-finite numbers become None)."""
-        data = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in dataclasses.asdict(self).items()
-        }
-        data["critical_batch"] = self.critical_batch
-        return data
 
 
 Num = TypeVar("Num", float, torch.Tensor)

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, default_collate
 
+from maxbatch.answers import DataScan
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.grid import positive_int
 from maxbatch.step.oom import is_oom
@@ -56,51 +57,6 @@ def elements(item: Any) -> int:
         elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
             total += 1
     return total
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DataScan:
-    """What the scan of a data set found, and the worst-case batch at one batch size.
-
-    Attributes:
-        items: items in the data set (or the loader's sampler).
-        scanned: items whose size was read.
-        sampled: True when fewer than all were read (``scan_limit``): the worst case is a sample's.
-        seconds: wall time of the scan.
-        size_of: how sizes were read: ``"elements"`` or ``"size_fn"``.
-        bucket: the batch sampler's largest bucket (indices), or None without one.
-        batch_size: the batch size the worst-case batch below is for.
-        indices: the items of that batch, largest first (at most 16 listed).
-        sizes: their sizes.
-    """
-
-    items: int
-    scanned: int
-    sampled: bool
-    seconds: float
-    size_of: str
-    bucket: tuple[int, ...] | None
-    batch_size: int
-    indices: tuple[int, ...]
-    sizes: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the scan as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @property
-    def note(self) -> str:
-        """One line for the report: where the worst case came from."""
-        what = "largest bucket" if self.bucket is not None else "largest items"
-        listed = ", ".join(f"#{i} ({s})" for i, s in zip(self.indices, self.sizes, strict=True))
-        more = " ..." if self.batch_size > len(self.indices) else ""
-        line = (
-            f"worst case from the data: batch {self.batch_size} from the {what}: {listed}{more}; "
-            f"{self.scanned} of {self.items} items read in {self.seconds:.2f} s"
-        )
-        if self.sampled:
-            line += " (a random sample: raise scan_limit to read them all)"
-        return line
 
 
 class DataSource:

@@ -310,6 +310,6 @@ def from_cache(
         from_cache=True,
         notes=(note, *hit.notes),
         seconds=seconds,
-        trials=trials,
+        search=dataclasses.replace(hit.search, trials=trials),
         cached_search=stored,
     )
