@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import lengthmodels as lm
@@ -11,8 +12,10 @@ from models import TinyEncoder
 from sequences import Sequences, lengths, pad_collate
 
 from maxbatch import DoesNotFitError, find_bucket_sizes, find_max_length
+from maxbatch.memtrace import MemoryTrace
 from maxbatch.run.lengthrun import LengthBatches, Runner, open_runner
-from maxbatch.search.lengthmodel import LengthFit
+from maxbatch.search.lengthmodel import LengthFit, Point
+from maxbatch.search.lengthorders import second_size
 
 CAP = "1MiB"
 BINS = (4, 8, 16, 32)
@@ -150,3 +153,30 @@ def test_a_data_set_with_lengths_gives_quantile_buckets_and_shares() -> None:
     assert ceilings == sorted(ceilings, reverse=True)
     assert profile.batch_size_for(max(sizes)) == ceilings[-1]
     assert sum(count for _, _, count in profile.histogram) == len(sizes)
+
+
+def _trace(batch_size: int, length: int) -> MemoryTrace:
+    """A step of known monomials: weights, then a token tensor, scores, a step freeing both."""
+    b, n = batch_size, length
+    steps = [4096, 64 * b * n, 4 * b * n * n, 16 * b, 32 * b * n - 64 * b * n - 4 * b * n * n]
+    live = tuple(int(v) for v in itertools.accumulate(steps))
+    return MemoryTrace(batch_size=b, live=live, batched=live, complete=True)
+
+
+def test_two_trials_read_each_steps_order_and_predict_a_quadratic_ceiling() -> None:
+    usable = 2_000_000
+    fit = LengthFit(usable)
+    first = 2
+    second = second_size(first, 4 / 32, limit=10_000)
+    assert second != first  # the fixed and per-sample parts told apart
+    for b, n in ((first, 32), (second, 4)):
+        trace = _trace(b, n)
+        fit.add(Point(batch_size=b, length=n, peak_bytes=max(trace.live), trace=trace))
+    for length in (4, 8, 16, 32, 64):
+        c = fit.ceiling(length, limit=100_000)
+        assert c is not None  # it fits; one more does not
+        assert max(_trace(c, length).live) <= usable < max(_trace(c + 1, length).live)
+    linear = LengthFit(usable, quadratic=False)  # without the b*L**2 column: wrong past 32
+    for point in fit.points:
+        linear.add(point)
+    assert linear.ceiling(64, limit=100_000) != fit.ceiling(64, limit=100_000)
