@@ -32,7 +32,8 @@ import torch
 import maxbatch
 from maxbatch.run.modelfile import load_model_file
 from maxbatch.step.batching import batch_size_of, make_batch_fn
-from maxbatch.step.workload import Workload, make_optimizer, to_device
+from maxbatch.step.forward import to_device
+from maxbatch.step.workload import Workload, make_optimizer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODELS = ("mlp", "cnn", "transformer")

@@ -151,9 +151,9 @@ def estimate(problem: Problem, b_small: int, b_big: int, batches: int, seed: int
     return maxbatch.noise_scale(
         problem.model,
         problem.data,
-        problem.loss,
-        problem.forward,
-        batches,
+        loss_fn=problem.loss,
+        forward_fn=problem.forward,
+        batches=batches,
         b_small=b_small,
         b_big=b_big,
         seed=seed,

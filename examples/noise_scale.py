@@ -42,7 +42,7 @@ def loss(output: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 
 def main(steps: int = 200, micro: int = 32, accumulation: int = 4) -> None:
-    ns = maxbatch.noise_scale(model, make_batch, loss, forward, batches=20)
+    ns = maxbatch.noise_scale(model, make_batch, loss_fn=loss, forward_fn=forward, batches=20)
     print(f"at initialisation: B_simple = {ns.b_simple:.0f} ± {ns.std_error:.0f}")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -60,7 +60,7 @@ def main(steps: int = 200, micro: int = 32, accumulation: int = 4) -> None:
                 assert now is not None
                 print(f"step {step}: tracked B_simple = {now.b_simple:.0f}")
 
-    ns = maxbatch.noise_scale(model, make_batch, loss, forward, batches=20)
+    ns = maxbatch.noise_scale(model, make_batch, loss_fn=loss, forward_fn=forward, batches=20)
     print(f"after {steps} steps: B_simple = {ns.b_simple:.0f} ± {ns.std_error:.0f}")
 
     # A step decay tuned at batch 128, as a batch ramp on a device that fits 512 per step.

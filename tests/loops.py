@@ -11,7 +11,7 @@ from torch import nn
 
 import maxbatch
 from maxbatch.step.batching import make_batch_fn
-from maxbatch.step.workload import default_forward, default_loss
+from maxbatch.step.forward import default_forward, default_loss
 
 
 @dataclasses.dataclass

@@ -434,8 +434,9 @@ def test_micro_batches_on_cuda_shrink_after_a_cuda_oom(gpu: ScriptedGpu) -> None
     micro.device = CUDA0  # the model "on the GPU"
     micro.step(torch.randn(100, 4))
     # After each scripted CUDA OOM a smaller size (the memory model's 64, then half of it),
-    # with the CUDA generator and the cache put back in between.
+    # with the CUDA generators (through the snapshot: every device's) and the cache put back
+    # in between.
     assert micro.micro_batch_size < 100 and gpu.need(micro.micro_batch_size) <= 72 * GiB
-    gpu.mocks["get_rng_state"].assert_called_with(CUDA0)
-    gpu.mocks["set_rng_state"].assert_called()
+    gpu.mocks["get_rng_state_all"].assert_called()
+    gpu.mocks["set_rng_state_all"].assert_called()
     gpu.mocks["empty_cache"].assert_called()

@@ -24,8 +24,9 @@ from maxbatch import (
 from maxbatch.devices.accounting import MemoryCounter
 from maxbatch.search.meter import CountingMeter
 from maxbatch.search.trial import run_trial
+from maxbatch.step.forward import default_forward
 from maxbatch.step.spec import StepSpec
-from maxbatch.step.workload import build_workload, default_forward
+from maxbatch.step.workload import build_workload
 
 
 def brute_force(

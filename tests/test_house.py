@@ -50,13 +50,10 @@ TOO_BIG: set[str] = {
     "maxbatch.run.lengths",
     "maxbatch.run.lookup",
     "maxbatch.run.stages",
-    "maxbatch.step.workload",
     "maxbatch.store.cache",
-    "maxbatch.train.microbatch",
 }
 POSITIONAL: set[str] = {
     "maxbatch.memtrace",
-    "maxbatch.step.snapshot",
     "maxbatch.store.cache",
 }
 

@@ -134,7 +134,11 @@ def test_model_gradients_buffers_flags_and_rng_are_left_as_they_were() -> None:
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
 
     ns = maxbatch.noise_scale(
-        model, (x, y), lambda out, b: F.cross_entropy(out, b[1]), lambda m, b: m(b[0]), 3
+        model,
+        (x, y),
+        loss_fn=lambda out, b: F.cross_entropy(out, b[1]),
+        forward_fn=lambda m, b: m(b[0]),
+        batches=3,
     )
 
     assert ns.b_simple > 0 and not model.training
@@ -152,14 +156,49 @@ def test_a_sum_loss_is_refused(bench) -> None:
         return F.cross_entropy(out, batch[1], reduction="sum")
 
     with pytest.raises(ConfigError, match="sum over samples") as info:
-        maxbatch.noise_scale(problem.model, problem.data, summed, bench._forward)
+        maxbatch.noise_scale(problem.model, problem.data, loss_fn=summed, forward_fn=bench._forward)
     assert "reduction='mean'" in str(info.value)
 
 
 def test_a_small_sample_is_noted(bench) -> None:
     problem = bench.classifier(128)
-    ns = maxbatch.noise_scale(problem.model, problem.data, bench._cross_entropy, bench._forward, 2)
+    ns = maxbatch.noise_scale(
+        problem.model,
+        problem.data,
+        loss_fn=bench._cross_entropy,
+        forward_fn=bench._forward,
+        batches=2,
+    )
     assert any("holds 128 samples" in n for n in ns.notes)
+
+
+def test_the_old_spelling_works_one_release_with_a_warning(bench) -> None:
+    problem = bench.classifier(128)
+    new = maxbatch.noise_scale(
+        problem.model,
+        problem.data,
+        loss_fn=bench._cross_entropy,
+        forward_fn=bench._forward,
+        batches=2,
+    )
+    with pytest.warns(DeprecationWarning, match="noise_scale"):
+        old = maxbatch.noise_scale(
+            problem.model, problem.data, bench._cross_entropy, bench._forward, 2
+        )
+    assert old == new
+    with pytest.warns(DeprecationWarning):
+        by_name = maxbatch.noise_scale(
+            problem.model,
+            data=problem.data,
+            loss_fn=bench._cross_entropy,
+            forward_fn=bench._forward,
+            batches=2,
+        )
+    assert by_name == new
+    with pytest.raises(TypeError, match="by position and by keyword"):
+        maxbatch.noise_scale(problem.model, problem.data, bench._cross_entropy, loss_fn=len)
+    with pytest.raises(TypeError, match="unexpected keyword 'dta'"):
+        maxbatch.noise_scale(problem.model, dta=problem.data)
 
 
 def test_out_of_memory_halves_the_micro_batch() -> None:

@@ -15,8 +15,9 @@ from maxbatch.devicekinds import kind_of
 from maxbatch.devices.device import CudaTimer, synchronize
 from maxbatch.errors import MaxbatchError, WorkloadError
 from maxbatch.results import Throughput
+from maxbatch.step.forward import to_device
 from maxbatch.step.oom import STEP_FAILURES, failure_text, is_oom, release_memory
-from maxbatch.step.workload import Workload, to_device
+from maxbatch.step.workload import Workload
 
 WARMUP = 2  #: untimed steps per size: the first creates optimizer state, workspaces, caches
 REPLICATES = 5  #: timed steps per size

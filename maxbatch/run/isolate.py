@@ -33,6 +33,7 @@ from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throu
 from maxbatch.run.distributed import is_distributed
 from maxbatch.search.bracket import fit_memory_model
 from maxbatch.search.probe import SearchOutcome, search
+from maxbatch.step.retry import lower_after_oom
 
 if TYPE_CHECKING:  # imported when used: the children run it as __main__ (python -m)
     from maxbatch.run.isotrial import Children
@@ -195,7 +196,8 @@ def _search(
         killed.append(trial)
         if on_trial is not None:
             on_trial(trial)
-        if b == grid.lower:
+        lower = lower_after_oom(b, smallest=grid.lower, halve=lambda n: grid.snap_down(n / 2))
+        if lower is None:
             raise DoesNotFitError(
                 f"batch size {b} does not fit: its isolated process was killed by the kernel's "
                 "OOM killer",
@@ -203,7 +205,7 @@ def _search(
                 needed_bytes=trial.peak_bytes,
                 available_bytes=0,
             )
-        b = grid.snap_down(b / 2)
+        b = lower
     outcome = search(
         run,
         start=b,

@@ -340,9 +340,10 @@ def noise(request: Request, measured: Measured) -> NoiseScale | None:
     return measure_noise_scale(
         step.model,
         step.sample,
-        step.loss_fn,
-        step.forward_fn,
+        loss_fn=step.loss_fn,
+        forward_fn=step.forward_fn,
         max_batch_size=measured.picked.batch_size,
+        precision=step.precision,
     )
 
 

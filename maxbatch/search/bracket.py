@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 from maxbatch.grid import Grid
 from maxbatch.memtrace import predict_ceiling
 from maxbatch.results import MemoryModel, Trial
+from maxbatch.step.retry import fitting_size
 from maxbatch.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ def fit_memory_model(trials: list[Trial] | tuple[Trial, ...]) -> MemoryModel | N
     if slope <= 0:
         return None
     return MemoryModel(fixed_bytes=p1 - slope * b1, bytes_per_sample=slope)
-
-
-def _predict(model: MemoryModel, usable: int) -> int:
-    return math.floor((usable - model.fixed_bytes) / model.bytes_per_sample)
 
 
 class Bracket:
@@ -184,7 +180,7 @@ class Bracket:
         basis = tuple(sorted(t.batch_size for t in self.trials if t.fits)[-2:])
         model = fit_memory_model(self.trials) if basis not in self.bad_bases else None
         if model is not None:
-            target = self.grid.snap(_predict(model, self.usable))
+            target = self.grid.snap(fitting_size(model, self.usable))
             if self.inside(target):
                 self.guess, self.guess_basis = target, basis
                 return target

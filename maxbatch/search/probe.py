@@ -33,6 +33,7 @@ from maxbatch.errors import DoesNotFitError, WorkloadError
 from maxbatch.grid import ALL_SIZES, Grid
 from maxbatch.results import MemoryModel, Trial
 from maxbatch.search.bracket import Bracket, fit_memory_model
+from maxbatch.step.retry import lower_after_oom
 from maxbatch.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def _first_fit(s: Bracket, b: int) -> None:
             if b == start:
                 raise
             raise _does_not_fit(s, e) from e.__cause__
-        if b == s.grid.lower:
+        lower = lower_after_oom(b, smallest=s.grid.lower, halve=lambda n: s.grid.snap_down(n / 2))
+        if lower is None:
             raise _does_not_fit(s)
         if s.over_budget():
             raise DoesNotFitError(
@@ -113,7 +115,7 @@ def _first_fit(s: Bracket, b: int) -> None:
                 needed_bytes=s.trials[-1].peak_bytes,
                 available_bytes=s.usable,
             )
-        b = s.grid.snap_down(b / 2)
+        b = lower
 
 
 def search(

@@ -10,131 +10,29 @@ restored afterwards (:mod:`maxbatch.step.snapshot`).
 from __future__ import annotations
 
 import dataclasses
-import logging
-from collections.abc import Iterator
+import warnings
 from typing import Any
 
 import torch
 
 from maxbatch.devicekinds import kind_of
-from maxbatch.errors import ConfigError, DoesNotFitError, MaxbatchError, WorkloadError
+from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import positive_int
-from maxbatch.stats.draws import Draw, check_random, random_batches
-from maxbatch.stats.noisestats import (
-    ACCUMULATION,
-    NoiseScale,
-    accumulator_dtype,
-    check_finite,
-    combine,
-    squared_norm,
-    two_batch_estimates,
+from maxbatch.settings import Precision, parse_enum
+from maxbatch.stats.draws import check_random, random_batches
+from maxbatch.stats.noiserun import NoiseStep, measure_at
+from maxbatch.stats.noisestats import ACCUMULATION, NoiseScale, combine
+from maxbatch.step.forward import (
+    default_forward,
+    default_loss,
 )
-from maxbatch.step.batching import map_tensors
-from maxbatch.step.oom import is_oom, release_memory
+from maxbatch.step.oom import release_memory
+from maxbatch.step.retry import lower_after_oom
 from maxbatch.step.snapshot import Snapshot
 from maxbatch.step.spec import ForwardFn, LossFn
-from maxbatch.step.workload import default_forward, default_loss, to_device
-
-log = logging.getLogger(__name__)
 
 #: The micro-batch size when none is given (capped by ``max_batch_size``).
 SMALL_BATCH = 32
-
-
-def _loss(model: torch.nn.Module, batch: Any, forward: ForwardFn, loss_fn: LossFn) -> torch.Tensor:
-    loss = loss_fn(forward(model, batch), batch)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
-        raise WorkloadError(f"the loss must be a scalar tensor, got {type(loss).__name__}{shape}")
-    return loss
-
-
-def _check_mean(
-    model: torch.nn.Module, batch: Any, forward: ForwardFn, loss_fn: LossFn
-) -> str | None:
-    """Raise when the loss doubles on the batch repeated twice: a sum, not a mean over samples.
-
-    Returns:
-        None, or a note when the check could not be made.
-
-    Raises:
-        ConfigError: the loss is a sum over samples.
-    """
-    twice = map_tensors(batch, lambda t: torch.cat([t, t]))
-    try:  # with autograd on: a default loss looks for outputs that require grad
-        once_value = float(_loss(model, batch, forward, loss_fn).detach())
-        twice_value = float(_loss(model, twice, forward, loss_fn).detach())
-    except Exception as e:  # noqa: BLE001 - a courtesy check: a batch that cannot be doubled skips it
-        return f"could not check that the loss is a mean over samples ({type(e).__name__})"
-    if once_value != 0 and abs(twice_value / once_value - 2) < abs(twice_value / once_value - 1):
-        raise ConfigError(
-            f"the loss went from {once_value:.4g} to {twice_value:.4g} when every sample of the "
-            "batch was repeated: it is a sum over samples, but the noise scale needs a mean; "
-            "use reduction='mean' or divide by the batch size"
-        )
-    return None
-
-
-def _draw(
-    model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
-    total: list[torch.Tensor],
-    batches: Iterator[Any],
-    forward: ForwardFn,
-    loss_fn: LossFn,
-) -> tuple[float, float, bool]:
-    """The mean squared norm of the micro-batch gradients and the squared norm of their mean.
-
-    ``batches`` is drawn lazily: one micro-batch is on the device at a time.
-
-    Returns:
-        The mean squared micro-batch gradient norm, the squared norm of their mean, and
-        whether every loss was finite.
-    """
-    dtype = accumulator_dtype(total[0].device)
-    small = torch.zeros((), dtype=dtype, device=total[0].device)
-    for t in total:
-        t.zero_()
-    finite = torch.ones((), dtype=torch.bool, device=total[0].device)
-    k = 0
-    for batch in batches:
-        k += 1
-        for p in params:
-            p.grad = None
-        loss = _loss(model, batch, forward, loss_fn)
-        finite &= torch.isfinite(loss.detach()).all()  # checked once per draw: no sync here
-        loss.backward()  # type: ignore[no-untyped-call]
-        grads = [p.grad for p in params if p.grad is not None]
-        small += squared_norm(grads, dtype)
-        for p, t in zip(params, total, strict=True):
-            if p.grad is not None:
-                t.add_(p.grad)
-        del batch
-    return float(small) / k, float(squared_norm(total, dtype)) / (k * k), bool(finite)
-
-
-def _measure(
-    model: torch.nn.Module,
-    draw: Draw,
-    batches: int,
-    k: int,
-    b_small: int,
-    forward: ForwardFn,
-    loss_fn: LossFn,
-) -> tuple[list[float], list[float]]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
-    total = [torch.zeros_like(p) for p in params]
-    grad_sqs, traces = [], []
-    for i in range(batches):
-        micro = (to_device(draw(b_small), device) for _ in range(k))
-        small_sq, big_sq, finite = _draw(model, params, total, micro, forward, loss_fn)
-        check_finite(i + 1, b_small, finite, small_sq, big_sq)
-        g, s = two_batch_estimates(small_sq, big_sq, b_small, k * b_small)
-        log.debug("noise scale draw %s: |G|^2 %.4g, tr(S) %.4g", i + 1, g, s)
-        grad_sqs.append(g)
-        traces.append(s)
-    return grad_sqs, traces
 
 
 def _sizes(
@@ -161,54 +59,19 @@ def _sizes(
     return small, big
 
 
-def _attempt(
-    model: torch.nn.Module,
-    draw: Draw,
-    batches: int,
-    k: int,
-    small: int,
-    forward: ForwardFn,
-    loss: LossFn,
-) -> tuple[str | None, list[float], list[float]] | None:
-    """The mean-loss check and the draws at micro-batch ``small``; None after running out of memory.
-
-    Returns:
-        The check's note, and each draw's ``|G|²`` and ``tr(Σ)`` estimates; None on an OOM.
-
-    Raises:
-        MaxbatchError: raised inside (a sum loss, say), unchanged.
-        WorkloadError: the step failed for another reason than memory (chained).
-    """
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    try:
-        # Half a micro-batch, so that the batch repeated twice fits as the draws do.
-        half = to_device(draw(max(1, small // 2)), device)
-        check = _check_mean(model, half, forward, loss)
-        del half
-        return (check, *_measure(model, draw, batches, k, small, forward, loss))
-    except MaxbatchError:
-        raise
-    except Exception as e:
-        if not is_oom(e):
-            raise WorkloadError(
-                f"the step failed while measuring the noise scale at micro-batch {small}: "
-                f"{type(e).__name__}: {e}",
-                batch_size=small,
-            ) from e
-    return None  # the traceback (and the failed micro-batch) dies with ``e``
-
-
 def noise_scale(
     model: torch.nn.Module,
-    data: Any,
+    sample: Any = None,
+    *args: Any,
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
     batches: int = 20,
-    *,
     b_small: int | None = None,
     b_big: int | None = None,
     max_batch_size: int | None = None,
     seed: int | None = 0,
+    precision: Precision | str = Precision.FP32,
+    **kwargs: Any,
 ) -> NoiseScale:
     """Estimate the simple gradient noise scale ``B_simple = tr(Σ) / |G|²`` at the current weights.
 
@@ -221,7 +84,7 @@ def noise_scale(
 
     Args:
         model: the model, on its device.
-        data: what :func:`maxbatch.find_batch_size` takes: one batch (random rows of it are
+        sample: what :func:`maxbatch.find_batch_size` takes: one batch (random rows of it are
             drawn, with replacement), a ``make_batch(batch_size)`` that returns random samples,
             a map-style ``Dataset`` or a ``DataLoader`` (random items of its data set, through
             its ``collate_fn``).
@@ -234,66 +97,143 @@ def noise_scale(
         max_batch_size: the largest batch that fits (the probe's ceiling), when known.
         seed: seeds the draws (and the global RNG for a ``make_batch``; every RNG is restored
             afterwards); None: draw from the RNGs as they are.
+        precision: ``"fp32"`` (default: no autocast), ``"bf16"`` or ``"fp16"``: the forward
+            and the loss run under autocast, as the probe's step does.
+        *args: the old spelling ``noise_scale(model, data, loss_fn, forward_fn, batches)``,
+            deprecated: give them by keyword (a ``DeprecationWarning``; removed in the next
+            release).
+        **kwargs: ``data=``, the old name of ``sample`` (deprecated as well).
 
     Returns:
         A :class:`~maxbatch.stats.noisestats.NoiseScale`. After an out-of-memory error the
         micro-batch is halved and the measurement starts again (a note says so).
 
     Raises:
+        TypeError: an argument is given twice (by position and by keyword) or is unknown.
         ConfigError: an option is invalid, the model has no trainable parameters, or the loss
             is a sum over samples.
         DoesNotFitError: a micro-batch of one sample does not fit.
         WorkloadError: the forward pass or the loss failed (chained).
         MaxbatchError: raised by maxbatch inside the step, unchanged.
     """
+    if args or kwargs:
+        sample, loss_fn, forward_fn, batches = _old_spelling(
+            args, kwargs, sample, loss_fn=loss_fn, forward_fn=forward_fn, batches=batches
+        )
     small, big = _sizes(batches, b_small, b_big, max_batch_size)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters: there is no gradient to measure")
-    k = big // small
-    forward, loss = forward_fn or default_forward, loss_fn or default_loss
-    generator = torch.Generator()
-    if seed is not None:
-        generator.manual_seed(seed)
+    step = NoiseStep(
+        forward=forward_fn or default_forward,
+        loss=loss_fn or default_loss,
+        precision=parse_enum(Precision, precision, "precision"),
+    )
     snapshot = Snapshot.take(model, None)
     try:
-        if seed is not None:
-            torch.manual_seed(seed)
-        draw, rows = random_batches(data, generator)
-        device = next(p for p in model.parameters() if p.requires_grad).device
-        if draw is data:  # on forked RNGs: the draws are those of a run without the check
-            with torch.random.fork_rng([device] if kind_of(device).own_rng else []):
-                check_random(draw)
-        notes: list[str] = []
-        few = rows if rows is not None and rows < big else None
-        if few is not None:
-            notes.append(
-                f"the data holds {few} samples, fewer than the {big} of one draw: this is the "
-                "noise of those samples only, not of your data; for your data's, give a data set "
-                "or make_batch (in a model file: `dataset` or `make_batch`, not `sample`)"
-            )
-        model.train()
-        while (measured := _attempt(model, draw, batches, k, small, forward, loss)) is None:
-            # Outside the except block: the exception's frames no longer hold the batch.
-            release_memory(device)
-            if small == 1:
-                raise DoesNotFitError(
-                    "a micro-batch of 1 sample ran out of memory while measuring the noise scale",
-                    batch_size=1,
-                    needed_bytes=0,
-                    available_bytes=0,
-                )
-            notes.append(f"micro-batch {small} ran out of memory; measured at {small // 2}")
-            small //= 2
-        check, grad_sqs, traces = measured
-        estimate = combine(
-            grad_sqs,
-            traces,
-            b_small=small,
-            b_big=k * small,
-            notes=notes + ([check] if check else []),
-        )
-        return dataclasses.replace(estimate, data_rows=few)
+        return _noise_scale(model, sample, step, batches=batches, small=small, big=big, seed=seed)
     finally:
         for p in model.parameters():
             p.grad = None
         snapshot.restore(final=True)
+
+
+def _old_spelling(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    sample: Any,
+    *,
+    loss_fn: LossFn | None,
+    forward_fn: ForwardFn | None,
+    batches: int,
+) -> tuple[Any, LossFn | None, ForwardFn | None, int]:
+    """The arguments of the old spelling, with a ``DeprecationWarning``.
+
+    Returns:
+        ``sample``, ``loss_fn``, ``forward_fn`` and ``batches``.
+
+    Raises:
+        TypeError: too many positional arguments, one given twice, or an unknown keyword.
+    """
+    unknown = set(kwargs) - {"data"}
+    if unknown or len(args) > 3:
+        what = f"unexpected keyword {sorted(unknown)[0]!r}" if unknown else "too many arguments"
+        raise TypeError(f"noise_scale() got {what}")
+    if "data" in kwargs:
+        if sample is not None:
+            raise TypeError("noise_scale() got both sample and data (its old name)")
+        sample = kwargs["data"]
+    given: dict[str, Any] = {"loss_fn": loss_fn, "forward_fn": forward_fn, "batches": batches}
+    defaults: dict[str, Any] = {"loss_fn": None, "forward_fn": None, "batches": 20}
+    for name, value in zip(("loss_fn", "forward_fn", "batches"), args, strict=False):
+        if given[name] is not defaults[name] and given[name] != defaults[name]:
+            raise TypeError(f"noise_scale() got {name} by position and by keyword")
+        given[name] = value
+    warnings.warn(
+        "noise_scale(model, data, loss_fn, forward_fn, batches) is deprecated: call "
+        "noise_scale(model, sample, *, loss_fn=..., forward_fn=..., batches=...); "
+        "the old spelling goes in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return sample, given["loss_fn"], given["forward_fn"], given["batches"]
+
+
+def _noise_scale(
+    model: torch.nn.Module,
+    sample: Any,
+    step: NoiseStep,
+    *,
+    batches: int,
+    small: int,
+    big: int,
+    seed: int | None,
+) -> NoiseScale:
+    """The measurement of :func:`noise_scale` (which restores the model afterwards).
+
+    Returns:
+        The estimate.
+
+    Raises:
+        DoesNotFitError: a micro-batch of one sample does not fit.
+    """
+    k = big // small
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+        torch.manual_seed(seed)
+    draw, rows = random_batches(sample, generator)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    if draw is sample:  # on forked RNGs: the draws are those of a run without the check
+        with torch.random.fork_rng([device] if kind_of(device).own_rng else []):
+            check_random(draw)
+    notes: list[str] = []
+    few = rows if rows is not None and rows < big else None
+    if few is not None:
+        notes.append(
+            f"the data holds {few} samples, fewer than the {big} of one draw: this is the "
+            "noise of those samples only, not of your data; for your data's, give a data set "
+            "or make_batch (in a model file: `dataset` or `make_batch`, not `sample`)"
+        )
+    model.train()
+    while (measured := measure_at(model, draw, batches, k, small, step)) is None:
+        # Outside the except block: the exception's frames no longer hold the batch.
+        release_memory(device)
+        lower = lower_after_oom(small)
+        if lower is None:
+            raise DoesNotFitError(
+                "a micro-batch of 1 sample ran out of memory while measuring the noise scale",
+                batch_size=1,
+                needed_bytes=0,
+                available_bytes=0,
+            )
+        notes.append(f"micro-batch {small} ran out of memory; measured at {lower}")
+        small = lower
+    check, grad_sqs, traces = measured
+    estimate = combine(
+        grad_sqs,
+        traces,
+        b_small=small,
+        b_big=k * small,
+        notes=notes + ([check] if check else []),
+    )
+    return dataclasses.replace(estimate, data_rows=few)

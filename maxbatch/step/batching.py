@@ -18,7 +18,14 @@ import torch
 
 from maxbatch.errors import BatchSizeMismatchError, ConfigError, WorkloadError
 
-__all__ = ["batch_size_of", "check_rows", "make_batch_fn", "map_tensors", "resize_batch"]
+__all__ = [
+    "batch_size_of",
+    "check_rows",
+    "held_bytes",
+    "make_batch_fn",
+    "map_tensors",
+    "resize_batch",
+]
 
 
 def _is_dataclass_instance(obj: Any) -> bool:
@@ -216,3 +223,17 @@ def make_batch_fn(sample_or_callable: Any) -> tuple[Callable[[int], Any], int | 
         return resize_batch(sample, batch_size)
 
     return batch_fn, size
+
+
+def held_bytes(batch: Any, device: torch.device) -> int:
+    """The bytes of ``batch``'s tensors on ``device``, each storage once (slices are views)."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> torch.Tensor:
+        if t.device == device:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    map_tensors(batch, add)
+    return sum(seen.values())

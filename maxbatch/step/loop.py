@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.errors import ConfigError
 from maxbatch.grid import positive_int
 from maxbatch.units import parse_bytes
 
@@ -104,21 +104,10 @@ def clear(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> No
         model.zero_grad(set_to_none=True)
 
 
-def check_loss(loss: Any) -> torch.Tensor:
-    """The loss, if it is a scalar tensor.
-
-    Returns:
-        The loss.
-
-    Raises:
-        WorkloadError: it is not.
-    """
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise WorkloadError(
-            f"the loss must be a scalar tensor, got {type(loss).__name__}"
-            + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-        )
-    return loss
+#: Runs one micro-batch's forward, loss and backward (the loss times ``weight``, and
+#: ``before_backward()`` called between the forward and the backward); returns the output and
+#: the weighted loss.
+MicroStepFn = Callable[[Any, float, "Callable[[], None] | None"], tuple[Any, Any]]
 
 
 def train_step(
@@ -126,30 +115,37 @@ def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     batch: Any,
-    micro_step: Callable[[Any], tuple[Any, Any]],
+    micro_step: MicroStepFn,
 ) -> None:
     """One optimizer step: ``loop.accumulate`` micro-batches, gradients cleared as the loop does.
 
-    ``micro_step(batch)`` runs the forward and the loss (under autocast) and returns both. As in
-    a user's loop, an output stays referenced until the next micro-batch's forward has made its
-    own (the name is rebound then), and the last one until the optimizer step is done.
+    ``micro_step(batch, weight, before_backward)`` runs the forward, the loss (under autocast) and
+    the backward (:func:`~maxbatch.step.forward.forward_backward`) and returns the output and the
+    weighted loss. As in a user's loop, they stay referenced until the next micro-batch's forward
+    has made its own (the names are rebound then: ``before_backward``), and the last ones until
+    the optimizer step is done.
     """
     if loop.zero_grad is ZeroGrad.BEFORE_FORWARD:
         clear(model, optimizer)
-    output: Any = None
-    for i in range(loop.accumulate):
-        output, loss = micro_step(batch)
-        loss = check_loss(loss)
-        if loop.accumulate > 1:
-            loss = loss / loop.accumulate
-        if i == 0 and loop.zero_grad is ZeroGrad.BEFORE_BACKWARD:
+    weight = 1.0 if loop.accumulate == 1 else 1.0 / loop.accumulate
+    held: list[Any] = []  # the last micro-batch's output and loss
+    first = [True]
+
+    def before_backward() -> None:
+        # The new forward is done, so the user's names now point at its output and loss: the
+        # previous ones are gone before this backward, as in the user's loop.
+        held.clear()
+        if first[0] and loop.zero_grad is ZeroGrad.BEFORE_BACKWARD:
             clear(model, optimizer)
-        loss.backward()  # type: ignore[no-untyped-call]
+        first[0] = False
+
+    for _ in range(loop.accumulate):
+        held.extend(micro_step(batch, weight, before_backward))
     if optimizer is not None:
         optimizer.step()
     if loop.zero_grad is ZeroGrad.AFTER_STEP:
         clear(model, optimizer)
-    del output, loss
+    held.clear()
 
 
 def steady_state(

@@ -63,7 +63,7 @@ def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GradSave:
     """A parameter's gradient: the tensor object the user had, and its values on the host.
 
@@ -85,7 +85,7 @@ class GradSave:
         param.grad = None
         if grad is not None and grad.layout is torch.strided:
             set_values(grad, torch.empty(0, dtype=grad.dtype, device=grad.device))
-        return cls(param, grad, host)
+        return cls(param=param, grad=grad, host=host)
 
     def restore(self) -> None:
         """Put the saved gradient back on the parameter (the same object where possible)."""
@@ -102,7 +102,7 @@ class GradSave:
 _PLAIN = (bool, int, float, str, type(None))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerSave:
     """An optimizer's state, param groups and plain attributes, restored in place."""
 
@@ -124,7 +124,7 @@ class OptimizerSave:
         # Plain values only (flags such as an LR scheduler's ``_opt_called``): other attributes
         # hold hooks and bound methods that are not state.
         attributes = {k: v for k, v in vars(optimizer).items() if isinstance(v, _PLAIN)}
-        return cls(optimizer, state, groups, attributes)
+        return cls(optimizer=optimizer, state=state, groups=groups, attributes=attributes)
 
     def restore(self) -> None:
         """Put state, groups and attributes back; drop what the steps added."""
@@ -163,7 +163,7 @@ def _restored(saved: Any) -> Any:
     return copy.deepcopy(saved)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Snapshot:
     """The saved state of one model, its optimizer and the extra state (see the module doc)."""
 
@@ -195,6 +195,28 @@ class Snapshot:
             if interrupted:  # Ctrl-C during the save: undo it (the gradients) before it arrives
                 snapshot.restore(final=True)
         return snapshot
+
+    @classmethod
+    def of_buffers(cls, model: torch.nn.Module) -> Snapshot:
+        """Only the buffers and the RNG states: what a step that is redone must put back.
+
+        ``MicroBatcher`` redoes a step after an out-of-memory error: its gradients are thrown
+        away and its parameters not yet stepped, but batch-norm statistics moved and the RNGs
+        (torch, CUDA, Python, NumPy) advanced. :meth:`restore` puts those back.
+
+        Returns:
+            The snapshot (its other parts empty).
+        """
+        with uncounted(), signals_held():
+            return cls(
+                params=[],
+                grads=[],
+                buffers=[TensorSave.take(b) for b in _unique(model.buffers())],
+                training=[],
+                optimizers=[],
+                extra=ExtraState(()).take(),
+                rng=_rng_state(),
+            )
 
     @classmethod
     def _take(

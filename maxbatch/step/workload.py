@@ -10,57 +10,27 @@ A :class:`Workload` is the runtime form of a :class:`~maxbatch.step.spec.StepSpe
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
 from maxbatch.devices.device import local_shard
-from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.errors import ConfigError
 from maxbatch.settings import Mode, Precision
 from maxbatch.step.extrastate import ExtraState
+from maxbatch.step.forward import (
+    autocast,
+    default_forward,
+    default_loss,
+    forward_backward,
+    to_device,
+)
 from maxbatch.step.loop import Loop
 from maxbatch.step.loop import train_step as loop_step
 from maxbatch.step.snapshot import Snapshot
 from maxbatch.step.spec import ForwardFn, LossFn, StepSpec, TrainStepFn
-
-
-def default_forward(model: torch.nn.Module, batch: Any) -> Any:
-    """Call ``model(**batch)`` for a dict, ``model(*batch)`` for a sequence, else ``model(x)``."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def default_loss(output: Any, batch: Any) -> torch.Tensor:
-    """The output's ``loss`` if it has one, else the sum of the means of its floating outputs."""
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor):
-        return loss
-    leaves = [
-        t
-        for t in tree_flatten(output)[0]
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
-    ]
-    if not leaves:
-        raise WorkloadError(
-            "the model's output has no floating-point tensor that requires grad, so there is "
-            "nothing to backpropagate; pass loss_fn (or define loss() in the model file)"
-        )
-    total = leaves[0].mean()
-    for t in leaves[1:]:
-        total = total + t.mean()
-    return total
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a nested batch to ``device``."""
-    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
 
 class Workload:
@@ -115,29 +85,33 @@ class Workload:
 
     # -- the step -------------------------------------------------------------------------------
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision is Precision.FP32:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision is Precision.BF16 else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def step(self, batch: Any) -> None:
         """Run one step (one optimizer step of the loop) on a batch already on the device."""
         if self.mode is Mode.INFERENCE:
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), autocast(self.precision, self.device):
                 self.forward_fn(self.model, batch)
             return
         if self.train_step is not None:
             self.train_step(self.model, batch, self.optimizer)
             return
-        loop_step(self.loop, self.model, self.optimizer, batch, self._forward_loss)
+        loop_step(self.loop, self.model, self.optimizer, batch, self._micro_step)
 
-    def _forward_loss(self, batch: Any) -> tuple[Any, Any]:
+    def _micro_step(
+        self, batch: Any, weight: float, before_backward: Callable[[], None] | None
+    ) -> tuple[Any, torch.Tensor]:
         if self._recording:  # the measured step's forward begins: what the loop kept alive
             self.alive_at_start, self._recording = self.alive(), False
-        with self._autocast():
-            output = self.forward_fn(self.model, batch)
-            return output, self.loss_fn(output, batch)
+        output, weighted = forward_backward(
+            self.model,
+            batch,
+            forward_fn=self.forward_fn,
+            loss_fn=self.loss_fn,
+            precision=self.precision,
+            device=self.device,
+            weight=weight,
+            before_backward=before_backward,
+        )
+        return output, weighted
 
     def run(
         self,

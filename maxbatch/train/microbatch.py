@@ -9,21 +9,23 @@ micro-batches, so no sample is lost or counted twice and the optimizer steps exa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from maxbatch.devicekinds import kind_of
-from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
+from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import positive_int
 from maxbatch.results import BatchSizeResult, MemoryModel
-from maxbatch.step.batching import batch_size_of, map_tensors
+from maxbatch.settings import Precision, parse_enum
+from maxbatch.step.batching import batch_size_of, held_bytes, map_tensors
+from maxbatch.step.forward import default_forward, default_loss, forward_backward
 from maxbatch.step.oom import is_oom, release_memory
+from maxbatch.step.retry import lower_after_oom
+from maxbatch.step.snapshot import Snapshot
 from maxbatch.step.spec import ForwardFn, LossFn
-from maxbatch.step.workload import default_forward, default_loss
+from maxbatch.train.microstep import MicroStep
 from maxbatch.train.optstep import optimizer_step
 
 __all__ = ["MicroBatcher", "MicroStep"]
@@ -31,39 +33,6 @@ __all__ = ["MicroBatcher", "MicroStep"]
 log = logging.getLogger(__name__)
 
 ChangeFn = Callable[[int, int, str], None]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MicroStep:
-    """One micro-batch done: what ``on_micro_batch`` receives, right after its backward.
-
-    At that moment each parameter's ``.grad`` holds the weighted sum of the gradients of the
-    micro-batches ``0..index`` of this attempt (times ``grad_scale`` under a ``GradScaler``); after
-    the last one (``index == micro_batches - 1``) it is the whole batch's gradient. An
-    out-of-memory error makes the step start again at ``index == 0`` with ``attempt + 1``: a
-    consumer resets its per-step sums at index 0 and commits them at the last index.
-
-    Attributes:
-        step: optimizer steps done before this one.
-        attempt: 0 for the first try of this step, then one more after each out-of-memory error.
-        index: this micro-batch's position in the batch.
-        micro_batches: micro-batches in this attempt.
-        size: samples in this micro-batch.
-        batch_size: samples in the whole batch.
-        weight: what the micro-loss was multiplied by (``size / batch_size`` for a mean loss).
-        loss: the micro-batch's own loss, unweighted, detached.
-        grad_scale: the ``GradScaler``'s scale the gradients carry (1.0 without one).
-    """
-
-    step: int
-    attempt: int
-    index: int
-    micro_batches: int
-    size: int
-    batch_size: int
-    weight: float
-    loss: torch.Tensor
-    grad_scale: float
 
 
 class MicroBatcher:
@@ -78,6 +47,8 @@ class MicroBatcher:
         forward_fn: ``forward_fn(model, micro_batch)``; default ``model(batch)``, ``model(*batch)``
             for a tuple or list, ``model(**batch)`` for a dict.
         scaler: a ``torch.amp.GradScaler``: the loss is scaled, the optimizer stepped through it.
+        precision: ``"fp32"`` (default: no autocast), ``"bf16"`` or ``"fp16"``: the forward and
+            the loss run under autocast, as the probe's step does.
         on_change: ``on_change(old, new, reason)`` after each change of the micro-batch size.
         grow_after: after this many steps without an out-of-memory error, try twice the size again
             (never above ``micro_batch_size``); None (default): never grow.
@@ -103,6 +74,7 @@ class MicroBatcher:
         loss_fn: LossFn | None = None,
         forward_fn: ForwardFn | None = None,
         scaler: Any = None,
+        precision: Precision | str = Precision.FP32,
         on_change: ChangeFn | None = None,
         grow_after: int | None = None,
         loss_reduction: str = "mean",
@@ -126,6 +98,7 @@ class MicroBatcher:
         self.loss_fn = loss_fn or default_loss
         self.forward_fn = forward_fn or default_forward
         self.scaler = scaler
+        self.precision = parse_enum(Precision, precision, "precision")
         self.on_change = on_change
         self.grow_after = grow_after
         self.loss_reduction = loss_reduction
@@ -179,7 +152,7 @@ class MicroBatcher:
             Exception: any error other than out-of-memory, raised unchanged.
         """
         n = batch_size_of(batch)
-        saved = self._save()
+        saved = Snapshot.of_buffers(self.model)
         attempt = 0
         while True:
             size = self.micro_batch_size
@@ -189,7 +162,7 @@ class MicroBatcher:
             # Out of memory: no exception is alive here, so the failed micro-batch's tensors are
             # gone once its gradients are thrown away and garbage is collected.
             self.optimizer.zero_grad(set_to_none=True)
-            self._restore(saved)
+            saved.restore()
             release_memory(self.device)
             unseen = held_bytes(batch, self.device) + self._grad_bytes()
             self._change(size, self._lower(size, unseen), "out of memory")
@@ -237,14 +210,19 @@ class MicroBatcher:
             WorkloadError: the loss is not a scalar tensor.
         """
         part = map_tensors(batch, lambda t: t[start:stop])
-        output = self.forward_fn(self.model, part)
-        loss = self.loss_fn(output, part)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise WorkloadError(f"the loss must be a scalar tensor, got {type(loss).__name__}")
         weight = (stop - start) / n if self.loss_reduction == "mean" else 1.0
-        weighted = loss * weight
-        (weighted if self.scaler is None else self.scaler.scale(weighted)).backward()
-        return weighted.detach(), loss.detach()
+        _, weighted = forward_backward(
+            self.model,
+            part,
+            forward_fn=self.forward_fn,
+            loss_fn=self.loss_fn,
+            precision=self.precision,
+            device=self.device,
+            weight=weight,
+            scaler=self.scaler,
+        )
+        weighted = weighted.detach()
+        return weighted, weighted if weight == 1.0 else weighted / weight
 
     def _report(
         self, attempt: int, index: int, count: int, size: int, n: int, loss: torch.Tensor
@@ -265,33 +243,14 @@ class MicroBatcher:
         )
         self.on_micro_batch(info)
 
-    # -- what a failed attempt changed ----------------------------------------------------------
-
-    def _save(self) -> tuple[list[torch.Tensor], torch.Tensor, Any]:
-        """Buffers (batch-norm statistics move on every forward) and RNG states, to redo a step."""
-        buffers = [b.detach().clone() for b in self.model.buffers()]
-        cuda = torch.cuda.get_rng_state(self.device) if kind_of(self.device).own_rng else None
-        return buffers, torch.get_rng_state(), cuda
-
-    def _restore(self, saved: tuple[list[torch.Tensor], torch.Tensor, Any]) -> None:
-        buffers, cpu, cuda = saved
-        with torch.no_grad():
-            for live, kept in zip(self.model.buffers(), buffers, strict=True):
-                live.copy_(kept)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, self.device)
-
     # -- the size -------------------------------------------------------------------------------
 
     def _lower(self, size: int, held: int) -> int:
         """The next size after ``size`` ran out of memory, ``held`` bytes unseen by the model.
 
-        The memory model's largest size when it is below ``size`` (a size above what the probe
-        measured to fit). When the model's own size fails, the model is refitted with what the
-        failure showed was missing from it: the whole batch this step holds on the device and the
-        gradients accumulated across micro-batches (``held``). Only when that explains nothing,
-        half: an out-of-memory error says that more was needed, not how much.
+        :func:`~maxbatch.step.retry.lower_after_oom` with the probe's memory model; ``held``
+        is what the failure showed was missing from it: the whole batch this step holds on the
+        device and the gradients accumulated across micro-batches.
 
         Returns:
             The smaller size.
@@ -300,19 +259,15 @@ class MicroBatcher:
             DoesNotFitError: a micro-batch of one sample ran out of memory.
         """
         model, usable = self.memory_model, self.usable_bytes
-        if size == 1:
+        new = lower_after_oom(size, memory_model=model, usable_bytes=usable, unseen_bytes=held)
+        if new is None:
             raise DoesNotFitError(
                 "a micro-batch of 1 sample runs out of memory; the model does not fit this device",
                 batch_size=1,
                 needed_bytes=0 if model is None else int(model.peak(1)),
                 available_bytes=usable or 0,
             )
-        new = size // 2
-        if model is not None and usable is not None and model.bytes_per_sample > 0:
-            fits = int((usable - model.fixed_bytes) // model.bytes_per_sample)
-            refit = int((usable - model.fixed_bytes - held) // model.bytes_per_sample)
-            new = fits if fits < size else refit if refit < size else new
-        return max(1, min(new, size - 1))
+        return new
 
     def _grad_bytes(self) -> int:
         """The bytes of one copy of the gradients on the device.
@@ -339,17 +294,3 @@ class MicroBatcher:
         )
         if self.on_change is not None:
             self.on_change(old, new, reason)
-
-
-def held_bytes(batch: Any, device: torch.device) -> int:
-    """The bytes of ``batch``'s tensors on ``device``, each storage once (slices are views)."""
-    seen: dict[int, int] = {}
-
-    def add(t: torch.Tensor) -> torch.Tensor:
-        if t.device == device:
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    map_tensors(batch, add)
-    return sum(seen.values())

@@ -27,7 +27,7 @@ from maxbatch.stats.noisestats import (
     sum_of_squares,
     two_batch_estimates,
 )
-from maxbatch.train.microbatch import MicroStep
+from maxbatch.train.microstep import MicroStep
 
 #: The moving averages' decay per optimizer step.
 BETA = 0.99
