@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from maxbatch import BatchSizeResult, ConfigError, advice_for, find_batch_size
+from maxbatch.devicekinds import kind_of
 from maxbatch.grid import positive_int
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def first_batch(loader: Iterable[Any], device: torch.device) -> Any:
     Returns:
         The batch.
     """
-    devices = [device] if device.type == "cuda" else []
+    devices = [device] if kind_of(device).own_rng else []
     with torch.random.fork_rng(devices=devices):
         return next(iter(loader))
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from maxbatch.results import BatchSizeResult, DeviceInfo, Trial
 from maxbatch.run.unfinished import untimed
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import Meter
+from maxbatch.search.trial import run_trial
 from maxbatch.step.workload import Workload
 from maxbatch.store.cache import ResultCache, from_cache, key_of, verified
 from maxbatch.store.cache import describe as describe_step

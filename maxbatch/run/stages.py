@@ -14,17 +14,18 @@ import time
 
 import torch
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.devices.capacity import (
     Capacity,
-    beyond_host,
-    counts_live_bytes,
     enclosing_room,
     is_virtual,
     probe_capacity,
 )
 from maxbatch.devices.device import describe
-from maxbatch.estimate.estimate import estimate_beyond_host, first_guess
-from maxbatch.profile.profiler import Profile, profile_workload
+from maxbatch.devices.host import beyond_host
+from maxbatch.estimate.guess import estimate_beyond_host, first_guess
+from maxbatch.profile.profiler import Profile
+from maxbatch.profile.realstep import profile_workload
 from maxbatch.results import (
     UNTIMED_REASON,
     BatchSizeResult,
@@ -36,8 +37,9 @@ from maxbatch.run.lookup import Lookup, look_up
 from maxbatch.run.unfinished import Interruption, PointLog
 from maxbatch.search.accumulation import Accumulated, accumulating_trials, gradient_bytes
 from maxbatch.search.accumulation import measure as measure_accumulation
+from maxbatch.search.meter import Meter, meter_for
 from maxbatch.search.probe import SearchOutcome, search
-from maxbatch.search.trial import Meter, leak_checked
+from maxbatch.search.trial import leak_checked
 from maxbatch.settings import (
     AdviceSettings,
     MemorySettings,
@@ -120,7 +122,7 @@ def measure(request: Request) -> Measured | BatchSizeResult:
     sharded = sharded_note(request.step.model)
     info = describe(dev)
     virtual = is_virtual(dev, limits)
-    meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
+    meter = meter_for(dev, virtual=virtual)
     try:
         with meter, build_workload(request.step, dev) as workload:
             base = meter.live_bytes(workload)
@@ -194,14 +196,15 @@ def _search(
     guess: int | None = None
     notes: tuple[str, ...] = ()
     # Auto: only on CUDA, where the real trials it saves are the expensive ones.
-    cuda = capacity.kind == "cuda"
-    if cuda if settings.estimate_first is None else settings.estimate_first:
+    kind = kind_of(capacity.kind)
+    target = Target(kind.estimate_target)
+    if kind.guess_first if settings.estimate_first is None else settings.estimate_first:
         guess, why = first_guess(
             request.step.with_optimizer(workload.optimizer),
             capacity.usable_bytes,
             start=start,
             grid=grid,
-            target=Target.CUDA if cuda else Target.CPU,
+            target=target,
         )
         if guess is None:
             notes = (
@@ -212,13 +215,16 @@ def _search(
         beyond = (
             f"{capacity.beyond_host}: the ceiling is estimated on fake tensors, nothing was timed"
         )
-        outcome = estimate_beyond_host(
+        ceiling, how = estimate_beyond_host(
             request.step.with_optimizer(workload.optimizer),
             capacity.usable_bytes,
             capacity.beyond_host,
             start=start,
             grid=grid,
-            target=Target.CUDA if cuda else Target.CPU,
+            target=target,
+        )
+        outcome = SearchOutcome(
+            ceiling=ceiling, trials=(), memory_model=None, complete=True, stop_reason=how
         )
         return outcome, (*notes, beyond)
     ranks, local_usable = request.ranks, meter.usable_bytes
