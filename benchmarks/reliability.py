@@ -44,7 +44,8 @@ from processes import (  # noqa: E402
 
 from maxbatch import WorkloadError, find_batch_size  # noqa: E402
 from maxbatch.devices.accounting import MemoryCounter  # noqa: E402
-from maxbatch.search.trial import Meter, run_trial  # noqa: E402
+from maxbatch.search.meter import CountingMeter  # noqa: E402
+from maxbatch.search.trial import run_trial  # noqa: E402
 from maxbatch.step.batching import make_batch_fn  # noqa: E402
 from maxbatch.step.oom import is_oom  # noqa: E402
 from maxbatch.step.workload import Workload, make_optimizer  # noqa: E402
@@ -78,7 +79,7 @@ def leaks_after_ooms(trials: int = 100) -> tuple[int, int, int]:
     model, sample = cnn()
     make_batch, _ = make_batch_fn(sample)
     work = Workload(model, make_batch, torch.device("cpu"), optimizer=make_optimizer("adam", model))
-    with work, Meter(torch.device("cpu"), counting=True) as meter:
+    with work, CountingMeter(torch.device("cpu")) as meter:
         meter.set_usable(400_000)
         run_trial(work, meter, 4)  # the optimizer's state exists from here on
         outer = MemoryCounter()

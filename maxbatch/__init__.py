@@ -19,16 +19,18 @@ from maxbatch.errors import (
     WorkloadError,
 )
 from maxbatch.estimate.estimate import Estimate, EstimateError, estimate_batch_size
-from maxbatch.results import BatchSizeResult, MemoryModel, Trial
+from maxbatch.results import BatchSizeResult, MemoryModel, Throughput, Trial
+from maxbatch.run.bucketsizes import find_bucket_sizes
 from maxbatch.run.finder import find_batch_size
 from maxbatch.run.isolate import probe_file
-from maxbatch.run.lengths import find_bucket_sizes, find_max_length
+from maxbatch.run.lengths import find_max_length
+from maxbatch.settings import Mode, PickRule, Precision, Target
 from maxbatch.stats.advise import Advice, advice_for
 from maxbatch.stats.noise import noise_scale
 from maxbatch.stats.noisestats import NoiseScale
 from maxbatch.stats.schedule import SchedulePhase, batch_schedule
 from maxbatch.step.data import DataSource
-from maxbatch.train.microbatch import MicroBatcher
+from maxbatch.train.microbatch import MicroBatcher, MicroStep
 from maxbatch.train.sampler import BucketBatchSampler
 from maxbatch.train.tracker import NoiseScaleTracker
 
@@ -54,11 +56,17 @@ __all__ = [
     "MaxbatchError",
     "MemoryModel",
     "MicroBatcher",
+    "MicroStep",
+    "Mode",
     "ModelFileError",
     "NoiseScale",
     "NoiseScaleTracker",
+    "PickRule",
+    "Precision",
     "RankFailedError",
     "SchedulePhase",
+    "Target",
+    "Throughput",
     "Trial",
     "VirtualDevice",
     "WorkloadError",

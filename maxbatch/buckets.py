@@ -1,7 +1,8 @@
 """Records of a memory profile over input length: buckets, their batch sizes, the 2-D memory model.
 
-The searches that build them live in :mod:`maxbatch.run.lengths`; rendering lives apart. These
-records hold no torch objects and each has ``to_dict()``.
+The searches that build them live in :mod:`maxbatch.run.lengths` and
+:mod:`maxbatch.run.bucketsizes`; rendering lives apart. These records hold no torch objects and
+each has ``to_dict()``.
 """
 
 from __future__ import annotations

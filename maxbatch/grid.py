@@ -7,6 +7,7 @@ snapping to the grid that the search, the profiler and the estimate need.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from maxbatch.errors import ConfigError
@@ -21,6 +22,21 @@ def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
     return value
+
+
+def positive_number(value: Any, name: str) -> float:
+    """Return ``value`` as a float if it is a finite number above zero (not a bool).
+
+    Raises:
+        ConfigError: it is not, with its name and value.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ConfigError(f"{name}={value!r} must be a positive number")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.memtrace import MemoryTrace
 
 
@@ -159,7 +160,7 @@ class DeviceInfo:
 
         On the CPU the process's own resident memory is not added back: it is not free for tensors.
         """
-        if self.kind == "cuda":
+        if kind_of(self.kind).cache_is_free:
             return self.free_bytes + self.process_bytes
         return self.free_bytes
 

@@ -27,6 +27,7 @@ from maxbatch.measured import (
 from maxbatch.resultparts import CapacityAnswer, FlatNames, ProfileAnswer, SearchAnswer
 
 __all__ = [
+    "FLAT_KEYS",
     "UNTIMED_REASON",
     "AccumulationPlan",
     "Advice",
@@ -53,8 +54,8 @@ __all__ = [
 # library's argument): users of either read the same ``pick_reason``.
 UNTIMED_REASON = "the ceiling: timing was off (--no-profile, profile=False)"
 
-# The stage records' JSON keys, each in the flat dict under its own name (or the one given here).
-_PARTS: dict[str, dict[str, str]] = {
+# The stage records' fields in the flat dict (its JSON keys): under their own names or these.
+FLAT_KEYS: dict[str, dict[str, str]] = {
     "capacity": {},
     "search": {},
     "profile": {
@@ -114,8 +115,8 @@ class BatchSizeResult(FlatNames):
     advice: Advice | None = None
     noise_scale: NoiseScale | None = None
     data: DataScan | None = None
+    seconds: float
     notes: tuple[str, ...] = ()
-    seconds: float = 0.0
     world_size: int = 1
     from_cache: bool = False
     cached_search: dict[str, Any] | None = None
@@ -152,8 +153,8 @@ class BatchSizeResult(FlatNames):
         data: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _PARTS:
-                names = _PARTS[f.name]
+            if f.name in FLAT_KEYS:
+                names = FLAT_KEYS[f.name]
                 data.update({names.get(k, k): v for k, v in dataclasses.asdict(value).items()})
             else:
                 data[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
@@ -196,7 +197,7 @@ class BatchSizeResult(FlatNames):
 
 def _part(data: Mapping[str, Any], part: str) -> dict[str, Any]:
     """The flat keys of one stage record, under the record's own field names."""
-    names = _PARTS[part]
+    names = FLAT_KEYS[part]
     record = {"capacity": CapacityAnswer, "search": SearchAnswer, "profile": ProfileAnswer}[part]
     out = {}
     for f in dataclasses.fields(record):

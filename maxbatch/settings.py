@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from maxbatch.errors import ConfigError
-from maxbatch.grid import ALL_SIZES, Grid, positive_int
+from maxbatch.grid import ALL_SIZES, Grid, positive_int, positive_number
 from maxbatch.results import Throughput, Trial
 from maxbatch.units import parse_bytes
 
@@ -246,10 +246,9 @@ class AdviceSettings:
         for name in ("dataset_size", "global_batch", "base_batch"):
             if (value := getattr(self, name)) is not None:
                 positive_int(value, name)
-        lr = self.base_lr
-        if lr is not None and (isinstance(lr, bool) or not float(lr) > 0):
-            raise ConfigError(f"base_lr={lr!r} must be a positive number")
-        if (self.base_batch is None) != (lr is None):
+        if self.base_lr is not None:
+            positive_number(self.base_lr, "base_lr")
+        if (self.base_batch is None) != (self.base_lr is None):
             raise ConfigError("scaling a learning rate needs both base_batch and base_lr")
 
     @property

@@ -106,6 +106,7 @@ def test_advice_for_a_result_is_the_advice_at_its_pick() -> None:
             ceiling=100, trials=(), memory_model=None, complete=True, stop_reason=""
         ),
         pick_reason="",
+        seconds=0.0,
     )
     kw = {"dataset_size": 1000, "global_batch": 256, "base_batch": 32, "base_lr": 1e-3}
     assert advice_for(result, **kw) == advise(48, 100, **kw)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from maxbatch.profile.contest import ROUNDS, Contest, confidence, contenders, decide, run_rounds
+from maxbatch.profile.confidence import confidence
+from maxbatch.profile.contest import ROUNDS, Contest, contenders, decide, run_rounds
 from maxbatch.profile.pick import pick
 from maxbatch.profile.profiler import candidates, profile
 from maxbatch.results import Throughput

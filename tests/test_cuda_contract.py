@@ -35,7 +35,7 @@ from click.testing import CliRunner
 
 from maxbatch import find_batch_size
 from maxbatch.cli import main
-from maxbatch.devices.accounting import CUDA_ROUNDING
+from maxbatch.devicekinds import CUDA_ROUNDING
 from maxbatch.devices.device import (
     CudaPeak,
     CudaTimer,
@@ -46,7 +46,8 @@ from maxbatch.devices.device import (
     synchronize,
 )
 from maxbatch.errors import DeviceError
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import AllocatorMeter, CountingMeter, meter_for
+from maxbatch.search.trial import run_trial
 from maxbatch.step.oom import release_memory
 from maxbatch.step.workload import Workload
 
@@ -274,10 +275,10 @@ def test_release_memory_synchronizes_and_empties_the_cache(
 
 
 def test_memory_cap_on_cuda_counts_like_the_caching_allocator(gpu: ScriptedGpu) -> None:
-    meter = Meter(CUDA0, counting=True)
-    assert meter.counter is not None and meter.cuda is None
+    meter = meter_for(CUDA0, virtual=True)
+    assert isinstance(meter, CountingMeter)
     assert meter.counter.round_to == CUDA_ROUNDING == 512 and meter.counter.device == CUDA0
-    assert Meter(torch.device("cpu"), counting=True).counter.round_to == 1  # type: ignore[union-attr]
+    assert CountingMeter(torch.device("cpu")).counter.round_to == 1
 
 
 # -- the CUDA out-of-memory recovery path and whole probes ----------------------------------------
@@ -293,7 +294,8 @@ def _workload(gpu: ScriptedGpu) -> Workload:
 
 def test_a_cuda_oom_is_recovered_outside_the_except_block(gpu: ScriptedGpu) -> None:
     work = _workload(gpu)
-    meter = Meter(CUDA0, counting=False)
+    meter = meter_for(CUDA0, virtual=False)
+    assert isinstance(meter, AllocatorMeter)
     meter.set_usable(68 * GiB)
     trial = run_trial(work, meter, 80)
     assert trial.oom and not trial.fits

@@ -76,10 +76,10 @@ def test_the_data_sets_ceiling_survives_a_shuffled_epoch_where_the_first_batchs_
 
     scan = from_data.data
     assert scan is not None
-    assert scan["batch_size"] == b and scan["items"] == scan["scanned"] == len(ds)
-    assert scan["sizes"][:3] == (2 * LONGEST,) * 3  # input_ids and labels: 2 elements a token
-    assert sorted(scan["indices"][:3]) == [i for i, n in enumerate(ds.sizes) if n == LONGEST]
-    assert scan["seconds"] >= 0 and not scan["sampled"]
+    assert scan.batch_size == b and scan.items == scan.scanned == len(ds)
+    assert tuple(scan.sizes[:3]) == (2 * LONGEST,) * 3  # input_ids and labels: 2 elements a token
+    assert sorted(scan.indices[:3]) == [i for i, n in enumerate(ds.sizes) if n == LONGEST]
+    assert scan.seconds >= 0 and not scan.sampled
     assert any(n.startswith("worst case from the data: batch") for n in from_data.notes)
 
 

@@ -13,18 +13,20 @@ from models import cnn, encoder, gru, mlp
 from torch import nn
 
 from maxbatch import find_batch_size
-from maxbatch.devices.accounting import CUDA_ROUNDING, MemoryCounter
+from maxbatch.devicekinds import CUDA_ROUNDING
+from maxbatch.devices.accounting import MemoryCounter
 from maxbatch.devices.capacity import default_headroom
 from maxbatch.errors import ConfigError
 from maxbatch.estimate.estimate import (
     CUDA_CONTEXT_BYTES,
     EstimateError,
     estimate_batch_size,
-    first_guess,
 )
+from maxbatch.estimate.guess import first_guess
 from maxbatch.grid import Grid
 from maxbatch.run.modelfile import ModelSpec, load_model_file
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import CountingMeter
+from maxbatch.search.trial import run_trial
 from maxbatch.settings import Target
 from maxbatch.step.spec import StepSpec
 from maxbatch.step.workload import build_workload
@@ -75,7 +77,7 @@ def measured_peaks(
         precision=precision,
     )
     cpu = torch.device("cpu")
-    with Meter(cpu, counting=True) as meter, build_workload(step, cpu) as workload:
+    with CountingMeter(cpu) as meter, build_workload(step, cpu) as workload:
         meter.live_bytes(workload)
         return {b: run_trial(workload, meter, b).peak_bytes for b in sizes}
 

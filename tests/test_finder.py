@@ -22,7 +22,8 @@ from maxbatch import (
     find_batch_size,
 )
 from maxbatch.devices.accounting import MemoryCounter
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import CountingMeter
+from maxbatch.search.trial import run_trial
 from maxbatch.step.forward import default_forward
 from maxbatch.step.spec import StepSpec
 from maxbatch.step.workload import build_workload
@@ -41,7 +42,7 @@ def brute_force(
     model, sample = MODELS[name]()
     step = StepSpec.build(model, sample, optimizer=optimizer, mode=mode)
     cpu = torch.device("cpu")
-    with build_workload(step, cpu) as work, Meter(cpu, counting=True) as meter:
+    with build_workload(step, cpu) as work, CountingMeter(cpu) as meter:
         meter.set_usable(cap)
         best, b, failures = 0, m, 0
         while failures < 3 and (upper is None or b <= upper):
@@ -329,11 +330,11 @@ def test_profiler_picks_at_or_below_the_ceiling_and_reports_curves() -> None:
 
 
 def _estimate_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "maxbatch.estimate.estimate"]
+    return [r.getMessage() for r in caplog.records if r.name == "maxbatch.estimate.guess"]
 
 
 def test_auto_runs_no_estimate_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="maxbatch.estimate.estimate")
+    caplog.set_level(logging.INFO, logger="maxbatch.estimate.guess")
     model, sample = mlp()
     auto = find_batch_size(model, sample, memory="2MiB", profile=False)
     assert _estimate_logs(caplog) == []
@@ -345,7 +346,7 @@ def test_auto_runs_no_estimate_on_the_cpu(caplog: pytest.LogCaptureFixture) -> N
 
 
 def test_estimate_first_true_still_runs_it_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="maxbatch.estimate.estimate")
+    caplog.set_level(logging.INFO, logger="maxbatch.estimate.guess")
     model, sample = mlp()
     forced = find_batch_size(model, sample, memory="2MiB", profile=False, estimate_first=True)
     auto = find_batch_size(model, sample, memory="2MiB", profile=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from maxbatch.devices.capacity import HostLimit, host_limit, host_room
+from maxbatch.devices.host import HostLimit, host_limit, host_room
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP = str(ROOT / "examples" / "mlp.py")

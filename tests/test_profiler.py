@@ -13,7 +13,8 @@ import torch
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.grid import Grid
 from maxbatch.profile.pick import pick
-from maxbatch.profile.profiler import candidates, profile, profile_workload
+from maxbatch.profile.profiler import candidates, profile
+from maxbatch.profile.realstep import profile_workload
 from maxbatch.profile.timing import measurement, time_workload
 from maxbatch.results import Throughput
 from maxbatch.settings import PickRule, check_pick

@@ -9,7 +9,8 @@ import pytest
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
 from maxbatch.results import Trial
-from maxbatch.search.probe import fit_memory_model, search
+from maxbatch.search.bracket import fit_memory_model
+from maxbatch.search.probe import search
 
 
 def curve(fixed: float, per: float, cap: float, flat: float = 0.0):

@@ -18,6 +18,15 @@ from maxbatch import find_batch_size
 from maxbatch.step.interrupt import Terminated, signals_held, stop_signals
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises() -> Any:
+    # A shell starts a background job with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give these tests the interactive default, whoever started pytest.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 class Tripwire:
     """An extra-state object that sends ``signum`` to this process at a chosen moment."""
 

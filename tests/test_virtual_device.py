@@ -11,7 +11,8 @@ from models import mlp
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from maxbatch.devices.accounting import MemoryCounter
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import CountingMeter
+from maxbatch.search.trial import run_trial
 from maxbatch.step.batching import make_batch_fn
 from maxbatch.step.oom import is_oom
 from maxbatch.step.workload import Workload
@@ -130,7 +131,7 @@ def test_hundred_oom_trials_leak_nothing() -> None:
     cpu = torch.device("cpu")
     with (
         Workload(model, make_batch, cpu, optimizer=opt) as work,
-        Meter(cpu, counting=True) as meter,
+        CountingMeter(cpu) as meter,
     ):
         base = meter.live_bytes(work)
         meter.set_usable(base + 200_000)

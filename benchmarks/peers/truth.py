@@ -1,6 +1,6 @@
 """The reference answers: the true ceiling by brute force, and throughput over a sweep of sizes.
 
-The ceiling is scanned with maxbatch's own trial (``Workload`` + counting ``Meter`` +
+The ceiling is scanned with maxbatch's own trial (``Workload`` + ``CountingMeter`` +
 ``run_trial``, through :func:`.workbench.virtual_device`), at the same cap, so "fits" means the
 same thing as for every tool: the step, run twice, never has more live bytes than the cap.
 Throughput is timed outside any counter, with no counting overhead.

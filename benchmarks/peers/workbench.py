@@ -18,7 +18,8 @@ import torch
 import maxbatch
 from maxbatch.devices.device import describe
 from maxbatch.results import Trial
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import CountingMeter
+from maxbatch.search.trial import run_trial
 from maxbatch.step.oom import release_memory
 from maxbatch.step.spec import StepSpec
 from maxbatch.step.workload import build_workload
@@ -59,7 +60,7 @@ def virtual_device(bench: Workbench, cap_bytes: int) -> Iterator[Callable[[int],
         train_step=bench.train_step,
     )
     try:
-        with Meter(device, counting=True) as meter, build_workload(step, device) as workload:
+        with CountingMeter(device) as meter, build_workload(step, device) as workload:
             meter.set_usable(cap_bytes)
             yield lambda b: run_trial(workload, meter, b)
     finally:

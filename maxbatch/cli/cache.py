@@ -7,6 +7,8 @@ import json
 
 import click
 
+from maxbatch.store.cache import ResultCache
+
 
 @click.group()
 def cache() -> None:
@@ -17,8 +19,6 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the entries as JSON")
 def cache_list(as_json: bool) -> None:
     """List the cached results, newest first."""
-    from maxbatch.store.cache import ResultCache
-
     store = ResultCache()
     found = store.entries()
     if as_json:
@@ -36,7 +36,5 @@ def cache_list(as_json: bool) -> None:
 @cache.command("clear")
 def cache_clear() -> None:
     """Remove every cached result."""
-    from maxbatch.store.cache import ResultCache
-
     store = ResultCache()
     click.echo(f"removed {store.clear()} cached result(s) from {store.directory}")

@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from maxbatch.cli.exits import EXIT_NO_ANSWER, interruptible, run
-from maxbatch.cli.options import scanned, start, step_kwargs, workload_options
+from maxbatch.cli.options import choices, scanned, start, step_kwargs, workload_options
 from maxbatch.estimate.estimate import estimate_batch_size
+from maxbatch.settings import Target
 from maxbatch.store.report import estimate_json, estimate_table
 
 
@@ -18,8 +19,8 @@ from maxbatch.store.report import estimate_json, estimate_table
 @click.option("--memory", default=None, help="capacities: 24GiB, or several: 16GiB,24GiB,80GiB")
 @click.option(
     "--target",
-    type=click.Choice(["cpu", "cuda"]),
-    default="cpu",
+    type=choices(Target),
+    default=Target.CPU.value,
     show_default=True,
     help="cpu: count as the virtual device; cuda: 512 B rounding, a CUDA context reserve",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,10 +25,6 @@ from maxbatch.step.interrupt import Terminated, stop_signals
 EXIT_NO_ANSWER = 1
 EXIT_USAGE = 2
 
-#: This process's rank under torchrun: only rank 0 prints (other ranks: a lost rank only).
-#: ``probe`` sets it once torchrun's environment is read.
-rank = 0
-
 
 @contextlib.contextmanager
 def interruptible(done: Callable[[], str]) -> Iterator[None]:
@@ -45,13 +42,14 @@ def interruptible(done: Callable[[], str]) -> Iterator[None]:
         sys.exit(EXIT_TERMINATED if term else EXIT_INTERRUPTED)
 
 
-def fail(exc: BaseException, debug: bool) -> None:
-    """Print one clear line (or the traceback with --debug) and exit with the error's code."""
+def fail(exc: BaseException, debug: bool, *, rank: int = 0) -> None:
+    """Print one clear line (or the traceback with --debug) and exit with the error's code.
+
+    Under torchrun only rank 0 prints, other ranks only a lost rank (``rank``: this process's).
+    """
     if rank != 0 and (not isinstance(exc, DistributedError) or isinstance(exc, RankFailedError)):
         pass  # rank 0 says it (a rank that failed is reported by rank 0 too)
     elif debug:
-        import traceback
-
         traceback.print_exception(exc)
     else:
         where = f"rank {rank}: " if rank else ""
@@ -63,8 +61,10 @@ def fail(exc: BaseException, debug: bool) -> None:
     sys.exit(EXIT_USAGE if usage else EXIT_NO_ANSWER)
 
 
-def run(debug: bool, fn: Callable[[], Any]) -> Any:
+def run(debug: bool, fn: Callable[[], Any], *, rank: int = 0) -> Any:
     """Call ``fn()``; a :class:`~maxbatch.errors.MaxbatchError` exits through :func:`fail`.
+
+    ``rank`` is this process's under torchrun (only rank 0 prints).
 
     Returns:
         What ``fn()`` returns.
@@ -72,4 +72,4 @@ def run(debug: bool, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except MaxbatchError as e:
-        fail(e, debug)
+        fail(e, debug, rank=rank)

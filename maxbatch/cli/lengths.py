@@ -18,7 +18,8 @@ from maxbatch.buckets import LengthTrial
 from maxbatch.cli.exits import run
 from maxbatch.cli.options import step_kwargs
 from maxbatch.errors import ConfigError
-from maxbatch.run.lengths import find_bucket_sizes, find_max_length
+from maxbatch.run.bucketsizes import find_bucket_sizes
+from maxbatch.run.lengths import find_max_length
 from maxbatch.run.modelfile import ModelSpec
 from maxbatch.search.bucketbins import parse_buckets
 from maxbatch.store.bucketreport import (
@@ -118,11 +119,19 @@ def run_length_axis(
     as_json: bool,
     report_dir: str | None,
     isolate: bool = False,
+    rank: int = 0,
     **common: Any,
 ) -> None:
-    """Run ``--find length`` or ``--buckets`` and print the answer (``--report``: files too)."""
+    """Run ``--find length`` or ``--buckets`` and print the answer (``--report``: files too).
+
+    ``rank`` is this process's under torchrun (only rank 0 prints an error).
+    """
+
+    def call(fn: Callable[[], Any]) -> Any:
+        return run(debug, fn, rank=rank)
+
     if isolate:
-        run(debug, _no_isolate)
+        call(_no_isolate)
         return
     count = 0
 
@@ -145,9 +154,8 @@ def run_length_axis(
     kwargs["collate_fn"] = spec.collate_fn
     source = _source(spec)
     if axis.buckets is not None:
-        buckets = run(debug, lambda: parse_buckets(axis.buckets or ""))
-        data = run(
-            debug,
+        buckets = call(lambda: parse_buckets(axis.buckets or ""))
+        data = call(
             lambda: find_bucket_sizes(
                 spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
             ).to_dict(),
@@ -156,10 +164,9 @@ def run_length_axis(
     else:
         batch_size = axis.batch_size
         if batch_size is None:
-            run(debug, _needs_batch_size)
+            call(_needs_batch_size)
             return
-        data = run(
-            debug,
+        data = call(
             lambda: find_max_length(
                 spec.model,
                 source,
@@ -172,7 +179,7 @@ def run_length_axis(
         text = length_table(data, title=f"maxbatch probe {spec.path} --find length")
     data = {**data, "model_file": spec.path}
     if report_dir is not None:
-        run(debug, lambda: _write_report(data, Path(report_dir)))
+        call(lambda: _write_report(data, Path(report_dir)))
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 from collections.abc import Callable
@@ -11,8 +12,18 @@ import click
 
 from maxbatch.cli.exits import run
 from maxbatch.run.modelfile import ModelSpec, load_model_file
+from maxbatch.settings import Precision
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def choices(kind: type[enum.Enum]) -> click.Choice[str]:
+    """A click choice of an enum's values, in the enum's order (the enum is the one list).
+
+    Returns:
+        The choice.
+    """
+    return click.Choice([str(member.value) for member in kind])
 
 
 def workload_options(
@@ -34,7 +45,7 @@ def workload_options(
             "--multiple-of", type=int, default=1, show_default=True, help="batch granularity"
         ),
         click.option("--inference", is_flag=True, help=inference_help),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None),
+        click.option("--precision", type=choices(Precision), default=None),
         click.option(
             "--optimizer",
             type=click.Choice(["adamw", "adam", "sgd", "none"]),
@@ -54,15 +65,17 @@ def workload_options(
     return decorate
 
 
-def start(model_file: str, verbose: int, debug: bool) -> ModelSpec:
+def start(model_file: str, verbose: int, debug: bool, *, rank: int = 0) -> ModelSpec:
     """Send logs to stderr at the level ``-v`` asks for, and load the model file.
+
+    ``rank`` is this process's under torchrun (only rank 0 prints an error).
 
     Returns:
         The loaded model file.
     """
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
-    spec: ModelSpec = run(debug, lambda: load_model_file(model_file))
+    spec: ModelSpec = run(debug, lambda: load_model_file(model_file), rank=rank)
     return spec
 
 
@@ -89,10 +102,7 @@ def step_kwargs(
 ) -> dict[str, Any]:
     """The keyword arguments that find_batch_size and estimate_batch_size share."""
     return {
-        "optimizer": optimizer if optimizer is not None else spec.optimizer,
-        "loss_fn": spec.loss,
-        "forward_fn": spec.forward,
-        "train_step": spec.train_step,
+        **spec.step_options(optimizer),
         "headroom": headroom,
         "mode": "inference" if inference else "train",
         "precision": precision,

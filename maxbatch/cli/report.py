@@ -11,6 +11,7 @@ import click
 
 from maxbatch.cli.exits import run
 from maxbatch.errors import ReportWriteError
+from maxbatch.store.plots import write_plots
 from maxbatch.store.report import result_json, result_markdown, result_table
 from maxbatch.store.reportfiles import check_report_dir, load_report, write_report
 
@@ -58,8 +59,6 @@ def write_report_files(
     Files that cannot be written (a full disk, a file system that refuses them) leave nothing
     behind and end the command with one line and exit 3: the answer was printed before.
     """
-    from maxbatch.store.plots import write_plots
-
     plots = _can_plot()
 
     def write(folder: Path) -> list[str]:

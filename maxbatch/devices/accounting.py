@@ -22,18 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from maxbatch.memtrace import TraceRecorder
 from maxbatch.units import format_bytes
 
-#: The CUDA caching allocator rounds every block up to a multiple of 512 bytes.
-CUDA_ROUNDING = 512
-
 OOM_PREFIX = "DefaultCPUAllocator: can't allocate memory"
 
 # The counters entered in this thread, innermost last (dispatch modes are per thread too).
 _entered = threading.local()
-
-
-def default_rounding(device: torch.device) -> int:
-    """How a counter on ``device`` rounds each storage: like the CUDA caching allocator on CUDA."""
-    return CUDA_ROUNDING if device.type == "cuda" else 1
 
 
 def _entered_counters() -> list[MemoryCounter]:

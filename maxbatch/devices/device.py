@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import torch
 
+from maxbatch.devicekinds import CUDA, MPS, kind_of
 from maxbatch.errors import ConfigError, DeviceError
 from maxbatch.results import DeviceInfo
 
@@ -46,7 +47,7 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as e:
         raise DeviceError(f"{spec!r} is not a device; use cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda":
+    if kind_of(dev).indexed:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise DeviceError(f"{spec!r}: no CUDA device is available here; use --device cpu")
@@ -67,8 +68,8 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
 
 def device_label(device: torch.device) -> str:
     """Canonical string of a resolved device (``cuda:0``, ``mps``, ``cpu``)."""
-    if device.type == "cuda":
-        return f"cuda:{0 if device.index is None else device.index}"
+    if kind_of(device).indexed:
+        return f"{device.type}:{0 if device.index is None else device.index}"
     return device.type
 
 
@@ -105,24 +106,25 @@ def _nvml_other_processes(index: int) -> int | None:
 def describe(device: torch.device) -> DeviceInfo:
     """Read the memory and name of ``device`` now."""
     label = device_label(device)
-    if device.type == "cuda":
+    kind = kind_of(device)
+    if kind is CUDA:
         index = 0 if device.index is None else device.index
         free, total = torch.cuda.mem_get_info(index)
         return DeviceInfo(
             device=label,
-            kind="cuda",
+            kind=kind.name,
             name=torch.cuda.get_device_name(index),
             total_bytes=int(total),
             free_bytes=int(free),
             process_bytes=int(torch.cuda.memory_reserved(index)),
-            other_processes_bytes=_nvml_other_processes(index),
+            other_processes_bytes=_nvml_other_processes(index) if kind.nvml else None,
         )
-    if device.type == "mps":
+    if kind is MPS:
         total = int(torch.mps.recommended_max_memory())
         used = int(torch.mps.driver_allocated_memory())
         return DeviceInfo(
             device=label,
-            kind="mps",
+            kind=kind.name,
             name="Apple MPS",
             total_bytes=total,
             free_bytes=max(0, total - used),
@@ -132,7 +134,7 @@ def describe(device: torch.device) -> DeviceInfo:
     rss = int(psutil.Process().memory_info().rss)
     return DeviceInfo(
         device=label,
-        kind="cpu",
+        kind=kind.name,
         name=_cpu_name(),
         total_bytes=int(vm.total),
         free_bytes=int(vm.available),
@@ -153,9 +155,10 @@ def list_devices() -> list[DeviceInfo]:
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued work on ``device`` (a no-op on the CPU)."""
-    if device.type == "cuda":
+    kind = kind_of(device)
+    if kind is CUDA:
         torch.cuda.synchronize(device)
-    elif device.type == "mps":
+    elif kind is MPS:
         torch.mps.synchronize()
 
 

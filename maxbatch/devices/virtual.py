@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from maxbatch.devices.accounting import MemoryCounter, default_rounding, enclosing_counters
+from maxbatch.devicekinds import kind_of
+from maxbatch.devices.accounting import MemoryCounter, enclosing_counters
 from maxbatch.devices.device import resolve_device
 from maxbatch.errors import ConfigError
 from maxbatch.grid import positive_int
@@ -146,7 +147,7 @@ def virtual_device(
     if round_to is not None:
         positive_int(round_to, "round_to")
     dev = resolve_device(device)
-    handle = VirtualDevice(cap, dev, default_rounding(dev) if round_to is None else round_to)
+    handle = VirtualDevice(cap, dev, kind_of(dev).rounding if round_to is None else round_to)
     counter = handle._enter()
     try:
         yield handle

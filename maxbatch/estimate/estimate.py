@@ -1,5 +1,8 @@
 """Estimates without running: peak memory and ceilings for devices you do not have.
 
+(The probe's own uses of the fake step, its first guess and the ceiling beyond this machine's
+memory, are :mod:`maxbatch.estimate.guess`'s.)
+
 The step runs on a fake copy of the model (:mod:`maxbatch.estimate.fakecopy`): tensors have shapes,
 dtypes and strides but no data, so nothing is computed and no memory is allocated, whatever the
 batch size. Its trials are counted and searched as the virtual device's are
@@ -23,13 +26,12 @@ from typing import Any
 
 import torch
 
-from maxbatch.devices.accounting import CUDA_ROUNDING
+from maxbatch.devicekinds import CUDA_ROUNDING
 from maxbatch.devices.capacity import CUDA_CONTEXT_BYTES, Capacity, estimate_capacity
-from maxbatch.errors import EstimateError, HostMemoryError
+from maxbatch.errors import EstimateError
 from maxbatch.estimate.fakestep import FakeStep, fake_step
 from maxbatch.grid import Grid, positive_int
 from maxbatch.results import Breakdown, CapacityEstimate, Estimate, MemoryModel
-from maxbatch.search.probe import SearchOutcome
 from maxbatch.settings import MemorySettings, Mode, Precision, Target, parse_enum
 from maxbatch.step.data import DataSource
 from maxbatch.step.spec import ForwardFn, LossFn, OptimizerArg, StepSpec, TrainStepFn
@@ -43,8 +45,6 @@ __all__ = [
     "EstimateError",
     "Target",
     "estimate_batch_size",
-    "estimate_beyond_host",
-    "first_guess",
 ]
 
 log = logging.getLogger(__name__)
@@ -247,79 +247,3 @@ def _memory_model(
     if middle in (low, high):
         return fit, True
     return fit, abs(fake.peak(middle) - fit.peak(middle)) <= 0.01 * fit.peak(middle)
-
-
-def first_guess(
-    step: StepSpec, usable_bytes: int, *, start: int, grid: Grid, target: Target
-) -> tuple[int | None, str]:
-    """The ceiling the fake step predicts for ``usable_bytes``: the probe's first guess.
-
-    Never raises.
-
-    Args:
-        step: the probe's step, with the optimizer its workload chose
-            (:meth:`~maxbatch.step.spec.StepSpec.with_optimizer`).
-        usable_bytes: the bytes a trial may peak at.
-        start: the size the probe starts at.
-        grid: the sizes the probe may try.
-        target: how to count (CUDA: 512-byte rounding and the foreach optimizer).
-
-    Returns:
-        The guess and how the search over fake trials ended; or None and why there is no guess:
-        nothing fits, or the step cannot run on fake tensors (a model that cannot be
-        deep-copied, an operation that needs data, any other error).
-    """
-    started = time.perf_counter()
-    try:
-        with fake_step(step, target) as fake:
-            guess, reason = fake.ceiling(usable_bytes, start=start, grid=grid)
-    except Exception as e:  # noqa: BLE001 - a guess must never stop the probe
-        log.info("no first guess from fake tensors: %s: %s", type(e).__name__, e)
-        return None, e.reason if isinstance(e, EstimateError) else f"{type(e).__name__}: {e}"
-    log.info(
-        "first guess from fake tensors: %s (%s; %.2fs)",
-        guess,
-        reason,
-        time.perf_counter() - started,
-    )
-    return guess, reason
-
-
-def estimate_beyond_host(
-    step: StepSpec, usable_bytes: int, why_not: str, *, start: int, grid: Grid, target: Target
-) -> SearchOutcome:
-    """The ceiling from the fake-tensor estimate, for a capacity this machine cannot hold.
-
-    Args:
-        step: the probe's step, with the optimizer its workload chose.
-        usable_bytes: the virtual device's usable bytes.
-        why_not: :func:`~maxbatch.devices.capacity.beyond_host`'s sentence.
-        start: the size the probe starts at.
-        grid: the sizes the probe may try.
-        target: how to count (the device's kind).
-
-    Returns:
-        The estimated ceiling as the search's outcome, without trials.
-
-    Raises:
-        HostMemoryError: the step cannot run on fake tensors (or nothing fits): one line naming
-            this machine's memory.
-    """
-    log.warning("%s: the ceiling is estimated on fake tensors", why_not)
-    guess, why = first_guess(step, usable_bytes, start=start, grid=grid, target=target)
-    if guess is None:
-        raise HostMemoryError(
-            f"{why_not}, and `maxbatch estimate` cannot answer for it ({why}); lower --memory "
-            "to what this machine holds",
-            capacity_bytes=usable_bytes,
-        )
-    return SearchOutcome(
-        ceiling=guess,
-        trials=(),
-        memory_model=None,
-        complete=True,
-        stop_reason=(
-            f"estimated on fake tensors, not measured ({why} there): no trial near the "
-            "capacity can run on this machine"
-        ),
-    )

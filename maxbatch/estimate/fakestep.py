@@ -26,13 +26,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from maxbatch.devices.accounting import CUDA_ROUNDING
+from maxbatch.devicekinds import kind_of
 from maxbatch.errors import DoesNotFitError, EstimateError, WorkloadError
 from maxbatch.estimate.fakecopy import CPU, fake_like, fake_model, fake_optimizer, like_cuda
 from maxbatch.grid import Grid
 from maxbatch.results import Trial
+from maxbatch.search.meter import CountingMeter
 from maxbatch.search.probe import search
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.trial import run_trial
 from maxbatch.settings import Target
 from maxbatch.step.batching import make_batch_fn, map_tensors
 from maxbatch.step.extrastate import ExtraState
@@ -157,10 +158,10 @@ class FakeStep:
         self.workload = workload
         self.target = target
         self.sample_size = sample_size
-        self.round_to = CUDA_ROUNDING if target is Target.CUDA else 1
+        self.round_to = kind_of(target.value).rounding
         # Fake tensors' storages are on the meta device: count every storage, not only the CPU's.
-        self.meter = Meter(
-            CPU, counting=True, round_to=self.round_to, label="estimated", every_device=True
+        self.meter = CountingMeter(
+            CPU, round_to=self.round_to, label="estimated", every_device=True
         )
         self.base = 0
         self.exact: dict[int, Trial] = {}  # trials that ran to the end: their peak is exact

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from maxbatch import BatchSizeResult, ConfigError, advice_for, find_batch_size
+from maxbatch.devicekinds import kind_of
+from maxbatch.grid import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +94,7 @@ def check_global_batch(global_batch: int | None) -> int | None:
     Raises:
         ConfigError: it is not None or a positive integer.
     """
-    if global_batch is not None and (
-        isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1
-    ):
-        raise ConfigError(f"global_batch={global_batch!r} must be a positive integer")
-    return global_batch
+    return None if global_batch is None else positive_int(global_batch, "global_batch")
 
 
 #: The pick's confidence levels at which an integration trains at the pick rather than the ceiling.
@@ -175,7 +173,7 @@ def first_batch(loader: Iterable[Any], device: torch.device) -> Any:
     Returns:
         The batch.
     """
-    devices = [device] if device.type == "cuda" else []
+    devices = [device] if kind_of(device).own_rng else []
     with torch.random.fork_rng(devices=devices):
         return next(iter(loader))
 

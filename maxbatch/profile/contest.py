@@ -15,7 +15,7 @@ than the timing noise follows the load, not the step. The noise rules of the pic
 4. **Confidence.** ``high`` when the pick met the rule in every round, ``medium`` in most; when
    the rounds cannot separate the sizes, the pick is the fastest median and the confidence is
    ``low``, as it is when every timed size is noisy, when one size was timed, or when no round
-   found time in the budget.
+   found time in the budget (:mod:`maxbatch.profile.confidence`).
 
 This module is pure: it sees the timed points and a ``time_again(b)`` function.
 """
@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
+from maxbatch.profile.confidence import Confidence, best_point, relative_iqr
 from maxbatch.profile.pick import pick, sizes_text
 from maxbatch.profile.timing import NOISY, measurement
 from maxbatch.results import Throughput
@@ -38,19 +38,7 @@ MAX_CONTENDERS = 4  #: at most this many sizes in the rounds (the likeliest winn
 TimeAgain = Callable[[int], "Sequence[float] | None"]  # None: no time (budget) or out of memory
 
 
-@dataclasses.dataclass(frozen=True)
-class Confidence:
-    """How sure the pick is: ``"high"``, ``"medium"`` or ``"low"``, and why."""
-
-    level: str
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the confidence as a JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Contest:
     """What the interleaved rounds measured.
 
@@ -71,20 +59,12 @@ class Contest:
     left_out: tuple[int, ...] = ()
 
 
-def _relative_iqr(p: Throughput) -> float:
-    return p.iqr_seconds / p.median_seconds
-
-
-def _best(points: Mapping[int, Throughput]) -> Throughput:
-    return max(points.values(), key=lambda p: (p.samples_per_second, -p.batch_size))
-
-
 def _lo(p: Throughput, floor: float = 0.0) -> float:
-    return p.samples_per_second * (1 - max(_relative_iqr(p), floor))
+    return p.samples_per_second * (1 - max(relative_iqr(p), floor))
 
 
 def _hi(p: Throughput, floor: float = 0.0) -> float:
-    return p.samples_per_second * (1 + max(_relative_iqr(p), floor))
+    return p.samples_per_second * (1 + max(relative_iqr(p), floor))
 
 
 def can_win(
@@ -105,7 +85,7 @@ def can_win(
         The sizes, the best first, then by optimistic throughput; just ``[chosen]`` (or the
         best and the pick) when the pick does not hinge on the spread.
     """
-    best, me = _best(points), points[chosen]
+    best, me = best_point(points), points[chosen]
     busy = NOISY if any(p.noisy for p in points.values()) else 0.0
     if rule is PickRule.FASTEST:
         edge = _lo(me, busy) * (1 + tolerance)
@@ -181,11 +161,18 @@ def run_rounds(
     merged = {b: measurement(b, pooled[b], noisy) for b in sizes} if rounds else {}
     spread = {}
     if merged:
-        ref = _best(merged).batch_size
+        ref = best_point(merged).batch_size
         for b in sizes:  # the standard error of the mean per-round ratio to the best
             ratios = [r[b] / r[ref] for r in rounds]
             spread[b] = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else 0.0
-    return Contest(merged, spread, rounds, sizes, blocked, tuple(left_out))
+    return Contest(
+        points=merged,
+        spread=spread,
+        rounds=rounds,
+        contenders=sizes,
+        blocked=blocked,
+        left_out=tuple(left_out),
+    )
 
 
 def _agree(b: int, contest: Contest, tolerance: float) -> int:
@@ -224,71 +211,3 @@ def decide(contest: Contest, rule: PickRule, tolerance: float) -> tuple[int, str
         f"in {agree} of {where}, batch size {chosen} was within {pct} of that round's fastest",
     )
     return chosen, f"by {where}: {reason}", sure
-
-
-def _close(points: Mapping[int, Throughput], rule: PickRule, tolerance: float) -> list[int]:
-    """Sizes whose ratio to the best lies within their relative IQRs of the rule's threshold."""
-    best = _best(points)
-    threshold = 1.0 if rule is PickRule.FASTEST else 1 - tolerance
-    return [
-        b
-        for b, p in points.items()
-        if b != best.batch_size
-        and abs(p.samples_per_second / best.samples_per_second - threshold)
-        <= _relative_iqr(p) + _relative_iqr(best)
-    ]
-
-
-def confidence(
-    chosen: int,
-    points: Mapping[int, Throughput],
-    rule: PickRule,
-    tolerance: float,
-    *,
-    contest: Contest | None = None,
-) -> Confidence:
-    """How sure a pick made without (complete) interleaved rounds is.
-
-    ``"low"`` when only one size was timed, when every timed size is noisy, when the pick's or
-    the best's timing is noisy, or when rounds were wanted but none could be timed;
-    ``"medium"`` when some size is within its measured spread of the rule's threshold but too
-    little throughput is at stake for a round; else ``"high"``.
-
-    Returns:
-        The level and why.
-    """
-    if len(points) == 1:
-        return Confidence("low", f"only batch size {chosen} was timed: nothing to compare it with")
-    if all(p.noisy for p in points.values()):
-        worst = max(_relative_iqr(p) for p in points.values())
-        return Confidence(
-            "low",
-            f"every timed size is noisy (IQR up to {worst:.0%} of the median): the machine was "
-            "busy; run again when it is quiet",
-        )
-    if contest is not None:
-        names = sizes_text(sorted(contest.contenders))
-        return Confidence(
-            "low",
-            f"sizes {names} could each be the pick and no interleaved round of them fitted "
-            f"({contest.blocked}): the pick compares sizes timed at different times",
-        )
-    for b in dict.fromkeys([chosen, _best(points).batch_size]):
-        if points[b].noisy:
-            return Confidence(
-                "low",
-                f"the timing of batch size {b} is noisy (IQR {_relative_iqr(points[b]):.0%} of "
-                "the median): the machine was busy; run again when it is quiet",
-            )
-    close = _close(points, rule, tolerance)
-    if close:
-        names, many = sizes_text(sorted(close)), len(close) > 1
-        return Confidence(
-            "medium",
-            f"batch size{'s' if many else ''} {names} {'are' if many else 'is'} within "
-            f"{'their' if many else 'its'} timing spread of the rule's threshold, but less "
-            "than the tolerance is at stake, so no interleaved rounds were run",
-        )
-    return Confidence(
-        "high", "every timed size's margin to the rule's threshold exceeds its spread"
-    )

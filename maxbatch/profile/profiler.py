@@ -1,6 +1,7 @@
 """The search for the best throughput among candidate batch sizes at or below the ceiling.
 
-Each size is timed by :mod:`maxbatch.profile.timing`, the search runs in
+Each size is timed by :mod:`maxbatch.profile.timing` (on the real step:
+:func:`maxbatch.profile.realstep.profile_workload`), the search runs in
 :mod:`maxbatch.profile.descent`, close calls go to interleaved rounds in
 :mod:`maxbatch.profile.contest`, and :mod:`maxbatch.profile.pick` picks. The search
 (:func:`profile`) does not time every candidate. It sees only ``time_step(b)`` (the seconds of each
@@ -21,7 +22,7 @@ replicate) and a clock, so tests drive it with fakes:
    the sizes timed so far and the ``prior`` (the probe's trials).
    Costs are predicted from warm steps (a timed size's median step), never from a first,
    cold timing. The search's rule leaves room in the profiler's budget, fixed when the rule
-   first applies (:data:`~maxbatch.profile.descent.CONTEST_RATIO` times the rule's limit, under
+   first applies (:data:`~maxbatch.profile.budget.CONTEST_RATIO` times the rule's limit, under
    ``budget``), for the rounds: every timing, rounds included, stays within it.
 4. Contest: when more than one size can be the pick, give or take the measured spreads, all of
    them are timed again in interleaved rounds, and the pick is decided on those rounds alone
@@ -38,23 +39,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from maxbatch.errors import ConfigError
-from maxbatch.grid import ALL_SIZES, Grid, positive_int
-from maxbatch.profile.contest import (
-    MAX_CONTENDERS,
-    Confidence,
-    Contest,
-    can_win,
-    confidence,
-    decide,
-    run_rounds,
-)
-from maxbatch.profile.descent import ALIGN, STEPS, Search, TimeStep
+from maxbatch.grid import Grid, positive_int
+from maxbatch.profile.budget import STEPS, TimeStep
+from maxbatch.profile.confidence import Confidence, confidence
+from maxbatch.profile.contest import MAX_CONTENDERS, Contest, can_win, decide, run_rounds
+from maxbatch.profile.descent import ALIGN, Search
 from maxbatch.profile.pick import pick, sizes_text
-from maxbatch.profile.timing import NOISY, REPLICATES, WARMUP, time_workload
+from maxbatch.profile.timing import NOISY
 from maxbatch.resultparts import ProfileAnswer
 from maxbatch.results import Skipped, Throughput
-from maxbatch.settings import TOLERANCE, PickRule, ProfileSettings, check_pick
-from maxbatch.step.workload import Workload
+from maxbatch.settings import TOLERANCE, PickRule, check_pick
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +58,7 @@ NEAR = 0.5  #: "near the ceiling": the top half, where powers of two leave a 2x 
 MAX_NEAR = 16  #: at most this many sizes near the ceiling (coarser multiples when needed)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Profile:
     """What the profiler timed and picked.
 
@@ -222,18 +216,18 @@ def profile(
         log.info("profiler skipped batch size %s: %s", s.batch_size, s.reason)
     log.info("pick confidence %s: %s", sure.level, sure.reason)
     return Profile(
-        batch_size,
-        reason,
-        points,
-        tuple(ordered),
-        not search.budget_hit,
-        stop,
-        clock() - search.start,
-        tuple(sorted(search.oom)),
-        skipped,
-        sure,
-        tuple(contest.rounds) if contest is not None else (),
-        search.allowance,
+        batch_size=batch_size,
+        pick_reason=reason,
+        points=points,
+        candidates=tuple(ordered),
+        complete=not search.budget_hit,
+        stop_reason=stop,
+        seconds=clock() - search.start,
+        out_of_memory=tuple(sorted(search.oom)),
+        skipped=skipped,
+        confidence=sure,
+        rounds=tuple(contest.rounds) if contest is not None else (),
+        budget_seconds=search.allowance,
     )
 
 
@@ -264,63 +258,6 @@ def _rounds_text(contest: Contest) -> str:
             "(left out of the comparison)"
         )
     return text
-
-
-def profile_workload(
-    workload: Workload,
-    ceiling: int,
-    *,
-    grid: Grid = ALL_SIZES,
-    settings: ProfileSettings | None = None,
-    budget: float | None = None,
-    warmup: int = WARMUP,
-    replicates: int = REPLICATES,
-    clock: Callable[[], float] = time.perf_counter,
-    step_seconds: Mapping[int, float] | None = None,
-    probe_seconds: float = 0.0,
-    agree: Callable[[TimeStep], TimeStep] | None = None,
-    search_clock: Callable[[], float] | None = None,
-) -> Profile:
-    """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size.
-
-    Args:
-        workload: the step, saved (inside ``with workload:``).
-        ceiling: the largest size to time.
-        grid: the sizes that may be timed (its minimum and multiple).
-        settings: the pick rule, its tolerance and the progress callback (default: within 2 %).
-        budget: seconds the search may take.
-        warmup: untimed steps before each size's replicates.
-        replicates: timed steps per size.
-        clock: seconds as a float.
-        step_seconds: seconds of one step at some sizes (e.g. the probe's trials), to predict
-            the cost of the first sizes, so that ``budget`` holds from the start.
-        probe_seconds: what the probe took, a scale for the cost rule (see :func:`profile`).
-        agree: wraps the timing of one size (the ranks' agreement under ``torch.distributed``,
-            see :mod:`maxbatch.run.distributed`).
-        search_clock: replaces ``clock`` for the search's own decisions (the ranks' clock).
-
-    Returns:
-        The timed points and the pick.
-    """
-    chosen = settings if settings is not None else ProfileSettings()
-    steps = warmup + replicates
-    prior = {b: s * steps for b, s in (step_seconds or {}).items()}
-
-    def time_step(b: int) -> list[float]:
-        return time_workload(workload, b, warmup=warmup, replicates=replicates, clock=clock)
-
-    return profile(
-        time_step if agree is None else agree(time_step),
-        candidates(ceiling, min_batch_size=grid.min_batch_size, multiple_of=grid.multiple_of),
-        rule=chosen.rule,
-        tolerance=chosen.tolerance,
-        budget=budget,
-        clock=clock if search_clock is None else search_clock,
-        on_point=chosen.on_point,
-        prior=prior,
-        probe_seconds=probe_seconds,
-        steps=steps,
-    )
 
 
 def profile_answer(prof: Profile) -> ProfileAnswer:

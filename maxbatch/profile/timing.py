@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.devices.device import CudaTimer, synchronize
 from maxbatch.errors import MaxbatchError, WorkloadError
 from maxbatch.results import Throughput
@@ -39,14 +40,15 @@ def measurement(batch_size: int, seconds: Sequence[float], noisy: float = NOISY)
 
 
 def _timed_steps(
-    workload: Workload, b: int, warmup: int, replicates: int, clock: Callable[[], float]
+    workload: Workload, b: int, warmup: int, replicates: int, clock: Callable[[], float] | None
 ) -> list[float]:
     batch = to_device(workload.make_batch(b), workload.device)
     for _ in range(warmup):
         workload.step(batch)
-    # On CUDA with the default clock, CUDA events time the step on the device itself.
-    cuda = workload.device.type == "cuda" and clock is time.perf_counter
-    events = CudaTimer(workload.device) if cuda else None
+    # Without a clock of the caller's, a kind with device events times the step on the device.
+    own_timer = clock is None and kind_of(workload.device).events
+    events = CudaTimer(workload.device) if own_timer else None
+    clock = clock or time.perf_counter
     seconds = []
     for _ in range(replicates):
         synchronize(workload.device)
@@ -68,11 +70,13 @@ def time_workload(
     *,
     warmup: int = WARMUP,
     replicates: int = REPLICATES,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
 ) -> list[float]:
     """Time ``replicates`` real steps at ``batch_size``, one by one, after ``warmup`` steps.
 
     One batch is built on the device and the device is synchronised before every clock read.
+    Without a ``clock``, the device kind chooses the timer: device events where the kind has
+    them (:attr:`~maxbatch.devicekinds.DeviceKind.events`: CUDA), else ``time.perf_counter``.
     The workload is reset afterwards (it is used inside ``with workload:``), so every size
     starts from the same state.
 

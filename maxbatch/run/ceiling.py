@@ -12,14 +12,17 @@ import dataclasses
 
 import torch
 
-from maxbatch.devices.capacity import Capacity, beyond_host
-from maxbatch.estimate.estimate import estimate_beyond_host, first_guess
+from maxbatch.devicekinds import kind_of
+from maxbatch.devices.capacity import Capacity
+from maxbatch.devices.host import beyond_host
+from maxbatch.estimate.guess import estimate_beyond_host, first_guess
 from maxbatch.run.distributed import Ranks
 from maxbatch.run.request import Request
 from maxbatch.search.accumulation import Accumulated, accumulating_trials, gradient_bytes
 from maxbatch.search.accumulation import measure as measure_accumulation
+from maxbatch.search.meter import Meter
 from maxbatch.search.probe import SearchOutcome, search
-from maxbatch.search.trial import Meter, leak_checked
+from maxbatch.search.trial import leak_checked
 from maxbatch.settings import Mode, Target
 from maxbatch.stats.advise import accumulation_plan, per_rank
 from maxbatch.step.workload import Workload
@@ -60,14 +63,15 @@ def search_ceiling(
     guess: int | None = None
     notes: tuple[str, ...] = ()
     # Auto: only on CUDA, where the real trials it saves are the expensive ones.
-    cuda = capacity.kind == "cuda"
-    if cuda if settings.estimate_first is None else settings.estimate_first:
+    kind = kind_of(capacity.kind)
+    target = Target(kind.estimate_target)
+    if kind.guess_first if settings.estimate_first is None else settings.estimate_first:
         guess, why = first_guess(
             request.step.with_optimizer(workload.optimizer),
             capacity.usable_bytes,
             start=start,
             grid=grid,
-            target=Target.CUDA if cuda else Target.CPU,
+            target=target,
         )
         if guess is None:
             notes = (
@@ -78,13 +82,16 @@ def search_ceiling(
         beyond = (
             f"{capacity.beyond_host}: the ceiling is estimated on fake tensors, nothing was timed"
         )
-        outcome = estimate_beyond_host(
+        ceiling, how = estimate_beyond_host(
             request.step.with_optimizer(workload.optimizer),
             capacity.usable_bytes,
             capacity.beyond_host,
             start=start,
             grid=grid,
-            target=Target.CUDA if cuda else Target.CPU,
+            target=target,
+        )
+        outcome = SearchOutcome(
+            ceiling=ceiling, trials=(), memory_model=None, complete=True, stop_reason=how
         )
         return outcome, (*notes, beyond)
     ranks, local_usable = request.ranks, meter.usable_bytes

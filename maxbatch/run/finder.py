@@ -17,7 +17,7 @@ from maxbatch.devices.device import device_label, require_weights, resolve_devic
 from maxbatch.errors import ConfigError
 from maxbatch.grid import Grid
 from maxbatch.results import BatchSizeResult, Throughput, Trial
-from maxbatch.run import stages
+from maxbatch.run import answer, stages
 from maxbatch.run.distributed import join
 from maxbatch.run.lookup import store
 from maxbatch.run.request import Request
@@ -236,7 +236,7 @@ def _finish(request: Request, measured: stages.Measured) -> BatchSizeResult:
     """
     stop = measured.picked.interrupted
     noise = None if stop is not None else stages.noise(request, measured)
-    result = stages.advise(request, stages.assemble(request, measured, noise))
+    result = answer.advise(request, answer.assemble(request, measured, noise))
     store(request, measured.lookup, result, profile=measured.picked.profile, interrupted=stop)
     if stop is not None:  # the ceiling is an answer: the caller gets it with the interrupt
         raise ProfileInterrupted(result, terminated=stop.terminated)

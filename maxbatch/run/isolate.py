@@ -32,7 +32,8 @@ from maxbatch.grid import Grid
 from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
 from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options
 from maxbatch.run.distributed import is_distributed
-from maxbatch.search.probe import SearchOutcome, fit_memory_model, search
+from maxbatch.search.bracket import fit_memory_model
+from maxbatch.search.probe import SearchOutcome, search
 from maxbatch.step.retry import lower_after_oom
 
 if TYPE_CHECKING:  # imported when used: the children run it as __main__ (python -m)

@@ -244,10 +244,7 @@ def find_in_file(spec: Any, options: dict[str, Any]) -> BatchSizeResult:
         spec.model,
         spec.batch_source(),
         device=device,
-        optimizer=optimizer if optimizer is not None else spec.optimizer,
-        loss_fn=spec.loss,
-        forward_fn=spec.forward,
-        train_step=spec.train_step,
+        **spec.step_options(optimizer),
         extra_state=spec.extra_state_items(),
         **options,
     )

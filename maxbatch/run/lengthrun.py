@@ -21,12 +21,13 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.data import DataLoader, default_collate
 
 from maxbatch.buckets import LengthTrial
-from maxbatch.devices.capacity import counts_live_bytes, enclosing_room, is_virtual, probe_capacity
+from maxbatch.devices.capacity import enclosing_room, is_virtual, probe_capacity
 from maxbatch.devices.device import describe
 from maxbatch.errors import ConfigError, WorkloadError
 from maxbatch.run.finder import _device
 from maxbatch.search.lengthmodel import LengthFit, Point
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import meter_for
+from maxbatch.search.trial import run_trial
 from maxbatch.settings import MemorySettings
 from maxbatch.step.data import elements
 from maxbatch.step.oom import release_memory
@@ -177,7 +178,7 @@ def open_runner(
     dev = _device(model, device)
     info = describe(dev)
     virtual = is_virtual(dev, limits)
-    meter = Meter(dev, counting=counts_live_bytes(dev.type, virtual), virtual=virtual)
+    meter = meter_for(dev, virtual=virtual)
     try:
         with meter, build_workload(step, dev) as workload:
             base = meter.live_bytes(workload)

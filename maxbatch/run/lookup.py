@@ -17,7 +17,8 @@ from maxbatch.profile.profiler import Profile
 from maxbatch.results import BatchSizeResult, DeviceInfo, Trial
 from maxbatch.run.request import Request, cache_settings
 from maxbatch.run.unfinished import Interruption, untimed
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.meter import Meter
+from maxbatch.search.trial import run_trial
 from maxbatch.step.workload import Workload
 from maxbatch.store.cache import ResultCache, from_cache, key_of, verified
 from maxbatch.store.cache import describe as describe_step

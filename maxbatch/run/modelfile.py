@@ -107,6 +107,22 @@ class ModelSpec:
             )
         return list(items)
 
+    def step_options(self, optimizer: Any = None) -> dict[str, Any]:
+        """The step's keywords the file's hooks give, as ``find_batch_size`` takes them.
+
+        Args:
+            optimizer: the optimizer asked for; ``None``: the file's ``optimizer()``, if any.
+
+        Returns:
+            ``optimizer``, ``loss_fn``, ``forward_fn`` and ``train_step``.
+        """
+        return {
+            "optimizer": optimizer if optimizer is not None else self.optimizer,
+            "loss_fn": self.loss,
+            "forward_fn": self.forward,
+            "train_step": self.train_step,
+        }
+
     def batch_source(self, on_progress: Callable[[int, int], None] | None = None) -> Any:
         """What the probe and the estimate take as the sample: the batch, factory or data source.
 

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.errors import ConfigError
 from maxbatch.run.distributed import is_distributed
 
@@ -44,7 +45,9 @@ def rank_device(spec: str | None) -> str | None:
     local = os.environ.get("LOCAL_RANK")
     if local is None or not is_distributed():
         return spec
-    if spec == "cuda" or (spec is None and torch.cuda.is_available()):
+    # A kind with several devices, named without an index (``cuda``): this rank's own one.
+    several = spec is not None and ":" not in spec and kind_of(spec).indexed
+    if several or (spec is None and torch.cuda.is_available()):
         return f"cuda:{int(local)}"
     return spec
 

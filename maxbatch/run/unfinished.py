@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable
 
 from maxbatch.results import UNTIMED_REASON, BatchSizeResult, Throughput
+from maxbatch.step.interrupt import Terminated
 
 __all__ = ["Interruption", "PointLog", "ProfileInterrupted", "untimed"]
 
@@ -83,8 +84,6 @@ class PointLog:
 
     def stopped(self, exc: KeyboardInterrupt) -> Interruption:
         """What the interrupt ``exc`` left (only its kind is kept, not the exception)."""
-        from maxbatch.step.interrupt import Terminated
-
         points = tuple(sorted(self._points.values(), key=_size))
         return Interruption(terminated=isinstance(exc, Terminated), points=points)
 

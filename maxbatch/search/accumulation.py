@@ -18,8 +18,9 @@ import torch
 
 from maxbatch.grid import Grid
 from maxbatch.results import MemoryModel, Trial, predicted_ceiling
+from maxbatch.search.meter import Meter
 from maxbatch.search.probe import search
-from maxbatch.search.trial import Meter, run_trial
+from maxbatch.search.trial import run_trial
 from maxbatch.step.workload import Workload
 
 

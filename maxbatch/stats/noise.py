@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from maxbatch.devicekinds import kind_of
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import positive_int
 from maxbatch.settings import Precision, parse_enum
@@ -203,7 +204,7 @@ def _noise_scale(
     draw, rows = random_batches(sample, generator)
     device = next(p for p in model.parameters() if p.requires_grad).device
     if draw is sample:  # on forked RNGs: the draws are those of a run without the check
-        with torch.random.fork_rng([device] if device.type == "cuda" else []):
+        with torch.random.fork_rng([device] if kind_of(device).own_rng else []):
             check_random(draw)
     notes: list[str] = []
     few = rows if rows is not None and rows < big else None

@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 
 from maxbatch.answers import NoiseScale as NoiseScale  # re-exported: its home moved down
+from maxbatch.devicekinds import kind_of
 from maxbatch.errors import ConfigError, WorkloadError
 
 #: Micro-batches per draw by default: the big batch is this many small ones.
@@ -174,8 +175,8 @@ def squared_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.T
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the norms' sums, except on MPS, which has none."""
-    return torch.float32 if device.type == "mps" else torch.float64
+    """float64 for the norms' sums, except on a kind that has none (MPS)."""
+    return torch.float64 if kind_of(device).float64 else torch.float32
 
 
 def few_samples_note(rows: int) -> str:

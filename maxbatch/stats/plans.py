@@ -10,7 +10,7 @@ import math
 
 from maxbatch.answers import AccumulationPlan, LearningRates
 from maxbatch.errors import ConfigError
-from maxbatch.grid import positive_int
+from maxbatch.grid import positive_int, positive_number
 
 
 def iterations_per_epoch(dataset_size: int, batch_size: int, *, drop_last: bool = False) -> int:
@@ -98,10 +98,7 @@ def scale_lr(base_lr: float, base_batch: int, new_batch: int) -> LearningRates:
     Raises:
         ConfigError: ``base_lr`` is not a positive number or a batch is not a positive integer.
     """
-    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)):
-        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
-    if not (math.isfinite(base_lr) and base_lr > 0):
-        raise ConfigError(f"base_lr={base_lr!r} must be a positive number")
+    positive_number(base_lr, "base_lr")
     ratio = positive_int(new_batch, "new_batch") / positive_int(base_batch, "base_batch")
     return LearningRates(
         base_lr=float(base_lr),

@@ -12,6 +12,8 @@ import gc
 
 import torch
 
+from maxbatch.devicekinds import CUDA, MPS, XPU, kind_of
+
 __all__ = [
     "OOM_MESSAGES",
     "OOM_WHOLE_MESSAGES",
@@ -142,19 +144,21 @@ def release_memory(device: torch.device | None = None, *, full: bool = False) ->
             young generations are collected.
     """
     gc.collect() if full else gc.collect(1)
-    kind = None if device is None else torch.device(device).type
+    kind = None if device is None else kind_of(torch.device(device))
+    if kind is not None and not kind.empties_cache:
+        return  # the CPU's allocator keeps no cache
     # torch.cuda.is_initialized() keeps a CPU-only run, or a run on another device, from
     # creating a CUDA context just to empty a cache that cannot hold anything.
     # (It has no annotations in some torch versions.)
     cuda_started = kind is None and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-    if kind == "cuda" or cuda_started:
+    if kind is CUDA or cuda_started:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    if kind == "mps" or (kind is None and torch.backends.mps.is_available()):
+    if kind is MPS or (kind is None and torch.backends.mps.is_available()):
         torch.mps.synchronize()
         torch.mps.empty_cache()
     # torch.xpu is missing from the oldest supported torch versions.
     xpu = getattr(torch, "xpu", None)
-    if xpu is not None and (kind == "xpu" or (kind is None and xpu.is_initialized())):
+    if xpu is not None and (kind is XPU or (kind is None and xpu.is_initialized())):
         xpu.synchronize(device)
         xpu.empty_cache()

@@ -3,23 +3,19 @@
 The folder is checked before the first trial, so a bad path costs no probe. The files are
 written into a fresh temporary folder beside their target and renamed into place: a failure
 leaves no partial report, and no file is ever written through a symbolic link. A saved
-``report.json`` is read back defensively: only the keys the renderers use, with the types they
-expect, and with terminal control characters shown as escapes, never sent to the terminal.
+``report.json`` is read back defensively (:mod:`maxbatch.store.reportcheck`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from maxbatch.errors import ConfigError, ReportWriteError
+from maxbatch.store.reportcheck import check_result, load_report
 
 __all__ = ["REPORT_FILES", "check_report_dir", "check_result", "load_report", "write_report"]
 
@@ -120,167 +116,3 @@ def write_report(out: Path, write: Callable[[Path], list[str]]) -> list[str]:
             raise ReportWriteError(out, e) from e
         raise
     return names
-
-
-# -- reading a saved report back -------------------------------------------------------------
-
-_NUMBER = "number"
-_INT = "int"
-_BOOL = "bool"
-_STR = "str"
-_COUNT = "count"  # an int of at least 1
-
-
-def _optional(kind: Any) -> tuple[str, Any]:
-    return ("optional", kind)
-
-
-_TRIAL = {"batch_size": _COUNT, "fits": _BOOL, "peak_bytes": _NUMBER, "seconds": _NUMBER}
-_POINT = {
-    "batch_size": _INT,
-    "samples_per_second": _NUMBER,
-    "median_seconds": _NUMBER,
-    "iqr_seconds": _NUMBER,
-    "noisy": _BOOL,
-}
-_REQUIRED: dict[str, Any] = {
-    "ceiling": _COUNT,
-    "batch_size": _COUNT,
-    "device": _STR,
-    "device_name": _STR,
-    "mode": _STR,
-    "virtual": _BOOL,
-    "capacity_bytes": _NUMBER,
-    "headroom_bytes": _NUMBER,
-    "usable_bytes": _NUMBER,
-    "stop_reason": _STR,
-    "pick_reason": _STR,
-    "seconds": _NUMBER,
-    "trials": [_TRIAL],
-}
-_OPTIONAL: dict[str, Any] = {
-    "model_file": _STR,
-    "precision": _STR,
-    "optimizer": _STR,
-    "throughput": [_POINT],
-    "memory_model": {"fixed_bytes": _NUMBER, "bytes_per_sample": _NUMBER},
-    "notes": [_STR],
-    "advice": {"notes": _optional([_STR])},
-    "pick_confidence": _STR,
-    "pick_confidence_reason": _STR,
-    "profile_stop_reason": _STR,
-    "profile_seconds": _NUMBER,
-    "profile_budget_seconds": _NUMBER,
-    "profile_skipped": [{"batch_size": _INT, "reason": _STR}],
-    "world_size": _COUNT,
-    "accumulation_steps": _COUNT,
-    "global_batch_size": _INT,
-    "from_cache": _BOOL,
-    "cached_search": {"trials": [_TRIAL], "seconds": _NUMBER},
-}
-# Keys the renderers read only together with another one.
-_TOGETHER = {
-    "pick_confidence": "pick_confidence_reason",
-    "world_size": "global_batch_size",  # when above 1
-    "accumulation_steps": "global_batch_size",  # when above 1
-}
-_LARGEST = 2.0**63  # bytes and seconds beyond this are not a measurement
-
-# C0 and C1 control characters and DEL: escape sequences that would drive the terminal.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _clean(text: str) -> str:
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def _checked(value: Any, kind: Any, where: str) -> Any:
-    """``value`` if it is of ``kind`` (strings cleaned, unknown keys dropped), else an error."""
-    if isinstance(kind, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} should be a list, not {type(value).__name__}")
-        return [_checked(item, kind[0], f"{where}[{i}]") for i, item in enumerate(value)]
-    if isinstance(kind, dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} should be an object, not {type(value).__name__}")
-        out = {}
-        for key, sub in kind.items():
-            optional = isinstance(sub, tuple)
-            if value.get(key) is None:
-                if optional:
-                    continue
-                raise ConfigError(f"{where}.{key} is missing")
-            out[key] = _checked(value[key], sub[1] if optional else sub, f"{where}.{key}")
-        return out
-    if kind == _STR and isinstance(value, str):
-        return _clean(value)
-    if kind == _BOOL and isinstance(value, bool):
-        return value
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind == _COUNT and isinstance(value, int) and not isinstance(value, bool):
-        if 1 <= value < _LARGEST:
-            return value
-        raise ConfigError(f"{where} should be at least 1")
-    if numeric and (kind == _NUMBER or (kind == _INT and isinstance(value, int))):
-        if math.isfinite(value) and abs(value) < _LARGEST:
-            return value
-        raise ConfigError(f"{where} is out of range")
-    what = "an integer of at least 1" if kind == _COUNT else f"a {kind}"
-    raise ConfigError(f"{where} should be {what}, not {type(value).__name__}")
-
-
-def load_report(path: str) -> dict[str, Any]:
-    """Read a ``report.json`` for rendering: checked, reduced to what renders, control-free.
-
-    Returns:
-        The report, checked and cleaned.
-
-    Raises:
-        ConfigError: the file cannot be read, is not UTF-8 JSON, nests too deeply, or lacks a
-            key the renderers need or has one of the wrong type (the message names the key).
-    """
-    shown = _clean(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{shown}: cannot read it ({e.strerror})") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{shown}: not UTF-8 text (byte {e.start}); not a maxbatch report") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{shown}: not JSON ({e.msg} at line {e.lineno})") from e
-    except RecursionError:
-        raise ConfigError(f"{shown}: JSON nested too deeply; not a maxbatch report") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{shown}: not a maxbatch report (a JSON object is expected)")
-    missing = sorted(k for k in _REQUIRED if data.get(k) is None)
-    if missing:
-        raise ConfigError(f"{shown}: not a maxbatch report (missing the keys {missing})")
-    try:
-        return check_result(data, "report")
-    except ConfigError as e:
-        raise ConfigError(f"{shown}: not a maxbatch report ({e})") from None
-
-
-def check_result(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """A result's dict checked against its schema: reduced to what renders, control-free.
-
-    The ceiling, the pick and each trial's size must be integers of at least 1; numbers
-    finite; strings are cleaned of control characters (also a cache entry's: see
-    :mod:`maxbatch.store.cachefiles`).
-
-    Returns:
-        The keys the renderers read, checked and cleaned.
-
-    Raises:
-        ConfigError: a key is missing or has the wrong type or range (the message names it).
-    """
-    schema = {**_REQUIRED, **{key: _optional(kind) for key, kind in _OPTIONAL.items()}}
-    out: dict[str, Any] = _checked(data, schema, where)
-    for key, needs in _TOGETHER.items():
-        if out.get(key) not in (None, 1) and needs not in out:
-            raise ConfigError(f"{where}.{needs} is missing ({where}.{key} needs it)")
-    return out

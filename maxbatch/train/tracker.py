@@ -18,6 +18,7 @@ from types import TracebackType
 import torch
 
 from maxbatch.errors import ConfigError
+from maxbatch.grid import positive_int
 from maxbatch.stats.noisestats import (
     NoiseScale,
     accumulator_dtype,
@@ -75,9 +76,7 @@ class NoiseScaleTracker:
     ):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             raise ConfigError(f"beta={beta!r} must be a number in [0, 1)")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"every={every!r} must be a positive integer")
-        self.every = every
+        self.every = positive_int(every, "every")
         self._calls = 0  # optimizer steps seen, measured or not
         source = model.parameters() if isinstance(model, torch.nn.Module) else model
         self.params = [p for p in source if p.requires_grad]
@@ -120,8 +119,7 @@ class NoiseScaleTracker:
         Raises:
             ConfigError: a value is not positive.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+        positive_int(batch_size, "batch_size")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ConfigError(f"weight={weight!r} must be a positive number")
         if not self._active:
