@@ -333,7 +333,7 @@ def cache_hit_records(cache: Path) -> Figure:
             and list(hit.trials) == seen
             and len(seen) == (0 if trust else 2)
             and len(stored.get("trials", ())) == len(first.trials)
-            and closing_line(hit.to_dict()).startswith("from the cache: ")
+            and closing_line(hit).startswith("from the cache: ")
         )
     return _figure(results)
 

@@ -247,12 +247,13 @@ def test_a_saved_report_renders_as_the_result_did(tmp_path: Path, result: BatchS
     data = {**result.to_dict(), "model_file": "model.py"}
     path = tmp_path / "report.json"
     path.write_text(json.dumps(data), encoding="utf-8")
-    loaded = load_report(str(path))
-    text, markdown = result_table(loaded), result_markdown(loaded)
+    saved = load_report(str(path))
+    assert saved.model_file == "model.py"
+    text, markdown = result_table(saved.result), result_markdown(saved.result)
     assert not any(c in text + markdown for c in "\x1b\x07\x9b")
     strings = [result.device_name, result.stop_reason, result.pick_reason, *result.notes]
     if all(_clean(s) for s in [*strings, result.optimizer or ""]):
-        assert text == result_table(data) and markdown == result_markdown(data)
+        assert text == result_table(result) and markdown == result_markdown(result)
 
 
 # -- the ceiling search on random monotone memory curves -----------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from maxbatch.buckets import LengthTrial
+from maxbatch.buckets import BucketProfile, LengthResult, LengthTrial
 from maxbatch.cli.exits import run
 from maxbatch.cli.options import step_kwargs
 from maxbatch.errors import ConfigError
@@ -153,20 +153,22 @@ def run_length_axis(
     kwargs.update(common, on_trial=progress, size_fn=spec.size_fn)
     kwargs["collate_fn"] = spec.collate_fn
     source = _source(spec)
+    answer: BucketProfile | LengthResult
     if axis.buckets is not None:
         buckets = call(lambda: parse_buckets(axis.buckets or ""))
-        data = call(
+        profile: BucketProfile = call(
             lambda: find_bucket_sizes(
                 spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
-            ).to_dict(),
+            ),
         )
-        text = profile_table(data, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}")
+        answer = profile
+        text = profile_table(profile, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}")
     else:
         batch_size = axis.batch_size
         if batch_size is None:
             call(_needs_batch_size)
             return
-        data = call(
+        longest: LengthResult = call(
             lambda: find_max_length(
                 spec.model,
                 source,
@@ -174,12 +176,13 @@ def run_length_axis(
                 length_multiple_of=axis.length_multiple_of,
                 max_length=axis.max_length,
                 **kwargs,
-            ).to_dict(),
+            ),
         )
-        text = length_table(data, title=f"maxbatch probe {spec.path} --find length")
-    data = {**data, "model_file": spec.path}
+        answer = longest
+        text = length_table(longest, title=f"maxbatch probe {spec.path} --find length")
+    data = {**answer.to_dict(), "model_file": spec.path}
     if report_dir is not None:
-        call(lambda: _write_report(data, Path(report_dir)))
+        call(lambda: _write_report(answer, Path(report_dir), spec.path))
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
 
@@ -191,14 +194,15 @@ def _needs_batch_size() -> None:
     raise ConfigError("--find length needs --batch-size N: the batch size to fit the length at")
 
 
-def _write_report(data: dict[str, Any], out: Path) -> None:
+def _write_report(answer: BucketProfile | LengthResult, out: Path, model_file: str) -> None:
     """report.json, report.md and (for a profile) buckets.png."""
     out.mkdir(parents=True, exist_ok=True)
+    data = {**answer.to_dict(), "model_file": model_file}
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    if "buckets" in data:
-        write_profile_plot(data, out / "buckets.png")
-        markdown = profile_markdown(data, title=f"maxbatch: {data['model_file']}")
+    if isinstance(answer, BucketProfile):
+        write_profile_plot(answer, out / "buckets.png")
+        markdown = profile_markdown(answer, title=f"maxbatch: {model_file}")
         markdown += "\n![ceiling against length](buckets.png)\n"
     else:
-        markdown = f"# maxbatch: {data['model_file']}\n\n" + length_table(data) + "\n"
+        markdown = f"# maxbatch: {model_file}\n\n" + length_table(answer) + "\n"
     (out / "report.md").write_text(markdown, encoding="utf-8")

@@ -154,23 +154,21 @@ def probe(model_file: str, **given: Any) -> None:
     torchrun.leave()
     if rank:
         return
-    data = {**result.to_dict(), "model_file": model_file}
     # The answer first: a report that cannot be written (a full disk) must not lose it.
-    _answer(data, args, tty=progress.tty)
+    _answer(result, args, tty=progress.tty)
     if args.report_dir is not None:
         with interruptible(progress.done):  # the temporary folder goes, no partial report stays
-            write_report_files(data, Path(args.report_dir), model_file, args.debug)
+            write_report_files(result, Path(args.report_dir), model_file, args.debug)
 
 
-def _answer(result: dict[str, Any], args: ProbeArgs, *, tty: bool) -> None:
+def _answer(result: BatchSizeResult, args: ProbeArgs, *, tty: bool) -> None:
     """The answer on stdout (first ending a timing line that a terminal rewrites)."""
-    if tty and result.get("throughput"):
+    if tty and result.throughput:
         click.echo("", err=True)
-    data = {**result, "model_file": args.model_file}
     if args.as_json:
-        click.echo(result_json(data))
+        click.echo(result_json(result, model_file=args.model_file))
     else:
-        click.echo(result_table(data, title=f"maxbatch probe {args.model_file}"))
+        click.echo(result_table(result, title=f"maxbatch probe {args.model_file}"))
 
 
 def _in_process(
@@ -206,7 +204,7 @@ def _in_process(
             **step_kwargs(spec, **step),
         )
     except ProfileInterrupted as stop:  # the ceiling was verified: print it, then exit
-        _answer(stop.result.to_dict(), args, tty=progress.tty)
+        _answer(stop.result, args, tty=progress.tty)
         raise Terminated() if stop.terminated else KeyboardInterrupt() from None
 
 
