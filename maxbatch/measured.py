@@ -64,7 +64,7 @@ class MemoryModel:
     def fitting_size(
         self, usable_bytes: float, *, accumulating: bool = False, extra_bytes: float = 0.0
     ) -> int:
-        """The largest batch size whose predicted peak (plus ``extra_bytes``) is within ``usable_bytes``.
+        """The largest batch size whose predicted peak plus ``extra_bytes`` fits ``usable_bytes``.
 
         The inverse of :meth:`peak`, and the memory model's one prediction of a size:
         ``(usable - fixed - extra) / per_sample`` rounded down with ``//``, the floor of the exact
