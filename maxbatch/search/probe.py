@@ -122,6 +122,19 @@ def _first_fit(s: Bracket, b: int) -> None:
 ALL_DEFAULTS = SearchSettings()
 
 
+def _cut_short(s: Bracket, max_trials: int | None) -> str:
+    """Why the search stops before its bracket closes (the time budget, ``max_trials``), or ""."""
+    if s.over_budget():
+        spent = f"time budget of {s.budget:g}s spent"
+    elif max_trials is not None and len(s.trials) >= max_trials:
+        spent = f"{max_trials} trials run (max_trials)"
+    else:
+        return ""
+    if s.hi is None:
+        return f"{spent}: {s.lo} is verified to fit, larger sizes were not tried"
+    return f"{spent}: {s.lo} is verified to fit, larger sizes up to {s.hi} were not settled"
+
+
 def search(
     run: Callable[[int], Trial],
     *,
@@ -173,21 +186,16 @@ def search(
                 settled = True  # a near miss: its neighbour below fits
     if not settled:
         _first_fit(s, b)
-    complete, reason = True, ""
-    while not s.finished():
-        if s.over_budget():
-            complete = False
-            reason = (
-                f"time budget of {s.budget:g}s spent: {s.lo} is verified to fit, "
-                f"larger sizes up to {s.hi} were not settled"
-            )
-            break
+    reason = ""
+    while not s.finished() and not (reason := _cut_short(s, settings.max_trials)):
         s.run(s.next_size())
+    complete = not reason
     assert s.lo is not None
-    if settled and fit_memory_model(s.trials) is None and b < s.lo and not s.over_budget():
-        # A right first guess leaves one fitting size: measure the start size too, so that the
-        # result's memory model is fitted from measurements, not taken from the estimate.
-        s.run(b)
+    if settled and fit_memory_model(s.trials) is None and b < s.lo and complete:
+        if not s.over_budget():
+            # A right first guess leaves one fitting size: measure the start size too, so that
+            # the result's memory model is fitted from measurements, not the estimate's.
+            s.run(b)
     if complete:
         if s.upper is not None and s.lo >= s.upper:
             reason = f"reached the maximum batch size {s.upper}"
