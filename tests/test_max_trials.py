@@ -70,3 +70,20 @@ def test_the_isolated_search_honours_max_trials(monkeypatch: pytest.MonkeyPatch)
     )
     assert len(result.trials) == 2 and not result.complete
     assert "max_trials" in result.stop_reason
+
+
+def test_the_command_takes_max_trials() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from maxbatch.cli import main
+
+    mlp = str(ROOT / "examples" / "mlp.py")
+    args = ["probe", mlp, "--memory", "64MiB", "--no-profile", "--no-cache", "--json"]
+    res = CliRunner().invoke(main, [*args, "--max-trials", "1"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert len(data["trials"]) == 1 and not data["complete"] and "max_trials" in data["stop_reason"]
+    bad = CliRunner().invoke(main, [*args, "--max-trials", "0"])
+    assert bad.exit_code == 2 and "max_trials=0 must be a positive integer" in bad.output
