@@ -26,9 +26,9 @@ from maxbatch.store.cache import describe as describe_step
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Lookup:
-    """A look-up in the result cache: where to store the answer, and what was found."""
+    """A look-up in the result cache: the cache, the key to keep the answer under, what it found."""
 
-    store: ResultCache
+    cache: ResultCache
     key: str
     description: dict[str, Any]
     hit: BatchSizeResult | None = None  #: a cached answer that held (checked or trusted)
@@ -53,8 +53,8 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
         functions,
         settings,
     )
-    lookup = Lookup(store=ResultCache(), key=key_of(description), description=description)
-    hit = lookup.store.get(lookup.key)
+    lookup = Lookup(cache=ResultCache(), key=key_of(description), description=description)
+    hit = lookup.cache.get(lookup.key)
     if hit is None:
         return lookup
     if prof.enabled and hit.pick_confidence == "low":
@@ -86,7 +86,7 @@ def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None, ran: list[
     return trial
 
 
-def store(
+def keep_answer(
     request: Request,
     lookup: Lookup | None,
     result: BatchSizeResult,
@@ -98,9 +98,9 @@ def store(
     if lookup is None or not result.complete:
         return
     if not request.profile.enabled or (profile is not None and profile.complete):
-        lookup.store.put(lookup.key, result, lookup.description)
+        lookup.cache.put(lookup.key, result, lookup.description)
     if interrupted is not None:
         # The verified ceiling, kept where a run without timing looks: ``--no-profile``.
         untimed_run = {**lookup.description["settings"], "profile.enabled": False}
         description = {**lookup.description, "settings": untimed_run}
-        lookup.store.put(key_of(description), untimed(result, interrupted.note()), description)
+        lookup.cache.put(key_of(description), untimed(result, interrupted.note()), description)
