@@ -237,7 +237,9 @@ def _finish(request: Request, measured: stages.Measured) -> BatchSizeResult:
     stop = measured.picked.interrupted
     noise = None if stop is not None else stages.noise(request, measured)
     result = answer.advise(request, answer.assemble(request, measured, noise))
-    keep_answer(request, measured.lookup, result, profile=measured.picked.profile, interrupted=stop)
+    keep_answer(
+        request, measured.lookup, result, profiled=measured.picked.profiled, interrupted=stop
+    )
     if stop is not None:  # the ceiling is an answer: the caller gets it with the interrupt
         raise ProfileInterrupted(result, terminated=stop.terminated)
     return result
