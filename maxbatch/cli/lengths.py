@@ -23,10 +23,10 @@ from maxbatch.run.lengths import find_max_length
 from maxbatch.run.modelfile import ModelSpec
 from maxbatch.search.bucketbins import parse_buckets
 from maxbatch.store.bucketreport import (
+    bucket_markdown,
+    bucket_table,
     length_table,
-    profile_markdown,
-    profile_table,
-    write_profile_plot,
+    write_bucket_plot,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -160,7 +160,7 @@ def run_length_axis(
                 spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
             ).to_dict(),
         )
-        text = profile_table(data, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}")
+        text = bucket_table(data, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}")
     else:
         batch_size = axis.batch_size
         if batch_size is None:
@@ -196,8 +196,8 @@ def _write_report(data: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if "buckets" in data:
-        write_profile_plot(data, out / "buckets.png")
-        markdown = profile_markdown(data, title=f"maxbatch: {data['model_file']}")
+        write_bucket_plot(data, out / "buckets.png")
+        markdown = bucket_markdown(data, title=f"maxbatch: {data['model_file']}")
         markdown += "\n![ceiling against length](buckets.png)\n"
     else:
         markdown = f"# maxbatch: {data['model_file']}\n\n" + length_table(data) + "\n"
