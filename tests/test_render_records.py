@@ -22,7 +22,7 @@ from maxbatch.results import (
     Throughput,
     Trial,
 )
-from maxbatch.store.bucketreport import length_table, profile_markdown, profile_table
+from maxbatch.store.bucketreport import bucket_markdown, bucket_table, length_table
 from maxbatch.store.report import closing_line, result_json, result_markdown, result_table
 from maxbatch.store.reportcheck import load_report
 
@@ -189,9 +189,9 @@ def test_a_bucket_profile_and_its_json_render_the_same() -> None:
         notes=("a note",),
     )
     again = BucketProfile.from_dict(json.loads(json.dumps(profile.to_dict())))
-    for render in (profile_table, profile_markdown):
+    for render in (bucket_table, bucket_markdown):
         assert render(again, title="t") == render(profile, title="t")
-    text = profile_table(profile)
+    text = bucket_table(profile)
     assert "bucket_duration_bins=[74, 510] bucket_batch_size=[81, 11]" in text
     assert "1 real trials in 4.1 s (budget 2 x buckets + 2 = 6)" in text
     longest = LengthResult(max_length=512, batch_size=8, length_multiple_of=8, memory_model=model)

@@ -23,10 +23,10 @@ from maxbatch.run.lengths import find_max_length
 from maxbatch.run.modelfile import ModelSpec
 from maxbatch.search.bucketbins import parse_buckets
 from maxbatch.store.bucketreport import (
+    bucket_markdown,
+    bucket_table,
     length_table,
-    profile_markdown,
-    profile_table,
-    write_profile_plot,
+    write_bucket_plot,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -156,13 +156,15 @@ def run_length_axis(
     answer: BucketProfile | LengthResult
     if axis.buckets is not None:
         buckets = call(lambda: parse_buckets(axis.buckets or ""))
-        profile: BucketProfile = call(
+        bucket_profile: BucketProfile = call(
             lambda: find_bucket_sizes(
                 spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
             ),
         )
-        answer = profile
-        text = profile_table(profile, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}")
+        answer = bucket_profile
+        text = bucket_table(
+            bucket_profile, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}"
+        )
     else:
         batch_size = axis.batch_size
         if batch_size is None:
@@ -195,13 +197,13 @@ def _needs_batch_size() -> None:
 
 
 def _write_report(answer: BucketProfile | LengthResult, out: Path, model_file: str) -> None:
-    """report.json, report.md and (for a profile) buckets.png."""
+    """report.json, report.md and (for a bucket profile) buckets.png."""
     out.mkdir(parents=True, exist_ok=True)
     data = {**answer.to_dict(), "model_file": model_file}
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if isinstance(answer, BucketProfile):
-        write_profile_plot(answer, out / "buckets.png")
-        markdown = profile_markdown(answer, title=f"maxbatch: {model_file}")
+        write_bucket_plot(answer, out / "buckets.png")
+        markdown = bucket_markdown(answer, title=f"maxbatch: {model_file}")
         markdown += "\n![ceiling against length](buckets.png)\n"
     else:
         markdown = f"# maxbatch: {model_file}\n\n" + length_table(answer) + "\n"

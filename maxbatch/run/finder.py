@@ -2,7 +2,7 @@
 
 validate (:mod:`maxbatch.step.spec`: one record per stage) -> measure (:mod:`maxbatch.run.stages`:
 capacity, ranks, the result cache, the ceiling search, the profiler) -> the noise scale ->
-assemble -> advise -> store (:mod:`maxbatch.run.lookup`).
+assemble -> advise -> keep the answer (:mod:`maxbatch.run.lookup`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from maxbatch.grid import Grid
 from maxbatch.results import BatchSizeResult, Throughput, Trial
 from maxbatch.run import answer, stages
 from maxbatch.run.distributed import join
-from maxbatch.run.lookup import store
+from maxbatch.run.lookup import keep_answer
 from maxbatch.run.request import Request
 from maxbatch.run.unfinished import ProfileInterrupted
 from maxbatch.settings import (
@@ -241,7 +241,9 @@ def _finish(request: Request, measured: stages.Measured) -> BatchSizeResult:
     stop = measured.picked.interrupted
     noise = None if stop is not None else stages.noise(request, measured)
     result = answer.advise(request, answer.assemble(request, measured, noise))
-    store(request, measured.lookup, result, profile=measured.picked.profile, interrupted=stop)
+    keep_answer(
+        request, measured.lookup, result, profiled=measured.picked.profiled, interrupted=stop
+    )
     if stop is not None:  # the ceiling is an answer: the caller gets it with the interrupt
         raise ProfileInterrupted(result, terminated=stop.terminated)
     return result

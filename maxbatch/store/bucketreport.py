@@ -17,7 +17,7 @@ from maxbatch.units import format_bytes
 HEAD = ["lengths", "ceiling", "predicted", "batch size", "tokens/batch", "items", "share"]
 
 
-def _rows(profile: BucketProfile) -> list[list[str]]:
+def _rows(bucket_profile: BucketProfile) -> list[list[str]]:
     return [
         [
             f"{b.min_length}-{b.max_length}",
@@ -28,7 +28,7 @@ def _rows(profile: BucketProfile) -> list[list[str]]:
             str(b.items),
             f"{100 * b.share:.1f}%",
         ]
-        for b in profile.buckets
+        for b in bucket_profile.buckets
     ]
 
 
@@ -43,50 +43,52 @@ def _model_line(result: BucketProfile | LengthResult) -> str | None:
     )
 
 
-def _summary(profile: BucketProfile) -> list[str]:
-    usable = profile.usable_bytes
+def _summary(bucket_profile: BucketProfile) -> list[str]:
+    usable = bucket_profile.usable_bytes
     lines = [
-        f"device {profile.device}, usable {format_bytes(usable) if usable else '?'}; "
-        f"{len(profile.trials)} real trials in {profile.seconds:.1f} s "
-        f"(budget 2 x buckets + 2 = {2 * len(profile.buckets) + 2})",
+        f"device {bucket_profile.device}, usable {format_bytes(usable) if usable else '?'}; "
+        f"{len(bucket_profile.trials)} real trials in {bucket_profile.seconds:.1f} s "
+        f"(budget 2 x buckets + 2 = {2 * len(bucket_profile.buckets) + 2})",
     ]
-    model = _model_line(profile)
+    model = _model_line(bucket_profile)
     if model:
         lines.append(model)
-    lhotse = profile.to_lhotse()
+    lhotse = bucket_profile.to_lhotse()
     lines.append(
         f"lhotse/NeMo: bucket_duration_bins={lhotse['bucket_duration_bins']} "
         f"bucket_batch_size={lhotse['bucket_batch_size']}"
     )
-    lines += [f"note: {n}" for n in profile.notes]
+    lines += [f"note: {n}" for n in bucket_profile.notes]
     return lines
 
 
-def profile_table(profile: BucketProfile, *, title: str = "") -> str:
-    """The profile as a text table with its summary lines.
+def bucket_table(bucket_profile: BucketProfile, *, title: str = "") -> str:
+    """The bucket profile as a text table with its summary lines.
 
     Returns:
         The text.
     """
-    rows = [HEAD, *_rows(profile)]
+    rows = [HEAD, *_rows(bucket_profile)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
     lines = [title] if title else []
     for k, row in enumerate(rows):
         lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join([*lines, "", *_summary(profile)])
+    return "\n".join([*lines, "", *_summary(bucket_profile)])
 
 
-def profile_markdown(profile: BucketProfile, *, title: str = "maxbatch bucket profile") -> str:
-    """The profile as a Markdown table with its summary lines.
+def bucket_markdown(
+    bucket_profile: BucketProfile, *, title: str = "maxbatch bucket profile"
+) -> str:
+    """The bucket profile as a Markdown table with its summary lines.
 
     Returns:
         The Markdown text.
     """
     lines = [f"# {title}", "", "| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(profile)]
-    return "\n".join([*lines, "", *(f"- {line}" for line in _summary(profile)), ""])
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(bucket_profile)]
+    return "\n".join([*lines, "", *(f"- {line}" for line in _summary(bucket_profile)), ""])
 
 
 def length_table(result: LengthResult, *, title: str = "") -> str:
@@ -113,7 +115,7 @@ def length_table(result: LengthResult, *, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_profile_plot(profile: BucketProfile, path: str | Path) -> Path:
+def write_bucket_plot(bucket_profile: BucketProfile, path: str | Path) -> Path:
     """Draw the ceiling against length, with the data set's length histogram beneath.
 
     Returns:
@@ -128,7 +130,7 @@ def write_profile_plot(profile: BucketProfile, path: str | Path) -> Path:
         raise ConfigError('plots need matplotlib: pip install "maxbatch[plot]"') from e
     fig = Figure(figsize=(7.5, 5.6), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    buckets = profile.buckets
+    buckets = bucket_profile.buckets
     uppers = [b.max_length for b in buckets]
     top.step(uppers, [b.ceiling for b in buckets], where="pre", color="#1f77b4", label="ceiling")
     top.plot(uppers, [b.ceiling for b in buckets], "o", color="#1f77b4")
@@ -139,7 +141,7 @@ def write_profile_plot(profile: BucketProfile, path: str | Path) -> Path:
     top.set_ylabel("largest batch size")
     top.set_title("batch size that fits, per length bucket")
     top.legend()
-    bars = profile.histogram
+    bars = bucket_profile.histogram
     if bars:
         bottom.bar(
             [(lo + hi) / 2 for lo, hi, _ in bars],
