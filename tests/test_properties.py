@@ -25,6 +25,7 @@ from maxbatch.results import (
     Trial,
 )
 from maxbatch.search.probe import search
+from maxbatch.settings import SearchSettings
 from maxbatch.step.batching import batch_size_of, resize_batch
 from maxbatch.store.report import result_markdown, result_table
 from maxbatch.store.reportfiles import load_report
@@ -289,7 +290,11 @@ def test_the_search_is_exact_with_few_trials_on_any_monotone_curve(
     fitting = [b for b in range(m, top + 1, m) if peak(b) <= usable]
     try:
         out = search(
-            run, start=start, usable_bytes=usable, base_bytes=base, grid=Grid(multiple_of=m)
+            run,
+            start=start,
+            usable_bytes=usable,
+            base_bytes=base,
+            settings=SearchSettings(grid=Grid(multiple_of=m)),
         )
     except DoesNotFitError:
         assert not fitting

@@ -32,6 +32,7 @@ from maxbatch.store.report import result_json, result_table
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]")
 @click.option("--memory", default=None, help="cap live tensor bytes, e.g. 300MiB or 24GiB")
 @click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
+@click.option("--max-trials", type=int, default=None, help="trials; stop with the best so far")
 @click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
 @click.option("--no-cache", is_flag=True, help="neither read nor write the result cache")
 @click.option(

@@ -18,6 +18,7 @@ class ProbeArgs:
     device: str | None
     memory: str | None
     time_budget: float | None
+    max_trials: int | None
     no_profile: bool
     no_cache: bool
     isolate: bool
@@ -56,6 +57,7 @@ class ProbeArgs:
         """
         return {
             "time_budget": self.time_budget,
+            "max_trials": self.max_trials,
             "on_trial": progress.trial,
             "profile": not self.no_profile,
             "pick": self.pick,

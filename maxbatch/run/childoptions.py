@@ -7,6 +7,7 @@ admits a plain value (a name, a number, a switch) crosses, unless the parent kee
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from typing import Any
 
 from maxbatch.errors import ConfigError
 from maxbatch.run.finder import find_batch_size
+from maxbatch.settings import SearchSettings
 
 #: Seconds an isolated child may run by default (``trial_timeout=``, ``--trial-timeout``).
 TRIAL_TIMEOUT = 600.0
@@ -48,6 +50,19 @@ def _child_options() -> frozenset[str]:
         and p.name not in PARENT_OWN
         and _plain_keyword(hints[p.name])
     )
+
+
+def search_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the search's options out of ``options``: the isolated parent's search reads them.
+
+    Every :class:`~maxbatch.settings.SearchSettings` field a child would take: a child runs one
+    size, so the search's options are the parent's (a new field is taken by default).
+
+    Returns:
+        The options taken, by field name.
+    """
+    names = {f.name for f in dataclasses.fields(SearchSettings)} & _child_options()
+    return {k: options.pop(k) for k in list(options) if k in names}
 
 
 def check_options(options: Mapping[str, Any], trial_timeout: float | None) -> None:

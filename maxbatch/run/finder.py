@@ -60,6 +60,7 @@ def find_batch_size(
     max_batch_size: int | None = None,
     multiple_of: int = 1,
     time_budget: float | None = None,
+    max_trials: int | None = None,
     on_trial: Callable[[Trial], None] | None = None,
     profile: bool = True,
     pick: str = "within",
@@ -104,6 +105,8 @@ def find_batch_size(
         multiple_of: only try multiples of this (e.g. 8).
         time_budget: seconds for the probe and the profiler together; when spent, the probe
             stops with the best verified size and the profiler with the sizes timed so far.
+        max_trials: trials after which the ceiling search stops with the best verified size
+            (the result is then not ``complete``; the first size that fits is always found).
         on_trial: called with each :class:`~maxbatch.results.Trial` as it finishes.
         profile: time the step below the ceiling and pick the batch size by throughput; False:
             the pick is the ceiling.
@@ -181,6 +184,7 @@ def find_batch_size(
                 multiple_of=multiple_of,
             ),
             time_budget=time_budget,
+            max_trials=max_trials,
             estimate_first=estimate_first,
             on_trial=on_trial,
             cache=cache,

@@ -30,10 +30,11 @@ from maxbatch.devices.device import require_weights
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
 from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
-from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options
+from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options, search_options
 from maxbatch.run.distributed import is_distributed
 from maxbatch.search.bracket import fit_memory_model
 from maxbatch.search.probe import SearchOutcome, search
+from maxbatch.settings import SearchSettings
 from maxbatch.step.retry import lower_after_oom
 
 if TYPE_CHECKING:  # imported when used: the children run it as __main__ (python -m)
@@ -85,6 +86,13 @@ def probe_isolated(
 
     started = time.perf_counter()
     check_options(options, trial_timeout)
+    grid = Grid.build(
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
+    )
+    # The search's options are this process's: each child runs one size.
+    settings = SearchSettings(
+        grid=grid, time_budget=time_budget, on_trial=on_trial, **search_options(options)
+    )
     notes: list[str] = ["isolated: every trial ran in a fresh process that loaded the model file"]
     children = Children(
         model_file,
@@ -93,12 +101,9 @@ def probe_isolated(
         timeout=trial_timeout,
         deadline=None if time_budget is None else time.monotonic() + time_budget,
     )
-    grid = Grid.build(
-        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
-    )
     done: dict[int, Trial] = {}
     try:
-        outcome = _search(children, grid, start, done, time_budget, on_trial)
+        outcome = _search(children, settings, start, done)
     except BudgetSpent as e:
         outcome = _budget_outcome(done, e.batch_size, time_budget or 0.0, children.usable)
     want_answer = options.get("profile", True) or any(
@@ -132,12 +137,7 @@ def probe_isolated(
 
 
 def _search(
-    children: Children,
-    grid: Grid,
-    start: int,
-    done: dict[int, Trial],
-    time_budget: float | None,
-    on_trial: Callable[[Trial], None] | None,
+    children: Children, settings: SearchSettings, start: int, done: dict[int, Trial]
 ) -> SearchOutcome:
     """The ceiling search over isolated trials; ``done`` collects every trial as it ends."""
 
@@ -148,6 +148,7 @@ def _search(
 
     # The search needs the usable bytes before its first trial: take them from the first child
     # that reports them, halving as the search would after a killed one.
+    grid, on_trial = settings.grid, settings.on_trial
     b = grid.snap_down(start)
     killed: list[Trial] = []
     while True:
@@ -172,9 +173,7 @@ def _search(
         start=b,
         usable_bytes=children.usable,
         base_bytes=(children.first.trials[0].state_bytes or 0) if children.first else 0,
-        grid=grid,
-        time_budget=time_budget,
-        on_trial=on_trial,
+        settings=settings,
     )
     again = {t.batch_size for t in outcome.trials}
     trials = (*(t for t in killed if t.batch_size not in again), *outcome.trials)
