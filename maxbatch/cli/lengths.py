@@ -100,11 +100,11 @@ def take(step: dict[str, Any]) -> Axis:
     )
 
 
-def _source(spec: ModelSpec) -> Any:
-    if spec.dataset is not None:
-        return spec.dataset
-    if spec.make_batch is not None:
-        return spec.make_batch
+def _source(model_spec: ModelSpec) -> Any:
+    if model_spec.dataset is not None:
+        return model_spec.dataset
+    if model_spec.make_batch is not None:
+        return model_spec.make_batch
     raise ConfigError(
         "the length axis needs batches of any length: define make_batch(batch_size, length), "
         "or a dataset (with size_fn(item) giving an item's length)"
@@ -112,7 +112,7 @@ def _source(spec: ModelSpec) -> Any:
 
 
 def run_length_axis(
-    spec: ModelSpec,
+    model_spec: ModelSpec,
     axis: Axis,
     *,
     debug: bool,
@@ -146,24 +146,24 @@ def run_length_axis(
         )
 
     step = common.pop("step")
-    kwargs = step_kwargs(spec, **step)
+    kwargs = step_kwargs(model_spec, **step)
     for unused in ("min_batch_size", "multiple_of"):
         kwargs.pop(unused)
     max_batch = kwargs.pop("max_batch_size")
-    kwargs.update(common, on_trial=progress, size_fn=spec.size_fn)
-    kwargs["collate_fn"] = spec.collate_fn
-    source = _source(spec)
+    kwargs.update(common, on_trial=progress, size_fn=model_spec.size_fn)
+    kwargs["collate_fn"] = model_spec.collate_fn
+    source = _source(model_spec)
     answer: BucketProfile | LengthResult
     if axis.buckets is not None:
         buckets = call(lambda: parse_buckets(axis.buckets or ""))
         bucket_profile: BucketProfile = call(
             lambda: find_bucket_sizes(
-                spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
+                model_spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
             ),
         )
         answer = bucket_profile
         text = bucket_table(
-            bucket_profile, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}"
+            bucket_profile, title=f"maxbatch probe {model_spec.path} --buckets {axis.buckets}"
         )
     else:
         batch_size = axis.batch_size
@@ -172,7 +172,7 @@ def run_length_axis(
             return
         longest: LengthResult = call(
             lambda: find_max_length(
-                spec.model,
+                model_spec.model,
                 source,
                 batch_size=batch_size,
                 length_multiple_of=axis.length_multiple_of,
@@ -181,10 +181,10 @@ def run_length_axis(
             ),
         )
         answer = longest
-        text = length_table(longest, title=f"maxbatch probe {spec.path} --find length")
-    data = {**answer.to_dict(), "model_file": spec.path}
+        text = length_table(longest, title=f"maxbatch probe {model_spec.path} --find length")
+    data = {**answer.to_dict(), "model_file": model_spec.path}
     if report_dir is not None:
-        call(lambda: _write_report(answer, Path(report_dir), spec.path))
+        call(lambda: _write_report(answer, Path(report_dir), model_spec.path))
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
 

@@ -75,8 +75,8 @@ def start(model_file: str, verbose: int, debug: bool, *, rank: int = 0) -> Model
     """
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
-    spec: ModelSpec = run(debug, lambda: load_model_file(model_file), rank=rank)
-    return spec
+    model_spec: ModelSpec = run(debug, lambda: load_model_file(model_file), rank=rank)
+    return model_spec
 
 
 def scanned(done: int, total: int) -> None:
@@ -90,7 +90,7 @@ def scanned(done: int, total: int) -> None:
 
 
 def step_kwargs(
-    spec: ModelSpec,
+    model_spec: ModelSpec,
     *,
     headroom: str | None,
     min_batch: int | None,
@@ -102,7 +102,7 @@ def step_kwargs(
 ) -> dict[str, Any]:
     """The keyword arguments that find_batch_size and estimate_batch_size share."""
     return {
-        **spec.step_options(optimizer),
+        **model_spec.step_options(optimizer),
         "headroom": headroom,
         "mode": "inference" if inference else "train",
         "precision": precision,
