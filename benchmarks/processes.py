@@ -21,54 +21,22 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the model files that crash or hang, shared with the tests
+
+from deaths import CRASH, HANG, alive, handles_sigterm  # noqa: E402
 
 Outcome = tuple[int, int, list[str]]
 
-_CRASH = textwrap.dedent(
-    """
-    import os, resource, signal
-    import torch
-    model = torch.nn.Linear(8, 2)
-    sample = torch.randn(4, 8)
-    def forward(model, batch):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.kill(os.getpid(), signal.{name})
-        return model(batch)
-    """
-)
-_HANG = textwrap.dedent(
-    """
-    import os, subprocess, sys, time
-    import torch
-    model = torch.nn.Linear(8, 2)
-    sample = torch.randn(4, 8)
-    def forward(model, batch):
-        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-        with open(os.environ["HANG_PIDS"], "a") as f:
-            f.write(f"{os.getpid()} {helper.pid}\\n")
-        while True:
-            time.sleep(1)
-    """
-)
 _PARENT = (
     "import sys\nfrom maxbatch.run.isolate import probe_file\n"
     "probe_file(sys.argv[1], isolate=True, memory='1MiB', profile=False)\n"
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _until(check: Callable[[], bool], seconds: float = 120.0) -> bool:
@@ -92,7 +60,7 @@ def _crash(tmp: Path, name: str) -> str | None:
     from maxbatch.run.isolate import probe_file
 
     path = tmp / f"crash_{name}.py"
-    path.write_text(_CRASH.format(name=name))
+    path.write_text(CRASH.format(name=name))
     try:
         probe_file(path, isolate=True, memory="1MiB", profile=False, optimizer="sgd")
     except WorkloadError as e:
@@ -105,23 +73,23 @@ def _hang(tmp: Path, **limits: Any) -> str | None:
     from maxbatch.run.isolate import probe_file
 
     path, pids = tmp / "hang.py", tmp / ("pids_" + "_".join(limits))
-    path.write_text(_HANG)
+    path.write_text(HANG)
     os.environ["HANG_PIDS"] = str(pids)
     want = "did not finish" if "trial_timeout" in limits else "time budget"
     try:
         probe_file(path, isolate=True, memory="1MiB", profile=False, **limits)
     except (WorkloadError, DoesNotFitError) as e:
-        left = [p for p in (_pids(pids) if pids.exists() else []) if _alive(p)]
+        left = [p for p in (_pids(pids) if pids.exists() else []) if alive(p)]
         if want not in str(e):
             return str(e)[:120]
-        ended = _until(lambda: not any(map(_alive, left)), 60)
+        ended = _until(lambda: not any(map(alive, left)), 60)
         return None if ended else f"still running: {left}"
     return "an answer"
 
 
 def _orphan(tmp: Path) -> str | None:
     path, pids = tmp / "hang.py", tmp / "pids_orphan"
-    path.write_text(_HANG)
+    path.write_text(HANG)
     parent = subprocess.Popen(
         [sys.executable, "-c", _PARENT, str(path)], env=_env(HANG_PIDS=str(pids))
     )
@@ -129,7 +97,7 @@ def _orphan(tmp: Path) -> str | None:
         child, helper = _pids(pids)
         parent.kill()
         parent.wait()
-        gone = _until(lambda: not _alive(child), 60)
+        gone = _until(lambda: not alive(child), 60)
     finally:
         parent.kill()
         parent.wait()
@@ -156,15 +124,6 @@ def isolated_deaths() -> Outcome:
     return len(cases) - len(wrong), len(cases), wrong
 
 
-def _handles_sigterm(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-
-
 def _early(tmp: Path, argv: list[str], sig: int, when: str) -> str | None:
     model, loading = tmp / "slow.py", tmp / "loading"
     model.write_text('import os, time\nopen(os.environ["LOADING"], "w").close()\ntime.sleep(600)\n')
@@ -177,7 +136,7 @@ def _early(tmp: Path, argv: list[str], sig: int, when: str) -> str | None:
         text=True,
     )
     try:
-        ready = (lambda: _handles_sigterm(proc.pid)) if when == "import" else loading.exists
+        ready = (lambda: handles_sigterm(proc.pid)) if when == "import" else loading.exists
         _until(lambda: ready() or proc.poll() is not None)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)

@@ -61,6 +61,27 @@ class MemoryModel:
         extra = self.accumulation_bytes if accumulating else 0.0
         return self.fixed_bytes + extra + self.bytes_per_sample * batch_size
 
+    def fitting_size(
+        self, usable_bytes: float, *, accumulating: bool = False, extra_bytes: float = 0.0
+    ) -> int:
+        """The largest batch size whose predicted peak plus ``extra_bytes`` fits ``usable_bytes``.
+
+        The inverse of :meth:`peak`, and the memory model's one prediction of a size:
+        ``(usable - fixed - extra) / per_sample`` rounded down with ``//``, the floor of the exact
+        quotient (``math.floor`` of the rounded quotient may round up onto a size that does not
+        fit). It may be 0 or negative: nothing fits. Needs a positive ``bytes_per_sample``.
+
+        Args:
+            usable_bytes: the bytes a step may peak at.
+            accumulating: count the accumulation's extra term too.
+            extra_bytes: bytes the model does not count (what a caller holds besides the step).
+
+        Returns:
+            The size.
+        """
+        extra = extra_bytes + (self.accumulation_bytes if accumulating else 0.0)
+        return int((usable_bytes - self.fixed_bytes - extra) // self.bytes_per_sample)
+
     def to_dict(self) -> dict[str, Any]:
         """Return the model as a JSON-ready dict."""
         return dataclasses.asdict(self)
@@ -74,8 +95,7 @@ def predicted_ceiling(model: MemoryModel | None, usable: int, ceiling: int) -> i
     """
     if model is None or model.bytes_per_sample <= 0:
         return ceiling
-    free = usable - model.fixed_bytes - model.accumulation_bytes
-    return max(1, min(ceiling, int(free // model.bytes_per_sample)))
+    return max(1, min(ceiling, model.fitting_size(usable, accumulating=True)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

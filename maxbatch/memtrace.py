@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterable, Sequence
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryTrace:
     """What the counter saw during one trial, after its batch was built.
 

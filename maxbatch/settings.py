@@ -166,10 +166,12 @@ class SearchSettings:
         on_trial: called with each trial as it finishes.
         cache: look the answer up in the result cache (checked by two trials) and store it.
         trust_cache: use a cached answer without the check.
+        max_trials: trials after which the search stops with the best verified size, or None.
     """
 
     grid: Grid = ALL_SIZES
     time_budget: float | None = None
+    max_trials: int | None = None
     estimate_first: bool | None = None
     on_trial: Callable[[Trial], None] | None = None
     cache: bool = False
@@ -180,6 +182,8 @@ class SearchSettings:
             raise ConfigError(
                 f"time_budget={self.time_budget!r} must be a positive number of seconds"
             )
+        if self.max_trials is not None:
+            positive_int(self.max_trials, "max_trials")
         if self.estimate_first is not None and not isinstance(self.estimate_first, bool):
             raise ConfigError(
                 f"estimate_first={self.estimate_first!r} must be True, False or None (auto)"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from deaths import handles_sigterm
 
 from maxbatch.earlysignals import is_command
 
@@ -31,16 +32,6 @@ LINES = {
     signal.SIGINT: "maxbatch: interrupted; no trial was running",
     signal.SIGTERM: "maxbatch: terminated (SIGTERM); no trial was running",
 }
-
-
-def _handles_sigterm(pid: int) -> bool:
-    """Whether the process catches SIGTERM (Python does not by default: ours is installed)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def _wait(until: object, seconds: float = 120.0) -> None:
@@ -74,7 +65,7 @@ def test_a_signal_in_the_first_seconds_is_one_line_and_its_code(
     )
     try:
         if when == "importing":  # as soon as the handlers are in, while torch imports
-            _wait(lambda: _handles_sigterm(proc.pid) or proc.poll() is not None)
+            _wait(lambda: handles_sigterm(proc.pid) or proc.poll() is not None)
         else:
             _wait(lambda: loading.exists() or proc.poll() is not None)
         proc.send_signal(sig)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from deaths import CRASH, HANG, alive
 
 from maxbatch.cli import main
 from maxbatch.errors import ConfigError, DoesNotFitError, WorkloadError
@@ -23,40 +24,6 @@ from maxbatch.run.isolate import _budget_outcome, probe_file
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, /proc")
 
-# A step that ends its process with a signal at every size (no core file: RLIMIT_CORE 0).
-CRASH = textwrap.dedent(
-    """
-    import os, resource, signal
-    import torch
-
-    model = torch.nn.Linear(8, 2)
-    sample = torch.randn(4, 8)
-
-    def forward(model, batch):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.kill(os.getpid(), signal.{name})
-        return model(batch)
-    """
-)
-
-# A step that hangs, after writing its pid and the pid of a process it started (same group).
-HANG = textwrap.dedent(
-    """
-    import os, subprocess, sys, time
-    import torch
-
-    model = torch.nn.Linear(8, 2)
-    sample = torch.randn(4, 8)
-
-    def forward(model, batch):
-        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
-        with open(os.environ["HANG_PIDS"], "a") as f:
-            f.write(f"{os.getpid()} {helper.pid}\\n")
-        while True:
-            time.sleep(1)
-    """
-)
-
 
 @pytest.fixture(autouse=True)
 def importable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,20 +32,12 @@ def importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-
-
 def _gone(pids: list[int], wait: float = 60.0) -> bool:
     """Whether all of ``pids`` end within ``wait`` seconds (a bound, not a measurement)."""
     end = time.monotonic() + wait
-    while any(_alive(p) for p in pids) and time.monotonic() < end:
+    while any(alive(p) for p in pids) and time.monotonic() < end:
         time.sleep(0.2)
-    return not any(_alive(p) for p in pids)
+    return not any(alive(p) for p in pids)
 
 
 def _pids(path: Path, wait: float = 120.0) -> list[int]:

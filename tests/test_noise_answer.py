@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import maxbatch
 from maxbatch.cli import main
 from maxbatch.errors import ConfigError
+from maxbatch.results import BatchSizeResult
 from maxbatch.stats.advise import advise
 from maxbatch.store.report import result_markdown
 
@@ -36,7 +37,7 @@ def test_probe_with_noise_scale_json_text_and_markdown() -> None:
     plan = advice["accumulation"]
     assert plan["global_batch"] == ns["critical_batch"] and plan["micro_batch"] <= data["ceiling"]
     assert advice["learning_rates"]["batch"] == plan["effective_batch"]
-    markdown = result_markdown(data)
+    markdown = result_markdown(BatchSizeResult.from_dict(data))
     assert "B_simple ≈" in markdown and "grows as training proceeds" in markdown
 
     text = CliRunner().invoke(main, [*args, "--noise-scale"])

@@ -13,7 +13,7 @@ import pytest
 
 from maxbatch.profile.contest import contenders
 from maxbatch.profile.pick import sizes_text
-from maxbatch.profile.profiler import Profile, candidates, profile
+from maxbatch.profile.profiler import ProfileOutcome, candidates, profile
 from maxbatch.results import Throughput
 from maxbatch.settings import PickRule
 
@@ -67,7 +67,7 @@ def test_resnet18_at_500mib_the_pick_is_the_size_the_rounds_show_fastest(rule: s
     # The search's timings do not depend on the rounds: a first run says where they end.
     _, seen = run(math.inf)
     result = run(seen[-1])[0]
-    assert isinstance(result, Profile)
+    assert isinstance(result, ProfileOutcome)
     assert result.rounds, result.stop_reason
     in_rounds = set(result.rounds[0])
     assert {32, 224} <= in_rounds

@@ -18,8 +18,8 @@ def test_write_plots_from_a_real_result(tmp_path: Path) -> None:
     from maxbatch.store.plots import write_plots
 
     model, sample = mlp()
-    data = find_batch_size(model, sample, memory=200_000).to_dict()
-    written = write_plots(data, tmp_path / "out")
+    result = find_batch_size(model, sample, memory=200_000)
+    written = write_plots(result, tmp_path / "out")
     assert sorted(p.name for p in written) == ["memory.png", "throughput.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -33,5 +33,5 @@ def test_without_throughput_only_the_memory_plot(tmp_path: Path) -> None:
     from maxbatch.store.plots import write_plots
 
     model, sample = mlp()
-    data = find_batch_size(model, sample, memory=200_000, profile=False).to_dict()
-    assert [p.name for p in write_plots(data, tmp_path)] == ["memory.png"]
+    result = find_batch_size(model, sample, memory=200_000, profile=False)
+    assert [p.name for p in write_plots(result, tmp_path)] == ["memory.png"]

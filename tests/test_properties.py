@@ -25,6 +25,7 @@ from maxbatch.results import (
     Trial,
 )
 from maxbatch.search.probe import search
+from maxbatch.settings import SearchSettings
 from maxbatch.step.batching import batch_size_of, resize_batch
 from maxbatch.store.report import result_markdown, result_table
 from maxbatch.store.reportfiles import load_report
@@ -247,12 +248,13 @@ def test_a_saved_report_renders_as_the_result_did(tmp_path: Path, result: BatchS
     data = {**result.to_dict(), "model_file": "model.py"}
     path = tmp_path / "report.json"
     path.write_text(json.dumps(data), encoding="utf-8")
-    loaded = load_report(str(path))
-    text, markdown = result_table(loaded), result_markdown(loaded)
+    saved = load_report(str(path))
+    assert saved.model_file == "model.py"
+    text, markdown = result_table(saved.result), result_markdown(saved.result)
     assert not any(c in text + markdown for c in "\x1b\x07\x9b")
     strings = [result.device_name, result.stop_reason, result.pick_reason, *result.notes]
     if all(_clean(s) for s in [*strings, result.optimizer or ""]):
-        assert text == result_table(data) and markdown == result_markdown(data)
+        assert text == result_table(result) and markdown == result_markdown(result)
 
 
 # -- the ceiling search on random monotone memory curves -----------------------------------------
@@ -289,7 +291,11 @@ def test_the_search_is_exact_with_few_trials_on_any_monotone_curve(
     fitting = [b for b in range(m, top + 1, m) if peak(b) <= usable]
     try:
         out = search(
-            run, start=start, usable_bytes=usable, base_bytes=base, grid=Grid(multiple_of=m)
+            run,
+            start=start,
+            usable_bytes=usable,
+            base_bytes=base,
+            settings=SearchSettings(grid=Grid(multiple_of=m)),
         )
     except DoesNotFitError:
         assert not fitting

@@ -11,6 +11,7 @@ from maxbatch.grid import Grid
 from maxbatch.results import Trial
 from maxbatch.search.bracket import fit_memory_model
 from maxbatch.search.probe import search
+from maxbatch.settings import SearchSettings
 
 
 def curve(fixed: float, per: float, cap: float, flat: float = 0.0):
@@ -52,7 +53,7 @@ def test_exact_and_verified(fixed, per, cap, start, m, upper) -> None:
         start=start,
         usable_bytes=int(cap),
         base_bytes=int(fixed * 0.3),
-        grid=Grid(multiple_of=m, max_batch_size=upper),
+        settings=SearchSettings(grid=Grid(multiple_of=m, max_batch_size=upper)),
     )
     expected = truth(fixed, per, cap, m, upper)
     assert out.ceiling == expected
@@ -101,13 +102,21 @@ def test_nothing_fits() -> None:
 def test_min_batch_size_is_never_undercut() -> None:
     run = curve(5e6, 3000, 9e6)
     with pytest.raises(DoesNotFitError):
-        search(run, start=4096, usable_bytes=int(9e6), grid=Grid(min_batch_size=2000))
+        search(
+            run,
+            start=4096,
+            usable_bytes=int(9e6),
+            settings=SearchSettings(grid=Grid(min_batch_size=2000)),
+        )
     assert min(run.calls) == 2000
 
 
 def test_max_batch_size_stops_without_failure() -> None:
     out = search(
-        curve(1e6, 10, 1e12), start=4, usable_bytes=int(1e12), grid=Grid(max_batch_size=100)
+        curve(1e6, 10, 1e12),
+        start=4,
+        usable_bytes=int(1e12),
+        settings=SearchSettings(grid=Grid(max_batch_size=100)),
     )
     assert out.ceiling == 100
     assert all(t.fits for t in out.trials)
@@ -125,7 +134,7 @@ def test_time_budget_returns_best_verified() -> None:
         curve(5e6, 3000, 9e6, flat=8e6),
         start=2,
         usable_bytes=int(9e6),
-        time_budget=3.5,
+        settings=SearchSettings(time_budget=3.5),
         clock=clock,
     )
     assert not out.complete
@@ -139,7 +148,7 @@ def test_bad_grid() -> None:
             curve(1, 1, 100),
             start=1,
             usable_bytes=100,
-            grid=Grid(max_batch_size=50, multiple_of=64),
+            settings=SearchSettings(grid=Grid(max_batch_size=50, multiple_of=64)),
         )
 
 
@@ -196,7 +205,7 @@ def test_a_first_guess_respects_the_grid_and_the_maximum() -> None:
         curve(fixed, per, cap),
         start=8,
         usable_bytes=int(cap),
-        grid=Grid(multiple_of=64, max_batch_size=5000),
+        settings=SearchSettings(grid=Grid(multiple_of=64, max_batch_size=5000)),
         first_guess=truth(fixed, per, cap),
     )
     assert out.ceiling == (5000 // 64) * 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any
 
@@ -12,10 +13,10 @@ from torch import nn
 
 import maxbatch
 from maxbatch.errors import WorkloadError
-from maxbatch.results import MemoryModel
+from maxbatch.results import MemoryModel, predicted_ceiling
 from maxbatch.settings import Precision
 from maxbatch.step.forward import forward_backward, forward_loss
-from maxbatch.step.retry import fitting_size, lower_after_oom
+from maxbatch.step.retry import lower_after_oom
 
 
 def _linear() -> nn.Module:
@@ -100,9 +101,24 @@ def test_lower_after_oom(size: int, kwargs: dict[str, Any], expected: int | None
 
 
 def test_fitting_size_is_the_memory_models_prediction() -> None:
-    assert fitting_size(MODEL, 10_000) == 90
-    assert fitting_size(MODEL, 10_000, extra_bytes=1_050) == 79
-    assert fitting_size(MODEL, 500) < 0
+    assert MODEL.fitting_size(10_000) == 90
+    assert MODEL.fitting_size(10_000, extra_bytes=1_050) == 79
+    assert MODEL.fitting_size(500) < 0
+
+
+def test_the_accumulation_ceiling_is_the_same_prediction_clamped() -> None:
+    """``predicted_ceiling`` asks the model's one prediction, with its extra term, then clamps."""
+    model = dataclasses.replace(MODEL, accumulation_bytes=1_050)
+    assert model.fitting_size(10_000, accumulating=True) == 79
+    assert predicted_ceiling(model, 10_000, 128) == 79
+    assert predicted_ceiling(model, 10_000, 64) == 64
+    assert predicted_ceiling(model, 500, 64) == 1
+    assert predicted_ceiling(None, 10_000, 64) == 64
+
+
+def test_the_prediction_is_the_floor_of_the_exact_quotient() -> None:
+    """1.0 / 0.1 rounds up to 10.0; the floor of the exact quotient is 9 (0.1 is a bit above)."""
+    assert MemoryModel(fixed_bytes=0.0, bytes_per_sample=0.1).fitting_size(1.0) == 9
 
 
 def test_a_redone_micro_batcher_step_puts_every_rng_back() -> None:

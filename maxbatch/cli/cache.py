@@ -19,13 +19,13 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the entries as JSON")
 def cache_list(as_json: bool) -> None:
     """List the cached results, newest first."""
-    store = ResultCache()
-    found = store.entries()
+    result_cache = ResultCache()
+    found = result_cache.entries()
     if as_json:
         rows = [{**dataclasses.asdict(e), "path": str(e.path)} for e in found]
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{len(found)} cached result(s) in {store.directory}")
+    click.echo(f"{len(found)} cached result(s) in {result_cache.directory}")
     for e in found:
         click.echo(
             f"{e.key[:12]}  {e.created}  {e.model}  {e.device}  "
@@ -36,5 +36,5 @@ def cache_list(as_json: bool) -> None:
 @cache.command("clear")
 def cache_clear() -> None:
     """Remove every cached result."""
-    store = ResultCache()
-    click.echo(f"removed {store.clear()} cached result(s) from {store.directory}")
+    result_cache = ResultCache()
+    click.echo(f"removed {result_cache.clear()} cached result(s) from {result_cache.directory}")

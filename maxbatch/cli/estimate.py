@@ -46,17 +46,17 @@ def estimate(
     For devices you do not have: nothing is computed and no memory is used, whatever the batch
     size. A model whose build_model() builds it under torch.device("meta") is never allocated.
     """
-    spec = start(model_file, verbose, debug)
+    model_spec = start(model_file, verbose, debug)
     with interruptible(lambda: "during the estimate"):
         result = run(
             debug,
             lambda: estimate_batch_size(
-                spec.model,
-                spec.batch_source(scanned),
+                model_spec.model,
+                model_spec.batch_source(scanned),
                 memory=memory,
                 target=target,
                 batch_sizes=batch_sizes,
-                **step_kwargs(spec, **step),
+                **step_kwargs(model_spec, **step),
             ),
         )
     if as_json:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from maxbatch.buckets import LengthTrial
+from maxbatch.buckets import BucketProfile, LengthResult, LengthTrial
 from maxbatch.cli.exits import run
 from maxbatch.cli.options import step_kwargs
 from maxbatch.errors import ConfigError
@@ -23,10 +23,10 @@ from maxbatch.run.lengths import find_max_length
 from maxbatch.run.modelfile import ModelSpec
 from maxbatch.search.bucketbins import parse_buckets
 from maxbatch.store.bucketreport import (
+    bucket_markdown,
+    bucket_table,
     length_table,
-    profile_markdown,
-    profile_table,
-    write_profile_plot,
+    write_bucket_plot,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -100,11 +100,11 @@ def take(step: dict[str, Any]) -> Axis:
     )
 
 
-def _source(spec: ModelSpec) -> Any:
-    if spec.dataset is not None:
-        return spec.dataset
-    if spec.make_batch is not None:
-        return spec.make_batch
+def _source(model_spec: ModelSpec) -> Any:
+    if model_spec.dataset is not None:
+        return model_spec.dataset
+    if model_spec.make_batch is not None:
+        return model_spec.make_batch
     raise ConfigError(
         "the length axis needs batches of any length: define make_batch(batch_size, length), "
         "or a dataset (with size_fn(item) giving an item's length)"
@@ -112,7 +112,7 @@ def _source(spec: ModelSpec) -> Any:
 
 
 def run_length_axis(
-    spec: ModelSpec,
+    model_spec: ModelSpec,
     axis: Axis,
     *,
     debug: bool,
@@ -146,40 +146,45 @@ def run_length_axis(
         )
 
     step = common.pop("step")
-    kwargs = step_kwargs(spec, **step)
+    kwargs = step_kwargs(model_spec, **step)
     for unused in ("min_batch_size", "multiple_of"):
         kwargs.pop(unused)
     max_batch = kwargs.pop("max_batch_size")
-    kwargs.update(common, on_trial=progress, size_fn=spec.size_fn)
-    kwargs["collate_fn"] = spec.collate_fn
-    source = _source(spec)
+    kwargs.update(common, on_trial=progress, size_fn=model_spec.size_fn)
+    kwargs["collate_fn"] = model_spec.collate_fn
+    source = _source(model_spec)
+    answer: BucketProfile | LengthResult
     if axis.buckets is not None:
         buckets = call(lambda: parse_buckets(axis.buckets or ""))
-        data = call(
+        bucket_profile: BucketProfile = call(
             lambda: find_bucket_sizes(
-                spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
-            ).to_dict(),
+                model_spec.model, source, buckets=buckets, max_batch_size=max_batch, **kwargs
+            ),
         )
-        text = profile_table(data, title=f"maxbatch probe {spec.path} --buckets {axis.buckets}")
+        answer = bucket_profile
+        text = bucket_table(
+            bucket_profile, title=f"maxbatch probe {model_spec.path} --buckets {axis.buckets}"
+        )
     else:
         batch_size = axis.batch_size
         if batch_size is None:
             call(_needs_batch_size)
             return
-        data = call(
+        longest: LengthResult = call(
             lambda: find_max_length(
-                spec.model,
+                model_spec.model,
                 source,
                 batch_size=batch_size,
                 length_multiple_of=axis.length_multiple_of,
                 max_length=axis.max_length,
                 **kwargs,
-            ).to_dict(),
+            ),
         )
-        text = length_table(data, title=f"maxbatch probe {spec.path} --find length")
-    data = {**data, "model_file": spec.path}
+        answer = longest
+        text = length_table(longest, title=f"maxbatch probe {model_spec.path} --find length")
+    data = {**answer.to_dict(), "model_file": model_spec.path}
     if report_dir is not None:
-        call(lambda: _write_report(data, Path(report_dir)))
+        call(lambda: _write_report(answer, Path(report_dir), model_spec.path))
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
 
@@ -191,14 +196,15 @@ def _needs_batch_size() -> None:
     raise ConfigError("--find length needs --batch-size N: the batch size to fit the length at")
 
 
-def _write_report(data: dict[str, Any], out: Path) -> None:
-    """report.json, report.md and (for a profile) buckets.png."""
+def _write_report(answer: BucketProfile | LengthResult, out: Path, model_file: str) -> None:
+    """report.json, report.md and (for a bucket profile) buckets.png."""
     out.mkdir(parents=True, exist_ok=True)
+    data = {**answer.to_dict(), "model_file": model_file}
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    if "buckets" in data:
-        write_profile_plot(data, out / "buckets.png")
-        markdown = profile_markdown(data, title=f"maxbatch: {data['model_file']}")
+    if isinstance(answer, BucketProfile):
+        write_bucket_plot(answer, out / "buckets.png")
+        markdown = bucket_markdown(answer, title=f"maxbatch: {model_file}")
         markdown += "\n![ceiling against length](buckets.png)\n"
     else:
-        markdown = f"# maxbatch: {data['model_file']}\n\n" + length_table(data) + "\n"
+        markdown = f"# maxbatch: {model_file}\n\n" + length_table(answer) + "\n"
     (out / "report.md").write_text(markdown, encoding="utf-8")

@@ -76,8 +76,8 @@ def start(model_file: str, verbose: int, debug: bool, *, rank: int = 0) -> Model
     """
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(name)s: %(message)s")
-    spec: ModelSpec = run(debug, lambda: load_model_file(model_file), rank=rank)
-    return spec
+    model_spec: ModelSpec = run(debug, lambda: load_model_file(model_file), rank=rank)
+    return model_spec
 
 
 def scanned(done: int, total: int) -> None:
@@ -117,11 +117,11 @@ def step_keywords(
     }
 
 
-def step_kwargs(spec: ModelSpec, **step: Any) -> dict[str, Any]:
+def step_kwargs(model_spec: ModelSpec, **step: Any) -> dict[str, Any]:
     """The keyword arguments that find_batch_size and estimate_batch_size share, with the hooks.
 
     Returns:
         :func:`step_keywords`, and the file's hooks (:meth:`ModelSpec.step_options`).
     """
     keywords = step_keywords(**step)
-    return {**keywords, **spec.step_options(keywords["optimizer"])}
+    return {**keywords, **model_spec.step_options(keywords["optimizer"])}

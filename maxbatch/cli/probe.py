@@ -31,6 +31,7 @@ from maxbatch.store.report import result_json, result_table
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or mps [default: cuda, mps, cpu]")
 @click.option("--memory", default=None, help="cap live tensor bytes, e.g. 300MiB or 24GiB")
 @click.option("--time-budget", type=float, default=None, help="seconds; stop with the best so far")
+@click.option("--max-trials", type=int, default=None, help="trials; stop with the best so far")
 @click.option("--no-profile", is_flag=True, help="skip the throughput profiler: pick the ceiling")
 @click.option("--no-cache", is_flag=True, help="neither read nor write the result cache")
 @click.option(
@@ -117,42 +118,40 @@ def probe(model_file: str, **given: Any) -> None:
     def call(fn: Callable[[], Any]) -> Any:
         return run(args.debug, fn, rank=rank)
 
-    spec = start(model_file, args.verbose, args.debug, rank=rank)
+    model_spec = start(model_file, args.verbose, args.debug, rank=rank)
     report_dir = args.report_dir
     if report_dir is not None:
         call(lambda: check_report(report_dir))
     dev = call(lambda: resolve_device(torchrun.rank_device(args.device)))
     call(args.check_timeout)
     if axis.wanted:
-        _length_axis(spec, axis, args, dev, given, rank=rank)
+        _length_axis(model_spec, axis, args, dev, given, rank=rank)
         return
     progress = Progress(rank)
     with interruptible(progress.done):
-        result = call(lambda: _probe(spec, args, dev, progress, given))
+        result = call(lambda: _probe(model_spec, args, dev, progress, given))
     torchrun.leave()
     if rank:
         return
-    data = {**result.to_dict(), "model_file": model_file}
     # The answer first: a report that cannot be written (a full disk) must not lose it.
-    _answer(data, args, tty=progress.tty)
+    _answer(result, args, tty=progress.tty)
     if args.report_dir is not None:
         with interruptible(progress.done):  # the temporary folder goes, no partial report stays
-            write_report_files(data, Path(args.report_dir), model_file, args.debug)
+            write_report_files(result, Path(args.report_dir), model_file, args.debug)
 
 
-def _answer(result: dict[str, Any], args: ProbeArgs, *, tty: bool) -> None:
+def _answer(result: BatchSizeResult, args: ProbeArgs, *, tty: bool) -> None:
     """The answer on stdout (first ending a timing line that a terminal rewrites)."""
-    if tty and result.get("throughput"):
+    if tty and result.throughput:
         click.echo("", err=True)
-    data = {**result, "model_file": args.model_file}
     if args.as_json:
-        click.echo(result_json(data))
+        click.echo(result_json(result, model_file=args.model_file))
     else:
-        click.echo(result_table(data, title=f"maxbatch probe {args.model_file}"))
+        click.echo(result_table(result, title=f"maxbatch probe {args.model_file}"))
 
 
 def _probe(
-    spec: ModelSpec, args: ProbeArgs, device: Any, progress: Progress, step: dict[str, Any]
+    model_spec: ModelSpec, args: ProbeArgs, device: Any, progress: Progress, step: dict[str, Any]
 ) -> BatchSizeResult:
     """The library's one entry for a model file, :func:`~maxbatch.probe_file`, as asked.
 
@@ -165,19 +164,19 @@ def _probe(
     """
     try:
         return probe_file(
-            spec,
+            model_spec,
             device=device,
             on_scan=scanned,
             **args.keywords(progress),
             **step_keywords(**step),
         )
     except ProfileInterrupted as stop:  # the ceiling was verified: print it, then exit
-        _answer(stop.result.to_dict(), args, tty=progress.tty)
+        _answer(stop.result, args, tty=progress.tty)
         raise Terminated() if stop.terminated else KeyboardInterrupt() from None
 
 
 def _length_axis(
-    spec: ModelSpec,
+    model_spec: ModelSpec,
     axis: Axis,
     args: ProbeArgs,
     device: Any,
@@ -186,13 +185,13 @@ def _length_axis(
     rank: int,
 ) -> None:
     """``--find length`` or ``--buckets`` instead of the batch-size probe."""
-    extra = run(args.debug, spec.extra_state_items, rank=rank)
+    extra = run(args.debug, model_spec.extra_state_items, rank=rank)
     if not args.isolate:  # refused below: the length axis does not isolate
-        run(args.debug, lambda: require_weights(spec.model), rank=rank)
-        spec.model.to(device)
+        run(args.debug, lambda: require_weights(model_spec.model), rank=rank)
+        model_spec.model.to(device)
     with interruptible(lambda: "during the length axis"):
         run_length_axis(
-            spec,
+            model_spec,
             axis,
             debug=args.debug,
             as_json=args.as_json,

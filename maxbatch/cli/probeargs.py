@@ -53,6 +53,7 @@ class ProbeArgs:
     device: str | None
     memory: str | None
     time_budget: float | None
+    max_trials: int | None
     no_profile: bool
     no_cache: bool
     isolate: bool

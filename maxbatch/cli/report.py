@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 import click
 
 from maxbatch.cli.exits import run
 from maxbatch.errors import ReportWriteError
+from maxbatch.results import BatchSizeResult
 from maxbatch.store.plots import write_plots
 from maxbatch.store.report import result_json, result_markdown, result_table
 from maxbatch.store.reportfiles import check_report_dir, load_report, write_report
@@ -22,9 +22,12 @@ from maxbatch.store.reportfiles import check_report_dir, load_report, write_repo
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def report(report_file: str, markdown: bool, debug: bool) -> None:
     """Render a saved report.json again."""
-    data = run(debug, lambda: load_report(report_file))
-    title = f"maxbatch: {data.get('model_file', report_file)}"
-    click.echo(result_markdown(data, title=title) if markdown else result_table(data, title=title))
+    saved = run(debug, lambda: load_report(report_file))
+    title = f"maxbatch: {report_file if saved.model_file is None else saved.model_file}"
+    result = saved.result
+    click.echo(
+        result_markdown(result, title=title) if markdown else result_table(result, title=title)
+    )
 
 
 NO_PLOTS = (
@@ -52,7 +55,7 @@ EXIT_REPORT_NOT_WRITTEN = 3
 
 
 def write_report_files(
-    data: dict[str, Any], out: Path, model_file: str, debug: bool = False
+    result: BatchSizeResult, out: Path, model_file: str, debug: bool = False
 ) -> None:
     """Write report.json, report.md and the plots into ``out``, through a temporary folder.
 
@@ -62,9 +65,10 @@ def write_report_files(
     plots = _can_plot()
 
     def write(folder: Path) -> list[str]:
-        (folder / "report.json").write_text(result_json(data) + "\n", encoding="utf-8")
-        images = write_plots(data, folder) if plots else []
-        markdown = result_markdown(data, title=f"maxbatch: {model_file}", images=bool(images))
+        text = result_json(result, model_file=model_file)
+        (folder / "report.json").write_text(text + "\n", encoding="utf-8")
+        images = write_plots(result, folder) if plots else []
+        markdown = result_markdown(result, title=f"maxbatch: {model_file}", images=bool(images))
         (folder / "report.md").write_text(markdown, encoding="utf-8")
         return ["report.json", "report.md", *(p.name for p in images)]
 

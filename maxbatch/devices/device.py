@@ -32,38 +32,38 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_device(spec: str | torch.device | None) -> torch.device:
+def resolve_device(name: str | torch.device | None) -> torch.device:
     """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or None into a usable ``torch.device``.
 
     Returns:
         The resolved device.
 
     Raises:
-        DeviceError: the spec is not a device name, or the device is not present.
+        DeviceError: ``name`` is not a device name, or the device is not present.
     """
-    if spec is None:
+    if name is None:
         return default_device()
     try:
-        dev = torch.device(spec)
+        dev = torch.device(name)
     except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"{spec!r} is not a device; use cpu, cuda, cuda:N or mps") from e
+        raise DeviceError(f"{name!r} is not a device; use cpu, cuda, cuda:N or mps") from e
     if kind_of(dev).indexed:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise DeviceError(f"{spec!r}: no CUDA device is available here; use --device cpu")
+            raise DeviceError(f"{name!r}: no CUDA device is available here; use --device cpu")
         index = 0 if dev.index is None else dev.index
         if index >= count:
             raise DeviceError(
-                f"{spec!r}: there are only {count} CUDA device(s) (cuda:0..{count - 1})"
+                f"{name!r}: there are only {count} CUDA device(s) (cuda:0..{count - 1})"
             )
         return torch.device("cuda", index)
     if dev.type == "mps":
         if not _mps_available():
-            raise DeviceError(f"{spec!r}: MPS is not available on this machine")
+            raise DeviceError(f"{name!r}: MPS is not available on this machine")
         return torch.device("mps")
     if dev.type == "cpu":
         return torch.device("cpu")
-    raise DeviceError(f"{spec!r}: maxbatch supports cpu, cuda[:N] and mps, not {dev.type!r}")
+    raise DeviceError(f"{name!r}: maxbatch supports cpu, cuda[:N] and mps, not {dev.type!r}")
 
 
 def device_label(device: torch.device) -> str:

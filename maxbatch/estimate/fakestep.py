@@ -34,7 +34,7 @@ from maxbatch.results import Trial
 from maxbatch.search.meter import CountingMeter
 from maxbatch.search.probe import search
 from maxbatch.search.trial import run_trial
-from maxbatch.settings import Target
+from maxbatch.settings import SearchSettings, Target
 from maxbatch.step.batching import make_batch_fn, map_tensors
 from maxbatch.step.extrastate import ExtraState
 from maxbatch.step.spec import StepSpec
@@ -207,7 +207,7 @@ class FakeStep:
                 start=start,
                 usable_bytes=usable,
                 base_bytes=self.base,
-                grid=grid,
+                settings=SearchSettings(grid=grid),
             )
         except DoesNotFitError as e:
             # A fake step costs nothing: say what the smallest size needs, not where it stopped.

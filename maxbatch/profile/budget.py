@@ -1,7 +1,7 @@
 """The profiler's timings and their cost: what each size cost, and the budgets that stop it.
 
 Pure: it sees only ``time_step(b)`` (the seconds of each replicate, empty on out-of-memory) and
-a clock. :class:`~maxbatch.profile.descent.Search` decides which size to time next.
+a clock. :class:`~maxbatch.profile.descent.Descent` decides which size to time next.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Timings:
     """The timed sizes of one search, what timing each cost, and the limits on cost.
 
     The budgets and the cost rule (see :mod:`maxbatch.profile.profiler`'s module doc); the order
-    in which sizes are timed is :class:`~maxbatch.profile.descent.Search`'s.
+    in which sizes are timed is :class:`~maxbatch.profile.descent.Descent`'s.
 
     Args:
         time_step: times one size (see :func:`maxbatch.profile.profiler.profile`).

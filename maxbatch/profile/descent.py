@@ -22,8 +22,8 @@ def _middle(gap: list[int], low: int, high: int) -> int:
     return min(gap, key=lambda b: (abs(math.log(b) - centre), b))
 
 
-class Search(Timings):
-    """One search: the descent from the top, the size just below it, then the bisection.
+class Descent(Timings):
+    """One throughput search: the descent from the top, the size just below it, then the bisection.
 
     Args: as :class:`~maxbatch.profile.budget.Timings`.
     """

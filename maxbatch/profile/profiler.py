@@ -43,7 +43,7 @@ from maxbatch.grid import Grid, positive_int
 from maxbatch.profile.budget import STEPS, TimeStep
 from maxbatch.profile.confidence import Confidence, confidence
 from maxbatch.profile.contest import MAX_CONTENDERS, Contest, can_win, decide, run_rounds
-from maxbatch.profile.descent import ALIGN, Search
+from maxbatch.profile.descent import ALIGN, Descent
 from maxbatch.profile.pick import pick, sizes_text
 from maxbatch.profile.timing import NOISY
 from maxbatch.resultparts import ProfileAnswer
@@ -59,7 +59,7 @@ MAX_NEAR = 16  #: at most this many sizes near the ceiling (coarser multiples wh
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Profile:
+class ProfileOutcome:
     """What the profiler timed and picked.
 
     Attributes:
@@ -68,9 +68,9 @@ class Profile:
         points: the timed sizes, by batch size, as the search timed them (the interleaved
             rounds' measurements are in ``rounds``).
         candidates: every size the search could have timed.
-        complete: False when the time budget stopped the search.
+        complete: False when the time budget stopped the profiler.
         stop_reason: why the search ended.
-        seconds: wall time of the search.
+        seconds: wall time of the profiler.
         out_of_memory: sizes that ran out of memory while timed (larger ones were then skipped).
         skipped: every candidate not timed, and why.
         confidence: how sure the pick is, and why.
@@ -141,7 +141,7 @@ def profile(
     on_point: Callable[[Throughput], None] | None = None,
     prior: Mapping[int, float] | None = None,
     steps: int = STEPS,
-) -> Profile:
+) -> ProfileOutcome:
     """Search the throughput curve over candidate ``sizes`` and pick one (see the module doc).
 
     Args:
@@ -174,7 +174,7 @@ def profile(
     ordered = sorted(set(sizes))
     if not ordered:
         raise ConfigError("there are no candidate batch sizes to time")
-    search = Search(
+    descent = Descent(
         time_step,
         ordered,
         budget=budget,
@@ -186,61 +186,61 @@ def profile(
         prior=dict(prior or {}),
         steps=steps,
     )
-    if budget is not None and not prior and search.blocked(ordered[0], shared=False) is None:
-        search.measure(ordered[0])
+    if budget is not None and not prior and descent.blocked(ordered[0], shared=False) is None:
+        descent.measure(ordered[0])
     keep = 1 - (tolerance if chosen is PickRule.WITHIN else flat_gain)
-    stop = search.descend(keep) + search.below_top()
-    if search.points:
-        stop += f"; {search.refine(chosen, tolerance)}"
-    if search.oom:
-        stop += f"; batch size {min(search.oom)} ran out of memory while being timed"
-    contest = _contest(search, chosen, tolerance, noisy)
+    stop = descent.descend(keep) + descent.below_top()
+    if descent.points:
+        stop += f"; {descent.refine(chosen, tolerance)}"
+    if descent.oom:
+        stop += f"; batch size {min(descent.oom)} ran out of memory while being timed"
+    contest = _contest(descent, chosen, tolerance, noisy)
     if contest is not None:
         stop += f"; {_rounds_text(contest)}"
-    points = tuple(search.points[b] for b in sorted(search.points))
+    points = tuple(descent.points[b] for b in sorted(descent.points))
     if contest is not None and contest.rounds:
         batch_size, reason, sure = decide(contest, chosen, tolerance)
         if all(p.noisy for p in [*points, *contest.points.values()]):
-            sure = confidence(batch_size, search.points, chosen, tolerance)
+            sure = confidence(batch_size, descent.points, chosen, tolerance)
     elif points:
         batch_size, reason = pick(points, rule=chosen, tolerance=tolerance)
-        sure = confidence(batch_size, search.points, chosen, tolerance, contest=contest)
+        sure = confidence(batch_size, descent.points, chosen, tolerance, contest=contest)
     else:
         batch_size, reason = ordered[-1], f"the ceiling: no size could be timed ({stop})"
         sure = Confidence("low", "no size could be timed")
-    if search.budget_hit and points:
+    if descent.budget_hit and points:
         reason += "; the time budget stopped the search before every size it wanted"
-    skipped = tuple(Skipped(batch_size=b, reason=search.why_untimed(b)) for b in search.untimed())
+    skipped = tuple(Skipped(batch_size=b, reason=descent.why_untimed(b)) for b in descent.untimed())
     log.info("profiler stopped: %s", stop)
     for s in skipped:
         log.info("profiler skipped batch size %s: %s", s.batch_size, s.reason)
     log.info("pick confidence %s: %s", sure.level, sure.reason)
-    return Profile(
+    return ProfileOutcome(
         batch_size=batch_size,
         pick_reason=reason,
         points=points,
         candidates=tuple(ordered),
-        complete=not search.budget_hit,
+        complete=not descent.budget_hit,
         stop_reason=stop,
-        seconds=clock() - search.start,
-        out_of_memory=tuple(sorted(search.oom)),
+        seconds=clock() - descent.start,
+        out_of_memory=tuple(sorted(descent.oom)),
         skipped=skipped,
         confidence=sure,
         rounds=tuple(contest.rounds) if contest is not None else (),
-        budget_seconds=search.allowance,
+        budget_seconds=descent.allowance,
     )
 
 
-def _contest(search: Search, rule: PickRule, tolerance: float, noisy: float) -> Contest | None:
+def _contest(descent: Descent, rule: PickRule, tolerance: float, noisy: float) -> Contest | None:
     """Interleaved rounds of every size that can be the pick; None when only one can."""
-    if not search.points:
+    if not descent.points:
         return None
-    chosen, _ = pick(list(search.points.values()), rule=rule, tolerance=tolerance)
-    sizes = can_win(search.points, chosen, rule, tolerance)
+    chosen, _ = pick(list(descent.points.values()), rule=rule, tolerance=tolerance)
+    sizes = can_win(descent.points, chosen, rule, tolerance)
     if len(sizes) < 2:
         return None
     doubt, left = sizes[:MAX_CONTENDERS], sizes[MAX_CONTENDERS:]
-    return run_rounds(doubt, search.time_again, noisy, left, room=search.round_blocked)
+    return run_rounds(doubt, descent.time_again, noisy, left, room=descent.round_blocked)
 
 
 def _rounds_text(contest: Contest) -> str:
@@ -260,7 +260,7 @@ def _rounds_text(contest: Contest) -> str:
     return text
 
 
-def profile_answer(prof: Profile) -> ProfileAnswer:
+def profile_answer(outcome: ProfileOutcome) -> ProfileAnswer:
     """The profile's account for :class:`~maxbatch.results.BatchSizeResult`.
 
     The timed sizes, why the profiler stopped, what it skipped and why, how sure the pick is.
@@ -269,11 +269,11 @@ def profile_answer(prof: Profile) -> ProfileAnswer:
         The result's :class:`~maxbatch.resultparts.ProfileAnswer`.
     """
     return ProfileAnswer(
-        throughput=prof.points,
-        stop_reason=prof.stop_reason,
-        skipped=prof.skipped,
-        confidence=prof.confidence.level,
-        confidence_reason=prof.confidence.reason,
-        seconds=prof.seconds,
-        budget_seconds=prof.budget_seconds,
+        throughput=outcome.points,
+        stop_reason=outcome.stop_reason,
+        skipped=outcome.skipped,
+        confidence=outcome.confidence.level,
+        confidence_reason=outcome.confidence.reason,
+        seconds=outcome.seconds,
+        budget_seconds=outcome.budget_seconds,
     )

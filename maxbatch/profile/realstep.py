@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 from maxbatch.grid import ALL_SIZES, Grid
 from maxbatch.profile.budget import TimeStep
-from maxbatch.profile.profiler import Profile, candidates, profile
+from maxbatch.profile.profiler import ProfileOutcome, candidates, profile
 from maxbatch.profile.timing import REPLICATES, WARMUP, time_workload
 from maxbatch.settings import ProfileSettings
 from maxbatch.step.workload import Workload
@@ -31,7 +31,7 @@ def profile_workload(
     probe_seconds: float = 0.0,
     agree: Callable[[TimeStep], TimeStep] | None = None,
     search_clock: Callable[[], float] | None = None,
-) -> Profile:
+) -> ProfileOutcome:
     """Time the real step over :func:`candidates` up to ``ceiling`` and pick a batch size.
 
     Args:

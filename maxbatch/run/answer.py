@@ -43,7 +43,7 @@ def assemble(request: Request, measured: Measured, noise: NoiseScale | None) -> 
         None if outcome.complete else outcome.stop_reason,
         None if scan is None else scan.note,
     ]
-    profile = ProfileAnswer() if picked.profile is None else profile_answer(picked.profile)
+    profile = ProfileAnswer() if picked.profiled is None else profile_answer(picked.profiled)
     return BatchSizeResult(
         batch_size=picked.batch_size,
         pick_reason=picked.reason,

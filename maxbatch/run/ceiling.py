@@ -102,9 +102,7 @@ def search_ceiling(
             start=start,
             usable_bytes=capacity.usable_bytes,
             base_bytes=capacity.base_bytes,
-            grid=grid,
-            time_budget=settings.time_budget,
-            on_trial=settings.on_trial,
+            settings=settings,
             first_guess=guess,
             clock=ranks.clock,
         )

@@ -8,6 +8,7 @@ default says nothing a child does not assume: :func:`child_values` leaves it out
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ import torch
 from maxbatch.devices.device import device_label
 from maxbatch.errors import ConfigError
 from maxbatch.run.finder import find_batch_size
+from maxbatch.settings import SearchSettings
 
 #: Seconds an isolated child may run by default (``trial_timeout=``, ``--trial-timeout``).
 TRIAL_TIMEOUT = 600.0
@@ -74,6 +76,19 @@ def _same(value: Any, default: Any) -> bool:
     if value is default:
         return True
     return isinstance(value, plain) and type(value) is type(default) and value == default
+
+
+def search_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the search's options out of ``options``: the isolated parent's search reads them.
+
+    Every :class:`~maxbatch.settings.SearchSettings` field a child would take: a child runs one
+    size, so the search's options are the parent's (a new field is taken by default).
+
+    Returns:
+        The options taken, by field name.
+    """
+    names = {f.name for f in dataclasses.fields(SearchSettings)} & _child_options()
+    return {k: options.pop(k) for k in list(options) if k in names}
 
 
 def check_options(options: Mapping[str, Any], trial_timeout: float | None) -> None:

@@ -2,7 +2,7 @@
 
 validate (:mod:`maxbatch.step.spec`: one record per stage) -> measure (:mod:`maxbatch.run.stages`:
 capacity, ranks, the result cache, the ceiling search, the profiler) -> the noise scale ->
-assemble -> advise -> store (:mod:`maxbatch.run.lookup`).
+assemble -> advise -> keep the answer (:mod:`maxbatch.run.lookup`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from maxbatch.grid import Grid
 from maxbatch.results import BatchSizeResult, Throughput, Trial
 from maxbatch.run import answer, stages
 from maxbatch.run.distributed import join
-from maxbatch.run.lookup import store
+from maxbatch.run.lookup import keep_answer
 from maxbatch.run.request import Request
 from maxbatch.run.unfinished import ProfileInterrupted
 from maxbatch.settings import (
@@ -60,6 +60,7 @@ def find_batch_size(
     max_batch_size: int | None = None,
     multiple_of: int = 1,
     time_budget: float | None = None,
+    max_trials: int | None = None,
     on_trial: Callable[[Trial], None] | None = None,
     profile: bool = True,
     pick: str = "within",
@@ -104,6 +105,8 @@ def find_batch_size(
         multiple_of: only try multiples of this (e.g. 8).
         time_budget: seconds for the probe and the profiler together; when spent, the probe
             stops with the best verified size and the profiler with the sizes timed so far.
+        max_trials: trials after which the ceiling search stops with the best verified size
+            (the result is then not ``complete``; the first size that fits is always found).
         on_trial: called with each :class:`~maxbatch.results.Trial` as it finishes.
         profile: time the step below the ceiling and pick the batch size by throughput; False:
             the pick is the ceiling.
@@ -181,6 +184,7 @@ def find_batch_size(
                 multiple_of=multiple_of,
             ),
             time_budget=time_budget,
+            max_trials=max_trials,
             estimate_first=estimate_first,
             on_trial=on_trial,
             cache=cache,
@@ -237,7 +241,9 @@ def _finish(request: Request, measured: stages.Measured) -> BatchSizeResult:
     stop = measured.picked.interrupted
     noise = None if stop is not None else stages.noise(request, measured)
     result = answer.advise(request, answer.assemble(request, measured, noise))
-    store(request, measured.lookup, result, profile=measured.picked.profile, interrupted=stop)
+    keep_answer(
+        request, measured.lookup, result, profiled=measured.picked.profiled, interrupted=stop
+    )
     if stop is not None:  # the ceiling is an answer: the caller gets it with the interrupt
         raise ProfileInterrupted(result, terminated=stop.terminated)
     return result

@@ -30,11 +30,12 @@ from maxbatch.devices.device import require_weights
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
 from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
-from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options, child_values
+from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options, child_values, search_options
 from maxbatch.run.distributed import is_distributed
 from maxbatch.run.modelfile import ModelSpec, load_model_file
 from maxbatch.search.bracket import fit_memory_model
 from maxbatch.search.probe import SearchOutcome, search
+from maxbatch.settings import SearchSettings
 from maxbatch.step.batching import make_batch_fn
 from maxbatch.step.retry import lower_after_oom
 
@@ -87,6 +88,13 @@ def probe_isolated(
 
     started = time.perf_counter()
     check_options(options, trial_timeout)
+    grid = Grid.build(
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
+    )
+    # The search's options are this process's: each child runs one size.
+    settings = SearchSettings(
+        grid=grid, time_budget=time_budget, on_trial=on_trial, **search_options(options)
+    )
     notes: list[str] = ["isolated: every trial ran in a fresh process that loaded the model file"]
     children = Children(
         model_file,
@@ -95,12 +103,9 @@ def probe_isolated(
         timeout=trial_timeout,
         deadline=None if time_budget is None else time.monotonic() + time_budget,
     )
-    grid = Grid.build(
-        min_batch_size=min_batch_size, max_batch_size=max_batch_size, multiple_of=multiple_of
-    )
     done: dict[int, Trial] = {}
     try:
-        outcome = _search(children, grid, start, done, time_budget, on_trial)
+        outcome = _search(children, settings, start, done)
     except BudgetSpent as e:
         outcome = _budget_outcome(done, e.batch_size, time_budget or 0.0, children.usable)
     want_answer = options.get("profile", True) or any(
@@ -134,12 +139,7 @@ def probe_isolated(
 
 
 def _search(
-    children: Children,
-    grid: Grid,
-    start: int,
-    done: dict[int, Trial],
-    time_budget: float | None,
-    on_trial: Callable[[Trial], None] | None,
+    children: Children, settings: SearchSettings, start: int, done: dict[int, Trial]
 ) -> SearchOutcome:
     """The ceiling search over isolated trials; ``done`` collects every trial as it ends."""
 
@@ -150,6 +150,7 @@ def _search(
 
     # The search needs the usable bytes before its first trial: take them from the first child
     # that reports them, halving as the search would after a killed one.
+    grid, on_trial = settings.grid, settings.on_trial
     b = grid.snap_down(start)
     killed: list[Trial] = []
     while True:
@@ -174,9 +175,7 @@ def _search(
         start=b,
         usable_bytes=children.usable,
         base_bytes=(children.first.trials[0].state_bytes or 0) if children.first else 0,
-        grid=grid,
-        time_budget=time_budget,
-        on_trial=on_trial,
+        settings=settings,
     )
     again = {t.batch_size for t in outcome.trials}
     trials = (*(t for t in killed if t.batch_size not in again), *outcome.trials)
@@ -263,8 +262,8 @@ def probe_file(
             "isolated trials do not combine with torch.distributed: run without --isolate under "
             "torchrun (the ranks then agree in one process each)"
         )
-    spec = model_file if isinstance(model_file, ModelSpec) else load_model_file(model_file)
-    require_weights(spec.model)  # checked here, in this process, before any child starts
+    model_spec = model_file if isinstance(model_file, ModelSpec) else load_model_file(model_file)
+    require_weights(model_spec.model)  # checked here, in this process, before any child starts
     if not isolate:
         if trial_timeout != TRIAL_TIMEOUT:
             raise ConfigError(
@@ -272,11 +271,11 @@ def probe_file(
                 "isolate=True (without it every trial runs in this process: time_budget bounds "
                 "the search)"
             )
-        return find_in_file(spec, options, on_scan=on_scan)
-    spec.extra_state_items()
-    sample_size = None if spec.sample is None else make_batch_fn(spec.sample)[1]
+        return find_in_file(model_spec, options, on_scan=on_scan)
+    model_spec.extra_state_items()
+    sample_size = None if model_spec.sample is None else make_batch_fn(model_spec.sample)[1]
     lower = options.get("min_batch_size") or 1
     start = max(lower, sample_size if sample_size is not None else 2)
     return probe_isolated(
-        spec.path, start=start, trial_timeout=trial_timeout, **child_values(options)
+        model_spec.path, start=start, trial_timeout=trial_timeout, **child_values(options)
     )

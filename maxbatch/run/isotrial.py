@@ -64,16 +64,16 @@ class Children:
         self.first: BatchSizeResult | None = None  # a child's whole result: device, capacity
         self.usable: int | None = None
 
-    def _limit(self, search: bool) -> tuple[float | None, bool]:
+    def _limit(self, budgeted: bool) -> tuple[float | None, bool]:
         """Seconds the next child may run, and whether the time budget is what sets them."""
-        if not search or self.deadline is None:
+        if not budgeted or self.deadline is None:
             return self.timeout, False
         left = max(self.deadline - time.monotonic(), 0.1)
         return (
             (left, True) if self.timeout is None or left < self.timeout else (self.timeout, False)
         )
 
-    def child(self, what: str, *, search: bool, **options: Any) -> dict[str, Any]:
+    def child(self, what: str, *, budgeted: bool, **options: Any) -> dict[str, Any]:
         """Run one child with these options on top of the common ones; return its report.
 
         ``what`` names the child in messages (``the isolated trial at batch size 8``).
@@ -84,7 +84,7 @@ class Children:
 
         Raises:
             WorkloadError: it crashed, ran past its timeout, or exited without an answer.
-            BudgetSpent: the time budget ran out while it ran (``search``: a search trial).
+            BudgetSpent: the time budget ran out while it ran (``budgeted``: a search trial).
         """
         with tempfile.TemporaryDirectory(prefix="maxbatch-isolate-") as tmp:
             request, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
@@ -99,12 +99,12 @@ class Children:
                 ),
                 encoding="utf-8",
             )
-            limit, budget = self._limit(search)
+            limit, by_budget = self._limit(budgeted)
             argv = [sys.executable, "-m", "maxbatch.run.isotrial", str(request)]
             ended = run_child(argv, timeout=limit)
             if ended.oom_killed:
                 return {"killed": -ended.returncode, "seconds": ended.seconds}
-            _check_ended(ended, what, limit, budget, options.get("max_batch_size"))
+            _check_ended(ended, what, limit, by_budget, options.get("max_batch_size"))
             if not answer.exists():
                 raise WorkloadError(
                     f"{what} exited with code {ended.returncode} without an answer: "
@@ -117,7 +117,7 @@ class Children:
     def trial(self, b: int) -> Trial:
         """One isolated trial at ``b``."""
         what = f"the isolated trial at batch size {b}"
-        report = self.child(what, search=True, min_batch_size=b, max_batch_size=b, profile=False)
+        report = self.child(what, budgeted=True, min_batch_size=b, max_batch_size=b, profile=False)
         if "killed" in report:
             self.notes.append(
                 f"batch size {b}: the trial's process was killed by SIGKILL while the kernel "
@@ -207,7 +207,7 @@ def final_child(
     """
     what = f"the process that timed the sizes up to {ceiling}"
     report = children.child(
-        what, search=False, min_batch_size=min_batch_size, max_batch_size=ceiling
+        what, budgeted=False, min_batch_size=min_batch_size, max_batch_size=ceiling
     )
     if "result" not in report:
         why = (
@@ -229,7 +229,7 @@ def final_child(
 
 
 def find_in_file(
-    spec: Any, options: dict[str, Any], *, on_scan: Callable[[int, int], None] | None = None
+    model_spec: Any, options: dict[str, Any], *, on_scan: Callable[[int, int], None] | None = None
 ) -> BatchSizeResult:
     """:func:`~maxbatch.find_batch_size` on a loaded model file, its hooks as the step's.
 
@@ -246,13 +246,13 @@ def find_in_file(
     device = options.pop("device", None)
     extra_state = options.pop("extra_state", None)
     if device is not None:
-        spec.model.to(device)
+        model_spec.model.to(device)
     return find_batch_size(
-        spec.model,
-        spec.batch_source(on_scan),
+        model_spec.model,
+        model_spec.batch_source(on_scan),
         device=device,
-        **spec.step_options(optimizer),
-        extra_state=spec.extra_state_items() if extra_state is None else extra_state,
+        **model_spec.step_options(optimizer),
+        extra_state=model_spec.extra_state_items() if extra_state is None else extra_state,
         **options,
     )
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from maxbatch.profile.profiler import Profile
+from maxbatch.profile.profiler import ProfileOutcome
 from maxbatch.results import BatchSizeResult, DeviceInfo, Trial
 from maxbatch.run.request import Request, cache_settings
 from maxbatch.run.unfinished import Interruption, untimed
@@ -26,9 +26,9 @@ from maxbatch.store.cache import describe as describe_step
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Lookup:
-    """A look-up in the result cache: where to store the answer, and what was found."""
+    """A look-up in the result cache: the cache, the key to keep the answer under, what it found."""
 
-    store: ResultCache
+    cache: ResultCache
     key: str
     description: dict[str, Any]
     hit: BatchSizeResult | None = None  #: a cached answer that held (checked or trusted)
@@ -41,7 +41,7 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
     Returns:
         None without the cache (or under ``torch.distributed``); else the look-up.
     """
-    step, search, grid, prof = request.step, request.search, request.search.grid, request.profile
+    step, search, grid = request.step, request.search, request.search.grid
     # A noise scale holds for the current weights, which the cache's key does not see.
     if not search.cache or request.ranks.world_size != 1 or request.advice.noise_scale:
         return None
@@ -53,11 +53,11 @@ def look_up(request: Request, info: DeviceInfo, workload: Workload, meter: Meter
         functions,
         settings,
     )
-    lookup = Lookup(store=ResultCache(), key=key_of(description), description=description)
-    hit = lookup.store.get(lookup.key)
+    lookup = Lookup(cache=ResultCache(), key=key_of(description), description=description)
+    hit = lookup.cache.get(lookup.key)
     if hit is None:
         return lookup
-    if prof.enabled and hit.pick_confidence == "low":
+    if request.profile.enabled and hit.pick_confidence == "low":
         note = (
             f"the cached pick ({hit.batch_size}) had low confidence ({hit.pick_confidence_reason})"
             ": probed and timed again rather than replayed"
@@ -86,21 +86,21 @@ def _reported(trial: Trial, on_trial: Callable[[Trial], None] | None, ran: list[
     return trial
 
 
-def store(
+def keep_answer(
     request: Request,
     lookup: Lookup | None,
     result: BatchSizeResult,
     *,
-    profile: Profile | None,
+    profiled: ProfileOutcome | None,
     interrupted: Interruption | None,
 ) -> None:
     """Keep a complete answer (the profiler's too, when it ran) in the result cache."""
     if lookup is None or not result.complete:
         return
-    if not request.profile.enabled or (profile is not None and profile.complete):
-        lookup.store.put(lookup.key, result, lookup.description)
+    if not request.profile.enabled or (profiled is not None and profiled.complete):
+        lookup.cache.put(lookup.key, result, lookup.description)
     if interrupted is not None:
         # The verified ceiling, kept where a run without timing looks: ``--no-profile``.
         untimed_run = {**lookup.description["settings"], "profile.enabled": False}
         description = {**lookup.description, "settings": untimed_run}
-        lookup.store.put(key_of(description), untimed(result, interrupted.note()), description)
+        lookup.cache.put(key_of(description), untimed(result, interrupted.note()), description)

@@ -181,17 +181,17 @@ def load_model_file(path: str | os.PathLike[str]) -> ModelSpec:
 def _import(name: str, file: Path) -> ModuleType:
     """Run ``file`` as a fresh module, with its directory on ``sys.path`` while it runs."""
     module_name = f"_maxbatch_modelfile_{next(_COUNTER)}_{file.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
-    if spec is None or spec.loader is None:
+    found = importlib.util.spec_from_file_location(module_name, file)
+    if found is None or found.loader is None:
         raise ModelFileError(name, "cannot be imported; expected a Python source file")
-    module = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(found)
     directory = str(file.parent)
     before = set(sys.modules)
     sys.path.insert(0, directory)
     # Registered while it runs, as an import would, so dataclasses and pickling inside it work.
     sys.modules[module_name] = module
     try:
-        spec.loader.exec_module(module)
+        found.loader.exec_module(module)
     except SyntaxError as e:
         where = f"line {e.lineno}" if e.lineno is not None else "an unknown line"
         if e.filename and Path(e.filename).resolve() != file:

@@ -19,7 +19,7 @@ from maxbatch.devices.capacity import (
     probe_capacity,
 )
 from maxbatch.devices.device import describe
-from maxbatch.profile.profiler import Profile
+from maxbatch.profile.profiler import ProfileOutcome
 from maxbatch.profile.realstep import profile_workload
 from maxbatch.results import (
     UNTIMED_REASON,
@@ -47,7 +47,7 @@ class Picked:
 
     batch_size: int
     reason: str
-    profile: Profile | None = None
+    profiled: ProfileOutcome | None = None  #: what the profiler timed and picked
     interrupted: Interruption | None = None  #: Ctrl-C or SIGTERM stopped the profiler
 
     @property
@@ -55,15 +55,17 @@ class Picked:
         """The timed sizes."""
         if self.interrupted is not None:
             return self.interrupted.points
-        return () if self.profile is None else self.profile.points
+        return () if self.profiled is None else self.profiled.points
 
     @property
     def note(self) -> str | None:
         """Why the profiler stopped early, if it did."""
         if self.interrupted is not None:
             return self.interrupted.note()
-        prof = self.profile
-        return None if prof is None or prof.complete else f"profiler: {prof.stop_reason}"
+        profiled = self.profiled
+        return (
+            None if profiled is None or profiled.complete else f"profiler: {profiled.stop_reason}"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -161,7 +163,7 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         )
     # Timed without the counter: its per-operator bookkeeping would skew the timings, and the
     # sizes timed are at or below the verified ceiling.
-    prof = profile_workload(
+    profiled = profile_workload(
         workload,
         outcome.ceiling,
         grid=request.search.grid,
@@ -174,7 +176,7 @@ def _profile(request: Request, workload: Workload, outcome: SearchOutcome) -> Pi
         agree=request.ranks.timings,
         search_clock=request.ranks.clock,
     )
-    return Picked(batch_size=prof.batch_size, reason=prof.pick_reason, profile=prof)
+    return Picked(batch_size=profiled.batch_size, reason=profiled.pick_reason, profiled=profiled)
 
 
 def noise(request: Request, measured: Measured) -> NoiseScale | None:

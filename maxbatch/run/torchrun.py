@@ -40,16 +40,16 @@ def init_from_env() -> int:
     return int(dist.get_rank())
 
 
-def rank_device(spec: str | None) -> str | None:
+def rank_device(device: str | None) -> str | None:
     """The device a rank probes: under torchrun, ``cuda`` (or the default) is its local GPU."""
     local = os.environ.get("LOCAL_RANK")
     if local is None or not is_distributed():
-        return spec
+        return device
     # A kind with several devices, named without an index (``cuda``): this rank's own one.
-    several = spec is not None and ":" not in spec and kind_of(spec).indexed
-    if several or (spec is None and torch.cuda.is_available()):
+    several = device is not None and ":" not in device and kind_of(device).indexed
+    if several or (device is None and torch.cuda.is_available()):
         return f"cuda:{int(local)}"
-    return spec
+    return device
 
 
 def leave() -> None:

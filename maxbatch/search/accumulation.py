@@ -21,6 +21,7 @@ from maxbatch.results import MemoryModel, Trial, predicted_ceiling
 from maxbatch.search.meter import Meter
 from maxbatch.search.probe import search
 from maxbatch.search.trial import run_trial
+from maxbatch.settings import SearchSettings
 from maxbatch.step.workload import Workload
 
 
@@ -103,7 +104,12 @@ def measure(
         max_batch_size=max(ceiling, grid.lower),
         multiple_of=grid.multiple_of,
     )
-    outcome = search(run, start=start, usable_bytes=usable, grid=below, on_trial=on_trial)
+    outcome = search(
+        run,
+        start=start,
+        usable_bytes=usable,
+        settings=SearchSettings(grid=below, on_trial=on_trial),
+    )
     peaks = {t.batch_size: t.peak_bytes for t in plain if t.fits}
     both = [t for t in outcome.trials if t.fits and t.batch_size in peaks]
     if both:

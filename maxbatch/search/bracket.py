@@ -11,7 +11,6 @@ from collections.abc import Callable
 from maxbatch.grid import Grid
 from maxbatch.memtrace import predict_ceiling
 from maxbatch.results import MemoryModel, Trial
-from maxbatch.step.retry import fitting_size
 from maxbatch.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -180,7 +179,7 @@ class Bracket:
         basis = tuple(sorted(t.batch_size for t in self.trials if t.fits)[-2:])
         model = fit_memory_model(self.trials) if basis not in self.bad_bases else None
         if model is not None:
-            target = self.grid.snap(fitting_size(model, self.usable))
+            target = self.grid.snap(model.fitting_size(self.usable))
             if self.inside(target):
                 self.guess, self.guess_basis = target, basis
                 return target

@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable
 
 from maxbatch.errors import DoesNotFitError, WorkloadError
-from maxbatch.grid import ALL_SIZES, Grid
 from maxbatch.results import MemoryModel, Trial
 from maxbatch.search.bracket import Bracket, fit_memory_model
+from maxbatch.settings import SearchSettings
 from maxbatch.step.retry import lower_after_oom
 from maxbatch.units import format_bytes
 
@@ -118,16 +118,31 @@ def _first_fit(s: Bracket, b: int) -> None:
         b = lower
 
 
+#: The search's options when a caller gives none (every size, no budget).
+ALL_DEFAULTS = SearchSettings()
+
+
+def _cut_short(s: Bracket, max_trials: int | None) -> str:
+    """Why the search stops before its bracket closes (the time budget, ``max_trials``), or ""."""
+    if s.over_budget():
+        spent = f"time budget of {s.budget:g}s spent"
+    elif max_trials is not None and len(s.trials) >= max_trials:
+        spent = f"{max_trials} trials run (max_trials)"
+    else:
+        return ""
+    if s.hi is None:
+        return f"{spent}: {s.lo} is verified to fit, larger sizes were not tried"
+    return f"{spent}: {s.lo} is verified to fit, larger sizes up to {s.hi} were not settled"
+
+
 def search(
     run: Callable[[int], Trial],
     *,
     start: int,
     usable_bytes: int,
     base_bytes: int = 0,
-    grid: Grid = ALL_SIZES,
-    time_budget: float | None = None,
+    settings: SearchSettings = ALL_DEFAULTS,
     clock: Callable[[], float] = time.monotonic,
-    on_trial: Callable[[Trial], None] | None = None,
     first_guess: int | None = None,
 ) -> SearchOutcome:
     """Find the largest batch size on the grid whose trial fits.
@@ -137,10 +152,9 @@ def search(
         start: the first size to try (snapped into the grid).
         usable_bytes: the bytes a trial may peak at.
         base_bytes: bytes live before any trial (model and state), for the first jump.
-        grid: the sizes that may be tried.
-        time_budget: seconds after which the search stops with the best verified size.
+        settings: the search's options (the record is read here, field by field: its grid,
+            time budget, ``on_trial``); the result cache's are the caller's.
         clock: time source (seconds).
-        on_trial: called after every trial.
         first_guess: a predicted ceiling (the fake-tensor estimate's) above ``start``: it is run
             first, then its neighbour (above if it fit, below if not), so that a right guess
             takes two trials; a wrong one falls back to the search from ``start``.
@@ -151,14 +165,15 @@ def search(
     Raises:
         DoesNotFitError: the smallest size does not fit.
     """
+    grid = settings.grid
     s = Bracket(
         run,
         usable_bytes=usable_bytes,
         base_bytes=base_bytes,
         grid=grid,
-        time_budget=time_budget,
+        time_budget=settings.time_budget,
         clock=clock,
-        on_trial=on_trial,
+        on_trial=settings.on_trial,
     )
     b = grid.snap(start)
     settled = False
@@ -171,21 +186,16 @@ def search(
                 settled = True  # a near miss: its neighbour below fits
     if not settled:
         _first_fit(s, b)
-    complete, reason = True, ""
-    while not s.finished():
-        if s.over_budget():
-            complete = False
-            reason = (
-                f"time budget of {s.budget:g}s spent: {s.lo} is verified to fit, "
-                f"larger sizes up to {s.hi} were not settled"
-            )
-            break
+    reason = ""
+    while not s.finished() and not (reason := _cut_short(s, settings.max_trials)):
         s.run(s.next_size())
+    complete = not reason
     assert s.lo is not None
-    if settled and fit_memory_model(s.trials) is None and b < s.lo and not s.over_budget():
-        # A right first guess leaves one fitting size: measure the start size too, so that the
-        # result's memory model is fitted from measurements, not taken from the estimate.
-        s.run(b)
+    if settled and fit_memory_model(s.trials) is None and b < s.lo and complete:
+        if not s.over_budget():
+            # A right first guess leaves one fitting size: measure the start size too, so that
+            # the result's memory model is fitted from measurements, not the estimate's.
+            s.run(b)
     if complete:
         if s.upper is not None and s.lo >= s.upper:
             reason = f"reached the maximum batch size {s.upper}"

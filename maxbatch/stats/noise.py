@@ -20,7 +20,7 @@ from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import positive_int
 from maxbatch.settings import Precision, parse_enum
 from maxbatch.stats.draws import check_random, random_batches
-from maxbatch.stats.noiserun import NoiseStep, measure_at
+from maxbatch.stats.noiserun import NoiseHooks, measure_at
 from maxbatch.stats.noisestats import ACCUMULATION, NoiseScale, combine
 from maxbatch.step.forward import (
     default_forward,
@@ -123,14 +123,14 @@ def noise_scale(
     small, big = _sizes(batches, b_small, b_big, max_batch_size)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters: there is no gradient to measure")
-    step = NoiseStep(
-        forward=forward_fn or default_forward,
-        loss=loss_fn or default_loss,
+    hooks = NoiseHooks(
+        forward_fn=forward_fn or default_forward,
+        loss_fn=loss_fn or default_loss,
         precision=parse_enum(Precision, precision, "precision"),
     )
     snapshot = Snapshot.take(model, None)
     try:
-        return _noise_scale(model, sample, step, batches=batches, small=small, big=big, seed=seed)
+        return _noise_scale(model, sample, hooks, batches=batches, small=small, big=big, seed=seed)
     finally:
         for p in model.parameters():
             p.grad = None
@@ -181,7 +181,7 @@ def _old_spelling(
 def _noise_scale(
     model: torch.nn.Module,
     sample: Any,
-    step: NoiseStep,
+    hooks: NoiseHooks,
     *,
     batches: int,
     small: int,
@@ -215,7 +215,7 @@ def _noise_scale(
             "or make_batch (in a model file: `dataset` or `make_batch`, not `sample`)"
         )
     model.train()
-    while (measured := measure_at(model, draw, batches, k, small, step)) is None:
+    while (measured := measure_at(model, draw, batches, k, small, hooks)) is None:
         # Outside the except block: the exception's frames no longer hold the batch.
         release_memory(device)
         lower = lower_after_oom(small)

@@ -31,33 +31,33 @@ from maxbatch.step.forward import forward_backward, forward_loss, to_device
 from maxbatch.step.oom import is_oom
 from maxbatch.step.spec import ForwardFn, LossFn
 
-__all__ = ["NoiseStep", "measure_at"]
+__all__ = ["NoiseHooks", "measure_at"]
 
 log = logging.getLogger("maxbatch.stats.noise")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NoiseStep:
+class NoiseHooks:
     """The step's hooks and precision: what every forward of the measurement runs."""
 
-    forward: ForwardFn
-    loss: LossFn
+    forward_fn: ForwardFn
+    loss_fn: LossFn
     precision: Precision
 
     def loss_of(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """The checked loss, under autocast, without a backward."""
         return forward_loss(
-            model, batch, forward_fn=self.forward, loss_fn=self.loss, precision=self.precision
+            model, batch, forward_fn=self.forward_fn, loss_fn=self.loss_fn, precision=self.precision
         )[1]
 
     def backward(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """The checked loss, after its backward."""
         return forward_backward(
-            model, batch, forward_fn=self.forward, loss_fn=self.loss, precision=self.precision
+            model, batch, forward_fn=self.forward_fn, loss_fn=self.loss_fn, precision=self.precision
         )[1]
 
 
-def _check_mean(model: torch.nn.Module, batch: Any, step: NoiseStep) -> str | None:
+def _check_mean(model: torch.nn.Module, batch: Any, hooks: NoiseHooks) -> str | None:
     """Raise when the loss doubles on the batch repeated twice: a sum, not a mean over samples.
 
     Returns:
@@ -68,8 +68,8 @@ def _check_mean(model: torch.nn.Module, batch: Any, step: NoiseStep) -> str | No
     """
     twice = map_tensors(batch, lambda t: torch.cat([t, t]))
     try:  # with autograd on: a default loss looks for outputs that require grad
-        once_value = float(step.loss_of(model, batch).detach())
-        twice_value = float(step.loss_of(model, twice).detach())
+        once_value = float(hooks.loss_of(model, batch).detach())
+        twice_value = float(hooks.loss_of(model, twice).detach())
     except Exception as e:  # noqa: BLE001 - a courtesy check: a batch that cannot be doubled skips it
         return f"could not check that the loss is a mean over samples ({type(e).__name__})"
     if once_value != 0 and abs(twice_value / once_value - 2) < abs(twice_value / once_value - 1):
@@ -86,7 +86,7 @@ def _draw(
     params: list[torch.nn.Parameter],
     total: list[torch.Tensor],
     batches: Iterator[Any],
-    step: NoiseStep,
+    hooks: NoiseHooks,
 ) -> tuple[float, float, bool]:
     """The mean squared norm of the micro-batch gradients and the squared norm of their mean.
 
@@ -106,7 +106,7 @@ def _draw(
         k += 1
         for p in params:
             p.grad = None
-        loss = step.backward(model, batch)
+        loss = hooks.backward(model, batch)
         finite &= torch.isfinite(loss.detach()).all()  # checked once per draw: no sync here
         grads = [p.grad for p in params if p.grad is not None]
         small += squared_norm(grads, dtype)
@@ -123,7 +123,7 @@ def _measure(
     batches: int,
     k: int,
     b_small: int,
-    step: NoiseStep,
+    hooks: NoiseHooks,
 ) -> tuple[list[float], list[float]]:
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
@@ -131,7 +131,7 @@ def _measure(
     grad_sqs, traces = [], []
     for i in range(batches):
         micro = (to_device(draw(b_small), device) for _ in range(k))
-        small_sq, big_sq, finite = _draw(model, params, total, micro, step)
+        small_sq, big_sq, finite = _draw(model, params, total, micro, hooks)
         check_finite(i + 1, b_small, finite, small_sq, big_sq)
         g, s = two_batch_estimates(small_sq, big_sq, b_small, k * b_small)
         log.debug("noise scale draw %s: |G|^2 %.4g, tr(S) %.4g", i + 1, g, s)
@@ -146,7 +146,7 @@ def measure_at(
     batches: int,
     k: int,
     small: int,
-    step: NoiseStep,
+    hooks: NoiseHooks,
 ) -> tuple[str | None, list[float], list[float]] | None:
     """The mean-loss check and the draws at micro-batch ``small``; None after running out of memory.
 
@@ -161,9 +161,9 @@ def measure_at(
     try:
         # Half a micro-batch, so that the batch repeated twice fits as the draws do.
         half = to_device(draw(max(1, small // 2)), device)
-        check = _check_mean(model, half, step)
+        check = _check_mean(model, half, hooks)
         del half
-        return (check, *_measure(model, draw, batches, k, small, step))
+        return (check, *_measure(model, draw, batches, k, small, hooks))
     except MaxbatchError:
         raise
     except Exception as e:

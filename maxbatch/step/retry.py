@@ -8,24 +8,11 @@ out-of-memory error says that more was needed, not how much: only a model can sa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from maxbatch.results import MemoryModel
 
-__all__ = ["fitting_size", "lower_after_oom"]
-
-
-def fitting_size(model: MemoryModel, usable_bytes: float, *, extra_bytes: float = 0.0) -> int:
-    """The largest batch size whose predicted peak plus ``extra_bytes`` is within ``usable_bytes``.
-
-    The memory model's prediction, computed here only: ``(usable - fixed - extra) / per_sample``
-    rounded down (it may be 0 or negative: nothing fits).
-
-    Returns:
-        The size.
-    """
-    return math.floor((usable_bytes - model.fixed_bytes - extra_bytes) / model.bytes_per_sample)
+__all__ = ["lower_after_oom"]
 
 
 def lower_after_oom(
@@ -61,7 +48,7 @@ def lower_after_oom(
     new = halve(size) if halve is not None else size // 2
     model = memory_model
     if model is not None and usable_bytes is not None and model.bytes_per_sample > 0:
-        fits = fitting_size(model, usable_bytes)
-        refit = fitting_size(model, usable_bytes, extra_bytes=unseen_bytes)
+        fits = model.fitting_size(usable_bytes)
+        refit = model.fitting_size(usable_bytes, extra_bytes=unseen_bytes)
         new = fits if fits < size else refit if refit < size else new
     return max(smallest, min(new, size - 1))

@@ -1,20 +1,18 @@
-"""Rendering results: terminal text, Markdown and JSON, all pure functions of a result dict.
+"""Rendering results: terminal text, Markdown and JSON, all pure functions of the records.
 
-They take the plain dict of ``BatchSizeResult.to_dict()`` (or a saved ``report.json``), so a saved
-result renders exactly as a fresh one.
+They take a :class:`~maxbatch.results.BatchSizeResult` and read its attributes; a saved
+``report.json`` is read back into one (:func:`maxbatch.store.reportcheck.load_report`), so a saved
+result renders exactly as a fresh one. What is not in the result (a title) is an argument.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
-from maxbatch.results import DeviceInfo, Estimate, Throughput, Trial
+from maxbatch.results import BatchSizeResult, DeviceInfo, Estimate, NoiseScale, Throughput, Trial
 from maxbatch.stats.noisestats import GROWS_NOTE
 from maxbatch.units import format_bytes
-
-Result = Mapping[str, Any]
 
 
 def trial_line(index: int, trial: Trial) -> str:
@@ -35,102 +33,102 @@ def point_line(point: Throughput) -> str:
     )
 
 
-def result_json(result: Result, **extra: Any) -> str:
-    """The result as indented JSON, with any extra keys."""
-    return json.dumps({**result, **extra}, indent=2)
+def result_json(result: BatchSizeResult, **extra: Any) -> str:
+    """The result as indented JSON (its ``to_dict()``), with any extra keys (``model_file``)."""
+    return json.dumps({**result.to_dict(), **extra}, indent=2)
 
 
-def _header(r: Result) -> list[str]:
-    kind = "virtual device" if r["virtual"] else "device"
-    step = r["mode"] + (f", {r['precision']}" if r.get("precision") else "")
-    if r.get("optimizer"):
-        step += f", {r['optimizer']}"
+def _header(r: BatchSizeResult) -> list[str]:
+    kind = "virtual device" if r.virtual else "device"
+    step = r.mode + (f", {r.precision}" if r.precision else "")
+    if r.optimizer:
+        step += f", {r.optimizer}"
     return [
-        f"{kind} {r['device']} ({r['device_name']}): capacity {format_bytes(r['capacity_bytes'])}, "
-        f"headroom {format_bytes(r['headroom_bytes'])}, usable {format_bytes(r['usable_bytes'])}",
+        f"{kind} {r.device} ({r.device_name}): capacity {format_bytes(r.capacity_bytes)}, "
+        f"headroom {format_bytes(r.headroom_bytes)}, usable {format_bytes(r.usable_bytes)}",
         f"step: {step}",
     ]
 
 
-def _rows(r: Result) -> tuple[list[list[str]], list[list[str]]]:
+def _rows(r: BatchSizeResult) -> tuple[list[list[str]], list[list[str]]]:
     trials = [
         [
-            str(t["batch_size"]),
-            "yes" if t["fits"] else "no",
-            format_bytes(t["peak_bytes"]),
-            f"{t['seconds']:.2f}",
+            str(t.batch_size),
+            "yes" if t.fits else "no",
+            format_bytes(t.peak_bytes),
+            f"{t.seconds:.2f}",
         ]
-        for t in r["trials"]
+        for t in r.trials
     ]
     points = [
         [
-            str(p["batch_size"]),
-            f"{p['samples_per_second']:,.1f}",
-            f"{p['median_seconds'] * 1000:.2f}",
-            f"{p['iqr_seconds'] * 1000:.2f}" + (" (noisy)" if p["noisy"] else ""),
+            str(p.batch_size),
+            f"{p.samples_per_second:,.1f}",
+            f"{p.median_seconds * 1000:.2f}",
+            f"{p.iqr_seconds * 1000:.2f}" + (" (noisy)" if p.noisy else ""),
         ]
-        for p in sorted(r.get("throughput") or [], key=lambda p: p["batch_size"])
+        for p in sorted(r.throughput, key=lambda p: p.batch_size)
     ]
     return trials, points
 
 
-def _summary(r: Result) -> list[str]:
+def _summary(r: BatchSizeResult) -> list[str]:
     lines = []
-    mm = r.get("memory_model")
+    mm = r.memory_model
     if mm:
         lines.append(
-            f"memory model: {format_bytes(mm['fixed_bytes'])} + "
-            f"{format_bytes(mm['bytes_per_sample'])} per sample"
+            f"memory model: {format_bytes(mm.fixed_bytes)} + "
+            f"{format_bytes(mm.bytes_per_sample)} per sample"
         )
-    source = ", estimated" if r.get("ceiling_source") == "estimated" else ""
-    lines.append(f"ceiling: {r['ceiling']}{source} ({r['stop_reason']})")
-    lines.append(f"batch size: {r['batch_size']} ({r['pick_reason']})")
+    source = ", estimated" if r.ceiling_source == "estimated" else ""
+    lines.append(f"ceiling: {r.ceiling}{source} ({r.stop_reason})")
+    lines.append(f"batch size: {r.batch_size} ({r.pick_reason})")
     lines.extend(profile_lines(r))
-    world, steps = r.get("world_size", 1), r.get("accumulation_steps", 1)
+    world, steps = r.world_size, r.accumulation_steps
     if world > 1 or steps > 1:
-        micro = r["global_batch_size"] // (world * steps)
+        micro = r.global_batch_size // (world * steps)
         lines.append(
-            f"global batch: {r['global_batch_size']} = {micro} per rank x {world} rank(s) "
+            f"global batch: {r.global_batch_size} = {micro} per rank x {world} rank(s) "
             f"x {steps} accumulation step(s)"
         )
-    lines.extend(_noise_lines(r.get("noise_scale")))
-    advice = r.get("advice") or {}
-    lines.extend(f"advice: {n}" for n in advice.get("notes", ()))
-    lines.extend(f"note: {n}" for n in r.get("notes", ()))
+    lines.extend(_noise_lines(r.noise_scale))
+    if r.advice is not None:
+        lines.extend(f"advice: {n}" for n in r.advice.notes)
+    lines.extend(f"note: {n}" for n in r.notes)
     return lines
 
 
-def profile_lines(r: Result) -> list[str]:
+def profile_lines(r: BatchSizeResult) -> list[str]:
     """How sure the pick is, why the profiler stopped, and the sizes it skipped, by reason."""
     lines = []
-    if r.get("pick_confidence"):
-        lines.append(f"pick confidence: {r['pick_confidence']} ({r['pick_confidence_reason']})")
-    if r.get("profile_seconds") is not None:
-        budget = r.get("profile_budget_seconds")
+    if r.pick_confidence:
+        lines.append(f"pick confidence: {r.pick_confidence} ({r.pick_confidence_reason})")
+    if r.profile_seconds is not None:
+        budget = r.profile_budget_seconds
         within = "" if budget is None else f" of its {budget:.1f} s budget (rounds included)"
-        lines.append(f"profiler: {r['profile_seconds']:.1f} s{within}")
-    if r.get("profile_stop_reason"):
-        lines.append(f"profiler stopped: {r['profile_stop_reason']}")
+        lines.append(f"profiler: {r.profile_seconds:.1f} s{within}")
+    if r.profile_stop_reason:
+        lines.append(f"profiler stopped: {r.profile_stop_reason}")
     by_reason: dict[str, list[int]] = {}
-    for s in r.get("profile_skipped") or ():
-        by_reason.setdefault(s["reason"], []).append(s["batch_size"])
+    for s in r.profile_skipped:
+        by_reason.setdefault(s.reason, []).append(s.batch_size)
     for reason, sizes in by_reason.items():
         lines.append(f"not timed: {', '.join(map(str, sizes))}: {reason}")
     return lines
 
 
-def _noise_lines(ns: Mapping[str, Any] | None) -> list[str]:
-    if not ns:
+def _noise_lines(ns: NoiseScale | None) -> list[str]:
+    if ns is None:
         return []
-    if ns["b_simple"] is None:
+    if ns.critical_batch is None:  # ``b_simple`` is not finite (JSON: null)
         value = "not resolved (the gradient was not above its noise)"
     else:
-        value = f"B_simple ≈ {ns['b_simple']:.4g} ± {ns['std_error']:.2g}"
+        value = f"B_simple ≈ {ns.b_simple:.4g} ± {ns.std_error:.2g}"
     return [
-        f"noise scale: {value}; tr(Σ) {ns['trace_cov']:.4g}, |G|² {ns['grad_sq_norm']:.4g} "
-        f"({ns['draws']} draws of {ns['b_big'] // ns['b_small']} x {ns['b_small']} samples)",
-        f"critical batch ≈ {ns['critical_batch'] or 'unknown'}: {GROWS_NOTE}",
-        *(f"noise scale: {n}" for n in ns.get("notes", ())),
+        f"noise scale: {value}; tr(Σ) {ns.trace_cov:.4g}, |G|² {ns.grad_sq_norm:.4g} "
+        f"({ns.draws} draws of {ns.b_big // ns.b_small} x {ns.b_small} samples)",
+        f"critical batch ≈ {ns.critical_batch or 'unknown'}: {GROWS_NOTE}",
+        *(f"noise scale: {n}" for n in ns.notes),
     ]
 
 
@@ -145,7 +143,7 @@ TRIAL_HEAD = ["batch", "fits", "peak", "seconds"]
 POINT_HEAD = ["batch", "samples/s", "median ms", "IQR ms"]
 
 
-def result_table(result: Result, *, title: str = "") -> str:
+def result_table(result: BatchSizeResult, *, title: str = "") -> str:
     """The trials and timings as short tables, then the answer."""
     trials, points = _rows(result)
     lines = ([title] if title else []) + _header(result) + [""] + _table(TRIAL_HEAD, trials)
@@ -156,20 +154,20 @@ def result_table(result: Result, *, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def closing_line(r: Result) -> str:
+def closing_line(r: BatchSizeResult) -> str:
     """What this run did: trials, sizes timed, seconds; for a cache hit, the stored search apart.
 
     Returns:
         The line.
     """
-    n, timed = len(r["trials"]), len(r.get("throughput") or [])
-    stored = r.get("cached_search")
-    if not r.get("from_cache") or not stored:
-        return f"{n} trials, {timed} sizes timed, {r['seconds']:.1f}s"
+    n, timed = len(r.trials), len(r.throughput)
+    stored = r.cached_search
+    if not r.from_cache or not stored:
+        return f"{n} trials, {timed} sizes timed, {r.seconds:.1f}s"
     now = f"{n} trial{'' if n == 1 else 's'} run now (the check)" if n else "no trial (trusted)"
     return (
-        f"from the cache: {now}, nothing timed, {r['seconds']:.1f}s; the stored search: "
-        f"{len(stored['trials'])} trials, {timed} sizes timed, {stored['seconds']:.1f}s"
+        f"from the cache: {now}, nothing timed, {r.seconds:.1f}s; the stored search: "
+        f"{len(stored.trials)} trials, {timed} sizes timed, {stored.seconds:.1f}s"
     )
 
 
@@ -181,7 +179,9 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def result_markdown(result: Result, *, title: str = "maxbatch report", images: bool = False) -> str:
+def result_markdown(
+    result: BatchSizeResult, *, title: str = "maxbatch report", images: bool = False
+) -> str:
     """The result as a Markdown report.
 
     With ``images``, it links ``memory.png`` and ``throughput.png`` written beside it.
@@ -193,7 +193,7 @@ def result_markdown(result: Result, *, title: str = "maxbatch report", images: b
     lines = [
         f"# {title}",
         "",
-        f"**Batch size: {result['batch_size']}** (ceiling {result['ceiling']})",
+        f"**Batch size: {result.batch_size}** (ceiling {result.ceiling})",
         "",
     ]
     lines += [f"- {x}" for x in _header(result)] + [""]

@@ -2,7 +2,8 @@
 
 Only the keys of the result's records, with the types their fields have (the schema is derived
 from the dataclass fields), and with terminal control characters shown as escapes, never sent to
-the terminal.
+the terminal. What passes the check comes back as a :class:`~maxbatch.results.BatchSizeResult`
+(``from_dict``), which the renderers take like a fresh one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from maxbatch.errors import ConfigError
-from maxbatch.results import FLAT_KEYS, BatchSizeResult, Trial
+from maxbatch.results import FLAT_KEYS, BatchSizeResult, CapacityAnswer, SearchAnswer
 
-__all__ = ["check_result", "load_report"]
+__all__ = ["SavedReport", "check_result", "load_report", "result_from_checked"]
 
 # -- reading a saved report back -------------------------------------------------------------
 
@@ -43,13 +44,11 @@ _COUNTS = {"batch_size", "ceiling", "world_size", "accumulation_steps"}
 _NOT_READ_BACK = {"noise_scale", "trace"}
 # A file may leave out what a record needs and the renderers never read.
 _UNREAD = {"complete"}
-# and the keys that are no field: the result's derived numbers, the report's model file, the
-# cached search's (free-form) trials and time.
+# and the keys that are no field: the result's derived numbers and the report's model file.
 _EXTRA: dict[str, Any] = {
     "accumulation_steps": _COUNT,
     "global_batch_size": _INT,
     "model_file": _STR,
-    "cached_search": {"trials": [{}], "seconds": _NUMBER},  # trials: filled in below
 }
 
 
@@ -101,7 +100,6 @@ def _schema(record: type) -> dict[str, Any]:
 def _result_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     """The result's required keys and its optional ones, each with its kind."""
     schema = _schema(BatchSizeResult)
-    _EXTRA["cached_search"]["trials"] = [_schema(Trial)]
     schema.update({k: _optional(schema[k]) for k in _UNREAD})
     required = {k: v for k, v in schema.items() if not isinstance(v, tuple)}
     optional = {k: v[1] for k, v in schema.items() if isinstance(v, tuple)}
@@ -160,11 +158,24 @@ def _checked(value: Any, kind: Any, where: str) -> Any:
     raise ConfigError(f"{where} should be {what}, not {type(value).__name__}")
 
 
-def load_report(path: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SavedReport:
+    """A ``report.json`` read back.
+
+    Attributes:
+        result: the result, checked and cleaned (only what the renderers read).
+        model_file: the model file it was probed from, when the report names one.
+    """
+
+    result: BatchSizeResult
+    model_file: str | None = None
+
+
+def load_report(path: str) -> SavedReport:
     """Read a ``report.json`` for rendering: checked, reduced to what renders, control-free.
 
     Returns:
-        The report, checked and cleaned.
+        The report: its result (checked and cleaned) and its model file.
 
     Raises:
         ConfigError: the file cannot be read, is not UTF-8 JSON, nests too deeply, or lacks a
@@ -191,9 +202,44 @@ def load_report(path: str) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{shown}: not a maxbatch report (missing the keys {missing})")
     try:
-        return check_result(data, "report")
+        checked = check_result(data, "report")
     except ConfigError as e:
         raise ConfigError(f"{shown}: not a maxbatch report ({e})") from None
+    return SavedReport(result=result_from_checked(checked), model_file=checked.get("model_file"))
+
+
+def _no_default(record: type, names: dict[str, str]) -> set[str]:
+    """The flat keys of ``record``'s fields that have no default."""
+    return {
+        names.get(f.name, f.name)
+        for f in dataclasses.fields(record)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+
+
+# The check leaves out an optional key that is null or missing in the file; those with no default
+# in their record come back as None (``precision``, ``optimizer``, ``memory_model``), and
+# ``complete``, which the renderers never read, as the probe's usual True.
+_AS_NONE = {
+    key
+    for record, names in (
+        (BatchSizeResult, {}),
+        (CapacityAnswer, FLAT_KEYS["capacity"]),
+        (SearchAnswer, FLAT_KEYS["search"]),
+    )
+    for key in _no_default(record, names)
+    if key in _OPTIONAL and key not in _UNREAD
+}
+
+
+def result_from_checked(checked: dict[str, Any]) -> BatchSizeResult:
+    """The result of a dict that passed :func:`check_result`.
+
+    Returns:
+        The result, as :meth:`BatchSizeResult.from_dict` builds it.
+    """
+    absent = {key: None for key in _AS_NONE if key not in checked}
+    return BatchSizeResult.from_dict({"complete": True, **absent, **checked})
 
 
 def check_result(data: dict[str, Any], where: str) -> dict[str, Any]:
