@@ -327,12 +327,13 @@ def cache_hit_records(cache: Path) -> Figure:
     for name, trust in [("checked hit", False), ("trusted hit", True)]:
         seen: list[Any] = []
         hit = probe(on_trial=seen.append, trust_cache=trust)
-        stored = hit.cached_search or {}
+        stored = hit.cached_search
         results[name] = (
             hit.from_cache
             and list(hit.trials) == seen
             and len(seen) == (0 if trust else 2)
-            and len(stored.get("trials", ())) == len(first.trials)
+            and stored is not None
+            and len(stored.trials) == len(first.trials)
             and closing_line(hit).startswith("from the cache: ")
         )
     return _figure(results)

@@ -1,5 +1,7 @@
 """The stage records a :class:`~maxbatch.results.BatchSizeResult` nests: capacity, search, profile.
 
+(And :class:`CachedSearch`: on a cache hit, the stored search apart from this run's.)
+
 Each comes back from the result's flat dict with ``from_dict`` (its fields under their own names);
 :class:`FlatNames` lets the result read them by the flat names its JSON keys have.
 """
@@ -116,6 +118,35 @@ class ProfileAnswer:
             throughput=tuple(Throughput(**p) for p in data.get("throughput", ())),
             skipped=tuple(Skipped(**x) for x in data.get("skipped", ())),
         )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CachedSearch:
+    """For an answer from the result cache: the stored search that found it, apart from this run's.
+
+    Attributes:
+        key: the cache entry's key.
+        trials: the stored search's trials, with their timings of then.
+        seconds: its wall time then.
+    """
+
+    key: str
+    trials: tuple[Trial, ...]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the search as a JSON-ready dict (the trials as dicts)."""
+        return {
+            "key": self.key,
+            "trials": [t.to_dict() for t in self.trials],
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CachedSearch:
+        """The record back from :meth:`to_dict`."""
+        trials = tuple(Trial(**t) for t in data["trials"])
+        return cls(key=data["key"], trials=trials, seconds=data["seconds"])
 
 
 class FlatNames:

@@ -24,7 +24,13 @@ from maxbatch.measured import (
     Trial,
     predicted_ceiling,
 )
-from maxbatch.resultparts import CapacityAnswer, FlatNames, ProfileAnswer, SearchAnswer
+from maxbatch.resultparts import (
+    CachedSearch,
+    CapacityAnswer,
+    FlatNames,
+    ProfileAnswer,
+    SearchAnswer,
+)
 
 __all__ = [
     "FLAT_KEYS",
@@ -33,6 +39,7 @@ __all__ = [
     "Advice",
     "BatchSizeResult",
     "Breakdown",
+    "CachedSearch",
     "CapacityAnswer",
     "CapacityEstimate",
     "DataScan",
@@ -96,10 +103,10 @@ class BatchSizeResult(FlatNames):
         from_cache: True when the answer came from the result cache (:mod:`maxbatch.store.cache`):
             the notes say how it was checked.
         cached_search: for an answer from the result cache, the search that found it, apart
-            from this run's: ``key`` (the entry's), ``trials`` (the stored search's trials, with
-            their timings of then) and ``seconds`` (its wall time then); else None. On a cache
-            hit ``trials`` are the ones this run ran (the check: the ceiling and the size
-            above; none with ``trust_cache``), ``seconds`` this run's time.
+            from this run's (:class:`CachedSearch`: ``key``, the entry's; ``trials``, the stored
+            search's, with their timings of then; ``seconds``, its wall time then); else None.
+            On a cache hit ``trials`` are the ones this run ran (the check: the ceiling and the
+            size above; none with ``trust_cache``), ``seconds`` this run's time.
     """
 
     batch_size: int
@@ -119,7 +126,7 @@ class BatchSizeResult(FlatNames):
     notes: tuple[str, ...] = ()
     world_size: int = 1
     from_cache: bool = False
-    cached_search: dict[str, Any] | None = None
+    cached_search: CachedSearch | None = None
 
     @property
     def accumulation_steps(self) -> int:
@@ -186,12 +193,14 @@ class BatchSizeResult(FlatNames):
         }
         own: dict[str, Any] = {k: v for k, v in data.items() if k in names}
         own["notes"] = tuple(own.get("notes", ()))
+        stored = own.pop("cached_search", None)
         return cls(
             **own,
             **parts,
             advice=None if advice is None else _advice(advice),
             noise_scale=None if noise is None else _noise(noise),
             data=None if scan is None else _scan(scan),
+            cached_search=None if stored is None else CachedSearch.from_dict(stored),
         )
 
 

@@ -182,7 +182,8 @@ def test_a_hit_lists_the_check_as_its_trials_and_the_stored_search_apart(
     assert stored["seconds"] == first.seconds and len(stored["key"]) == 32
     assert first.cached_search is None
     trusted = probe(trust_cache=True)
-    assert trusted.trials == () and trusted.cached_search == stored
+    assert trusted.trials == () and trusted.to_dict()["cached_search"] == stored
+    assert again.cached_search is not None and again.cached_search.trials == first.trials
 
 
 def test_a_hit_closing_line_says_what_this_run_did(own_cache_dir: Path) -> None:

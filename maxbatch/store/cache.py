@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from maxbatch.results import BatchSizeResult, Trial
+from maxbatch.results import BatchSizeResult, CachedSearch, Trial
 from maxbatch.store.cachefiles import check_entry, entry_files, read_entry, remove_own_files
 from maxbatch.store.cachekey import FORMAT, describe, key_of
 
@@ -228,11 +228,7 @@ def from_cache(
     """
     how = "trusted without a check (trust_cache)" if check is None else f"checked now: {check}"
     note = f"from the cache (key {key[:12]}): {how}"
-    stored = {
-        "key": key,
-        "trials": [t.to_dict() for t in hit.trials],
-        "seconds": hit.seconds,
-    }
+    stored = CachedSearch(key=key, trials=hit.trials, seconds=hit.seconds)
     return dataclasses.replace(
         hit,
         from_cache=True,

@@ -167,7 +167,7 @@ def closing_line(r: BatchSizeResult) -> str:
     now = f"{n} trial{'' if n == 1 else 's'} run now (the check)" if n else "no trial (trusted)"
     return (
         f"from the cache: {now}, nothing timed, {r.seconds:.1f}s; the stored search: "
-        f"{len(stored['trials'])} trials, {timed} sizes timed, {stored['seconds']:.1f}s"
+        f"{len(stored.trials)} trials, {timed} sizes timed, {stored.seconds:.1f}s"
     )
 
 

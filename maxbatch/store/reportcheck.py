@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from maxbatch.errors import ConfigError
-from maxbatch.results import FLAT_KEYS, BatchSizeResult, CapacityAnswer, SearchAnswer, Trial
+from maxbatch.results import FLAT_KEYS, BatchSizeResult, CapacityAnswer, SearchAnswer
 
 __all__ = ["SavedReport", "check_result", "load_report", "result_from_checked"]
 
@@ -44,13 +44,11 @@ _COUNTS = {"batch_size", "ceiling", "world_size", "accumulation_steps"}
 _NOT_READ_BACK = {"noise_scale", "trace"}
 # A file may leave out what a record needs and the renderers never read.
 _UNREAD = {"complete"}
-# and the keys that are no field: the result's derived numbers, the report's model file, the
-# cached search's (free-form) trials and time.
+# and the keys that are no field: the result's derived numbers and the report's model file.
 _EXTRA: dict[str, Any] = {
     "accumulation_steps": _COUNT,
     "global_batch_size": _INT,
     "model_file": _STR,
-    "cached_search": {"trials": [{}], "seconds": _NUMBER},  # trials: filled in below
 }
 
 
@@ -102,7 +100,6 @@ def _schema(record: type) -> dict[str, Any]:
 def _result_schema() -> tuple[dict[str, Any], dict[str, Any]]:
     """The result's required keys and its optional ones, each with its kind."""
     schema = _schema(BatchSizeResult)
-    _EXTRA["cached_search"]["trials"] = [_schema(Trial)]
     schema.update({k: _optional(schema[k]) for k in _UNREAD})
     required = {k: v for k, v in schema.items() if not isinstance(v, tuple)}
     optional = {k: v[1] for k, v in schema.items() if isinstance(v, tuple)}
