@@ -38,3 +38,10 @@ def own_cache_dir(
     path = tmp_path_factory.mktemp("xdg-cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(path))
     return path / "maxbatch"
+
+
+@pytest.fixture
+def children_import_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Child processes (``--isolate``'s) import this checkout's maxbatch, on one thread."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -269,7 +269,7 @@ def fake_step(step: StepSpec, target: Target) -> Iterator[FakeStep]:
             make_batch, _ = make_batch_fn(map_tensors(step.sample, fake_like))
         workload = build_workload(
             dataclasses.replace(
-                step, model=model_copy, make_batch=make_batch, extra_state=ExtraState(())
+                step, model=model_copy, make_batch=make_batch, extra_state=ExtraState(items=())
             ),
             CPU,
             adopt=lambda opt: fake_optimizer(opt, memo),

@@ -28,7 +28,7 @@ class Contenders(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Confidence:
     """How sure the pick is: ``"high"``, ``"medium"`` or ``"low"``, and why."""
 
@@ -82,37 +82,40 @@ def confidence(
         The level and why.
     """
     if len(points) == 1:
-        return Confidence("low", f"only batch size {chosen} was timed: nothing to compare it with")
+        return Confidence(
+            level="low", reason=f"only batch size {chosen} was timed: nothing to compare it with"
+        )
     if all(p.noisy for p in points.values()):
         worst = max(relative_iqr(p) for p in points.values())
         return Confidence(
-            "low",
-            f"every timed size is noisy (IQR up to {worst:.0%} of the median): the machine was "
-            "busy; run again when it is quiet",
+            level="low",
+            reason=f"every timed size is noisy (IQR up to {worst:.0%} of the median): the "
+            "machine was busy; run again when it is quiet",
         )
     if contest is not None:
         names = sizes_text(sorted(contest.contenders))
         return Confidence(
-            "low",
-            f"sizes {names} could each be the pick and no interleaved round of them fitted "
+            level="low",
+            reason=f"sizes {names} could each be the pick and no interleaved round of them fitted "
             f"({contest.blocked}): the pick compares sizes timed at different times",
         )
     for b in dict.fromkeys([chosen, best_point(points).batch_size]):
         if points[b].noisy:
             return Confidence(
-                "low",
-                f"the timing of batch size {b} is noisy (IQR {relative_iqr(points[b]):.0%} of "
-                "the median): the machine was busy; run again when it is quiet",
+                level="low",
+                reason=f"the timing of batch size {b} is noisy (IQR "
+                f"{relative_iqr(points[b]):.0%} of the median): the machine was busy; run again "
+                "when it is quiet",
             )
     close = _close(points, rule, tolerance)
     if close:
         names, many = sizes_text(sorted(close)), len(close) > 1
         return Confidence(
-            "medium",
-            f"batch size{'s' if many else ''} {names} {'are' if many else 'is'} within "
+            level="medium",
+            reason=f"batch size{'s' if many else ''} {names} {'are' if many else 'is'} within "
             f"{'their' if many else 'its'} timing spread of the rule's threshold, but less "
             "than the tolerance is at stake, so no interleaved rounds were run",
         )
     return Confidence(
-        "high", "every timed size's margin to the rule's threshold exceeds its spread"
+        level="high", reason="every timed size's margin to the rule's threshold exceeds its spread"
     )

@@ -199,15 +199,16 @@ def decide(contest: Contest, rule: PickRule, tolerance: float) -> tuple[int, str
     if 2 * agree <= total:
         fastest, why = pick(points, rule=PickRule.FASTEST, tolerance=0.0)
         sure = Confidence(
-            "low",
-            f"in {where}, batch size {chosen} was within {pct} of the round's fastest in only "
-            f"{agree} of them: the rounds cannot separate the sizes, so the pick is the "
+            level="low",
+            reason=f"in {where}, batch size {chosen} was within {pct} of the round's fastest in "
+            f"only {agree} of them: the rounds cannot separate the sizes, so the pick is the "
             "fastest median",
         )
         return fastest, f"by {where}: {why}", sure
     level = "high" if agree == total and total > 1 else "medium"
     sure = Confidence(
-        level,
-        f"in {agree} of {where}, batch size {chosen} was within {pct} of that round's fastest",
+        level=level,
+        reason=f"in {agree} of {where}, batch size {chosen} was within {pct} of that round's "
+        "fastest",
     )
     return chosen, f"by {where}: {reason}", sure

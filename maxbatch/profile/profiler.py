@@ -88,7 +88,7 @@ class ProfileOutcome:
     seconds: float
     out_of_memory: tuple[int, ...] = ()
     skipped: tuple[Skipped, ...] = ()
-    confidence: Confidence = Confidence("high", "")
+    confidence: Confidence = Confidence(level="high", reason="")
     rounds: tuple[dict[int, float], ...] = ()
     budget_seconds: float | None = None
 
@@ -207,7 +207,7 @@ def profile(
         sure = confidence(batch_size, descent.points, chosen, tolerance, contest=contest)
     else:
         batch_size, reason = ordered[-1], f"the ceiling: no size could be timed ({stop})"
-        sure = Confidence("low", "no size could be timed")
+        sure = Confidence(level="low", reason="no size could be timed")
     if descent.budget_hit and points:
         reason += "; the time budget stopped the search before every size it wanted"
     skipped = tuple(Skipped(batch_size=b, reason=descent.why_untimed(b)) for b in descent.untimed())

@@ -190,8 +190,9 @@ def advice_for(
     """The advice for a result of :func:`~maxbatch.find_batch_size`: :func:`advise` at its pick.
 
     ``find_batch_size(..., dataset_size=..., global_batch=..., base_batch=..., base_lr=...)``
-    puts the same advice, as plain data, in its result's ``advice``. Under ``torch.distributed``
-    ``global_batch`` is over all the result's ranks; each rank's share is planned.
+    puts the same advice (an :class:`Advice` record) in its result's ``advice``. Under
+    ``torch.distributed`` ``global_batch`` is over all the result's ranks; each rank's share is
+    planned.
 
     Args:
         result: a probe's result (its pick and its ceiling).

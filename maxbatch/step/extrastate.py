@@ -37,7 +37,7 @@ def set_values(tensor: torch.Tensor, values: torch.Tensor) -> None:
         )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class TensorSave:
     """A tensor object and its values on the host; :meth:`restore` writes them back into it."""
 
@@ -47,7 +47,7 @@ class TensorSave:
     @classmethod
     def take(cls, tensor: torch.Tensor) -> TensorSave:
         """Keep the object and copy its values to the host."""
-        return cls(tensor, host_copy(tensor))
+        return cls(tensor=tensor, host=host_copy(tensor))
 
     def restore(self) -> torch.Tensor:
         """Write the saved values back into the same object (resized if a step resized it)."""
@@ -59,7 +59,7 @@ class TensorSave:
         return self.tensor
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _Moved:
     """A tensor inside a saved ``state_dict()``: its host copy and the device it came from."""
 
@@ -69,7 +69,7 @@ class _Moved:
 
 def _to_host(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return _Moved(host_copy(value), value.device)
+        return _Moved(host=host_copy(value), device=value.device)
     return copy.deepcopy(value)
 
 
@@ -79,7 +79,7 @@ def _from_host(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _AttributesSave:
     """Every attribute of an object (a ``GradScaler``): tensors in place, the rest copied."""
 
@@ -92,7 +92,7 @@ class _AttributesSave:
             k: TensorSave.take(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
             for k, v in vars(obj).items()
         }
-        return cls(obj, values)
+        return cls(obj=obj, values=values)
 
     def restore(self) -> None:
         for k in [k for k in vars(self.obj) if k not in self.values]:
@@ -104,7 +104,7 @@ class _AttributesSave:
         yield from (v.tensor for v in self.values.values() if isinstance(v, TensorSave))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _GeneratorSave:
     """A ``torch.Generator``: its state, through ``get_state()`` / ``set_state()``."""
 
@@ -113,13 +113,13 @@ class _GeneratorSave:
 
     @classmethod
     def take(cls, obj: torch.Generator) -> _GeneratorSave:
-        return cls(obj, obj.get_state())
+        return cls(obj=obj, state=obj.get_state())
 
     def restore(self) -> None:
         self.obj.set_state(self.state)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _StateDictSave:
     """An object restored through its own ``state_dict()`` / ``load_state_dict()``."""
 
@@ -128,7 +128,7 @@ class _StateDictSave:
 
     @classmethod
     def take(cls, obj: Any) -> _StateDictSave:
-        return cls(obj, tree_map(_to_host, obj.state_dict()))
+        return cls(obj=obj, state=tree_map(_to_host, obj.state_dict()))
 
     def restore(self) -> None:
         self.obj.load_state_dict(tree_map(_from_host, self.state))
@@ -140,7 +140,7 @@ def _has_state_dict(obj: Any) -> bool:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExtraState:
     """The validated ``extra_state`` items, sorted by how each one is saved.
 
@@ -185,7 +185,7 @@ class ExtraState:
         """These items and the ``GradScaler`` objects ``train_step`` refers to, each once."""
         found = referenced_scalers(train_step)
         known = {id(x) for x in self.items}
-        return ExtraState([*self.items, *(s for s in found if id(s) not in known)])
+        return ExtraState(items=[*self.items, *(s for s in found if id(s) not in known)])
 
     def take(self) -> ExtraSave:
         """Save the items that the model's snapshot does not cover."""
@@ -199,10 +199,10 @@ class ExtraState:
                 objects.append(_GeneratorSave.take(x))
             elif not isinstance(x, (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)):
                 objects.append(_StateDictSave.take(x))
-        return ExtraSave(tensors, objects)
+        return ExtraSave(tensors_saved=tensors, objects=objects)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ExtraSave:
     """The saved values of the extra tensors and objects."""
 

@@ -191,7 +191,8 @@ class Snapshot:
             The snapshot.
         """
         with uncounted(), signals_held() as interrupted:
-            snapshot = cls._take(model, optimizer, extra if extra is not None else ExtraState(()))
+            saved = extra if extra is not None else ExtraState(items=())
+            snapshot = cls._take(model, optimizer, saved)
             if interrupted:  # Ctrl-C during the save: undo it (the gradients) before it arrives
                 snapshot.restore(final=True)
         return snapshot
@@ -214,7 +215,7 @@ class Snapshot:
                 buffers=[TensorSave.take(b) for b in _unique(model.buffers())],
                 training=[],
                 optimizers=[],
-                extra=ExtraState(()).take(),
+                extra=ExtraState(items=()).take(),
                 rng=_rng_state(),
             )
 

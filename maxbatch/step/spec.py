@@ -63,7 +63,7 @@ class StepSpec:
     train_step: TrainStepFn | None = None
     mode: Mode = Mode.TRAIN
     precision: Precision = Precision.FP32
-    extra_state: ExtraState = ExtraState(())
+    extra_state: ExtraState = ExtraState(items=())
     loop: Loop = Loop()
 
     @classmethod
@@ -104,7 +104,7 @@ class StepSpec:
                 "train_step runs your whole step in your own order: zero_grad and accumulate "
                 "describe maxbatch's step; leave them out, or pass loss_fn instead of train_step"
             )
-        extra = ExtraState(extra_state).with_scalers(train_step)
+        extra = ExtraState(items=extra_state).with_scalers(train_step)
         sample = as_batch_source(sample)  # a data set or loader: its worst case, scanned now
         make_batch, sample_size = make_batch_fn(sample)
         return cls(

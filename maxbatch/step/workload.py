@@ -76,7 +76,7 @@ class Workload:
         self.forward_fn = forward_fn or default_forward
         self.loss_fn = loss_fn or default_loss
         self.train_step = train_step
-        self.extra_state = extra_state or ExtraState(())
+        self.extra_state = extra_state or ExtraState(items=())
         self.loop = loop or Loop()
         #: what was alive when the forward of the last step :meth:`run` ran began
         self.alive_at_start: tuple[str, ...] = ()

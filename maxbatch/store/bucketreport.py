@@ -53,11 +53,8 @@ def _summary(bucket_profile: BucketProfile) -> list[str]:
     model = _model_line(bucket_profile)
     if model:
         lines.append(model)
-    lhotse = bucket_profile.to_lhotse()
-    lines.append(
-        f"lhotse/NeMo: bucket_duration_bins={lhotse['bucket_duration_bins']} "
-        f"bucket_batch_size={lhotse['bucket_batch_size']}"
-    )
+    lhotse = bucket_profile.to_lhotse().items()  # its form, under lhotse's own names
+    lines.append("lhotse/NeMo: " + " ".join(f"{name}={values}" for name, values in lhotse))
     lines += [f"note: {n}" for n in bucket_profile.notes]
     return lines
 
