@@ -265,9 +265,9 @@ def _child(request_path: str) -> int:
     die_with_parent(request["parent"])  # a probe killed by SIGKILL leaves no trial running
     answer: dict[str, Any]
     try:
-        spec = load_model_file(request["model_file"])
+        model_spec = load_model_file(request["model_file"])
         options = {**request["options"], "estimate_first": False, "distributed": False}
-        answer = {"result": find_in_file(spec, options).to_dict()}
+        answer = {"result": find_in_file(model_spec, options).to_dict()}
     except DoesNotFitError as e:
         answer = {
             "does_not_fit": {"needed_bytes": e.needed_bytes, "available_bytes": e.available_bytes}
