@@ -7,7 +7,14 @@ import math
 import pytest
 
 from maxbatch.errors import ConfigError
-from maxbatch.stats.advise import accumulation_plan, advise, iterations_per_epoch, scale_lr
+from maxbatch.stats.advise import (
+    accumulation_plan,
+    advise,
+    check_even_split,
+    iterations_per_epoch,
+    per_rank,
+    scale_lr,
+)
 
 
 @pytest.mark.parametrize(
@@ -110,3 +117,12 @@ def test_advice_for_a_result_is_the_advice_at_its_pick() -> None:
     )
     kw = {"dataset_size": 1000, "global_batch": 256, "base_batch": 32, "base_lr": 1e-3}
     assert advice_for(result, **kw) == advise(48, 100, **kw)
+
+
+def test_a_global_batch_must_split_evenly_over_the_ranks() -> None:
+    check_even_split(None, 3)
+    check_even_split(12, 3)
+    assert per_rank(12, 3) == 4 and per_rank(None, 3) is None
+    for split in (check_even_split, per_rank):
+        with pytest.raises(ConfigError, match="global_batch=10 is not a multiple of the 4 ranks"):
+            split(10, 4)

@@ -246,20 +246,6 @@ def test_the_loop_order_is_part_of_the_cache_key() -> None:
     assert not other.from_cache  # measured in its own order, not taken from the plain loop's
 
 
-def test_isolated_trials_refuse_the_loop_options(tmp_path: Any) -> None:
-    from click.testing import CliRunner
-
-    from maxbatch.cli import main
-
-    path = tmp_path / "model.py"
-    path.write_text("import torch\nmodel = torch.nn.Linear(4, 2)\nsample = torch.randn(2, 4)\n")
-    result = CliRunner().invoke(
-        main, ["probe", str(path), "--isolate", "--zero-grad", "before_backward"]
-    )
-    assert result.exit_code == 2
-    assert "not passed to isolated trials" in result.output
-
-
 @pytest.mark.parametrize(
     ("live", "kept"),
     [

@@ -32,7 +32,8 @@ def workload_options(
     """The options ``probe`` and ``estimate`` share, listed after each command's own.
 
     Each option reaches the command as the keyword argument of the same name; :func:`start`
-    and :func:`step_kwargs` turn them into the library's arguments.
+    and :func:`step_keywords` (:func:`step_kwargs` with the file's hooks) turn them into the
+    library's arguments.
 
     Returns:
         A decorator that adds the shared options to a command.
@@ -89,8 +90,7 @@ def scanned(done: int, total: int) -> None:
         click.echo(f"read the data set: {total} items", err=True)
 
 
-def step_kwargs(
-    model_spec: ModelSpec,
+def step_keywords(
     *,
     headroom: str | None,
     min_batch: int | None,
@@ -100,13 +100,28 @@ def step_kwargs(
     precision: str | None,
     optimizer: str | None,
 ) -> dict[str, Any]:
-    """The keyword arguments that find_batch_size and estimate_batch_size share."""
+    """The shared options as the library's keywords (plain values: the file's hooks apart).
+
+    Returns:
+        ``headroom``, ``mode``, ``precision``, ``min_batch_size``, ``max_batch_size``,
+        ``multiple_of`` and ``optimizer`` (None: the file's ``optimizer()``).
+    """
     return {
-        **model_spec.step_options(optimizer),
         "headroom": headroom,
         "mode": "inference" if inference else "train",
         "precision": precision,
         "min_batch_size": min_batch,
         "max_batch_size": max_batch,
         "multiple_of": multiple_of,
+        "optimizer": optimizer,
     }
+
+
+def step_kwargs(model_spec: ModelSpec, **step: Any) -> dict[str, Any]:
+    """The keyword arguments that find_batch_size and estimate_batch_size share, with the hooks.
+
+    Returns:
+        :func:`step_keywords`, and the file's hooks (:meth:`ModelSpec.step_options`).
+    """
+    keywords = step_keywords(**step)
+    return {**keywords, **model_spec.step_options(keywords["optimizer"])}

@@ -9,15 +9,14 @@ from typing import Any
 import click
 
 from maxbatch.cli.exits import interruptible, run
-from maxbatch.cli.lengths import length_options, run_length_axis, take
-from maxbatch.cli.options import choices, scanned, start, step_kwargs, workload_options
+from maxbatch.cli.lengths import Axis, length_options, run_length_axis, take
+from maxbatch.cli.options import choices, scanned, start, step_keywords, workload_options
 from maxbatch.cli.probeargs import ProbeArgs
 from maxbatch.cli.progress import Progress
 from maxbatch.cli.report import check_report, write_report_files
-from maxbatch.devices.device import device_label, require_weights, resolve_device
+from maxbatch.devices.device import require_weights, resolve_device
 from maxbatch.results import BatchSizeResult
 from maxbatch.run import torchrun
-from maxbatch.run.finder import find_batch_size
 from maxbatch.run.isolate import probe_file
 from maxbatch.run.modelfile import ModelSpec
 from maxbatch.run.unfinished import ProfileInterrupted
@@ -113,45 +112,24 @@ def probe(model_file: str, **given: Any) -> None:
     Under torchrun every rank probes its own device and the ranks agree; rank 0 prints.
     """
     axis = take(given)  # --find length, --buckets: the length axis
-    args = ProbeArgs.take(model_file, given)  # what stays is the step's (options.step_kwargs)
+    args = ProbeArgs.take(model_file, given)  # what stays is the step's (options.step_keywords)
     rank = run(args.debug, torchrun.init_from_env)
 
     def call(fn: Callable[[], Any]) -> Any:
         return run(args.debug, fn, rank=rank)
 
-    spec = start(model_file, args.verbose, args.debug, rank=rank)
-    extra = call(spec.extra_state_items)
+    model_spec = start(model_file, args.verbose, args.debug, rank=rank)
     report_dir = args.report_dir
     if report_dir is not None:
         call(lambda: check_report(report_dir))
     dev = call(lambda: resolve_device(torchrun.rank_device(args.device)))
-    call(args.check_loop)
-    if not args.isolate:  # isolated: only the children touch the device
-        call(lambda: require_weights(spec.model))
-        spec.model.to(dev)
+    call(args.check_timeout)
     if axis.wanted:
-        with interruptible(lambda: "during the length axis"):
-            run_length_axis(
-                spec,
-                axis,
-                debug=args.debug,
-                as_json=args.as_json,
-                report_dir=args.report_dir,
-                isolate=args.isolate,
-                rank=rank,
-                step=given,
-                device=dev,
-                memory=args.memory,
-                extra_state=extra,
-            )
+        _length_axis(model_spec, axis, args, dev, given, rank=rank)
         return
     progress = Progress(rank)
     with interruptible(progress.done):
-        if args.isolate:
-            result = call(lambda: _isolated(args, device_label(dev), progress, given))
-        else:
-            call(args.check_timeout)
-            result = call(lambda: _in_process(args, spec, progress, dev, extra, given))
+        result = call(lambda: _probe(model_spec, args, dev, progress, given))
     torchrun.leave()
     if rank:
         return
@@ -172,15 +150,10 @@ def _answer(result: BatchSizeResult, args: ProbeArgs, *, tty: bool) -> None:
         click.echo(result_table(result, title=f"maxbatch probe {args.model_file}"))
 
 
-def _in_process(
-    args: ProbeArgs,
-    spec: ModelSpec,
-    progress: Progress,
-    device: Any,
-    extra_state: list[Any],
-    step: dict[str, Any],
+def _probe(
+    model_spec: ModelSpec, args: ProbeArgs, device: Any, progress: Progress, step: dict[str, Any]
 ) -> BatchSizeResult:
-    """Every trial in this process: ``find_batch_size`` with the file's hooks.
+    """The library's one entry for a model file, :func:`~maxbatch.probe_file`, as asked.
 
     Returns:
         The result.
@@ -190,49 +163,43 @@ def _in_process(
         KeyboardInterrupt: Ctrl-C came then (likewise).
     """
     try:
-        return find_batch_size(
-            spec.model,
-            spec.batch_source(scanned),
+        return probe_file(
+            model_spec,
             device=device,
-            memory=args.memory,
-            extra_state=extra_state,
-            cache=not args.no_cache,
-            trust_cache=args.trust_cache,
-            zero_grad=args.zero_grad,
-            accumulate=args.accumulate,
-            allow_growth=args.allow_growth,
-            **args.options(progress),
-            **step_kwargs(spec, **step),
+            on_scan=scanned,
+            **args.keywords(progress),
+            **step_keywords(**step),
         )
     except ProfileInterrupted as stop:  # the ceiling was verified: print it, then exit
         _answer(stop.result, args, tty=progress.tty)
         raise Terminated() if stop.terminated else KeyboardInterrupt() from None
 
 
-def _isolated(
-    args: ProbeArgs, device: str, progress: Progress, step: dict[str, Any]
-) -> BatchSizeResult:
-    """``--isolate``: every trial in a fresh process (the file's own hooks are loaded there).
-
-    Returns:
-        The result.
-    """
-    options = args.options(progress)
-    if not args.noise_scale:
-        del options["noise_scale"]
-    if args.trial_timeout:
-        options["trial_timeout"] = args.trial_timeout
-    return probe_file(
-        args.model_file,
-        isolate=True,
-        device=device,
-        memory=args.memory,
-        headroom=step["headroom"],
-        mode="inference" if step["inference"] else "train",
-        precision=step["precision"],
-        optimizer=step["optimizer"],
-        min_batch_size=step["min_batch"],
-        max_batch_size=step["max_batch"],
-        multiple_of=step["multiple_of"],
-        **options,
-    )
+def _length_axis(
+    model_spec: ModelSpec,
+    axis: Axis,
+    args: ProbeArgs,
+    device: Any,
+    step: dict[str, Any],
+    *,
+    rank: int,
+) -> None:
+    """``--find length`` or ``--buckets`` instead of the batch-size probe."""
+    extra = run(args.debug, model_spec.extra_state_items, rank=rank)
+    if not args.isolate:  # refused below: the length axis does not isolate
+        run(args.debug, lambda: require_weights(model_spec.model), rank=rank)
+        model_spec.model.to(device)
+    with interruptible(lambda: "during the length axis"):
+        run_length_axis(
+            model_spec,
+            axis,
+            debug=args.debug,
+            as_json=args.as_json,
+            report_dir=args.report_dir,
+            isolate=args.isolate,
+            rank=rank,
+            step=step,
+            device=device,
+            memory=args.memory,
+            extra_state=extra,
+        )

@@ -1,13 +1,48 @@
-"""``probe``'s own options as one record, and the library's keywords they become."""
+"""``probe``'s own options as one record, and the library's keywords they become.
+
+A field named as a keyword of :func:`~maxbatch.find_batch_size` or
+:func:`~maxbatch.probe_file` passes by name: a new flag for a library keyword is its click
+option and its field here. The rest are listed once: :data:`NEGATED` (``--no-profile`` turns
+``profile`` off) and :data:`OWN` (the command's own, with what for).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 from maxbatch.cli.progress import Progress
 from maxbatch.errors import ConfigError
-from maxbatch.step.loop import ZeroGrad
+from maxbatch.run.finder import find_batch_size
+from maxbatch.run.isolate import probe_file
+
+#: ``probe``'s flags that turn a library keyword off: field -> keyword (given ``not`` the flag).
+NEGATED: dict[str, str] = {"no_profile": "profile", "no_cache": "cache"}
+
+#: ``probe``'s options that are the command's own, not passed by name, and what they are for.
+OWN: dict[str, str] = {
+    "model_file": "loaded first (a bad file is reported before anything else), passed loaded",
+    "device": "resolved for this rank first (torchrun), passed resolved",
+    "report_dir": "the report files the command writes",
+    "as_json": "how the command prints the answer",
+    "verbose": "the command's log level",
+    "debug": "the command's tracebacks",
+}
+
+
+def library_keywords() -> frozenset[str]:
+    """The keywords ``probe_file`` takes: its own and :func:`~maxbatch.find_batch_size`'s.
+
+    Returns:
+        Their names.
+    """
+    return frozenset(
+        p.name
+        for fn in (probe_file, find_batch_size)
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,42 +84,23 @@ class ProbeArgs:
         names = [f.name for f in dataclasses.fields(cls) if f.name != "model_file"]
         return cls(model_file=model_file, **{name: given.pop(name) for name in names})
 
-    def options(self, progress: Progress) -> dict[str, Any]:
-        """The keywords both paths take (in a process of its own or not).
+    def keywords(self, progress: Progress) -> dict[str, Any]:
+        """The library's keywords: the fields by name, :data:`NEGATED` turned, the progress lines.
 
         Returns:
-            ``find_batch_size``'s keywords for the search, the profile and the advice.
+            :func:`~maxbatch.probe_file`'s keywords (the device and the step's apart).
         """
-        return {
-            "time_budget": self.time_budget,
-            "max_trials": self.max_trials,
-            "on_trial": progress.trial,
-            "profile": not self.no_profile,
-            "pick": self.pick,
-            "tolerance": self.tolerance,
-            "on_point": progress.point,
-            "dataset_size": self.dataset_size,
-            "global_batch": self.global_batch,
-            "base_batch": self.base_batch,
-            "base_lr": self.base_lr,
-            "noise_scale": self.noise_scale,
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        keywords = {
+            NEGATED.get(name, name): not value if name in NEGATED else value
+            for name, value in given.items()
+            if name not in OWN
         }
-
-    def check_loop(self) -> None:
-        """Refuse the loop's options with ``--isolate`` (its children do not take them yet).
-
-        Raises:
-            ConfigError: ``--isolate`` with ``--zero-grad``, ``--accumulate`` or
-                ``--allow-growth``.
-        """
-        loop = (
-            self.zero_grad != ZeroGrad.BEFORE_FORWARD or self.accumulate != 1 or self.allow_growth
-        )
-        if self.isolate and loop:
-            raise ConfigError(
-                "--zero-grad, --accumulate and --allow-growth are not passed to isolated trials "
-                "yet; run without --isolate"
-            )
+        if self.trial_timeout is None:  # not given: the library's default (None there: no limit)
+            del keywords["trial_timeout"]
+        if self.isolate:  # isolated trials neither read nor write the result cache
+            keywords.update(cache=False, trust_cache=False)
+        return {**keywords, "on_trial": progress.trial, "on_point": progress.point}
 
     def check_timeout(self) -> None:
         """Refuse ``--trial-timeout`` without ``--isolate``.

@@ -2,7 +2,8 @@
 
 A child loads the model file itself and gets its options as JSON: every keyword whose type
 admits a plain value (a name, a number, a switch) crosses, unless the parent keeps it
-(:data:`PARENT_OWN`, with why). A new plain keyword crosses by default.
+(:data:`PARENT_OWN`, with why). A new plain keyword crosses by default. An option given at its
+default says nothing a child does not assume: :func:`child_values` leaves it out, whoever keeps it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from maxbatch.devices.device import device_label
 from maxbatch.errors import ConfigError
 from maxbatch.run.finder import find_batch_size
 from maxbatch.settings import SearchSettings
@@ -50,6 +54,28 @@ def _child_options() -> frozenset[str]:
         and p.name not in PARENT_OWN
         and _plain_keyword(hints[p.name])
     )
+
+
+def child_values(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options as a child takes them: those at ``find_batch_size``'s default left out.
+
+    ``noise_scale=False`` or ``cache=False`` are then no reason to refuse an isolated probe, and
+    a device given as a :class:`torch.device` crosses by its name.
+
+    Returns:
+        The options left, with plain values where they had a plain equivalent.
+    """
+    defaults = {p.name: p.default for p in inspect.signature(find_batch_size).parameters.values()}
+    values = {k: device_label(v) if isinstance(v, torch.device) else v for k, v in options.items()}
+    return {k: v for k, v in values.items() if not (k in defaults and _same(v, defaults[k]))}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether ``value`` is ``default`` (plain values of the same type compared by value)."""
+    plain = (type(None), bool, int, float, str)
+    if value is default:
+        return True
+    return isinstance(value, plain) and type(value) is type(default) and value == default
 
 
 def search_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from maxbatch.settings import (
     ProfileSettings,
     SearchSettings,
 )
-from maxbatch.stats.advise import per_rank
+from maxbatch.stats.advise import check_even_split
 from maxbatch.step.loop import Loop
 from maxbatch.step.spec import (
     ForwardFn,
@@ -217,7 +217,7 @@ def find_batch_size(
         ranks=join(distributed),
     )
     try:
-        per_rank(global_batch, request.ranks.world_size)
+        check_even_split(global_batch, request.ranks.world_size)
         check_noise_scale(request.advice, request.step)
         measured = stages.measure(request)
     except BaseException as e:

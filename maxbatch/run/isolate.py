@@ -30,11 +30,13 @@ from maxbatch.devices.device import require_weights
 from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import Grid
 from maxbatch.results import UNTIMED_REASON, BatchSizeResult, MemoryPoint, Throughput, Trial
-from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options, search_options
+from maxbatch.run.childoptions import TRIAL_TIMEOUT, check_options, child_values, search_options
 from maxbatch.run.distributed import is_distributed
+from maxbatch.run.modelfile import ModelSpec, load_model_file
 from maxbatch.search.bracket import fit_memory_model
 from maxbatch.search.probe import SearchOutcome, search
 from maxbatch.settings import SearchSettings
+from maxbatch.step.batching import make_batch_fn
 from maxbatch.step.retry import lower_after_oom
 
 if TYPE_CHECKING:  # imported when used: the children run it as __main__ (python -m)
@@ -214,45 +216,66 @@ def _budget_outcome(
 
 
 def probe_file(
-    model_file: str | os.PathLike[str], *, isolate: bool = False, **options: Any
+    model_file: str | os.PathLike[str] | ModelSpec,
+    *,
+    isolate: bool = False,
+    trial_timeout: float | None = TRIAL_TIMEOUT,
+    on_scan: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> BatchSizeResult:
     """Probe a model file (README, "The model file") as ``maxbatch probe`` does.
 
+    The file's hooks are the step's; its model must have weights and is moved to ``device``.
+
     Args:
         model_file: the file: ``model`` or ``build_model()``, ``sample`` or ``make_batch`` or
-            ``dataset``, and the optional hooks.
-        isolate: run every trial in a fresh process that loads the file (:func:`probe_isolated`);
-            the options must then be plain values (not the parent's own:
-            :data:`~maxbatch.run.childoptions.PARENT_OWN`), plus
+            ``dataset``, and the optional hooks; or the file already loaded
+            (:func:`~maxbatch.run.modelfile.load_model_file`), as the CLI does to report a bad
+            file before anything else.
+        isolate: run every trial in a fresh process that loads the file (:func:`probe_isolated`):
+            the options must be plain values (a name, a number, a switch) and not the parent's
+            own (:data:`~maxbatch.run.childoptions.PARENT_OWN`), unless at their default; plus
             ``min_batch_size``, ``max_batch_size``, ``time_budget``, ``on_trial`` and
-            ``on_point``.
+            ``on_point``. The file's ``extra_state()`` is called here once to check it; every
+            child calls its own.
+        trial_timeout: with ``isolate``: seconds each child may run (None: no limit).
+        on_scan: called as ``on_scan(done, total)`` while the file's ``dataset`` is scanned in
+            this process (isolated children scan theirs unreported).
         **options: :func:`~maxbatch.find_batch_size` options; ``optimizer`` defaults to the
-            file's ``optimizer()``.
+            file's ``optimizer()``, ``extra_state`` to what its ``extra_state()`` returns.
 
     Returns:
         The result.
 
     Raises:
         ModelFileError: the file does not load or follow the conventions.
-        ConfigError: ``isolate=True`` under an initialised ``torch.distributed`` group, or the
-            model is on the meta device (no weights).
+        ConfigError: ``isolate=True`` under an initialised ``torch.distributed`` group, an
+            option a child cannot take, ``trial_timeout`` without ``isolate``, or the model is
+            on the meta device (no weights).
         MaxbatchError: as :func:`~maxbatch.find_batch_size`.
+        ProfileInterrupted: as :func:`~maxbatch.find_batch_size` (not with ``isolate``).
     """
     from maxbatch.run.isotrial import find_in_file
-    from maxbatch.run.modelfile import load_model_file
-    from maxbatch.step.batching import make_batch_fn
 
-    path = os.fspath(model_file)
     if isolate and is_distributed():
         raise ConfigError(
             "isolated trials do not combine with torch.distributed: run without --isolate under "
             "torchrun (the ranks then agree in one process each)"
         )
-    spec = load_model_file(path)  # checked here, in this process, before any child starts
-    require_weights(spec.model)
+    model_spec = model_file if isinstance(model_file, ModelSpec) else load_model_file(model_file)
+    require_weights(model_spec.model)  # checked here, in this process, before any child starts
     if not isolate:
-        return find_in_file(spec, options)
-    sample_size = None if spec.sample is None else make_batch_fn(spec.sample)[1]
+        if trial_timeout != TRIAL_TIMEOUT:
+            raise ConfigError(
+                f"trial_timeout={trial_timeout!r} bounds the processes of isolated trials; pass "
+                "isolate=True (without it every trial runs in this process: time_budget bounds "
+                "the search)"
+            )
+        return find_in_file(model_spec, options, on_scan=on_scan)
+    model_spec.extra_state_items()
+    sample_size = None if model_spec.sample is None else make_batch_fn(model_spec.sample)[1]
     lower = options.get("min_batch_size") or 1
     start = max(lower, sample_size if sample_size is not None else 2)
-    return probe_isolated(path, start=start, **options)
+    return probe_isolated(
+        model_spec.path, start=start, trial_timeout=trial_timeout, **child_values(options)
+    )

@@ -228,8 +228,14 @@ def final_child(
     return final
 
 
-def find_in_file(spec: Any, options: dict[str, Any]) -> BatchSizeResult:
+def find_in_file(
+    model_spec: Any, options: dict[str, Any], *, on_scan: Callable[[int, int], None] | None = None
+) -> BatchSizeResult:
     """:func:`~maxbatch.find_batch_size` on a loaded model file, its hooks as the step's.
+
+    The model is moved to ``options["device"]`` (when given); ``optimizer`` defaults to the
+    file's ``optimizer()``, ``extra_state`` to its ``extra_state()``; ``on_scan`` reports the
+    scan of its ``dataset``.
 
     Returns:
         The result.
@@ -238,14 +244,15 @@ def find_in_file(spec: Any, options: dict[str, Any]) -> BatchSizeResult:
 
     optimizer = options.pop("optimizer", None)
     device = options.pop("device", None)
+    extra_state = options.pop("extra_state", None)
     if device is not None:
-        spec.model.to(device)
+        model_spec.model.to(device)
     return find_batch_size(
-        spec.model,
-        spec.batch_source(),
+        model_spec.model,
+        model_spec.batch_source(on_scan),
         device=device,
-        **spec.step_options(optimizer),
-        extra_state=spec.extra_state_items(),
+        **model_spec.step_options(optimizer),
+        extra_state=model_spec.extra_state_items() if extra_state is None else extra_state,
         **options,
     )
 

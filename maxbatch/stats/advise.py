@@ -20,6 +20,7 @@ __all__ = [
     "accumulation_plan",
     "advice_for",
     "advise",
+    "check_even_split",
     "iterations_per_epoch",
     "per_rank",
     "scale_lr",
@@ -151,6 +152,18 @@ def _within_accumulation(
     return dataclasses.replace(again, note=again.note + why)
 
 
+def check_even_split(global_batch: int | None, world_size: int) -> None:
+    """Check that ``global_batch`` (over all ranks) splits evenly over ``world_size`` ranks.
+
+    Raises:
+        ConfigError: ``global_batch`` is not a multiple of ``world_size``.
+    """
+    if global_batch is not None and global_batch % world_size:
+        raise ConfigError(
+            f"global_batch={global_batch} is not a multiple of the {world_size} ranks"
+        )
+
+
 def per_rank(global_batch: int | None, world_size: int) -> int | None:
     """The part of ``global_batch`` (over all ranks) that each of ``world_size`` ranks takes.
 
@@ -158,15 +171,11 @@ def per_rank(global_batch: int | None, world_size: int) -> int | None:
         Each rank's share, or None without a global batch.
 
     Raises:
-        ConfigError: ``global_batch`` is not a multiple of ``world_size``.
+        ConfigError: ``global_batch`` is not a multiple of ``world_size``
+            (:func:`check_even_split`).
     """
-    if global_batch is None:
-        return None
-    if global_batch % world_size:
-        raise ConfigError(
-            f"global_batch={global_batch} is not a multiple of the {world_size} ranks"
-        )
-    return global_batch // world_size
+    check_even_split(global_batch, world_size)
+    return None if global_batch is None else global_batch // world_size
 
 
 def advice_for(
