@@ -196,3 +196,20 @@ def test_a_bucket_profile_and_its_json_render_the_same() -> None:
     assert "1 real trials in 4.1 s (budget 2 x buckets + 2 = 6)" in text
     longest = LengthResult(max_length=512, batch_size=8, length_multiple_of=8, memory_model=model)
     assert length_table(longest).startswith("longest length at batch size 8: 512 (multiples of 8)")
+
+
+def test_a_report_without_the_keys_it_may_leave_out_still_renders(tmp_path: Path) -> None:
+    # Older or hand-written reports: null or missing optional keys come back as the record's
+    # None (``complete``, never rendered, as True): it renders as the result with them null.
+    result = _result(noise=False)
+    data = json.loads(result_json(result))
+    for key in ("complete", "precision", "optimizer", "memory_model", "world_size"):
+        del data[key]
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    saved = load_report(str(path))
+    assert saved.model_file is None and saved.result.search.complete
+    back = saved.result
+    assert back.precision is None and back.optimizer is None and back.memory_model is None
+    nulled = dict.fromkeys(("precision", "optimizer", "memory_model"))
+    assert _renders(back) == _renders(BatchSizeResult.from_dict({**result.to_dict(), **nulled}))
