@@ -10,6 +10,7 @@ the flat names read as attributes too (``result.ceiling``, ``result.trials``, ..
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -229,13 +230,22 @@ def _advice(d: Mapping[str, Any]) -> Advice:
 def _noise(d: Mapping[str, Any]) -> NoiseScale:
     names = {f.name for f in dataclasses.fields(NoiseScale)}
     kept: dict[str, Any] = {
-        k: float("inf") if v is None and k in _INFINITE else v for k, v in d.items() if k in names
+        k: _NOT_FINITE[k] if v is None and k in _NOT_FINITE else v
+        for k, v in d.items()
+        if k in names
     }
     kept["notes"] = tuple(kept.get("notes", ()))
     return NoiseScale(**kept)
 
 
-_INFINITE = ("b_simple", "std_error")  # ``to_dict`` writes a non-finite number as None
+# ``to_dict`` writes a non-finite number as None: the ratio and its error are infinite when the
+# gradient is not above its noise, the estimates themselves are finite (read back as NaN if not).
+_NOT_FINITE = {
+    "b_simple": math.inf,
+    "std_error": math.inf,
+    "trace_cov": math.nan,
+    "grad_sq_norm": math.nan,
+}
 
 
 def _scan(d: Mapping[str, Any]) -> DataScan:

@@ -150,8 +150,8 @@ def test_a_result_and_its_json_render_the_same(noise: bool) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", None])
 def test_a_saved_report_reads_back_and_renders_the_same(tmp_path: Path, precision: str) -> None:
-    # The schema check reads back what the renderers need; the noise scale is not read back.
-    result = _result(noise=False, precision=precision)
+    # The schema check reads back what the renderers need, the noise scale included.
+    result = _result(noise=True, precision=precision)
     path = tmp_path / "report.json"
     path.write_text(result_json(result, model_file="model.py") + "\n", encoding="utf-8")
     saved = load_report(str(path))

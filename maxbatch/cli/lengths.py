@@ -25,6 +25,7 @@ from maxbatch.search.bucketbins import parse_buckets
 from maxbatch.store.bucketreport import (
     bucket_markdown,
     bucket_table,
+    length_markdown,
     length_table,
     write_bucket_plot,
 )
@@ -206,5 +207,5 @@ def _write_report(answer: BucketProfile | LengthResult, out: Path, model_file: s
         markdown = bucket_markdown(answer, title=f"maxbatch: {model_file}")
         markdown += "\n![ceiling against length](buckets.png)\n"
     else:
-        markdown = f"# maxbatch: {model_file}\n\n" + length_table(answer) + "\n"
+        markdown = length_markdown(answer, title=f"maxbatch: {model_file}")
     (out / "report.md").write_text(markdown, encoding="utf-8")

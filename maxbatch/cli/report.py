@@ -8,9 +8,11 @@ from pathlib import Path
 
 import click
 
+from maxbatch.buckets import BucketProfile, LengthResult
 from maxbatch.cli.exits import run
 from maxbatch.errors import ReportWriteError
 from maxbatch.results import BatchSizeResult
+from maxbatch.store.bucketreport import bucket_markdown, bucket_table, length_markdown, length_table
 from maxbatch.store.plots import write_plots
 from maxbatch.store.report import result_json, result_markdown, result_table
 from maxbatch.store.reportfiles import check_report_dir, load_report, write_report
@@ -21,13 +23,24 @@ from maxbatch.store.reportfiles import check_report_dir, load_report, write_repo
 @click.option("--markdown", is_flag=True, help="render as Markdown instead of text")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def report(report_file: str, markdown: bool, debug: bool) -> None:
-    """Render a saved report.json again."""
+    """Render a saved report.json again (of a probe, --buckets or --find length)."""
     saved = run(debug, lambda: load_report(report_file))
     title = f"maxbatch: {report_file if saved.model_file is None else saved.model_file}"
-    result = saved.result
-    click.echo(
-        result_markdown(result, title=title) if markdown else result_table(result, title=title)
-    )
+    click.echo(_rendered(saved.result, title=title, markdown=markdown))
+
+
+def _rendered(
+    answer: BatchSizeResult | BucketProfile | LengthResult, *, title: str, markdown: bool
+) -> str:
+    """The answer as ``probe`` printed it (text), or as its report.md (Markdown, no images)."""
+    if isinstance(answer, BucketProfile):
+        render = bucket_markdown if markdown else bucket_table
+        return render(answer, title=title)
+    if isinstance(answer, LengthResult):
+        return (
+            length_markdown(answer, title=title) if markdown else length_table(answer, title=title)
+        )
+    return result_markdown(answer, title=title) if markdown else result_table(answer, title=title)
 
 
 NO_PLOTS = (

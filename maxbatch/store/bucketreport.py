@@ -112,6 +112,15 @@ def length_table(result: LengthResult, *, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def length_markdown(result: LengthResult, *, title: str = "maxbatch longest length") -> str:
+    """The answer of ``--find length`` as Markdown: the title, then the text.
+
+    Returns:
+        The Markdown text.
+    """
+    return f"# {title}\n\n{length_table(result)}\n"
+
+
 def write_bucket_plot(bucket_profile: BucketProfile, path: str | Path) -> Path:
     """Draw the ceiling against length, with the data set's length histogram beneath.
 
