@@ -67,8 +67,8 @@ def _micro(work: Workload, batch: Any) -> Runner:
         work.model,
         work.optimizer,
         micro_batch_size=batch_size_of(batch),
-        loss_fn=work.loss_fn,
-        forward_fn=work.forward_fn,
+        loss_fn=work.hooks.loss_fn,
+        forward_fn=work.hooks.forward_fn,
     )
     return contextlib.nullcontext, lambda: mb.step(batch)
 

@@ -1,4 +1,4 @@
-"""The one step and the one retry: forward_backward, lower_after_oom, and who uses them."""
+"""The one step and the one retry: StepHooks.forward_backward, lower_after_oom, who uses them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import maxbatch
 from maxbatch.errors import WorkloadError
 from maxbatch.results import MemoryModel, predicted_ceiling
 from maxbatch.settings import Precision
-from maxbatch.step.forward import forward_backward, forward_loss
+from maxbatch.step.forward import StepHooks
 from maxbatch.step.retry import lower_after_oom
 
 
@@ -26,7 +26,7 @@ def _linear() -> nn.Module:
 
 def test_forward_backward_weights_the_loss_and_leaves_the_gradient_of_the_weighted_loss() -> None:
     model, x = _linear(), torch.randn(8, 4)
-    _, weighted = forward_backward(model, x, weight=0.25)
+    _, weighted = StepHooks().forward_backward(model, x, weight=0.25)
     assert model.weight.grad is not None
     grad = model.weight.grad.clone()
     model.zero_grad()
@@ -44,7 +44,8 @@ def test_forward_backward_runs_under_autocast_at_the_precision(precision: Precis
         seen.append(out.dtype)
         return out
 
-    forward_backward(_linear(), torch.randn(8, 4), forward_fn=forward, precision=precision)
+    hooks = StepHooks.build(forward_fn=forward, precision=precision)
+    hooks.forward_backward(_linear(), torch.randn(8, 4))
     want = torch.bfloat16 if precision is Precision.BF16 else torch.float16
     assert seen == [want]
 
@@ -55,7 +56,7 @@ def test_the_scalar_loss_check_is_one_for_every_caller() -> None:
 
     model, x = _linear(), torch.randn(8, 4)
     with pytest.raises(WorkloadError, match=r"scalar tensor, got Tensor of shape \(8,\)"):
-        forward_loss(model, x, loss_fn=per_sample)
+        StepHooks.build(loss_fn=per_sample).forward_loss(model, x)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(WorkloadError, match=r"of shape \(4,\)"):  # its micro-batch
         maxbatch.MicroBatcher(model, opt, micro_batch_size=4, loss_fn=per_sample).step(x)
@@ -69,7 +70,7 @@ def test_a_scaler_scales_the_backward() -> None:
             return loss * 8
 
     model, x = _linear(), torch.randn(8, 4)
-    forward_backward(model, x, scaler=Times())
+    StepHooks().forward_backward(model, x, scaler=Times())
     assert model.weight.grad is not None
     grad = model.weight.grad.clone()
     model.zero_grad()

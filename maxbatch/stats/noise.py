@@ -20,11 +20,10 @@ from maxbatch.errors import ConfigError, DoesNotFitError
 from maxbatch.grid import positive_int
 from maxbatch.settings import Precision, parse_enum
 from maxbatch.stats.draws import check_random, random_batches
-from maxbatch.stats.noiserun import NoiseHooks, measure_at
+from maxbatch.stats.noiserun import measure_at
 from maxbatch.stats.noisestats import ACCUMULATION, NoiseScale, combine
 from maxbatch.step.forward import (
-    default_forward,
-    default_loss,
+    StepHooks,
 )
 from maxbatch.step.oom import release_memory
 from maxbatch.step.retry import lower_after_oom
@@ -123,9 +122,9 @@ def noise_scale(
     small, big = _sizes(batches, b_small, b_big, max_batch_size)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters: there is no gradient to measure")
-    hooks = NoiseHooks(
-        forward_fn=forward_fn or default_forward,
-        loss_fn=loss_fn or default_loss,
+    hooks = StepHooks.build(
+        forward_fn=forward_fn,
+        loss_fn=loss_fn,
         precision=parse_enum(Precision, precision, "precision"),
     )
     snapshot = Snapshot.take(model, None)
@@ -181,7 +180,7 @@ def _old_spelling(
 def _noise_scale(
     model: torch.nn.Module,
     sample: Any,
-    hooks: NoiseHooks,
+    hooks: StepHooks,
     *,
     batches: int,
     small: int,

@@ -1,7 +1,7 @@
 """One measurement of the noise scale at one micro-batch size: the draws and the mean-loss check.
 
-Each draw runs ``k`` forward/backward passes (:func:`~maxbatch.step.forward.forward_backward`)
-on independent micro-batches of ``b_small`` samples, keeping the squared norm of each micro-batch
+Each draw runs ``k`` forward/backward passes (:class:`~maxbatch.step.forward.StepHooks`) on
+independent micro-batches of ``b_small`` samples, keeping the squared norm of each micro-batch
 gradient and the running sum of the gradients (one parameter-sized buffer on the device); the
 estimators are in :mod:`maxbatch.stats.noisestats`. :func:`measure_at` returns None after an
 out-of-memory error, so that :func:`~maxbatch.stats.noise.noise_scale` lowers the size outside
@@ -10,7 +10,6 @@ the ``except`` block.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 
 from maxbatch.errors import ConfigError, MaxbatchError, WorkloadError
-from maxbatch.settings import Precision
 from maxbatch.stats.draws import Draw
 from maxbatch.stats.noisestats import (
     accumulator_dtype,
@@ -27,37 +25,15 @@ from maxbatch.stats.noisestats import (
     two_batch_estimates,
 )
 from maxbatch.step.batching import map_tensors
-from maxbatch.step.forward import forward_backward, forward_loss, to_device
+from maxbatch.step.forward import StepHooks, to_device
 from maxbatch.step.oom import is_oom
-from maxbatch.step.spec import ForwardFn, LossFn
 
-__all__ = ["NoiseHooks", "measure_at"]
+__all__ = ["measure_at"]
 
 log = logging.getLogger("maxbatch.stats.noise")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class NoiseHooks:
-    """The step's hooks and precision: what every forward of the measurement runs."""
-
-    forward_fn: ForwardFn
-    loss_fn: LossFn
-    precision: Precision
-
-    def loss_of(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """The checked loss, under autocast, without a backward."""
-        return forward_loss(
-            model, batch, forward_fn=self.forward_fn, loss_fn=self.loss_fn, precision=self.precision
-        )[1]
-
-    def backward(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """The checked loss, after its backward."""
-        return forward_backward(
-            model, batch, forward_fn=self.forward_fn, loss_fn=self.loss_fn, precision=self.precision
-        )[1]
-
-
-def _check_mean(model: torch.nn.Module, batch: Any, hooks: NoiseHooks) -> str | None:
+def _check_mean(model: torch.nn.Module, batch: Any, hooks: StepHooks) -> str | None:
     """Raise when the loss doubles on the batch repeated twice: a sum, not a mean over samples.
 
     Returns:
@@ -68,8 +44,8 @@ def _check_mean(model: torch.nn.Module, batch: Any, hooks: NoiseHooks) -> str | 
     """
     twice = map_tensors(batch, lambda t: torch.cat([t, t]))
     try:  # with autograd on: a default loss looks for outputs that require grad
-        once_value = float(hooks.loss_of(model, batch).detach())
-        twice_value = float(hooks.loss_of(model, twice).detach())
+        once_value = float(hooks.forward_loss(model, batch)[1].detach())
+        twice_value = float(hooks.forward_loss(model, twice)[1].detach())
     except Exception as e:  # noqa: BLE001 - a courtesy check: a batch that cannot be doubled skips it
         return f"could not check that the loss is a mean over samples ({type(e).__name__})"
     if once_value != 0 and abs(twice_value / once_value - 2) < abs(twice_value / once_value - 1):
@@ -86,7 +62,7 @@ def _draw(
     params: list[torch.nn.Parameter],
     total: list[torch.Tensor],
     batches: Iterator[Any],
-    hooks: NoiseHooks,
+    hooks: StepHooks,
 ) -> tuple[float, float, bool]:
     """The mean squared norm of the micro-batch gradients and the squared norm of their mean.
 
@@ -106,7 +82,7 @@ def _draw(
         k += 1
         for p in params:
             p.grad = None
-        loss = hooks.backward(model, batch)
+        _, loss = hooks.forward_backward(model, batch)
         finite &= torch.isfinite(loss.detach()).all()  # checked once per draw: no sync here
         grads = [p.grad for p in params if p.grad is not None]
         small += squared_norm(grads, dtype)
@@ -123,7 +99,7 @@ def _measure(
     batches: int,
     k: int,
     b_small: int,
-    hooks: NoiseHooks,
+    hooks: StepHooks,
 ) -> tuple[list[float], list[float]]:
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
@@ -146,7 +122,7 @@ def measure_at(
     batches: int,
     k: int,
     small: int,
-    hooks: NoiseHooks,
+    hooks: StepHooks,
 ) -> tuple[str | None, list[float], list[float]] | None:
     """The mean-loss check and the draws at micro-batch ``small``; None after running out of memory.
 

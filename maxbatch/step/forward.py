@@ -1,14 +1,16 @@
 """The one forward/backward of a step: the hooks' defaults, autocast, the loss check, the backward.
 
-:func:`forward_backward` is what the probe's workload (through its loop), ``MicroBatcher`` and
-``noise_scale`` run for one (micro-)batch: ``forward_fn(model, batch)`` and ``loss_fn(output,
-batch)`` under autocast at the step's precision, the check that the loss is a scalar tensor, the
-loss weighted and scaled (a ``GradScaler``), and its backward.
+:meth:`StepHooks.forward_backward` is what the probe's workload (through its loop),
+``MicroBatcher`` and ``noise_scale`` run for one (micro-)batch: ``forward_fn(model, batch)`` and
+``loss_fn(output, batch)`` under autocast at the step's precision, the check that the loss is a
+scalar tensor, the loss weighted and scaled (a ``GradScaler``), and its backward. Each of them
+holds its hooks and precision as one :class:`StepHooks`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,12 +22,11 @@ from maxbatch.settings import Precision
 from maxbatch.step.spec import ForwardFn, LossFn
 
 __all__ = [
+    "StepHooks",
     "autocast",
     "check_loss",
     "default_forward",
     "default_loss",
-    "forward_backward",
-    "forward_loss",
     "to_device",
 ]
 
@@ -95,78 +96,92 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def forward_loss(
-    model: torch.nn.Module,
-    batch: Any,
-    *,
-    forward_fn: ForwardFn | None = None,
-    loss_fn: LossFn | None = None,
-    precision: Precision = Precision.FP32,
-    device: torch.device | None = None,
-) -> tuple[Any, torch.Tensor]:
-    """The forward and the loss under autocast, the loss checked (no backward).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepHooks:
+    """The user's forward and loss and the autocast precision: how every forward of a step runs.
 
-    Args:
-        model: the model.
-        batch: a batch already on the device.
-        forward_fn: ``forward_fn(model, batch)``; default :func:`default_forward`.
-        loss_fn: ``loss_fn(output, batch)``; default :func:`default_loss`.
-        precision: the autocast precision (FP32: none).
-        device: the device whose kind autocast takes; default the model's.
-
-    Returns:
-        The output and the loss.
-
-    Raises:
-        WorkloadError: the loss is not a scalar tensor.
+    The workload, ``MicroBatcher`` and ``noise_scale`` each hold one (:meth:`build` fills in the
+    defaults) and run their (micro-)batches through :meth:`forward_backward`.
     """
-    with autocast(precision, device or _device_of(model)):
-        output = (forward_fn or default_forward)(model, batch)
-        loss = (loss_fn or default_loss)(output, batch)
-    return output, check_loss(loss)
 
+    forward_fn: ForwardFn = default_forward
+    loss_fn: LossFn = default_loss
+    precision: Precision = Precision.FP32
 
-def forward_backward(
-    model: torch.nn.Module,
-    batch: Any,
-    *,
-    forward_fn: ForwardFn | None = None,
-    loss_fn: LossFn | None = None,
-    precision: Precision = Precision.FP32,
-    device: torch.device | None = None,
-    weight: float = 1.0,
-    scaler: Any = None,
-    before_backward: Callable[[], None] | None = None,
-) -> tuple[Any, torch.Tensor]:
-    """One forward, loss and backward: the step's one home (see the module doc).
+    @classmethod
+    def build(
+        cls,
+        *,
+        forward_fn: ForwardFn | None = None,
+        loss_fn: LossFn | None = None,
+        precision: Precision = Precision.FP32,
+    ) -> StepHooks:
+        """The hooks given, :func:`default_forward` and :func:`default_loss` for those not given.
 
-    Args:
-        model: the model.
-        batch: a batch already on the device.
-        forward_fn: ``forward_fn(model, batch)``; default :func:`default_forward`.
-        loss_fn: ``loss_fn(output, batch)``; default :func:`default_loss`.
-        precision: the autocast precision of the forward and the loss (FP32: none).
-        device: the device whose kind autocast takes; default the model's.
-        weight: the loss is multiplied by it before the backward (1: left as it is).
-        scaler: a ``torch.amp.GradScaler`` that scales the loss before the backward.
-        before_backward: called between the forward and the backward (a loop that clears
-            gradients there).
+        Returns:
+            The record.
+        """
+        return cls(
+            forward_fn=forward_fn or default_forward,
+            loss_fn=loss_fn or default_loss,
+            precision=precision,
+        )
 
-    Returns:
-        The output and the weighted loss the backward ran from (the loss itself at weight 1),
-        attached: the caller decides how long they live (a user's loop keeps the last ones until
-        the next forward has made its own). The unweighted loss is not kept alive through the
-        backward, as a user's ``loss = loss / n`` does not keep it.
+    def forward_loss(
+        self, model: torch.nn.Module, batch: Any, *, device: torch.device | None = None
+    ) -> tuple[Any, torch.Tensor]:
+        """The forward and the loss under autocast, the loss checked (no backward).
 
-    Raises:
-        WorkloadError: the loss is not a scalar tensor.
-    """
-    output, loss = forward_loss(
-        model, batch, forward_fn=forward_fn, loss_fn=loss_fn, precision=precision, device=device
-    )
-    weighted = loss if weight == 1.0 else loss * weight
-    del loss
-    if before_backward is not None:
-        before_backward()
-    (weighted if scaler is None else scaler.scale(weighted)).backward()
-    return output, weighted
+        Args:
+            model: the model.
+            batch: a batch already on the device.
+            device: the device whose kind autocast takes; default the model's.
+
+        Returns:
+            The output and the loss.
+
+        Raises:
+            WorkloadError: the loss is not a scalar tensor.
+        """
+        with autocast(self.precision, device or _device_of(model)):
+            output = self.forward_fn(model, batch)
+            loss = self.loss_fn(output, batch)
+        return output, check_loss(loss)
+
+    def forward_backward(
+        self,
+        model: torch.nn.Module,
+        batch: Any,
+        *,
+        device: torch.device | None = None,
+        weight: float = 1.0,
+        scaler: Any = None,
+        before_backward: Callable[[], None] | None = None,
+    ) -> tuple[Any, torch.Tensor]:
+        """One forward, loss and backward: the step's one home (see the module doc).
+
+        Args:
+            model: the model.
+            batch: a batch already on the device.
+            device: the device whose kind autocast takes; default the model's.
+            weight: the loss is multiplied by it before the backward (1: left as it is).
+            scaler: a ``torch.amp.GradScaler`` that scales the loss before the backward.
+            before_backward: called between the forward and the backward (a loop that clears
+                gradients there).
+
+        Returns:
+            The output and the weighted loss the backward ran from (the loss itself at weight
+            1), attached: the caller decides how long they live (a user's loop keeps the last
+            ones until the next forward has made its own). The unweighted loss is not kept
+            alive through the backward, as a user's ``loss = loss / n`` does not keep it.
+
+        Raises:
+            WorkloadError: the loss is not a scalar tensor.
+        """
+        output, loss = self.forward_loss(model, batch, device=device)
+        weighted = loss if weight == 1.0 else loss * weight
+        del loss
+        if before_backward is not None:
+            before_backward()
+        (weighted if scaler is None else scaler.scale(weighted)).backward()
+        return output, weighted

@@ -120,10 +120,10 @@ def train_step(
     """One optimizer step: ``loop.accumulate`` micro-batches, gradients cleared as the loop does.
 
     ``micro_step(batch, weight, before_backward)`` runs the forward, the loss (under autocast) and
-    the backward (:func:`~maxbatch.step.forward.forward_backward`) and returns the output and the
-    weighted loss. As in a user's loop, they stay referenced until the next micro-batch's forward
-    has made its own (the names are rebound then: ``before_backward``), and the last ones until
-    the optimizer step is done.
+    the backward (:meth:`~maxbatch.step.forward.StepHooks.forward_backward`) and returns the output
+    and the weighted loss. As in a user's loop, they stay referenced until the next micro-batch's
+    forward has made its own (the names are rebound then: ``before_backward``), and the last ones
+    until the optimizer step is done.
     """
     if loop.zero_grad is ZeroGrad.BEFORE_FORWARD:
         clear(model, optimizer)

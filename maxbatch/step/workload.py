@@ -20,13 +20,7 @@ from maxbatch.devices.device import local_shard
 from maxbatch.errors import ConfigError
 from maxbatch.settings import Mode, Precision
 from maxbatch.step.extrastate import ExtraState
-from maxbatch.step.forward import (
-    autocast,
-    default_forward,
-    default_loss,
-    forward_backward,
-    to_device,
-)
+from maxbatch.step.forward import StepHooks, autocast, to_device
 from maxbatch.step.loop import Loop
 from maxbatch.step.loop import train_step as loop_step
 from maxbatch.step.snapshot import Snapshot
@@ -45,8 +39,8 @@ class Workload:
         mode: training step or inference.
         precision: autocast precision (FP32: none).
         optimizer: the optimizer stepped in train mode, or None for no optimizer step.
-        forward_fn: ``forward(model, batch)``; default :func:`default_forward`.
-        loss_fn: ``loss(output, batch)``; default :func:`default_loss`.
+        forward_fn: ``forward(model, batch)``; default ``model(batch)`` (``StepHooks.build``).
+        loss_fn: ``loss(output, batch)``; default the output's loss (``StepHooks.build``).
         train_step: the user's whole step ``train_step(model, batch, optimizer)``, replacing ours.
         extra_state: more state the step changes, restored after every trial.
         loop: where the loop clears gradients and how many micro-batches it accumulates.
@@ -71,10 +65,9 @@ class Workload:
         self.make_batch = make_batch
         self.device = device
         self.mode = mode
-        self.precision = precision
         self.optimizer = optimizer
-        self.forward_fn = forward_fn or default_forward
-        self.loss_fn = loss_fn or default_loss
+        #: the forward, the loss and the precision every forward of the step runs with
+        self.hooks = StepHooks.build(forward_fn=forward_fn, loss_fn=loss_fn, precision=precision)
         self.train_step = train_step
         self.extra_state = extra_state or ExtraState(items=())
         self.loop = loop or Loop()
@@ -88,8 +81,8 @@ class Workload:
     def step(self, batch: Any) -> None:
         """Run one step (one optimizer step of the loop) on a batch already on the device."""
         if self.mode is Mode.INFERENCE:
-            with torch.inference_mode(), autocast(self.precision, self.device):
-                self.forward_fn(self.model, batch)
+            with torch.inference_mode(), autocast(self.hooks.precision, self.device):
+                self.hooks.forward_fn(self.model, batch)
             return
         if self.train_step is not None:
             self.train_step(self.model, batch, self.optimizer)
@@ -101,17 +94,9 @@ class Workload:
     ) -> tuple[Any, torch.Tensor]:
         if self._recording:  # the measured step's forward begins: what the loop kept alive
             self.alive_at_start, self._recording = self.alive(), False
-        output, weighted = forward_backward(
-            self.model,
-            batch,
-            forward_fn=self.forward_fn,
-            loss_fn=self.loss_fn,
-            precision=self.precision,
-            device=self.device,
-            weight=weight,
-            before_backward=before_backward,
+        return self.hooks.forward_backward(
+            self.model, batch, device=self.device, weight=weight, before_backward=before_backward
         )
-        return output, weighted
 
     def run(
         self,

@@ -20,7 +20,7 @@ from maxbatch.grid import positive_int
 from maxbatch.results import BatchSizeResult, MemoryModel
 from maxbatch.settings import Precision, parse_enum
 from maxbatch.step.batching import batch_size_of, held_bytes, map_tensors
-from maxbatch.step.forward import default_forward, default_loss, forward_backward
+from maxbatch.step.forward import StepHooks
 from maxbatch.step.oom import is_oom, release_memory
 from maxbatch.step.retry import lower_after_oom
 from maxbatch.step.snapshot import Snapshot
@@ -95,10 +95,13 @@ class MicroBatcher:
         self.optimizer = optimizer
         self.micro_batch_size = micro_batch_size
         self.max_micro_batch_size = micro_batch_size
-        self.loss_fn = loss_fn or default_loss
-        self.forward_fn = forward_fn or default_forward
         self.scaler = scaler
-        self.precision = parse_enum(Precision, precision, "precision")
+        #: the forward, the loss and the precision every micro-batch runs with
+        self.hooks = StepHooks.build(
+            forward_fn=forward_fn,
+            loss_fn=loss_fn,
+            precision=parse_enum(Precision, precision, "precision"),
+        )
         self.on_change = on_change
         self.grow_after = grow_after
         self.loss_reduction = loss_reduction
@@ -211,15 +214,8 @@ class MicroBatcher:
         """
         part = map_tensors(batch, lambda t: t[start:stop])
         weight = (stop - start) / n if self.loss_reduction == "mean" else 1.0
-        _, weighted = forward_backward(
-            self.model,
-            part,
-            forward_fn=self.forward_fn,
-            loss_fn=self.loss_fn,
-            precision=self.precision,
-            device=self.device,
-            weight=weight,
-            scaler=self.scaler,
+        _, weighted = self.hooks.forward_backward(
+            self.model, part, device=self.device, weight=weight, scaler=self.scaler
         )
         weighted = weighted.detach()
         return weighted, weighted if weight == 1.0 else weighted / weight
