@@ -21,7 +21,7 @@ from maxbatch.errors import ConfigError
 from maxbatch.results import BatchSizeResult
 from maxbatch.store.bucketreport import bucket_markdown, bucket_table, length_markdown, length_table
 from maxbatch.store.report import result_json
-from maxbatch.store.reportcheck import load_report
+from maxbatch.store.reportcheck import check_result, load_report
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MIB = 1024**2
@@ -70,6 +70,25 @@ def test_a_noise_scale_read_back_keeps_its_fields(tmp_path: Path) -> None:
     result = _with_noise(data_rows=100, method="over steps")
     saved = load_report(str(_saved(tmp_path, result.to_dict())))
     assert saved.result.noise_scale == result.noise_scale
+
+
+def test_a_cache_entry_with_a_non_finite_noise_scale_passes_the_check() -> None:
+    # The cache checks its entries' results against the same schema, and keeps the noise scale.
+    result = _with_noise(b_simple=math.inf, std_error=math.inf)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert check_result(data, "result")["noise_scale"]["b_simple"] is None
+    assert BatchSizeResult.from_dict(data).noise_scale == result.noise_scale
+
+
+def test_a_null_estimate_reads_back_as_nan_and_renders(tmp_path: Path) -> None:
+    # ``to_dict`` writes any non-finite float as null; tr(Σ) and |G|² come back as NaN, not None.
+    data = _with_noise().to_dict()
+    data["noise_scale"]["trace_cov"] = None
+    scale = load_report(str(_saved(tmp_path, data))).result.noise_scale
+    assert scale is not None and math.isnan(scale.trace_cov)
+    assert (
+        "tr(Σ) nan, |G|² 0.1448" in _renders(load_report(str(tmp_path / "report.json")).result)[0]
+    )
 
 
 @pytest.mark.parametrize(
