@@ -266,8 +266,12 @@ class LengthResult:
         device: the device probed.
         usable_bytes: the bytes a trial may peak at.
         memory_model: the memory model over (batch, length) the trials fitted.
-        complete: False when the search stopped at ``max_length``'s limit, not at a failure.
+        complete: False when the search stopped at ``max_length``'s limit, or at the data
+            set's longest item, not at a failure.
         notes: remarks, in words.
+        longest_item: a data set's longest item (None for ``make_batch``): no batch is longer.
+        longest_item_fits: whether a batch of the data set's longest items fits at ``batch_size``
+            (None: not known, past ``max_length``, or ``make_batch``).
     """
 
     max_length: int
@@ -280,20 +284,17 @@ class LengthResult:
     memory_model: LengthMemoryModel | None = None
     complete: bool = True
     notes: tuple[str, ...] = ()
+    longest_item: int | None = None
+    longest_item_fits: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict (``max_length`` is the answer)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         model = self.memory_model
-        return {
-            "max_length": self.max_length,
-            "batch_size": self.batch_size,
-            "length_multiple_of": self.length_multiple_of,
-            "trials": [t.to_dict() for t in self.trials],
-            "real_trials": len(self.trials),
-            "seconds": self.seconds,
-            "device": self.device,
-            "usable_bytes": self.usable_bytes,
-            "memory_model": None if model is None else model.to_dict(),
-            "complete": self.complete,
-            "notes": list(self.notes),
-        }
+        out.update(
+            trials=[t.to_dict() for t in self.trials],
+            real_trials=len(self.trials),
+            memory_model=None if model is None else model.to_dict(),
+            notes=list(self.notes),
+        )
+        return out

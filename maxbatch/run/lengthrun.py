@@ -9,6 +9,7 @@ one real trial, fed to the memory model over (batch, length).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import inspect
@@ -70,7 +71,9 @@ class LengthBatches:
     ):
         self.length = 1
         self.lengths: list[int] | None = None
+        self.size_fn_given = size_fn is not None
         self._make: MakeBatch2 | None = None
+        self._sorted: list[int] | None = None
         if isinstance(source, DataLoader):
             collate_fn = collate_fn or source.collate_fn
             source = source.dataset
@@ -82,6 +85,7 @@ class LengthBatches:
             if not known:
                 raise ConfigError("the data set is empty: there is no batch to build")
             self.lengths = known
+            self._sorted = sorted(set(known))
             self._order = sorted(range(len(known)), key=lambda i: -known[i])
         elif callable(source):
             if not takes_length(source):
@@ -95,6 +99,27 @@ class LengthBatches:
                 f"expected make_batch(batch_size, length) or a map-style data set, got "
                 f"{type(source).__name__}"
             )
+
+    def snap(self, length: int) -> int:
+        """The true length of the batch at ``length``.
+
+        Returns:
+            A data set's longest item up to ``length``; for ``make_batch`` (or a data set with no
+            item that short), ``length`` itself.
+        """
+        if self._sorted is None:
+            return length
+        at = bisect.bisect_right(self._sorted, length)
+        return self._sorted[at - 1] if at else length
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """A data set's shortest and longest item (None for ``make_batch``).
+
+        A batch at length ``L`` is made of items not longer than ``L``: none can be made below the
+        shortest, and every length past the longest gives the same batch, the longest items.
+        """
+        return None if self.lengths is None else (min(self.lengths), max(self.lengths))
 
     def __call__(self, batch_size: int) -> Any:
         """A batch of ``batch_size`` at the current length."""
@@ -127,6 +152,7 @@ class Runner:
     """Runs real trials at (batch size, length) and fits the memory model over them."""
 
     run_one: Callable[[int, int], tuple[LengthTrial, Point | None]]
+    snap: Callable[[int], int] = int
     fit: LengthFit
     device: str
     usable_bytes: int
@@ -135,7 +161,15 @@ class Runner:
     seen: dict[tuple[int, int], bool] = dataclasses.field(default_factory=dict)
 
     def run(self, batch_size: int, length: int) -> bool:
-        """One real trial (or the answer of the same trial run before): does it fit?"""
+        """One real trial (or the answer of the same trial run before): does it fit?
+
+        A data set's batch at ``length`` is as long as its longest item up to it: the trial
+        runs, and is recorded, at that true length (``snap``).
+
+        Returns:
+            Whether the step fit.
+        """
+        length = self.snap(length)
         known = self.seen.get((batch_size, length))
         if known is not None:
             return known
@@ -211,6 +245,7 @@ def open_runner(
 
                 yield Runner(
                     run_one=run_one,
+                    snap=batches.snap,
                     fit=LengthFit(capacity.usable_bytes),
                     device=info.device,
                     usable_bytes=capacity.usable_bytes,

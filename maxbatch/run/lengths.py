@@ -10,6 +10,7 @@ prediction is tried first, and every trial that fits sharpens the model for the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -124,7 +125,8 @@ def find_max_length(
     Args:
         model: the model, on the device to probe.
         make_batch: ``make_batch(batch_size, length)`` returning a batch, or a map-style data set
-            whose items have a length (``size_fn``): its longest items up to each length.
+            whose items have a length (``size_fn``): its longest items up to each length, so the
+            search runs from its shortest item to its longest (``longest_item``).
         batch_size: the batch size every trial runs.
         length_multiple_of: only try multiples of this (e.g. 64 for a kernel's tile).
         min_length: the shortest length to try (default: ``length_multiple_of``).
@@ -151,11 +153,10 @@ def find_max_length(
     started = time.perf_counter()
     positive_int(batch_size, "batch_size")
     positive_int(length_multiple_of, "length_multiple_of")
-    low = length_multiple_of if min_length is None else positive_int(min_length, "min_length")
-    limit = NO_LIMIT if max_length is None else positive_int(max_length, "max_length")
-    if limit < low:
-        raise ConfigError(f"max_length={limit} is below the shortest length to try ({low})")
     batches = LengthBatches(make_batch, size_fn=size_fn, collate_fn=collate_fn)
+    low, limit = _lengths_to_try(
+        batches.span, step=length_multiple_of, min_length=min_length, max_length=max_length
+    )
     with open_runner(
         model,
         batches,
@@ -175,9 +176,16 @@ def find_max_length(
                 needed_bytes=max(t.peak_bytes for t in runner.trials),
                 available_bytes=runner.usable_bytes,
             )
-        complete = found + length_multiple_of > limit
+        end = _end(
+            runner,
+            batches,
+            batch_size=batch_size,
+            found=found,
+            step=length_multiple_of,
+            limit=limit,
+        )
     return LengthResult(
-        max_length=found,
+        max_length=end.max_length,
         batch_size=batch_size,
         length_multiple_of=length_multiple_of,
         trials=tuple(runner.trials),
@@ -185,8 +193,101 @@ def find_max_length(
         device=runner.device,
         usable_bytes=runner.usable_bytes,
         memory_model=runner.fit.model(),
-        complete=not complete,
-        notes=(f"stopped at max_length={limit}: longer lengths were not tried",)
-        if complete
-        else (),
+        complete=end.complete,
+        notes=end.notes,
+        longest_item=None if batches.span is None else batches.span[1],
+        longest_item_fits=end.longest_fits,
+    )
+
+
+def _lengths_to_try(
+    span: tuple[int, int] | None, *, step: int, min_length: int | None, max_length: int | None
+) -> tuple[int, int]:
+    """The shortest and the longest length to try: the options', within a data set's items.
+
+    A data set's batch at a length is made of its longest items not longer than it: none below
+    its shortest item, and every length past its longest gives the same batch. The search starts
+    at the shortest item and ends at the longest (its answer then says the data set ends there).
+
+    Returns:
+        The shortest length and the limit.
+
+    Raises:
+        ConfigError: an option is invalid, or no length on the grid has a batch of the data set.
+    """
+    low = step if min_length is None else positive_int(min_length, "min_length")
+    limit = NO_LIMIT if max_length is None else positive_int(max_length, "max_length")
+    if limit < low:
+        raise ConfigError(f"max_length={limit} is below the shortest length to try ({low})")
+    if span is None:
+        return low, limit
+    shortest, longest = span
+    for name, value in (("min_length", min_length), ("max_length", max_length)):
+        if value is not None and value < shortest:
+            raise ConfigError(
+                f"{name}={value} is shorter than every item of the data set (the shortest is "
+                f"{shortest}): no batch that short can be made of its items"
+            )
+    low, limit = max(low, shortest), min(limit, longest)
+    if -(-low // step) * step > limit:
+        raise ConfigError(
+            f"no multiple of length_multiple_of={step} lies within the lengths to try "
+            f"({max(shortest, min_length or 0)} to {limit}, the data set's items), so no batch of "
+            "its items can be tried; lower length_multiple_of, or give "
+            "make_batch(batch_size, length) instead of the data set"
+        )
+    return low, limit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _End:
+    """How the search ended: the answer, verified or stopped, the data set's longest items."""
+
+    max_length: int
+    complete: bool
+    longest_fits: bool | None = None
+    notes: tuple[str, ...] = ()
+
+
+def _end(
+    runner: Runner, batches: LengthBatches, *, batch_size: int, found: int, step: int, limit: int
+) -> _End:
+    """How the search for ``found`` ended: at a failure, at ``limit`` or at the data set's end.
+
+    A data set's batch at a length is its longest items up to it, as long as the longest of
+    them: the answer is then the longest batch that fit, the data set's longest item that fits.
+    At the data set's end with its longest item off the grid, one more trial runs that item's
+    batch: whether the whole data set fits at ``batch_size``.
+
+    Returns:
+        The ending.
+    """
+    stopped = found + step > limit
+    stop = f"stopped at max_length={limit}: longer lengths were not tried"
+    span = batches.span
+    if span is None:
+        return _End(max_length=found, complete=not stopped, notes=(stop,) if stopped else ())
+    longest = span[1]
+    fits: bool | None = None if stopped else False  # not stopped: a shorter batch failed
+    if stopped and limit == longest:  # the data set ends here: do its longest items fit?
+        fits = found == longest or runner.run(batch_size, longest)
+    answer = max(t.length for t in runner.trials if t.fits)
+    failed = [t.length for t in runner.trials if not t.fits and t.length > answer]
+    notes = [f"{answer} is the data set's longest item that fits at batch size {batch_size}"]
+    if failed:
+        notes[0] += f"; the next batch tried, {min(failed)} long, does not fit"
+    if fits and limit == longest:
+        notes.append(
+            f"the data set holds nothing longer than {longest}: give "
+            "make_batch(batch_size, length) instead of the data set to try longer lengths"
+        )
+    elif stopped and limit < longest:
+        notes.append(stop)
+    if not batches.size_fn_given:
+        notes.append("lengths are the elements of an item's tensors: size_fn(item) sets them")
+    return _End(
+        max_length=answer,
+        complete=not (stopped and fits is not False),
+        longest_fits=fits,
+        notes=tuple(notes),
     )

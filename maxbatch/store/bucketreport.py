@@ -97,9 +97,12 @@ def length_table(result: LengthResult, *, title: str = "") -> str:
     usable = result.usable_bytes
     grid = result.length_multiple_of
     lines = [title] if title else []
+    tried = f"multiples of {grid}" if grid > 1 else ""
+    if result.longest_item is not None:  # a data set: its longest item that fits
+        tried = f"a data set's item; tried at {tried}" if tried else "a data set's item"
     lines.append(
         f"longest length at batch size {result.batch_size}: {result.max_length}"
-        + ("" if grid == 1 else f" (multiples of {grid})")
+        + (f" ({tried})" if tried else "")
     )
     lines.append(
         f"device {result.device}, usable {format_bytes(usable) if usable else '?'}; "
