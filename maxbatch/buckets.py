@@ -67,7 +67,7 @@ class LengthTrial:
 
     Attributes:
         batch_size: the batch size run.
-        length: the length of every sample in the batch.
+        length: the batch's length (from a data set: its longest item, the others padded).
         fits: True when the step ran within the usable memory.
         peak_bytes: peak bytes of the trial (for an OOM: the bytes live when it was raised).
         seconds: wall time of the trial.

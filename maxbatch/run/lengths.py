@@ -66,7 +66,7 @@ def verify_ceiling(runner: Runner, length: int, *, limit: int) -> int:
     """
     lo, hi = 0, limit + 1
     for (b, n), fits in runner.seen.items():  # earlier trials at this length bound it
-        if n == length:
+        if n == runner.snap(length):
             lo, hi = (max(lo, b), hi) if fits else (lo, min(hi, b))
     tried, missed = 0, False
     while hi - lo > 1:
