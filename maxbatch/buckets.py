@@ -257,8 +257,8 @@ class LengthResult:
     """The longest length whose real step fits at one batch size (``find_max_length``).
 
     Attributes:
-        max_length: the longest length that fit (verified: it fits; the next length on the grid,
-            ``max_length + length_multiple_of``, does not, unless ``complete`` is False).
+        max_length: the longest length that fit (verified: it fits; the next length on the grid
+            does not, unless ``complete`` is False; a data set's: its longest item that fits).
         batch_size: the batch size every trial ran.
         length_multiple_of: the grid of lengths tried.
         trials: every real trial, in order.

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from models import TinyEncoder
 from sequences import Sequences, pad_collate
 
-from maxbatch import ConfigError, find_max_length
+from maxbatch import ConfigError, find_bucket_sizes, find_max_length
 from maxbatch.buckets import LengthResult
 from maxbatch.cli import main
 from maxbatch.run.lengthrun import LengthBatches, open_runner
@@ -127,3 +127,10 @@ def test_a_grid_with_no_multiple_among_the_items_is_one_line_exit_2() -> None:
     code, out = _probe("--memory", "24MiB", "--length-multiple-of", "1024")
     assert code == 2
     assert out.count("\n") == 1 and "lower length_multiple_of" in out and "make_batch" in out
+
+
+def test_a_bucket_below_the_shortest_item_names_the_shortest() -> None:
+    with pytest.raises(ConfigError, match=r"as short as length 2 \(the shortest is 4\)"):
+        find_bucket_sizes(
+            TinyEncoder(), Sequences(SIZES), buckets=(2, 64), memory="1MiB", optimizer="sgd", **DATA
+        )

@@ -128,7 +128,10 @@ class LengthBatches:
         assert self.lengths is not None
         pool = [i for i in self._order if self.lengths[i] <= self.length]
         if not pool:
-            raise ConfigError(f"no item of the data set is as short as length {self.length}")
+            raise ConfigError(
+                f"no item of the data set is as short as length {self.length} (the shortest "
+                f"is {min(self.lengths)}): no batch that short can be made of its items"
+            )
         chosen = [pool[k % len(pool)] for k in range(batch_size)]
         with _disable_current_modes():  # read the items as host data, outside the counter
             items = [self.dataset[i] for i in chosen]

@@ -129,7 +129,8 @@ def find_max_length(
             search runs from its shortest item to its longest (``longest_item``).
         batch_size: the batch size every trial runs.
         length_multiple_of: only try multiples of this (e.g. 64 for a kernel's tile).
-        min_length: the shortest length to try (default: ``length_multiple_of``).
+        min_length: the shortest length to try (default: ``length_multiple_of``, or a data
+            set's shortest item).
         max_length: the longest length to try (default: no limit).
         size_fn: a data set item's length (default: the elements of its tensors).
         collate_fn: makes a batch of a data set's items (default: ``default_collate``).
@@ -144,9 +145,11 @@ def find_max_length(
     Returns:
         A :class:`~maxbatch.LengthResult`: ``max_length`` fits, ``max_length +
         length_multiple_of`` does not (``complete`` False when the limit stopped the search).
+        From a data set: its longest item that fits, the next longer batch tried does not
+        (``complete`` False when its longest items fit: it holds nothing longer).
 
     Raises:
-        ConfigError: an option is invalid.
+        ConfigError: an option is invalid, or no length to try has a batch of the data set.
         DoesNotFitError: the shortest length does not fit at ``batch_size``.
         WorkloadError: the step failed for a reason other than memory.
     """
