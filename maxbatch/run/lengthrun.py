@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader, default_collate
 from maxbatch.buckets import LengthTrial
 from maxbatch.devices.capacity import enclosing_room, is_virtual, probe_capacity
 from maxbatch.devices.device import describe
-from maxbatch.errors import ConfigError, WorkloadError
+from maxbatch.errors import ConfigError
 from maxbatch.run.finder import _device
 from maxbatch.search.lengthmodel import LengthFit, Point
 from maxbatch.search.meter import meter_for
 from maxbatch.search.trial import run_trial
 from maxbatch.settings import MemorySettings
-from maxbatch.step.data import elements
+from maxbatch.step.data import item_size
 from maxbatch.step.oom import release_memory
 from maxbatch.step.spec import StepSpec
 from maxbatch.step.workload import build_workload
@@ -80,8 +80,7 @@ class LengthBatches:
         if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
             self.dataset = source
             self.collate_fn = collate_fn or default_collate
-            size = size_fn or elements
-            known = [_length(size, source, i) for i in range(len(source))]
+            known = [item_size(source, i, size_fn) for i in range(len(source))]
             if not known:
                 raise ConfigError("the data set is empty: there is no batch to build")
             self.lengths = known
@@ -136,18 +135,6 @@ class LengthBatches:
         with _disable_current_modes():  # read the items as host data, outside the counter
             items = [self.dataset[i] for i in chosen]
         return self.collate_fn(items)
-
-
-def _length(size: Callable[[Any], int], dataset: Any, index: int) -> int:
-    try:
-        value = size(dataset[index])
-    except Exception as e:
-        raise WorkloadError(
-            f"reading the length of item {index} raised {type(e).__name__}: {e}"
-        ) from e
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"size_fn returned {value!r} for item {index}; expected an int >= 0")
-    return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -59,6 +59,28 @@ def elements(item: Any) -> int:
     return total
 
 
+def item_size(dataset: Any, index: int, size_fn: SizeFn | None = None) -> int:
+    """The size of item ``index``: ``size_fn(item)``, or the elements of its tensors.
+
+    Returns:
+        The size, an int >= 0.
+
+    Raises:
+        WorkloadError: reading the item or its size raised.
+        ConfigError: ``size_fn`` returned something other than an int >= 0.
+    """
+    try:
+        item = dataset[index]
+        size = elements(item) if size_fn is None else size_fn(item)
+    except Exception as e:
+        raise WorkloadError(
+            f"reading the size of item {index} of the data set raised {type(e).__name__}: {e}"
+        ) from e
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigError(f"size_fn returned {size!r} for item {index}; expected an int >= 0")
+    return size
+
+
 class DataSource:
     """The worst-case batch of any size from a map-style data set or a ``DataLoader``.
 
@@ -122,16 +144,7 @@ class DataSource:
         self._scan: DataScan | None = None
 
     def _size(self, index: int) -> int:
-        try:
-            item = self.dataset[index]
-            size = elements(item) if self.size_fn is None else self.size_fn(item)
-        except Exception as e:
-            raise WorkloadError(
-                f"reading the size of item {index} of the data set raised {type(e).__name__}: {e}"
-            ) from e
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ConfigError(f"size_fn returned {size!r} for item {index}; expected an int >= 0")
-        return size
+        return item_size(self.dataset, index, self.size_fn)
 
     def scan(self) -> DataScan:
         """Read the items' sizes once (later calls return the first scan's report).

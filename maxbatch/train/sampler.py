@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from maxbatch.errors import ConfigError, MaxbatchError, WorkloadError
+from maxbatch.errors import ConfigError, MaxbatchError
 from maxbatch.grid import positive_int
 from maxbatch.train.batchstats import BatchStats, batch_stats
 
@@ -58,17 +58,17 @@ def read_lengths(data: Any) -> list[int]:
         ConfigError: a length is not an int >= 1, or the data cannot be read for lengths.
         WorkloadError: reading an item of a data set failed.
     """
-    from maxbatch.step.data import DataSource, elements
+    from maxbatch.step.data import DataSource, item_size
 
-    size_fn: Any = elements
+    size_fn = None  # the elements of an item's tensors
     if isinstance(data, DataSource):
-        size_fn, data = (data.size_fn or elements), data.dataset
+        size_fn, data = data.size_fn, data.dataset
     elif hasattr(data, "tolist") and hasattr(data, "dtype"):  # a tensor or a NumPy array
         data = data.tolist()
     if isinstance(data, (list, tuple, range)) and all(isinstance(n, (int, float)) for n in data):
         lengths = list(data)
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        lengths = [_item_length(data, i, size_fn) for i in range(len(data))]
+        lengths = [item_size(data, i, size_fn) for i in range(len(data))]
     else:
         raise ConfigError(
             f"cannot read lengths from a {type(data).__name__}: pass the items' lengths (a list "
@@ -80,15 +80,6 @@ def read_lengths(data: Any) -> list[int]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"item {i} has length {n!r}; lengths are ints >= 1")
     return lengths
-
-
-def _item_length(data: Any, index: int, size_fn: Any) -> Any:
-    try:
-        return size_fn(data[index])
-    except Exception as e:
-        raise WorkloadError(
-            f"reading the length of item {index} raised {type(e).__name__}: {e}"
-        ) from e
 
 
 class BucketBatchSampler(Sampler[list[int]]):
