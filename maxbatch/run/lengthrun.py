@@ -118,7 +118,7 @@ class LengthBatches:
         A batch at length ``L`` is made of items not longer than ``L``: none can be made below the
         shortest, and every length past the longest gives the same batch, the longest items.
         """
-        return None if self.lengths is None else (min(self.lengths), max(self.lengths))
+        return None if self._sorted is None else (self._sorted[0], self._sorted[-1])
 
     def __call__(self, batch_size: int) -> Any:
         """A batch of ``batch_size`` at the current length."""
